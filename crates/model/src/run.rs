@@ -1,0 +1,288 @@
+//! A run directory: `run.json` (the manifest) plus content-addressed weight and
+//! optimizer files, one pair per part (a block, or the single E2E / AR network).
+//!
+//! Crash safety: a part's new files are written under their blake3 name first, the
+//! manifest is then atomically replaced, and only then are the old files removed. A
+//! kill at any point leaves a manifest that names complete, hash-checked files.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::checkpoint::{content_hash, read_file, write_atomic};
+use crate::config::{ModelConfig, Schedule};
+use crate::data::Dataset;
+use crate::optim::OptimConfig;
+use crate::trainer::{Objective, Trainer};
+use crate::{ModelError, Result};
+
+/// Version of the manifest layout this build reads and writes.
+pub const FORMAT: u32 = 1;
+const MANIFEST: &str = "run.json";
+
+/// Which model family a run trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// B block-local diffusion networks, one per interval.
+    Block,
+    /// One diffusion network trained end-to-end on [0, 1].
+    E2e,
+    /// One causal next-byte network.
+    Ar,
+}
+
+/// Data and budget of a run (identical across families for a fair comparison).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainPlan {
+    /// Optimizer steps per part.
+    pub steps: i64,
+    /// Windows per batch.
+    pub batch: i64,
+    /// Seeds data order (same across families) and initial weights.
+    pub seed: u64,
+    /// Training corpus (its train split only).
+    pub dataset: Dataset,
+}
+
+/// Progress of one part.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartState {
+    /// `block-1`..`block-B`, `e2e` or `ar`.
+    pub name: String,
+    /// What this part is trained on.
+    pub objective: Objective,
+    /// Steps completed and saved.
+    pub steps_done: i64,
+    /// blake3 of the saved weights file (None until first save).
+    pub weights_hash: Option<String>,
+    /// blake3 of the saved optimizer file.
+    pub optim_hash: Option<String>,
+    /// Mean training loss over the last logging window.
+    pub last_loss: Option<f64>,
+    /// Wall-clock seconds spent training this part.
+    pub train_seconds: f64,
+}
+
+/// The `run.json` manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version ([`FORMAT`]).
+    pub format: u32,
+    /// Model family.
+    pub family: Family,
+    /// Shape of each part's network.
+    pub model: ModelConfig,
+    /// Block intervals (also the partition evaluation reports on, for every family).
+    pub schedule: Schedule,
+    /// Optimizer and LR schedule.
+    pub optim: OptimConfig,
+    /// Data and budget.
+    pub plan: TrainPlan,
+    /// One entry per network.
+    pub parts: Vec<PartState>,
+}
+
+impl Manifest {
+    /// A new, untrained run.
+    pub fn new(
+        family: Family,
+        mut model: ModelConfig,
+        schedule: Schedule,
+        optim: OptimConfig,
+        plan: TrainPlan,
+    ) -> Result<Self> {
+        schedule.validate()?;
+        model.causal = family == Family::Ar;
+        if model.causal {
+            model.t_cond = false;
+        }
+        model.validate()?;
+        let part = |name: String, objective| PartState {
+            name,
+            objective,
+            steps_done: 0,
+            weights_hash: None,
+            optim_hash: None,
+            last_loss: None,
+            train_seconds: 0.0,
+        };
+        let parts = match family {
+            Family::Block => (0..schedule.blocks())
+                .map(|i| {
+                    let (lo, hi) = schedule.interval(i);
+                    part(format!("block-{}", i + 1), Objective::Interval { lo, hi })
+                })
+                .collect(),
+            Family::E2e => vec![part("e2e".into(), Objective::Interval { lo: 0.0, hi: 1.0 })],
+            Family::Ar => vec![part("ar".into(), Objective::Autoregressive)],
+        };
+        Ok(Manifest {
+            format: FORMAT,
+            family,
+            model,
+            schedule,
+            optim,
+            plan,
+            parts,
+        })
+    }
+
+    /// The part whose network covers report interval `idx` (diffusion families).
+    pub fn part_for_interval(&self, idx: usize) -> usize {
+        match self.family {
+            Family::Block => idx,
+            Family::E2e | Family::Ar => 0,
+        }
+    }
+}
+
+/// An opened run directory.
+#[derive(Debug)]
+pub struct RunDir {
+    /// Directory path.
+    pub path: PathBuf,
+    /// Its manifest as last saved.
+    pub manifest: Manifest,
+}
+
+impl RunDir {
+    /// Creates a new run; refuses to clobber an existing one.
+    pub fn create(path: &Path, manifest: Manifest) -> Result<Self> {
+        if path.join(MANIFEST).exists() {
+            return Err(ModelError::Config(format!(
+                "{} already holds a run; pass --resume to continue it or choose another --out",
+                path.display()
+            )));
+        }
+        std::fs::create_dir_all(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let dir = RunDir {
+            path: path.to_path_buf(),
+            manifest,
+        };
+        dir.save_manifest()?;
+        Ok(dir)
+    }
+
+    /// Opens an existing run, with a clear error when it is missing or unreadable.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = path.join(MANIFEST);
+        if !file.exists() {
+            return Err(ModelError::Config(format!(
+                "no checkpoint at {}: {} is missing (train one with `blocktrain train --out {}`)",
+                path.display(),
+                MANIFEST,
+                path.display()
+            )));
+        }
+        let text = read_file(&file)?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| ModelError::Corrupt(format!("{}: {e}", file.display())))?;
+        if manifest.format != FORMAT {
+            return Err(ModelError::Mismatch(format!(
+                "{} has format {}, this build reads format {FORMAT}",
+                file.display(),
+                manifest.format
+            )));
+        }
+        manifest.schedule.validate()?;
+        manifest.model.validate()?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            manifest,
+        })
+    }
+
+    fn save_manifest(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
+        write_atomic(&self.path.join(MANIFEST), &json)
+    }
+
+    fn file(&self, part: usize, kind: &str, hash: &str) -> PathBuf {
+        self.path.join(format!(
+            "{}.{kind}.{}.safetensors",
+            self.manifest.parts[part].name,
+            &hash[..16]
+        ))
+    }
+
+    fn read_checked(&self, part: usize, kind: &str, hash: &str) -> Result<Vec<u8>> {
+        let path = self.file(part, kind, hash);
+        let bytes = read_file(&path)?;
+        if content_hash(&bytes) != hash {
+            return Err(ModelError::Corrupt(format!(
+                "{}: content does not match its blake3 in run.json",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// The trainer of `part`: restored from its files when it has been saved, fresh otherwise.
+    pub fn trainer(&self, part: usize, device: Device) -> Result<Trainer> {
+        let m = &self.manifest;
+        let state = m
+            .parts
+            .get(part)
+            .ok_or_else(|| ModelError::Config(format!("run has no part {}", part + 1)))?;
+        let seed = m.plan.seed as i64 * 1000 + part as i64;
+        let mut trainer = Trainer::new(&m.model, state.objective, m.optim.clone(), device, seed)?;
+        if let Some(hash) = &state.weights_hash {
+            trainer.load_weights(&self.read_checked(part, "weights", hash)?)?;
+        }
+        if let Some(hash) = &state.optim_hash {
+            trainer.load_optimizer(&self.read_checked(part, "optim", hash)?)?;
+        }
+        Ok(trainer)
+    }
+
+    /// A trained part for evaluation or sampling; an untrained part is an error.
+    pub fn trained(&self, part: usize, device: Device) -> Result<Trainer> {
+        let state = &self.manifest.parts[part];
+        if state.weights_hash.is_none() {
+            return Err(ModelError::Config(format!(
+                "{} of {} has not been trained yet",
+                state.name,
+                self.path.display()
+            )));
+        }
+        self.trainer(part, device)
+    }
+
+    /// Saves `part`'s weights and optimizer state, then the manifest, then drops old files.
+    pub fn save(
+        &mut self,
+        part: usize,
+        trainer: &Trainer,
+        last_loss: Option<f64>,
+        seconds: f64,
+    ) -> Result<()> {
+        let weights = trainer.weights_bytes()?;
+        let optim = trainer.optimizer_bytes()?;
+        let (wh, oh) = (content_hash(&weights), content_hash(&optim));
+        write_atomic(&self.file(part, "weights", &wh), &weights)?;
+        write_atomic(&self.file(part, "optim", &oh), &optim)?;
+        let old = {
+            let s = &mut self.manifest.parts[part];
+            let old = (
+                s.weights_hash.replace(wh.clone()),
+                s.optim_hash.replace(oh.clone()),
+            );
+            s.steps_done = trainer.steps();
+            s.last_loss = last_loss;
+            s.train_seconds += seconds;
+            old
+        };
+        self.save_manifest()?;
+        if let Some(h) = old.0.filter(|h| *h != wh) {
+            let _ = std::fs::remove_file(self.file(part, "weights", &h));
+        }
+        if let Some(h) = old.1.filter(|h| *h != oh) {
+            let _ = std::fs::remove_file(self.file(part, "optim", &h));
+        }
+        Ok(())
+    }
+}
