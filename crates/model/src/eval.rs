@@ -143,3 +143,73 @@ pub fn ar_nll(
         se,
     }
 }
+
+/// Masked cross-entropy `g(t)` (nats per masked byte) at the midpoints of `grid` equal
+/// cells of [0, 1]; `net_at(t)` picks the network that owns level t. The ELBO is
+/// `∫ g(t) dt`, so this curve tells where along t the loss lives.
+pub fn ce_curve<'a>(
+    net_at: &dyn Fn(f64) -> &'a Denoiser,
+    windows: &Tensor,
+    grid: usize,
+    batch: i64,
+    seed: i64,
+    device: Device,
+) -> Vec<(f64, f64)> {
+    tch::manual_seed(seed);
+    let w = windows.size()[0];
+    tch::no_grad(|| {
+        (0..grid)
+            .map(|k| {
+                let t = (k as f64 + 0.5) / grid as f64;
+                let mut sum = 0.0;
+                let mut start = 0;
+                while start < w {
+                    let n = batch.min(w - start);
+                    let x = windows.narrow(0, start, n).to_device(device);
+                    let noise = diffusion::MaskNoise::draw(n, x.size()[1], device);
+                    let ts = Tensor::full([n], t, (Kind::Float, device));
+                    sum += diffusion::estimate_with(net_at(t), &x, &ts, &noise, 1.0).sum(Kind::Double).double_value(&[]);
+                    start += n;
+                }
+                (t, sum / w as f64)
+            })
+            .collect()
+    })
+}
+
+/// Boundaries that give each of `blocks` intervals an equal share of `∫ g(t) dt`, from a
+/// curve sampled at equal-cell midpoints (piecewise constant, inverted linearly).
+pub fn equal_share_boundaries(curve: &[(f64, f64)], blocks: usize) -> Vec<f64> {
+    let k = curve.len() as f64;
+    let mut cum = vec![0.0];
+    for (_, g) in curve {
+        cum.push(cum.last().unwrap() + g.max(1e-12) / k);
+    }
+    let total = *cum.last().unwrap();
+    let mut out = vec![0.0];
+    for b in 1..blocks {
+        let target = total * b as f64 / blocks as f64;
+        let cell = cum.iter().rposition(|&c| c <= target).unwrap_or(0).min(curve.len() - 1);
+        let frac = (target - cum[cell]) / (cum[cell + 1] - cum[cell]);
+        let t = (cell as f64 + frac) / k;
+        out.push((t * 1e4).round() / 1e4);
+    }
+    out.push(1.0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_share_boundaries_split_the_integral_evenly() {
+        // A flat curve splits [0, 1] evenly.
+        let flat: Vec<(f64, f64)> = (0..10).map(|k| ((k as f64 + 0.5) / 10.0, 2.0)).collect();
+        assert_eq!(equal_share_boundaries(&flat, 4), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+        // g(t) = 2t (loss grows with t): equal shares at t = sqrt(b/B).
+        let rising: Vec<(f64, f64)> = (0..1000).map(|k| ((k as f64 + 0.5) / 1000.0, 2.0 * (k as f64 + 0.5) / 1000.0)).collect();
+        let b = equal_share_boundaries(&rising, 2);
+        assert!((b[1] - 0.5f64.sqrt()).abs() < 2e-3, "{b:?}");
+    }
+}

@@ -98,3 +98,26 @@ pub fn generate(
         Vec::try_from(tokens.view([-1]).to_device(Device::Cpu)).expect("int64 tokens");
     out[prompt.len()..].iter().map(|&v| v as u8).collect()
 }
+
+/// Autoregressive sampling from the AR reference: one forward pass per byte over the
+/// last `window` bytes of context.
+pub fn generate_ar(net: &Denoiser, prompt: &[u8], len: usize, s: &SampleSettings, seed: i64, device: Device) -> Vec<u8> {
+    tch::manual_seed(seed);
+    let window = net.config().window as usize;
+    let mut ids: Vec<i64> = std::iter::once(MASK_ID).chain(prompt.iter().map(|&b| b as i64)).collect();
+    tch::no_grad(|| {
+        for _ in 0..len {
+            let ctx = &ids[ids.len().saturating_sub(window)..];
+            let x = Tensor::from_slice(ctx).view([1, -1]).to_device(device);
+            let logits = net.forward(&x, None).get(0).get(-1) / s.temperature.max(1e-6); // (256)
+            let logits = if s.top_k > 0 && s.top_k < 256 {
+                let (top, _) = logits.topk(s.top_k, -1, true, true);
+                logits.masked_fill(&logits.lt_tensor(&top.get(s.top_k - 1)), f64::NEG_INFINITY)
+            } else {
+                logits
+            };
+            ids.push(logits.softmax(-1, Kind::Float).multinomial(1, false).int64_value(&[0]));
+        }
+    });
+    ids[1 + prompt.len()..].iter().map(|&v| v as u8).collect()
+}
