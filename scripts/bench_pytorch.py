@@ -7,7 +7,7 @@ loss of crates/model/src/diffusion.rs, with AdamW + global-norm clipping as in t
 Rust trainer. Shapes, ops and inits match; random bytes stand in for data (timing only).
 
 Optional: needs the full PyTorch module (`scripts/setup --with-pytorch`), then
-    .venv/bin/python scripts/bench_pytorch.py [--fused] [--threads N] ...
+    .venv/bin/python scripts/bench_pytorch.py [--fused] [--bf16] [--threads N] ...
 Prints exactly one JSON line to stdout; everything else goes to stderr.
 """
 import argparse
@@ -114,6 +114,8 @@ def main():
                                 ("--threads", int, os.cpu_count()), ("--seed", int, 0)]:
         p.add_argument(flag, type=kind, default=default)
     p.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of the default (foreach)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for forward + loss (backward and AdamW on fp32 master weights)")
     a = p.parse_args()
     if a.steps < 1 or a.d_model % a.heads or (a.d_model // a.heads) % 2:
         p.error("need steps >= 1 and d_model split into heads of even width")
@@ -125,11 +127,13 @@ def main():
                             weight_decay=0.0, fused=a.fused or None)  # None: PyTorch's default (foreach)
     params = sum(q.numel() for q in model.parameters())
     print(f"bench_pytorch: torch {torch.__version__}, {a.threads} threads, {params} params, "
-          f"{'fused' if a.fused else 'default (foreach)'} AdamW", file=sys.stderr)
+          f"{'fused' if a.fused else 'default (foreach)'} AdamW, {'bf16 autocast' if a.bf16 else 'fp32'}",
+          file=sys.stderr)
 
     def step(x):
         opt.zero_grad(set_to_none=True)
-        loss = interval_loss(model, x, a.lo, a.hi)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):  # forward + loss only
+            loss = interval_loss(model, x, a.lo, a.hi)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -145,7 +149,7 @@ def main():
         times.append(time.perf_counter() - t0)
     mean = statistics.fmean(times)
     print(json.dumps({
-        "impl": "pytorch", "torch_version": torch.__version__, "threads": a.threads,
+        "impl": "pytorch", "torch_version": torch.__version__, "threads": a.threads, "bf16": a.bf16,
         "step_ms_mean": mean * 1e3, "step_ms_median": statistics.median(times) * 1e3,
         "step_ms_min": min(times) * 1e3, "tokens_per_s": a.batch * a.window / mean,
         "params": params, "final_loss": loss,

@@ -26,6 +26,10 @@ impl DeviceArgs {
 /// Parses `0,0.3,0.6,1` into boundaries.
 pub fn parse_boundaries(s: &str) -> Result<Vec<f64>> {
     s.split(',')
-        .map(|v| v.trim().parse::<f64>().map_err(|e| anyhow::anyhow!("bad boundary '{v}': {e}")))
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .map_err(|e| anyhow::anyhow!("bad boundary '{v}': {e}"))
+        })
         .collect()
 }

@@ -10,7 +10,11 @@ mod progress;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "blocktrain", version, about = "Decentralized block-local training of byte diffusion models")]
+#[command(
+    name = "blocktrain",
+    version,
+    about = "Decentralized block-local training of byte diffusion models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -33,24 +33,44 @@ impl Profile {
     pub fn preset(self) -> Preset {
         match self {
             Profile::Tiny => Preset {
-                block: ModelConfig { d_model: 32, n_layers: 1, n_heads: 2, mlp_ratio: 4, window: 32, causal: false, t_cond: false },
+                block: ModelConfig {
+                    d_model: 32,
+                    n_layers: 1,
+                    n_heads: 2,
+                    mlp_ratio: 4,
+                    window: 32,
+                    causal: false,
+                    t_cond: false,
+                },
                 steps: 20,
                 batch: 8,
-                optim: OptimConfig { lr: 3e-3, warmup: 5, ..Default::default() },
+                optim: OptimConfig {
+                    lr: 3e-3,
+                    warmup: 5,
+                    ..Default::default()
+                },
                 eval_windows: 64,
             },
             Profile::Demo => Preset {
                 block: ModelConfig::small_block(),
                 steps: 150,
                 batch: 32,
-                optim: OptimConfig { lr: 2e-3, warmup: 20, ..Default::default() },
+                optim: OptimConfig {
+                    lr: 2e-3,
+                    warmup: 20,
+                    ..Default::default()
+                },
                 eval_windows: 400,
             },
             Profile::Quality => Preset {
                 block: ModelConfig::small_block(),
                 steps: 2400,
                 batch: 32,
-                optim: OptimConfig { lr: 2e-3, warmup: 100, ..Default::default() },
+                optim: OptimConfig {
+                    lr: 2e-3,
+                    warmup: 100,
+                    ..Default::default()
+                },
                 eval_windows: 0,
             },
         }

@@ -5,8 +5,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid template"),
     );
     pb.set_prefix(what.to_string());
     pb

@@ -12,7 +12,11 @@ fn bt(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -22,7 +26,17 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn train_tiny(out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", "--profile", "tiny", "--steps", "6", "--data", "shakespeare", "--out", out.to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "--profile",
+        "tiny",
+        "--steps",
+        "6",
+        "--data",
+        "shakespeare",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     bt(&args)
 }
@@ -32,21 +46,53 @@ fn train_eval_generate_round_trip() {
     let out = scratch("rt");
     let o = train_tiny(&out, &["--blocks", "2"]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = bt(&["eval", "--checkpoint", out.to_str().unwrap(), "--split", "valid", "--max-windows", "16", "--json", out.join("e.json").to_str().unwrap()]);
+    let o = bt(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--split",
+        "valid",
+        "--max-windows",
+        "16",
+        "--json",
+        out.join("e.json").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("interval 2 [0.500, 1.000]") && t.contains("total ELBO"), "{t}");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("e.json")).unwrap()).unwrap();
+    assert!(
+        t.contains("interval 2 [0.500, 1.000]") && t.contains("total ELBO"),
+        "{t}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("e.json")).unwrap()).unwrap();
     let nats = json["results"][0]["report"]["nats"].as_f64().unwrap();
     assert!(nats > 0.5 && nats < 6.0, "held-out ELBO {nats}");
-    let o = bt(&["generate", "--checkpoint", out.to_str().unwrap(), "--prompt", "ROMEO:", "--len", "20", "--steps-per-block", "3"]);
+    let o = bt(&[
+        "generate",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--len",
+        "20",
+        "--steps-per-block",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ROMEO:"));
     // Training again on top of a finished run is refused; --resume finds nothing left to do.
     let o = train_tiny(&out, &["--blocks", "2"]);
-    assert!(!o.status.success() && text(&o).contains("--resume"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("--resume"),
+        "{}",
+        text(&o)
+    );
     let o = train_tiny(&out, &["--resume"]);
-    assert!(o.status.success() && text(&o).contains("already trained"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("already trained"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -54,11 +100,29 @@ fn one_block_trains_alone_and_eval_names_the_missing_ones() {
     let out = scratch("one");
     let o = train_tiny(&out, &["--blocks", "3", "--block", "2"]);
     assert!(o.status.success(), "{}", text(&o));
-    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
-    let steps: Vec<i64> = run["parts"].as_array().unwrap().iter().map(|p| p["steps_done"].as_i64().unwrap()).collect();
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let steps: Vec<i64> = run["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["steps_done"].as_i64().unwrap())
+        .collect();
     assert_eq!(steps, vec![0, 6, 0]);
-    let o = bt(&["eval", "--checkpoint", out.to_str().unwrap(), "--max-windows", "4"]);
-    assert!(!o.status.success() && text(&o).contains("block-1") && text(&o).contains("not been trained"), "{}", text(&o));
+    let o = bt(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--max-windows",
+        "4",
+    ]);
+    assert!(
+        !o.status.success()
+            && text(&o).contains("block-1")
+            && text(&o).contains("not been trained"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -67,9 +131,21 @@ fn references_train_with_matching_budget() {
         let out = scratch(obj);
         let o = train_tiny(&out, &["--objective", obj, "--blocks", "2"]);
         assert!(o.status.success(), "{}", text(&o));
-        let run: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
-        assert_eq!(run["model"]["n_layers"], 2, "{obj} gets B x the layers of one block");
-        let o = bt(&["eval", "--checkpoint", out.to_str().unwrap(), "--split", "test", "--max-windows", "8"]);
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+        assert_eq!(
+            run["model"]["n_layers"], 2,
+            "{obj} gets B x the layers of one block"
+        );
+        let o = bt(&[
+            "eval",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--split",
+            "test",
+            "--max-windows",
+            "8",
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         let want = if obj == "ar" { "exact NLL" } else { "ELBO" };
         assert!(text(&o).contains(want), "{}", text(&o));
@@ -88,32 +164,70 @@ fn bad_input_gets_clear_errors() {
 
     let out = scratch("bounds");
     let o = train_tiny(&out, &["--blocks", "3", "--boundaries", "0,0.5,1"]);
-    assert!(!o.status.success() && text(&o).contains("2 intervals"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("2 intervals"),
+        "{}",
+        text(&o)
+    );
     let o = train_tiny(&out, &["--blocks", "2", "--boundaries", "0,0.7,0.2,1"]);
-    assert!(!o.status.success() && text(&o).contains("rise strictly"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("rise strictly"),
+        "{}",
+        text(&o)
+    );
 
     let o = train_tiny(&scratch("cfg"), &["--d-model", "30", "--heads", "4"]);
-    assert!(!o.status.success() && text(&o).contains("heads"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("heads"),
+        "{}",
+        text(&o)
+    );
 
     let o = train_tiny(&scratch("gpu"), &["--device", "cuda:7"]);
-    assert!(!o.status.success() && text(&o).contains("cuda:7"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("cuda:7"),
+        "{}",
+        text(&o)
+    );
 
     // A flipped byte in a stored checkpoint is caught by its content hash.
     let out = scratch("corrupt");
     assert!(train_tiny(&out, &["--blocks", "1"]).status.success());
-    let weights = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains(".weights.")).unwrap();
+    let weights = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(".weights."))
+        .unwrap();
     let mut bytes = std::fs::read(&weights).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&weights, bytes).unwrap();
-    let o = bt(&["generate", "--checkpoint", out.to_str().unwrap(), "--len", "4"]);
-    assert!(!o.status.success() && text(&o).contains("blake3"), "{}", text(&o));
+    let o = bt(&[
+        "generate",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--len",
+        "4",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("blake3"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn demo_runs_end_to_end_on_the_tiny_profile_and_reruns() {
     let out = scratch("demo");
     for _ in 0..2 {
-        let o = bt(&["demo", "--profile", "tiny", "--out", out.to_str().unwrap(), "--len", "16"]);
+        let o = bt(&[
+            "demo",
+            "--profile",
+            "tiny",
+            "--out",
+            out.to_str().unwrap(),
+            "--len",
+            "16",
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         let t = text(&o);
         assert!(t.contains("total ELBO") && t.contains("3/3 sample"), "{t}");

@@ -53,6 +53,19 @@ fn mean_se(values: &Tensor) -> (f64, f64) {
     (mean, se)
 }
 
+/// How an evaluation draws and batches.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalSettings {
+    /// Monte-Carlo (t, mask) draws per window and interval.
+    pub samples: usize,
+    /// Windows per forward pass.
+    pub batch: i64,
+    /// Seed of the masks (fixed, so models are compared on the same draws).
+    pub seed: i64,
+    /// Where the networks live.
+    pub device: Device,
+}
+
 /// The ELBO of held-out `windows` (W, T): interval b is scored by `nets[b]` (the same
 /// network may appear for every interval, as for E2E). Each window gets `samples`
 /// independent (t, mask) draws per interval; masks are seeded by `seed`.
@@ -61,12 +74,15 @@ pub fn diffusion_elbo(
     nets: &[&Denoiser],
     schedule: &Schedule,
     windows: &Tensor,
-    samples: usize,
-    batch: i64,
-    seed: i64,
-    device: Device,
+    settings: &EvalSettings,
     progress: &mut dyn FnMut(u64),
 ) -> Report {
+    let EvalSettings {
+        samples,
+        batch,
+        seed,
+        device,
+    } = *settings;
     assert_eq!(nets.len(), schedule.blocks(), "one network per interval");
     let w = windows.size()[0];
     let blocks = schedule.blocks() as i64;
@@ -168,7 +184,9 @@ pub fn ce_curve<'a>(
                     let x = windows.narrow(0, start, n).to_device(device);
                     let noise = diffusion::MaskNoise::draw(n, x.size()[1], device);
                     let ts = Tensor::full([n], t, (Kind::Float, device));
-                    sum += diffusion::estimate_with(net_at(t), &x, &ts, &noise, 1.0).sum(Kind::Double).double_value(&[]);
+                    sum += diffusion::estimate_with(net_at(t), &x, &ts, &noise, 1.0)
+                        .sum(Kind::Double)
+                        .double_value(&[]);
                     start += n;
                 }
                 (t, sum / w as f64)
@@ -189,7 +207,11 @@ pub fn equal_share_boundaries(curve: &[(f64, f64)], blocks: usize) -> Vec<f64> {
     let mut out = vec![0.0];
     for b in 1..blocks {
         let target = total * b as f64 / blocks as f64;
-        let cell = cum.iter().rposition(|&c| c <= target).unwrap_or(0).min(curve.len() - 1);
+        let cell = cum
+            .iter()
+            .rposition(|&c| c <= target)
+            .unwrap_or(0)
+            .min(curve.len() - 1);
         let frac = (target - cum[cell]) / (cum[cell + 1] - cum[cell]);
         let t = (cell as f64 + frac) / k;
         out.push((t * 1e4).round() / 1e4);
@@ -206,9 +228,14 @@ mod tests {
     fn equal_share_boundaries_split_the_integral_evenly() {
         // A flat curve splits [0, 1] evenly.
         let flat: Vec<(f64, f64)> = (0..10).map(|k| ((k as f64 + 0.5) / 10.0, 2.0)).collect();
-        assert_eq!(equal_share_boundaries(&flat, 4), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(
+            equal_share_boundaries(&flat, 4),
+            vec![0.0, 0.25, 0.5, 0.75, 1.0]
+        );
         // g(t) = 2t (loss grows with t): equal shares at t = sqrt(b/B).
-        let rising: Vec<(f64, f64)> = (0..1000).map(|k| ((k as f64 + 0.5) / 1000.0, 2.0 * (k as f64 + 0.5) / 1000.0)).collect();
+        let rising: Vec<(f64, f64)> = (0..1000)
+            .map(|k| ((k as f64 + 0.5) / 1000.0, 2.0 * (k as f64 + 0.5) / 1000.0))
+            .collect();
         let b = equal_share_boundaries(&rising, 2);
         assert!((b[1] - 0.5f64.sqrt()).abs() < 2e-3, "{b:?}");
     }

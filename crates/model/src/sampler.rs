@@ -101,10 +101,19 @@ pub fn generate(
 
 /// Autoregressive sampling from the AR reference: one forward pass per byte over the
 /// last `window` bytes of context.
-pub fn generate_ar(net: &Denoiser, prompt: &[u8], len: usize, s: &SampleSettings, seed: i64, device: Device) -> Vec<u8> {
+pub fn generate_ar(
+    net: &Denoiser,
+    prompt: &[u8],
+    len: usize,
+    s: &SampleSettings,
+    seed: i64,
+    device: Device,
+) -> Vec<u8> {
     tch::manual_seed(seed);
     let window = net.config().window as usize;
-    let mut ids: Vec<i64> = std::iter::once(MASK_ID).chain(prompt.iter().map(|&b| b as i64)).collect();
+    let mut ids: Vec<i64> = std::iter::once(MASK_ID)
+        .chain(prompt.iter().map(|&b| b as i64))
+        .collect();
     tch::no_grad(|| {
         for _ in 0..len {
             let ctx = &ids[ids.len().saturating_sub(window)..];
@@ -116,7 +125,12 @@ pub fn generate_ar(net: &Denoiser, prompt: &[u8], len: usize, s: &SampleSettings
             } else {
                 logits
             };
-            ids.push(logits.softmax(-1, Kind::Float).multinomial(1, false).int64_value(&[0]));
+            ids.push(
+                logits
+                    .softmax(-1, Kind::Float)
+                    .multinomial(1, false)
+                    .int64_value(&[0]),
+            );
         }
     });
     ids[1 + prompt.len()..].iter().map(|&v| v as u8).collect()

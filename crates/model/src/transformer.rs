@@ -240,7 +240,7 @@ impl Denoiser {
         };
         let mut x = self.tok_emb.forward(tokens); // (N, T, d)
         if let (Some(proj), Some(t)) = (&self.t_proj, t) {
-            x = x + proj.forward(&t_features(t)).unsqueeze(1); // (N, 1, d) broadcast over T
+            x += proj.forward(&t_features(t)).unsqueeze(1); // (N, 1, d) broadcast over T
         }
         for layer in &self.layers {
             x = layer.forward(&x, rope);

@@ -4,7 +4,7 @@ use blocktrain_model::config::{ModelConfig, Schedule};
 use blocktrain_model::diffusion::{
     estimate_with, interval_estimate, stratified_t, MaskNoise, TDraw,
 };
-use blocktrain_model::eval;
+use blocktrain_model::eval::{self, EvalSettings};
 use blocktrain_model::optim::OptimConfig;
 use blocktrain_model::trainer::{Objective, Trainer};
 use blocktrain_model::transformer::Denoiser;
@@ -19,6 +19,15 @@ fn tiny(causal: bool) -> ModelConfig {
         window: 32,
         causal,
         t_cond: false,
+    }
+}
+
+fn settings(samples: usize) -> EvalSettings {
+    EvalSettings {
+        samples,
+        batch: 32,
+        seed: 0,
+        device: Device::Cpu,
     }
 }
 
@@ -172,10 +181,7 @@ fn untrained_model_scores_about_ln_256() {
         &[&t.net, &t.net],
         &schedule,
         &windows,
-        2,
-        32,
-        0,
-        Device::Cpu,
+        &settings(2),
         &mut |_| {},
     );
     let ln256 = 256f64.ln();
@@ -225,10 +231,7 @@ fn tiny_repeated_corpus_is_learned() {
         &[&block.net],
         &Schedule::equal(1),
         &windows,
-        2,
-        32,
-        0,
-        Device::Cpu,
+        &settings(2),
         &mut |_| {},
     );
     assert!(

@@ -83,12 +83,32 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
     let peak = matmul_peak_gflops(device);
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for (name, layers) in [("one block", block_layers), ("E2E", block_layers * args.blocks)] {
+    for (name, layers) in [
+        ("one block", block_layers),
+        ("E2E", block_layers * args.blocks),
+    ] {
         eprintln!("bench: {name} ({layers} layers) ...");
         let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "train-one", "--layers", &layers.to_string(), "--blocks", &args.blocks.to_string()]);
-        cmd.args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
-        cmd.args(["--profile", &format!("{:?}", args.profile).to_lowercase(), "--device", &args.device.device]);
+        cmd.args([
+            "bench",
+            "train-one",
+            "--layers",
+            &layers.to_string(),
+            "--blocks",
+            &args.blocks.to_string(),
+        ]);
+        cmd.args([
+            "--steps",
+            &args.steps.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+        ]);
+        cmd.args([
+            "--profile",
+            &format!("{:?}", args.profile).to_lowercase(),
+            "--device",
+            &args.device.device,
+        ]);
         if let Some(t) = args.device.threads {
             cmd.args(["--threads", &t.to_string()]);
         }
@@ -126,7 +146,10 @@ fn pytorch_row(args: &BenchTrainArgs, layers: i64) -> Result<Value> {
         bail!("--pytorch needs {} and {} (run from the repository root after `scripts/setup --with-pytorch`)", python.display(), script.display());
     }
     let b = args.profile.preset().block;
-    let threads = args.device.threads.unwrap_or_else(|| tch::get_num_threads() as usize);
+    let threads = args
+        .device
+        .threads
+        .unwrap_or_else(|| tch::get_num_threads() as usize);
     let mut cmd = Command::new(python);
     cmd.arg(script);
     for (k, v) in [
@@ -158,7 +181,8 @@ fn interval(one_block: bool, blocks: i64) -> (f64, f64) {
 
 fn train_one(args: TrainOneArgs) -> Result<()> {
     let device = args.device.setup()?;
-    let _ = Tensor::ones([8, 8], (Kind::Float, device)).matmul(&Tensor::ones([8, 8], (Kind::Float, device)));
+    let _ = Tensor::ones([8, 8], (Kind::Float, device))
+        .matmul(&Tensor::ones([8, 8], (Kind::Float, device)));
     let baseline = vm_hwm_mb();
     let preset = args.profile.preset();
     let mut cfg = preset.block.clone();
@@ -206,7 +230,11 @@ fn train_one(args: TrainOneArgs) -> Result<()> {
 fn vm_hwm_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -229,15 +257,30 @@ fn matmul_peak_gflops(device: Device) -> f64 {
 }
 
 fn print_table(rows: &[Value], peak: f64) {
-    println!("training one block vs E2E (WikiText-2 windows; fp32 matmul peak here: {peak:.1} GFLOP/s)");
+    println!(
+        "training one block vs E2E (WikiText-2 windows; fp32 matmul peak here: {peak:.1} GFLOP/s)"
+    );
     println!(
         "{:<10} {:>6} {:>9} {:>11} {:>12} {:>8} {:>7} {:>13} {:>12}",
-        "model", "layers", "params", "step ms", "bytes/s", "GFLOP/s", "% peak", "peak RSS MiB", "vs PyTorch"
+        "model",
+        "layers",
+        "params",
+        "step ms",
+        "bytes/s",
+        "GFLOP/s",
+        "% peak",
+        "peak RSS MiB",
+        "vs PyTorch"
     );
     for r in rows {
         let ratio = r["pytorch"]["step_ms_median"]
             .as_f64()
-            .map(|p| format!("{:.2}x", r["step_ms_median"].as_f64().unwrap_or(f64::NAN) / p))
+            .map(|p| {
+                format!(
+                    "{:.2}x",
+                    r["step_ms_median"].as_f64().unwrap_or(f64::NAN) / p
+                )
+            })
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<10} {:>6} {:>9} {:>11.1} {:>12.0} {:>8.1} {:>6.1}% {:>6.0} (+{:>4.0}) {:>12}",
@@ -249,7 +292,8 @@ fn print_table(rows: &[Value], peak: f64) {
             r["gflops"].as_f64().unwrap_or(f64::NAN),
             100.0 * r["gflops"].as_f64().unwrap_or(f64::NAN) / peak,
             r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
-            r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN) - r["baseline_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+                - r["baseline_rss_mb"].as_f64().unwrap_or(f64::NAN),
             ratio
         );
     }

@@ -44,10 +44,18 @@ pub fn run(args: BoundariesArgs) -> Result<()> {
     if args.blocks == 0 || args.grid < args.blocks {
         bail!("need --blocks >= 1 and --grid >= --blocks");
     }
-    let trainers = (0..m.parts.len()).map(|p| run.trained(p, device)).collect::<Result<Vec<_>, _>>()?;
-    let windows = heldout_windows(&m.plan.dataset.load(Split::Valid)?, m.model.window, args.max_windows);
+    let trainers = (0..m.parts.len())
+        .map(|p| run.trained(p, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let windows = heldout_windows(
+        &m.plan.dataset.load(Split::Valid)?,
+        m.model.window,
+        args.max_windows,
+    );
     let owner = |t: f64| {
-        let idx = (0..m.schedule.blocks()).find(|&i| t <= m.schedule.interval(i).1).unwrap_or(0);
+        let idx = (0..m.schedule.blocks())
+            .find(|&i| t <= m.schedule.interval(i).1)
+            .unwrap_or(0);
         &trainers[m.part_for_interval(idx)].net
     };
     let curve = eval::ce_curve(&owner, &windows, args.grid, 64, 99, device);
@@ -57,6 +65,9 @@ pub fn run(args: BoundariesArgs) -> Result<()> {
     }
     let b = eval::equal_share_boundaries(&curve, args.blocks);
     let text: Vec<String> = b.iter().map(|v| format!("{v}")).collect();
-    println!("equal-ELBO-share boundaries: --boundaries {}", text.join(","));
+    println!(
+        "equal-ELBO-share boundaries: --boundaries {}",
+        text.join(",")
+    );
     Ok(())
 }

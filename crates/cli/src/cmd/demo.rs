@@ -66,11 +66,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let wanted = train_args.manifest()?;
     let mut run = match RunDir::open(&args.out) {
-        Ok(existing) if existing.manifest.model == wanted.model && existing.manifest.plan == wanted.plan && existing.manifest.schedule == wanted.schedule => {
+        Ok(existing)
+            if existing.manifest.model == wanted.model
+                && existing.manifest.plan == wanted.plan
+                && existing.manifest.schedule == wanted.schedule =>
+        {
             eprintln!("continuing the run in {}", args.out.display());
             existing
         }
-        Ok(_) => bail!("{} holds a different run; pass --out to use another directory", args.out.display()),
+        Ok(_) => bail!(
+            "{} holds a different run; pass --out to use another directory",
+            args.out.display()
+        ),
         Err(_) => RunDir::create(&args.out, wanted)?,
     };
 
@@ -99,6 +106,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let out = generate::sample(&run, &gen, device)?;
     println!("{}{}", args.prompt, String::from_utf8_lossy(&out));
-    println!("\nrun directory: {} (try `blocktrain eval --checkpoint {}`)", args.out.display(), args.out.display());
+    println!(
+        "\nrun directory: {} (try `blocktrain eval --checkpoint {}`)",
+        args.out.display(),
+        args.out.display()
+    );
     Ok(())
 }

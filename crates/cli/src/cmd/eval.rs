@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use blocktrain_model::data::{heldout_windows, Split};
-use blocktrain_model::eval::{self, Report};
+use blocktrain_model::eval::{self, EvalSettings, Report};
 use blocktrain_model::run::{Family, RunDir};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -53,21 +53,46 @@ pub struct EvalArgs {
 }
 
 /// Scores `run` on one held-out split.
-pub fn evaluate(run: &RunDir, split: Split, samples: usize, max_windows: usize, batch: i64, seed: i64, device: Device) -> Result<Report> {
+pub fn evaluate(
+    run: &RunDir,
+    split: Split,
+    samples: usize,
+    max_windows: usize,
+    batch: i64,
+    seed: i64,
+    device: Device,
+) -> Result<Report> {
     let m = &run.manifest;
     let bytes = m.plan.dataset.load(split)?;
     let windows = heldout_windows(&bytes, m.model.window, max_windows);
     let w = windows.size()[0] as u64;
-    let trainers = (0..m.parts.len()).map(|p| run.trained(p, device)).collect::<Result<Vec<_>, _>>()?;
+    let trainers = (0..m.parts.len())
+        .map(|p| run.trained(p, device))
+        .collect::<Result<Vec<_>, _>>()?;
     let report = if m.family == Family::Ar {
         let pb = progress::bar(w, split.name());
-        let r = eval::ar_nll(&trainers[0].net, &windows, batch, device, &mut |n| pb.inc(n));
+        let r = eval::ar_nll(&trainers[0].net, &windows, batch, device, &mut |n| {
+            pb.inc(n)
+        });
         pb.finish_and_clear();
         r
     } else {
-        let nets: Vec<_> = (0..m.schedule.blocks()).map(|i| &trainers[m.part_for_interval(i)].net).collect();
+        let nets: Vec<_> = (0..m.schedule.blocks())
+            .map(|i| &trainers[m.part_for_interval(i)].net)
+            .collect();
         let pb = progress::bar(w * (samples * nets.len()) as u64, split.name());
-        let r = eval::diffusion_elbo(&nets, &m.schedule, &windows, samples, batch, seed, device, &mut |n| pb.inc(n));
+        let r = eval::diffusion_elbo(
+            &nets,
+            &m.schedule,
+            &windows,
+            &EvalSettings {
+                samples,
+                batch,
+                seed,
+                device,
+            },
+            &mut |n| pb.inc(n),
+        );
         pb.finish_and_clear();
         r
     };
@@ -89,13 +114,33 @@ pub fn print_report(run: &RunDir, split: Split, r: &Report) {
         r.windows,
         m.model.window,
         r.samples,
-        if m.family == Family::Ar { "" } else { " and interval" }
+        if m.family == Family::Ar {
+            ""
+        } else {
+            " and interval"
+        }
     );
     for (i, s) in r.shares.iter().enumerate() {
-        println!("  interval {} [{:.3}, {:.3}]  {:.4} ± {:.4} nats/byte", i + 1, s.lo, s.hi, s.nats, s.se);
+        println!(
+            "  interval {} [{:.3}, {:.3}]  {:.4} ± {:.4} nats/byte",
+            i + 1,
+            s.lo,
+            s.hi,
+            s.nats,
+            s.se
+        );
     }
-    let what = if m.family == Family::Ar { "exact NLL" } else { "ELBO (upper bound on NLL)" };
-    println!("  total {what}: {:.4} ± {:.4} nats/byte = {:.4} bits/byte", r.nats, r.se, r.bits());
+    let what = if m.family == Family::Ar {
+        "exact NLL"
+    } else {
+        "ELBO (upper bound on NLL)"
+    };
+    println!(
+        "  total {what}: {:.4} ± {:.4} nats/byte = {:.4} bits/byte",
+        r.nats,
+        r.se,
+        r.bits()
+    );
     if r.se > 0.005 {
         println!("  note: standard error above 0.005; raise --samples or drop --max-windows");
     }
@@ -112,7 +157,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let mut out = Vec::new();
     for split in splits {
-        let r = evaluate(&run, split, args.samples, args.max_windows, args.batch, args.seed, device)?;
+        let r = evaluate(
+            &run,
+            split,
+            args.samples,
+            args.max_windows,
+            args.batch,
+            args.seed,
+            device,
+        )?;
         print_report(&run, split, &r);
         out.push(json!({"split": split, "report": r}));
     }

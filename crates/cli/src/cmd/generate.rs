@@ -49,15 +49,41 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
     let m = &run.manifest;
     let total = args.prompt.len() + args.len;
     if total as i64 > m.model.window {
-        eprintln!("note: prompt + len = {total} bytes exceeds the trained window of {}; quality may drop", m.model.window);
+        eprintln!(
+            "note: prompt + len = {total} bytes exceeds the trained window of {}; quality may drop",
+            m.model.window
+        );
     }
-    let settings = SampleSettings { steps_per_block: args.steps_per_block, temperature: args.temperature, top_k: args.top_k };
-    let trainers = (0..m.parts.len()).map(|p| run.trained(p, device)).collect::<Result<Vec<_>, _>>()?;
+    let settings = SampleSettings {
+        steps_per_block: args.steps_per_block,
+        temperature: args.temperature,
+        top_k: args.top_k,
+    };
+    let trainers = (0..m.parts.len())
+        .map(|p| run.trained(p, device))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(if m.family == Family::Ar {
-        sampler::generate_ar(&trainers[0].net, args.prompt.as_bytes(), args.len, &settings, args.seed, device)
+        sampler::generate_ar(
+            &trainers[0].net,
+            args.prompt.as_bytes(),
+            args.len,
+            &settings,
+            args.seed,
+            device,
+        )
     } else {
-        let nets: Vec<_> = (0..m.schedule.blocks()).map(|i| &trainers[m.part_for_interval(i)].net).collect();
-        sampler::generate(&nets, &m.schedule, args.prompt.as_bytes(), args.len, &settings, args.seed, device)
+        let nets: Vec<_> = (0..m.schedule.blocks())
+            .map(|i| &trainers[m.part_for_interval(i)].net)
+            .collect();
+        sampler::generate(
+            &nets,
+            &m.schedule,
+            args.prompt.as_bytes(),
+            args.len,
+            &settings,
+            args.seed,
+            device,
+        )
     })
 }
 

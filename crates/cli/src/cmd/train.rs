@@ -118,7 +118,11 @@ impl TrainArgs {
             Some(b) => {
                 let s = Schedule::from_boundaries(parse_boundaries(b)?)?;
                 if s.blocks() != self.blocks {
-                    bail!("--boundaries gives {} intervals but --blocks is {}", s.blocks(), self.blocks);
+                    bail!(
+                        "--boundaries gives {} intervals but --blocks is {}",
+                        s.blocks(),
+                        self.blocks
+                    );
                 }
                 s
             }
@@ -135,7 +139,13 @@ impl TrainArgs {
         if plan.steps <= 0 || plan.batch <= 0 {
             bail!("--steps and --batch must be positive");
         }
-        Ok(Manifest::new(self.objective.into(), model, schedule, optim, plan)?)
+        Ok(Manifest::new(
+            self.objective.into(),
+            model,
+            schedule,
+            optim,
+            plan,
+        )?)
     }
 }
 
@@ -149,11 +159,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let parts: Vec<usize> = match args.block {
         None => (0..run.manifest.parts.len()).collect(),
-        Some(b) if run.manifest.family == Family::Block && (1..=run.manifest.parts.len()).contains(&b) => vec![b - 1],
-        Some(b) => bail!("--block {b} needs --objective block and 1 <= b <= {}", run.manifest.parts.len()),
+        Some(b)
+            if run.manifest.family == Family::Block
+                && (1..=run.manifest.parts.len()).contains(&b) =>
+        {
+            vec![b - 1]
+        }
+        Some(b) => bail!(
+            "--block {b} needs --objective block and 1 <= b <= {}",
+            run.manifest.parts.len()
+        ),
     };
     let data = run.manifest.plan.dataset.load(Split::Train)?;
-    eprintln!("training on {} (train split, {} bytes) on {device:?}", run.manifest.plan.dataset.describe(), data.len());
+    eprintln!(
+        "training on {} (train split, {} bytes) on {device:?}",
+        run.manifest.plan.dataset.describe(),
+        data.len()
+    );
     for part in parts {
         train_part(&mut run, part, &data, device, args.save_every)?;
     }
@@ -163,11 +185,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Trains one part to the plan's step count, saving every `save_every` steps.
-pub fn train_part(run: &mut RunDir, part: usize, data: &[u8], device: Device, save_every: i64) -> Result<()> {
-    let (total, batch, seed, window) =
-        (run.manifest.plan.steps, run.manifest.plan.batch, run.manifest.plan.seed, run.manifest.model.window);
+pub fn train_part(
+    run: &mut RunDir,
+    part: usize,
+    data: &[u8],
+    device: Device,
+    save_every: i64,
+) -> Result<()> {
+    let (total, batch, seed, window) = (
+        run.manifest.plan.steps,
+        run.manifest.plan.batch,
+        run.manifest.plan.seed,
+        run.manifest.model.window,
+    );
     let name = run.manifest.parts[part].name.clone();
-    let mut trainer = run.trainer(part, device).with_context(|| format!("loading {name}"))?;
+    let mut trainer = run
+        .trainer(part, device)
+        .with_context(|| format!("loading {name}"))?;
     let done = trainer.steps();
     if done >= total {
         eprintln!("{name}: already trained ({done}/{total} steps)");
@@ -198,15 +232,27 @@ pub fn train_part(run: &mut RunDir, part: usize, data: &[u8], device: Device, sa
         pb.inc(1);
         if pb.is_hidden() && ((step + 1) % (total / 20).max(1) == 0 || end) {
             // Not a terminal (a log file, CI): plain lines instead of a bar.
-            eprintln!("{name}: step {}/{total}, loss {:.4}", step + 1, last_loss.unwrap_or(f64::NAN));
+            eprintln!(
+                "{name}: step {}/{total}, loss {:.4}",
+                step + 1,
+                last_loss.unwrap_or(f64::NAN)
+            );
         }
         if (step + 1) % save_every == 0 || end {
-            run.save(part, &trainer, last_loss, since_save.elapsed().as_secs_f64())?;
+            run.save(
+                part,
+                &trainer,
+                last_loss,
+                since_save.elapsed().as_secs_f64(),
+            )?;
             since_save = Instant::now();
         }
     }
     pb.finish();
-    eprintln!("{name}: {total} steps, last loss {:.4} nats/byte (training estimate)", last_loss.unwrap_or(f64::NAN));
+    eprintln!(
+        "{name}: {total} steps, last loss {:.4} nats/byte (training estimate)",
+        last_loss.unwrap_or(f64::NAN)
+    );
     Ok(())
 }
 
