@@ -80,6 +80,18 @@ fn train_eval_generate_round_trip() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ROMEO:"));
+    let o = bt(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--samples",
+        "0",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("--samples"),
+        "{}",
+        text(&o)
+    );
     // Training again on top of a finished run is refused; --resume finds nothing left to do.
     let o = train_tiny(&out, &["--blocks", "2"]);
     assert!(

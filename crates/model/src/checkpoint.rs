@@ -160,13 +160,27 @@ pub fn check_compatible(target: &NamedTensors, incoming: &NamedTensors) -> Resul
     Ok(())
 }
 
+/// Fails unless every floating-point tensor is finite (a diverged step must not replace
+/// the last good checkpoint).
+pub fn check_finite(tensors: &NamedTensors) -> Result<()> {
+    for (name, t) in tensors {
+        if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+            return Err(ModelError::Mismatch(format!(
+                "{name}: contains NaN or Inf; not saved"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` via a temporary file, fsync and rename (never a torn file).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| ModelError::Io {
         path: path.display().to_string(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    // A per-process temporary name: two writers never rename each other's half-file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;

@@ -158,7 +158,8 @@ impl WindowSampler {
         self.corpus.size()[0] - self.window
     }
 
-    /// Next batch (N, window) of int64 byte ids.
+    /// Next batch (N, window) of int64 byte ids. (Offsets stop one short of the last
+    /// possible window; kept so seeded data orders stay comparable across versions.)
     pub fn next_batch(&mut self, n: i64) -> Tensor {
         let max = self.max_offset();
         self.offsets.clear();

@@ -83,7 +83,7 @@ impl AdamW {
         }
     }
 
-    /// Clears gradients (to None, as PyTorch's default).
+    /// Zeroes gradients in place (every parameter gets a gradient each step).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut g = p.grad();

@@ -137,13 +137,84 @@ impl Manifest {
     }
 }
 
-/// An opened run directory.
+/// An opened run directory. A writer holds the directory's exclusive lock; readers
+/// take none (files are immutable once named in run.json, so a reader sees a complete
+/// run, or at worst a clear "file not found" if a writer just replaced it).
 #[derive(Debug)]
 pub struct RunDir {
     /// Directory path.
     pub path: PathBuf,
     /// Its manifest as last saved.
     pub manifest: Manifest,
+    writer_lock: Option<std::fs::File>,
+}
+
+/// Takes the directory's exclusive lock: one writer per run, or files could be lost.
+fn lock(path: &Path) -> Result<std::fs::File> {
+    let file = path.join(".lock");
+    let io = |source| ModelError::Io {
+        path: file.display().to_string(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&file)
+        .map_err(io)?;
+    f.try_lock().map_err(|_| {
+        ModelError::Config(format!(
+            "{} is in use by another blocktrain process",
+            path.display()
+        ))
+    })?;
+    Ok(f)
+}
+
+impl Manifest {
+    /// Checks that parts, names, objectives and hashes are what this family and
+    /// schedule imply (a hand-edited or foreign run.json must not index out of range,
+    /// score the wrong interval, or name files outside the directory).
+    pub fn validate(&self) -> Result<()> {
+        let expected = Manifest::new(
+            self.family,
+            self.model.clone(),
+            self.schedule.clone(),
+            self.optim.clone(),
+            self.plan.clone(),
+        )?;
+        let shape = |p: &PartState| (p.name.clone(), p.objective);
+        if self
+            .parts
+            .iter()
+            .map(shape)
+            .ne(expected.parts.iter().map(shape))
+            || self.model != expected.model
+        {
+            return Err(ModelError::Corrupt(
+                "run.json parts or model do not match its family and schedule".into(),
+            ));
+        }
+        let hash_ok = |h: &Option<String>| {
+            h.as_ref()
+                .is_none_or(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        if !self
+            .parts
+            .iter()
+            .all(|p| hash_ok(&p.weights_hash) && hash_ok(&p.optim_hash) && p.steps_done >= 0)
+        {
+            return Err(ModelError::Corrupt(
+                "run.json holds a malformed hash or step count".into(),
+            ));
+        }
+        if self.plan.steps <= 0 || self.plan.batch <= 0 {
+            return Err(ModelError::Corrupt(
+                "run.json plan needs positive steps and batch".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl RunDir {
@@ -159,15 +230,24 @@ impl RunDir {
             path: path.display().to_string(),
             source,
         })?;
+        manifest.validate()?;
         let dir = RunDir {
             path: path.to_path_buf(),
             manifest,
+            writer_lock: Some(lock(path)?),
         };
         dir.save_manifest()?;
         Ok(dir)
     }
 
-    /// Opens an existing run, with a clear error when it is missing or unreadable.
+    /// Opens an existing run to continue training it (takes the writer lock).
+    pub fn open_writer(path: &Path) -> Result<Self> {
+        let mut dir = RunDir::open(path)?;
+        dir.writer_lock = Some(lock(path)?);
+        Ok(dir)
+    }
+
+    /// Opens an existing run for reading, with a clear error when it is missing or unreadable.
     pub fn open(path: &Path) -> Result<Self> {
         let file = path.join(MANIFEST);
         if !file.exists() {
@@ -188,11 +268,11 @@ impl RunDir {
                 manifest.format
             )));
         }
-        manifest.schedule.validate()?;
-        manifest.model.validate()?;
+        manifest.validate()?;
         Ok(RunDir {
             path: path.to_path_buf(),
             manifest,
+            writer_lock: None,
         })
     }
 
@@ -228,7 +308,9 @@ impl RunDir {
             .parts
             .get(part)
             .ok_or_else(|| ModelError::Config(format!("run has no part {}", part + 1)))?;
-        let seed = m.plan.seed as i64 * 1000 + part as i64;
+        let seed = (m.plan.seed as i64)
+            .wrapping_mul(1000)
+            .wrapping_add(part as i64);
         let mut trainer = Trainer::new(&m.model, state.objective, m.optim.clone(), device, seed)?;
         if let Some(hash) = &state.weights_hash {
             trainer.load_weights(&self.read_checked(part, "weights", hash)?)?;
@@ -260,6 +342,12 @@ impl RunDir {
         last_loss: Option<f64>,
         seconds: f64,
     ) -> Result<()> {
+        if self.writer_lock.is_none() {
+            return Err(ModelError::Config(
+                "run opened read-only; use RunDir::open_writer to save".into(),
+            ));
+        }
+        crate::checkpoint::check_finite(&trainer.weights())?;
         let weights = trainer.weights_bytes()?;
         let optim = trainer.optimizer_bytes()?;
         let (wh, oh) = (content_hash(&weights), content_hash(&optim));

@@ -157,7 +157,8 @@ impl Trainer {
         let steps: i64 = meta
             .get("steps")
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ModelError::Corrupt("optimizer state has no step count".into()))?;
+            .filter(|&s: &i64| s >= 0)
+            .ok_or_else(|| ModelError::Corrupt("optimizer state has no valid step count".into()))?;
         let mut target = NamedTensors::new();
         for (i, name) in self.names.iter().enumerate() {
             target.insert(

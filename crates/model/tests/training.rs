@@ -192,3 +192,70 @@ fn generation_keeps_the_prompt_fills_every_mask_and_is_seeded() {
     let done = sampler::denoise_interval(&t.net, &out, 0.0, 0.5, &settings);
     assert_eq!(done.eq(MASK_ID).sum(tch::Kind::Int64).int64_value(&[]), 0);
 }
+
+#[test]
+fn one_writer_per_run_and_bad_manifests_or_weights_are_refused() {
+    let dir = std::env::temp_dir().join(format!("bt-guard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let plan = TrainPlan {
+        steps: 2,
+        batch: 8,
+        seed: 1,
+        dataset: Dataset::Shakespeare,
+    };
+    let manifest = Manifest::new(
+        Family::Block,
+        tiny(),
+        Schedule::equal(2),
+        OptimConfig::default(),
+        plan,
+    )
+    .unwrap();
+    let mut run = RunDir::create(&dir, manifest).unwrap();
+    let err = RunDir::open_writer(&dir).unwrap_err().to_string();
+    assert!(err.contains("in use"), "{err}");
+    assert!(RunDir::open(&dir).is_ok(), "readers need no lock");
+
+    // A diverged network is never written over the last good checkpoint.
+    let t = run.trainer(0, Device::Cpu).unwrap();
+    run.save(0, &t, None, 0.0).unwrap();
+    let good = run.manifest.parts[0].weights_hash.clone();
+    tch::no_grad(|| {
+        let _ = t
+            .weights()
+            .values()
+            .next()
+            .unwrap()
+            .shallow_clone()
+            .fill_(f64::NAN);
+    });
+    assert!(run
+        .save(0, &t, None, 0.0)
+        .unwrap_err()
+        .to_string()
+        .contains("NaN"));
+    assert_eq!(
+        RunDir::open(&dir).unwrap().manifest.parts[0].weights_hash,
+        good
+    );
+    assert!(RunDir::open(&dir).unwrap().trained(0, Device::Cpu).is_ok());
+    drop(run);
+
+    // run.json whose parts do not match its schedule, or with a path-like hash, is refused.
+    let text = std::fs::read_to_string(dir.join("run.json")).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    doc["parts"].as_array_mut().unwrap().pop();
+    std::fs::write(dir.join("run.json"), serde_json::to_vec(&doc).unwrap()).unwrap();
+    assert!(RunDir::open(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("do not match"));
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    doc["parts"][0]["weights_hash"] = serde_json::json!("../../etc/passwd");
+    std::fs::write(dir.join("run.json"), serde_json::to_vec(&doc).unwrap()).unwrap();
+    assert!(RunDir::open(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("malformed"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

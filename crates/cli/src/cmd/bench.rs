@@ -78,6 +78,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
     let device = args.device.setup()?;
     let block_layers = args.profile.preset().block.n_layers;
     let peak = matmul_peak_gflops(device);
@@ -218,8 +221,8 @@ fn train_one(args: TrainOneArgs) -> Result<()> {
         "impl": "blocktrain (tch)", "layers": cfg.n_layers, "d_model": cfg.d_model, "params": params,
         "lo": lo, "hi": hi, "batch": preset.batch, "window": cfg.window,
         "step_ms_mean": mean * 1e3, "step_ms_median": times[times.len() / 2] * 1e3, "step_ms_min": times[0] * 1e3,
-        "bytes_per_s": tokens / mean,
-        "gflops": flops::train_flops_per_token(&cfg) * tokens / mean / 1e9,
+        "bytes_per_s": tokens / times[times.len() / 2],
+        "gflops": flops::train_flops_per_token(&cfg) * tokens / times[times.len() / 2] / 1e9,
         "peak_rss_mb": vm_hwm_mb(), "baseline_rss_mb": baseline, "final_loss": loss,
     });
     println!("{row}");
@@ -297,7 +300,7 @@ fn print_table(rows: &[Value], peak: f64) {
             ratio
         );
     }
-    println!("step ms: median; peak RSS: whole process (+ above the libtorch baseline); vs PyTorch: our step time / PyTorch's");
+    println!("step ms: median; peak RSS: host memory of the whole process (+ above the libtorch baseline; GPU memory not included); vs PyTorch: our median step time / PyTorch's");
 }
 
 /// Waits for queued CUDA work so timings cover it.

@@ -65,20 +65,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
         device: args.device.clone(),
     };
     let wanted = train_args.manifest()?;
-    let mut run = match RunDir::open(&args.out) {
-        Ok(existing)
-            if existing.manifest.model == wanted.model
-                && existing.manifest.plan == wanted.plan
-                && existing.manifest.schedule == wanted.schedule =>
-        {
-            eprintln!("continuing the run in {}", args.out.display());
-            existing
+    let mut run = if args.out.join("run.json").exists() {
+        let existing = RunDir::open_writer(&args.out)?;
+        let m = &existing.manifest;
+        let same = m.family == wanted.family
+            && m.model == wanted.model
+            && m.plan == wanted.plan
+            && m.schedule == wanted.schedule
+            && m.optim == wanted.optim;
+        if !same {
+            bail!(
+                "{} holds a different run; pass --out to use another directory",
+                args.out.display()
+            );
         }
-        Ok(_) => bail!(
-            "{} holds a different run; pass --out to use another directory",
-            args.out.display()
-        ),
-        Err(_) => RunDir::create(&args.out, wanted)?,
+        eprintln!("continuing the run in {}", args.out.display());
+        existing
+    } else {
+        RunDir::create(&args.out, wanted)?
     };
 
     println!("== 1/3 train {} blocks ({:?} profile, each block on its own interval, no gradient between blocks)", args.blocks, args.profile);

@@ -2,7 +2,7 @@
 //! (AR), on non-overlapping windows of the valid and/or test split. Never training data.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use blocktrain_model::data::{heldout_windows, Split};
 use blocktrain_model::eval::{self, EvalSettings, Report};
 use blocktrain_model::run::{Family, RunDir};
@@ -62,10 +62,21 @@ pub fn evaluate(
     seed: i64,
     device: Device,
 ) -> Result<Report> {
+    if samples == 0 || batch < 1 {
+        bail!("--samples and --batch must be at least 1");
+    }
     let m = &run.manifest;
     let bytes = m.plan.dataset.load(split)?;
     let windows = heldout_windows(&bytes, m.model.window, max_windows);
     let w = windows.size()[0] as u64;
+    if w == 0 {
+        bail!(
+            "the {} split has {} bytes, less than one window of {}",
+            split.name(),
+            bytes.len(),
+            m.model.window
+        );
+    }
     let trainers = (0..m.parts.len())
         .map(|p| run.trained(p, device))
         .collect::<Result<Vec<_>, _>>()?;
@@ -141,7 +152,7 @@ pub fn print_report(run: &RunDir, split: Split, r: &Report) {
         r.se,
         r.bits()
     );
-    if r.se > 0.005 {
+    if r.se.is_nan() || r.se > 0.005 {
         println!("  note: standard error above 0.005; raise --samples or drop --max-windows");
     }
 }

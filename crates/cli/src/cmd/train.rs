@@ -151,9 +151,16 @@ impl TrainArgs {
 
 /// Runs `blocktrain train`.
 pub fn run(args: TrainArgs) -> Result<()> {
+    if args.save_every < 1 {
+        bail!("--save-every must be at least 1");
+    }
     let device = args.device.setup()?;
     let mut run = if args.resume {
-        RunDir::open(&args.out)?
+        eprintln!(
+            "resuming {}: the run's own settings apply (shape and budget flags are ignored)",
+            args.out.display()
+        );
+        RunDir::open_writer(&args.out)?
     } else {
         RunDir::create(&args.out, args.manifest()?)?
     };
@@ -214,14 +221,16 @@ pub fn train_part(
     pb.set_position(done as u64);
     let log_every = 25.min(total).max(1);
     let mut acc = Tensor::zeros([], (Kind::Float, device));
+    let mut since_log = 0;
     let mut last_loss = None;
     let mut since_save = Instant::now();
     for step in done..total {
         acc += trainer.train_step(&sampler.next_batch(batch), total);
+        since_log += 1;
         let end = step + 1 == total;
         if (step + 1) % log_every == 0 || end {
-            let n = (step + 1 - done).min(log_every) as f64;
-            let mean = acc.double_value(&[]) / n;
+            let mean = acc.double_value(&[]) / since_log as f64;
+            since_log = 0;
             if !mean.is_finite() {
                 bail!("{name} diverged at step {} (loss {mean}); nothing saved past the last checkpoint; lower --lr", step + 1);
             }

@@ -1,0 +1,32 @@
+//! What crosses the wire between BlockTrain nodes, and nothing that moves it.
+//!
+//! - [`identity`]: ed25519 node identities (a worker's persistent key).
+//! - [`signed`]: request signatures over the raw body bytes (verify, then decode).
+//! - [`codec`]: block updates (deltas) as safetensors bytes, compressed to fp16, int8 with
+//!   per-chunk scales (and error feedback), or top-k; decoding checks every name, shape
+//!   and size against what the receiver expects before allocating.
+//!
+//! This crate does no I/O and knows no tensors library: tensors cross it as bytes and
+//! `f32` slices, so it builds and fuzzes in seconds.
+#![deny(missing_docs)]
+
+pub mod codec;
+pub mod identity;
+pub mod signed;
+
+/// Errors a peer's bytes can cause; each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Bytes that do not parse.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// Well-formed but not what the receiver expects (names, shapes, sizes, versions).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// Bad or missing signature, unknown key, stale timestamp.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, ProtocolError>;
