@@ -32,6 +32,17 @@ impl Default for SampleSettings {
     }
 }
 
+/// Keeps the `k` largest logits along the last dimension (0 or >= width: all).
+fn top_k(logits: &Tensor, k: i64) -> Tensor {
+    let width = *logits.size().last().expect("logits have a byte dimension");
+    if k <= 0 || k >= width {
+        return logits.shallow_clone();
+    }
+    let (top, _) = logits.topk(k, -1, true, true);
+    let floor = top.narrow(-1, k - 1, 1); // (..., 1)
+    logits.masked_fill(&logits.lt_tensor(&floor), f64::NEG_INFINITY)
+}
+
 /// Runs one block's local denoising on `tokens` (1, T) int64 from level `hi` to `lo`.
 /// Unmasked positions (prompt, earlier blocks' output) are never changed.
 pub fn denoise_interval(
@@ -55,13 +66,7 @@ pub fn denoise_interval(
             }
             let t = Tensor::full([1], from, (Kind::Float, device));
             let logits = net.forward(&tokens, Some(&t)).squeeze_dim(0) / s.temperature.max(1e-6); // (T, 256)
-            let logits = if s.top_k > 0 && s.top_k < logits.size()[1] {
-                let (top, _) = logits.topk(s.top_k, -1, true, true);
-                let floor = top.narrow(1, s.top_k - 1, 1); // (T, 1)
-                logits.masked_fill(&logits.lt_tensor(&floor), f64::NEG_INFINITY)
-            } else {
-                logits
-            };
+            let logits = top_k(&logits, s.top_k);
             let draws = logits
                 .softmax(-1, Kind::Float)
                 .multinomial(1, false)
@@ -119,12 +124,7 @@ pub fn generate_ar(
             let ctx = &ids[ids.len().saturating_sub(window)..];
             let x = Tensor::from_slice(ctx).view([1, -1]).to_device(device);
             let logits = net.forward(&x, None).get(0).get(-1) / s.temperature.max(1e-6); // (256)
-            let logits = if s.top_k > 0 && s.top_k < 256 {
-                let (top, _) = logits.topk(s.top_k, -1, true, true);
-                logits.masked_fill(&logits.lt_tensor(&top.get(s.top_k - 1)), f64::NEG_INFINITY)
-            } else {
-                logits
-            };
+            let logits = top_k(&logits, s.top_k);
             ids.push(
                 logits
                     .softmax(-1, Kind::Float)

@@ -128,8 +128,8 @@ impl Trainer {
         checkpoint::to_bytes(&self.weights(), &BTreeMap::new())
     }
 
-    /// Serialised optimizer state: moments under `exp_avg/NAME`, `exp_avg_sq/NAME`.
-    pub fn optimizer_bytes(&self) -> Result<Vec<u8>> {
+    /// The optimizer moments by checkpoint name: `exp_avg/NAME`, `exp_avg_sq/NAME`.
+    fn moments(&self) -> NamedTensors {
         let mut t = NamedTensors::new();
         for (i, name) in self.names.iter().enumerate() {
             t.insert(
@@ -141,8 +141,13 @@ impl Trainer {
                 self.opt.exp_avg_sq[i].shallow_clone(),
             );
         }
+        t
+    }
+
+    /// Serialised optimizer state: the moments plus the step count.
+    pub fn optimizer_bytes(&self) -> Result<Vec<u8>> {
         let meta = BTreeMap::from([("steps".to_string(), self.opt.steps.to_string())]);
-        checkpoint::to_bytes(&t, &meta)
+        checkpoint::to_bytes(&self.moments(), &meta)
     }
 
     /// Loads weights strictly; on error the live weights are unchanged.
@@ -159,18 +164,7 @@ impl Trainer {
             .and_then(|s| s.parse().ok())
             .filter(|&s: &i64| s >= 0)
             .ok_or_else(|| ModelError::Corrupt("optimizer state has no valid step count".into()))?;
-        let mut target = NamedTensors::new();
-        for (i, name) in self.names.iter().enumerate() {
-            target.insert(
-                format!("exp_avg/{name}"),
-                self.opt.exp_avg[i].shallow_clone(),
-            );
-            target.insert(
-                format!("exp_avg_sq/{name}"),
-                self.opt.exp_avg_sq[i].shallow_clone(),
-            );
-        }
-        checkpoint::load_strict(&target, &incoming)?;
+        checkpoint::load_strict(&self.moments(), &incoming)?;
         self.opt.steps = steps;
         Ok(())
     }

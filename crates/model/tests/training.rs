@@ -24,6 +24,34 @@ fn corpus() -> Vec<u8> {
     b"Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(30)
 }
 
+/// A fresh run directory in the temp dir, held open for writing.
+fn new_run(
+    tag: &str,
+    family: Family,
+    blocks: usize,
+    steps: i64,
+    seed: u64,
+) -> (std::path::PathBuf, RunDir) {
+    let dir = std::env::temp_dir().join(format!("bt-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let plan = TrainPlan {
+        steps,
+        batch: 8,
+        seed,
+        dataset: Dataset::Shakespeare,
+    };
+    let manifest = Manifest::new(
+        family,
+        tiny(),
+        Schedule::equal(blocks),
+        OptimConfig::default(),
+        plan,
+    )
+    .unwrap();
+    let run = RunDir::create(&dir, manifest).unwrap();
+    (dir, run)
+}
+
 fn train(trainer: &mut Trainer, sampler: &mut WindowSampler, steps: usize) -> Vec<f64> {
     (0..steps)
         .map(|_| {
@@ -59,23 +87,7 @@ fn training_is_deterministic_under_a_seed() {
 /// Stopping, saving and resuming gives exactly the run that never stopped.
 #[test]
 fn resume_from_checkpoint_matches_uninterrupted_training() {
-    let dir = std::env::temp_dir().join(format!("bt-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let plan = TrainPlan {
-        steps: 6,
-        batch: 8,
-        seed: 5,
-        dataset: Dataset::Shakespeare,
-    };
-    let manifest = Manifest::new(
-        Family::Block,
-        tiny(),
-        Schedule::equal(2),
-        OptimConfig::default(),
-        plan,
-    )
-    .unwrap();
-    let mut run = RunDir::create(&dir, manifest).unwrap();
+    let (dir, mut run) = new_run("resume", Family::Block, 2, 6, 5);
     assert!(
         RunDir::create(&dir, run.manifest.clone()).is_err(),
         "must not clobber an existing run"
@@ -105,23 +117,7 @@ fn resume_from_checkpoint_matches_uninterrupted_training() {
 
 #[test]
 fn corrupt_checkpoint_files_are_reported_not_loaded() {
-    let dir = std::env::temp_dir().join(format!("bt-corrupt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let plan = TrainPlan {
-        steps: 1,
-        batch: 8,
-        seed: 5,
-        dataset: Dataset::Shakespeare,
-    };
-    let manifest = Manifest::new(
-        Family::E2e,
-        tiny(),
-        Schedule::equal(2),
-        OptimConfig::default(),
-        plan,
-    )
-    .unwrap();
-    let mut run = RunDir::create(&dir, manifest).unwrap();
+    let (dir, mut run) = new_run("corrupt", Family::E2e, 2, 1, 5);
     let t = run.trainer(0, Device::Cpu).unwrap();
     run.save(0, &t, None, 0.0).unwrap();
     let file = std::fs::read_dir(&dir)
@@ -195,23 +191,7 @@ fn generation_keeps_the_prompt_fills_every_mask_and_is_seeded() {
 
 #[test]
 fn one_writer_per_run_and_bad_manifests_or_weights_are_refused() {
-    let dir = std::env::temp_dir().join(format!("bt-guard-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let plan = TrainPlan {
-        steps: 2,
-        batch: 8,
-        seed: 1,
-        dataset: Dataset::Shakespeare,
-    };
-    let manifest = Manifest::new(
-        Family::Block,
-        tiny(),
-        Schedule::equal(2),
-        OptimConfig::default(),
-        plan,
-    )
-    .unwrap();
-    let mut run = RunDir::create(&dir, manifest).unwrap();
+    let (dir, mut run) = new_run("guard", Family::Block, 2, 2, 1);
     let err = RunDir::open_writer(&dir).unwrap_err().to_string();
     assert!(err.contains("in use"), "{err}");
     assert!(RunDir::open(&dir).is_ok(), "readers need no lock");
