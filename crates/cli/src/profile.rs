@@ -53,14 +53,14 @@ impl Profile {
             },
             Profile::Demo => Preset {
                 block: ModelConfig::small_block(),
-                steps: 150,
+                steps: 300,
                 batch: 32,
                 optim: OptimConfig {
                     lr: 2e-3,
                     warmup: 20,
                     ..Default::default()
                 },
-                eval_windows: 400,
+                eval_windows: 800,
             },
             Profile::Quality => Preset {
                 block: ModelConfig::small_block(),
