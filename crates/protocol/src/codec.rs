@@ -79,6 +79,8 @@ impl Codec {
     }
 }
 
+/// Bytes ready for `safetensors::serialize`. (The model crate has its own twin of this
+/// small adapter: `model` and `protocol` deliberately share no code.)
 struct Raw {
     dtype: Dtype,
     shape: Vec<usize>,
