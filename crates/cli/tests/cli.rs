@@ -165,6 +165,44 @@ fn references_train_with_matching_budget() {
 }
 
 #[test]
+fn blocks_can_have_their_own_depth() {
+    let out = scratch("depth");
+    let o = train_tiny(&out, &["--blocks", "3", "--block-layers", "2,1,1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let weights: Vec<u64> = (1..=3)
+        .map(|b| {
+            std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().contains(&format!("block-{b}.weights.")))
+                .map(|p| std::fs::metadata(p).unwrap().len())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        weights[0] > weights[1] && weights[1] == weights[2],
+        "{weights:?}"
+    );
+    let o = bt(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--max-windows",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = train_tiny(
+        &scratch("depth-bad"),
+        &["--blocks", "3", "--block-layers", "2,1"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("3 positive counts"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
 fn bad_input_gets_clear_errors() {
     let missing = scratch("missing");
     let o = bt(&["eval", "--checkpoint", missing.to_str().unwrap()]);

@@ -81,6 +81,10 @@ pub struct Manifest {
     pub plan: TrainPlan,
     /// One entry per network.
     pub parts: Vec<PartState>,
+    /// Block family only: layers of each block (overrides `model.n_layers` per block),
+    /// so capacity can follow where the loss is hard. None: every block has `model.n_layers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_layers: Option<Vec<i64>>,
 }
 
 impl Manifest {
@@ -125,7 +129,32 @@ impl Manifest {
             optim,
             plan,
             parts,
+            block_layers: None,
         })
+    }
+
+    /// The shape of `part`'s network.
+    pub fn part_model(&self, part: usize) -> ModelConfig {
+        let mut cfg = self.model.clone();
+        if let Some(layers) = self.block_layers.as_ref().and_then(|l| l.get(part)) {
+            cfg.n_layers = *layers;
+        }
+        cfg
+    }
+
+    /// Gives each block its own layer count (block family, one positive count per block).
+    pub fn with_block_layers(mut self, layers: Vec<i64>) -> Result<Self> {
+        if self.family != Family::Block
+            || layers.len() != self.parts.len()
+            || layers.iter().any(|&l| l < 1)
+        {
+            return Err(ModelError::Config(format!(
+                "per-block layers need the block objective and {} positive counts, got {layers:?}",
+                self.parts.len()
+            )));
+        }
+        self.block_layers = Some(layers);
+        Ok(self)
     }
 
     /// The part whose network covers report interval `idx` (diffusion families).
@@ -183,6 +212,10 @@ impl Manifest {
             self.optim.clone(),
             self.plan.clone(),
         )?;
+        let expected = match &self.block_layers {
+            Some(layers) => expected.with_block_layers(layers.clone())?,
+            None => expected,
+        };
         let shape = |p: &PartState| (p.name.clone(), p.objective);
         if self
             .parts
@@ -311,7 +344,13 @@ impl RunDir {
         let seed = (m.plan.seed as i64)
             .wrapping_mul(1000)
             .wrapping_add(part as i64);
-        let mut trainer = Trainer::new(&m.model, state.objective, m.optim.clone(), device, seed)?;
+        let mut trainer = Trainer::new(
+            &m.part_model(part),
+            state.objective,
+            m.optim.clone(),
+            device,
+            seed,
+        )?;
         if let Some(hash) = &state.weights_hash {
             trainer.load_weights(&self.read_checked(part, "weights", hash)?)?;
         }

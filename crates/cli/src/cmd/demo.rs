@@ -53,6 +53,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         batch: None,
         window: None,
         layers: None,
+        block_layers: None,
         d_model: None,
         heads: None,
         lr: None,

@@ -66,6 +66,9 @@ pub struct TrainArgs {
     /// Layers per block.
     #[arg(long)]
     pub layers: Option<i64>,
+    /// Layers of each block, e.g. `3,2,1` (block objective; overrides --layers).
+    #[arg(long)]
+    pub block_layers: Option<String>,
     /// Model width.
     #[arg(long)]
     pub d_model: Option<i64>,
@@ -139,13 +142,21 @@ impl TrainArgs {
         if plan.steps <= 0 || plan.batch <= 0 {
             bail!("--steps and --batch must be positive");
         }
-        Ok(Manifest::new(
-            self.objective.into(),
-            model,
-            schedule,
-            optim,
-            plan,
-        )?)
+        let manifest = Manifest::new(self.objective.into(), model, schedule, optim, plan)?;
+        Ok(match &self.block_layers {
+            Some(list) => {
+                let layers = list
+                    .split(',')
+                    .map(|v| {
+                        v.trim()
+                            .parse::<i64>()
+                            .map_err(|e| anyhow::anyhow!("bad --block-layers entry '{v}': {e}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                manifest.with_block_layers(layers)?
+            }
+            None => manifest,
+        })
     }
 }
 
@@ -268,15 +279,16 @@ pub fn train_part(
 /// Prints the training budget (bytes and FLOPs per part).
 pub fn print_budget(m: &Manifest) {
     let tokens = (m.plan.steps * m.plan.batch * m.model.window) as f64;
-    let per_part = flops::train_flops_per_token(&m.model) * tokens;
+    let total: f64 = (0..m.parts.len())
+        .map(|p| flops::train_flops_per_token(&m.part_model(p)) * tokens)
+        .sum();
     eprintln!(
-        "budget: {} part(s) x {} steps x {} windows x {} bytes = {:.2} MB each; {:.3} TFLOP per part, {:.3} TFLOP total",
+        "budget: {} part(s) x {} steps x {} windows x {} bytes = {:.2} MB each; {:.3} TFLOP total",
         m.parts.len(),
         m.plan.steps,
         m.plan.batch,
         m.model.window,
         tokens / 1e6,
-        per_part / 1e12,
-        per_part * m.parts.len() as f64 / 1e12
+        total / 1e12
     );
 }
