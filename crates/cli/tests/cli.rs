@@ -19,6 +19,30 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Asserts the command succeeded; returns its output text.
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    text(o)
+}
+
+/// Asserts the command failed with a message containing `needle`.
+fn fails_with(o: &Output, needle: &str) {
+    assert!(
+        !o.status.success() && text(o).contains(needle),
+        "expected failure naming '{needle}': {}",
+        text(o)
+    );
+}
+
+/// The first file in `dir` whose name contains `needle`.
+fn file_in(dir: &Path, needle: &str) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(needle))
+        .unwrap()
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bt-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -45,7 +69,7 @@ fn train_tiny(out: &Path, extra: &[&str]) -> Output {
 fn train_eval_generate_round_trip() {
     let out = scratch("rt");
     let o = train_tiny(&out, &["--blocks", "2"]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     let o = bt(&[
         "eval",
         "--checkpoint",
@@ -57,7 +81,7 @@ fn train_eval_generate_round_trip() {
         "--json",
         out.join("e.json").to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     let t = text(&o);
     assert!(
         t.contains("interval 2 [0.500, 1.000]") && t.contains("total ELBO"),
@@ -78,7 +102,7 @@ fn train_eval_generate_round_trip() {
         "--steps-per-block",
         "3",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ROMEO:"));
     let o = bt(&[
         "eval",
@@ -87,18 +111,10 @@ fn train_eval_generate_round_trip() {
         "--samples",
         "0",
     ]);
-    assert!(
-        !o.status.success() && text(&o).contains("--samples"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "--samples");
     // Training again on top of a finished run is refused; --resume finds nothing left to do.
     let o = train_tiny(&out, &["--blocks", "2"]);
-    assert!(
-        !o.status.success() && text(&o).contains("--resume"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "--resume");
     let o = train_tiny(&out, &["--resume"]);
     assert!(
         o.status.success() && text(&o).contains("already trained"),
@@ -111,7 +127,7 @@ fn train_eval_generate_round_trip() {
 fn one_block_trains_alone_and_eval_names_the_missing_ones() {
     let out = scratch("one");
     let o = train_tiny(&out, &["--blocks", "3", "--block", "2"]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     let run: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     let steps: Vec<i64> = run["parts"]
@@ -142,7 +158,7 @@ fn references_train_with_matching_budget() {
     for obj in ["e2e", "ar"] {
         let out = scratch(obj);
         let o = train_tiny(&out, &["--objective", obj, "--blocks", "2"]);
-        assert!(o.status.success(), "{}", text(&o));
+        ok(&o);
         let run: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
         assert_eq!(
@@ -158,7 +174,7 @@ fn references_train_with_matching_budget() {
             "--max-windows",
             "8",
         ]);
-        assert!(o.status.success(), "{}", text(&o));
+        ok(&o);
         let want = if obj == "ar" { "exact NLL" } else { "ELBO" };
         assert!(text(&o).contains(want), "{}", text(&o));
     }
@@ -168,15 +184,12 @@ fn references_train_with_matching_budget() {
 fn blocks_can_have_their_own_depth() {
     let out = scratch("depth");
     let o = train_tiny(&out, &["--blocks", "3", "--block-layers", "2,1,1"]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     let weights: Vec<u64> = (1..=3)
         .map(|b| {
-            std::fs::read_dir(&out)
+            std::fs::metadata(file_in(&out, &format!("block-{b}.weights.")))
                 .unwrap()
-                .map(|e| e.unwrap().path())
-                .find(|p| p.to_string_lossy().contains(&format!("block-{b}.weights.")))
-                .map(|p| std::fs::metadata(p).unwrap().len())
-                .unwrap()
+                .len()
         })
         .collect();
     assert!(
@@ -190,16 +203,12 @@ fn blocks_can_have_their_own_depth() {
         "--max-windows",
         "4",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(&o);
     let o = train_tiny(
         &scratch("depth-bad"),
         &["--blocks", "3", "--block-layers", "2,1"],
     );
-    assert!(
-        !o.status.success() && text(&o).contains("3 positive counts"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "3 positive counts");
 }
 
 #[test]
@@ -214,40 +223,20 @@ fn bad_input_gets_clear_errors() {
 
     let out = scratch("bounds");
     let o = train_tiny(&out, &["--blocks", "3", "--boundaries", "0,0.5,1"]);
-    assert!(
-        !o.status.success() && text(&o).contains("2 intervals"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "2 intervals");
     let o = train_tiny(&out, &["--blocks", "2", "--boundaries", "0,0.7,0.2,1"]);
-    assert!(
-        !o.status.success() && text(&o).contains("rise strictly"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "rise strictly");
 
     let o = train_tiny(&scratch("cfg"), &["--d-model", "30", "--heads", "4"]);
-    assert!(
-        !o.status.success() && text(&o).contains("heads"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "heads");
 
     let o = train_tiny(&scratch("gpu"), &["--device", "cuda:7"]);
-    assert!(
-        !o.status.success() && text(&o).contains("cuda:7"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "cuda:7");
 
     // A flipped byte in a stored checkpoint is caught by its content hash.
     let out = scratch("corrupt");
     assert!(train_tiny(&out, &["--blocks", "1"]).status.success());
-    let weights = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().contains(".weights."))
-        .unwrap();
+    let weights = file_in(&out, ".weights.");
     let mut bytes = std::fs::read(&weights).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&weights, bytes).unwrap();
@@ -258,11 +247,7 @@ fn bad_input_gets_clear_errors() {
         "--len",
         "4",
     ]);
-    assert!(
-        !o.status.success() && text(&o).contains("blake3"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&o, "blake3");
 }
 
 #[test]
@@ -278,7 +263,7 @@ fn demo_runs_end_to_end_on_the_tiny_profile_and_reruns() {
             "--len",
             "16",
         ]);
-        assert!(o.status.success(), "{}", text(&o));
+        ok(&o);
         let t = text(&o);
         assert!(t.contains("total ELBO") && t.contains("3/3 sample"), "{t}");
     }

@@ -125,6 +125,7 @@ pub struct WindowSampler {
     window: i64,
     rng: ChaCha8Rng,
     offsets: Vec<i64>,
+    positions: Tensor, // (1, window): 0..window, built once
 }
 
 impl WindowSampler {
@@ -142,6 +143,7 @@ impl WindowSampler {
             window,
             rng: ChaCha8Rng::seed_from_u64(seed),
             offsets: Vec::new(),
+            positions: Tensor::arange(window, (Kind::Int64, device)).unsqueeze(0),
         })
     }
 
@@ -168,8 +170,7 @@ impl WindowSampler {
         }
         let device = self.corpus.device();
         let starts = Tensor::from_slice(&self.offsets).to_device(device); // (N)
-        let index =
-            starts.unsqueeze(1) + Tensor::arange(self.window, (Kind::Int64, device)).unsqueeze(0); // (N, T)
+        let index = starts.unsqueeze(1) + &self.positions; // (N, T)
         self.corpus.take(&index).to_kind(Kind::Int64)
     }
 }
