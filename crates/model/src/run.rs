@@ -373,6 +373,32 @@ impl RunDir {
         self.trainer(part, device)
     }
 
+    /// Saves `part`'s weights from serialized bytes (a coordinator's merged version), with
+    /// no optimizer state; `steps_done` counts the local steps merged into them. Same
+    /// crash-safe order as [`RunDir::save`].
+    pub fn save_weights(&mut self, part: usize, weights: &[u8], steps_done: i64) -> Result<()> {
+        if self.writer_lock.is_none() {
+            return Err(ModelError::Config(
+                "run opened read-only; use RunDir::open_writer to save".into(),
+            ));
+        }
+        let (tensors, _) = crate::checkpoint::from_bytes(weights)?;
+        crate::checkpoint::check_finite(&tensors)?;
+        let wh = content_hash(weights);
+        write_atomic(&self.file(part, "weights", &wh), weights)?;
+        let s = &mut self.manifest.parts[part];
+        let old = (s.weights_hash.replace(wh.clone()), s.optim_hash.take());
+        s.steps_done = steps_done;
+        self.save_manifest()?;
+        if let Some(h) = old.0.filter(|h| *h != wh) {
+            let _ = std::fs::remove_file(self.file(part, "weights", &h));
+        }
+        if let Some(h) = old.1 {
+            let _ = std::fs::remove_file(self.file(part, "optim", &h));
+        }
+        Ok(())
+    }
+
     /// Saves `part`'s weights and optimizer state, then the manifest, then drops old files.
     pub fn save(
         &mut self,

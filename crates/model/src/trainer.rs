@@ -90,16 +90,23 @@ impl Trainer {
     /// Returns the (detached) loss without a host sync. The masking noise of step s is
     /// seeded from (seed, s) alone, so a resumed or re-run step draws the same masks.
     pub fn train_step(&mut self, x: &Tensor, total_steps: i64) -> Tensor {
-        tch::manual_seed(
-            self.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(self.opt.steps),
-        );
+        let noise_seed = self
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(self.opt.steps);
+        let lr = self.optim.lr_at(self.opt.steps, total_steps);
+        self.train_step_with(x, lr, noise_seed)
+    }
+
+    /// One optimizer step at an explicit `lr`, with masks drawn from `noise_seed`: for a
+    /// worker whose position in the block's schedule is set by the coordinator, not by
+    /// its own step count.
+    pub fn train_step_with(&mut self, x: &Tensor, lr: f64, noise_seed: i64) -> Tensor {
+        tch::manual_seed(noise_seed);
         self.opt.zero_grad();
         let loss = self.loss(x);
         loss.backward();
         let _grad_norm = self.opt.clip_grad_norm();
-        let lr = self.optim.lr_at(self.opt.steps, total_steps);
         self.opt.step(lr);
         loss.detach()
     }

@@ -79,6 +79,26 @@ impl Codec {
     }
 }
 
+/// The names and shapes of `arrays` (what a receiver expects of an update to them).
+pub fn shapes_of(arrays: &Arrays) -> Shapes {
+    arrays
+        .iter()
+        .map(|(n, a)| (n.clone(), a.shape.clone()))
+        .collect()
+}
+
+/// The names and shapes an update or checkpoint's header declares (for the receiver's
+/// own files; a peer's bytes are decoded against the shapes the receiver expects).
+pub fn header_shapes(bytes: &[u8]) -> Result<Shapes> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| ProtocolError::Malformed(format!("not safetensors: {e}")))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
 /// Bytes ready for `safetensors::serialize`. (The model crate has its own twin of this
 /// small adapter: `model` and `protocol` deliberately share no code.)
 struct Raw {
@@ -365,11 +385,7 @@ impl ErrorFeedback {
             }
         }
         let bytes = encode(&corrected, codec);
-        let shapes: Shapes = corrected
-            .iter()
-            .map(|(n, a)| (n.clone(), a.shape.clone()))
-            .collect();
-        let (sent, _) = decode(&bytes, &shapes, usize::MAX).expect("own encoding decodes");
+        let (sent, _) = decode(&bytes, &shapes_of(&corrected), usize::MAX).expect("own encoding decodes");
         for (name, a) in corrected.iter_mut() {
             a.data
                 .iter_mut()
@@ -406,12 +422,6 @@ mod tests {
         m
     }
 
-    fn shapes(a: &Arrays) -> Shapes {
-        a.iter()
-            .map(|(n, v)| (n.clone(), v.shape.clone()))
-            .collect()
-    }
-
     fn max_err(a: &Arrays, b: &Arrays) -> f32 {
         a.iter()
             .flat_map(|(n, v)| v.data.iter().zip(&b[n].data).map(|(x, y)| (x - y).abs()))
@@ -428,7 +438,7 @@ mod tests {
             (Codec::Int8 { chunk: 64 }, 0.5 / 127.0 / 2.0 + 1e-6),
         ] {
             let bytes = encode(&d, codec);
-            let (back, c) = decode(&bytes, &shapes(&d), 1 << 20).unwrap();
+            let (back, c) = decode(&bytes, &shapes_of(&d), 1 << 20).unwrap();
             assert_eq!(c, codec);
             assert!(
                 max_err(&d, &back) <= tol,
@@ -441,7 +451,7 @@ mod tests {
         }
         let (topk, _) = decode(
             &encode(&d, Codec::TopK { fraction: 0.1 }),
-            &shapes(&d),
+            &shapes_of(&d),
             1 << 20,
         )
         .unwrap();
@@ -463,7 +473,7 @@ mod tests {
                 } else {
                     encode(&d, codec)
                 };
-                let (sent, _) = decode(&bytes, &shapes(&d), 1 << 20).unwrap();
+                let (sent, _) = decode(&bytes, &shapes_of(&d), 1 << 20).unwrap();
                 total
                     .iter_mut()
                     .zip(&sent["w"].data)
@@ -487,7 +497,7 @@ mod tests {
     #[test]
     fn hostile_updates_are_rejected_with_reasons() {
         let d = delta();
-        let s = shapes(&d);
+        let s = shapes_of(&d);
         let good = encode(&d, Codec::Fp16);
         assert!(decode(&good, &s, 100)
             .unwrap_err()

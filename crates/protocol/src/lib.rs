@@ -2,6 +2,7 @@
 //!
 //! - [`identity`]: ed25519 node identities (a worker's persistent key).
 //! - [`signed`]: request signatures over the raw body bytes (verify, then decode).
+//! - [`wire`]: the JSON bodies of worker <-> coordinator requests.
 //! - [`codec`]: block updates (deltas) as safetensors bytes, compressed to fp16, int8 with
 //!   per-chunk scales (and error feedback), or top-k; decoding checks every name, shape
 //!   and size against what the receiver expects before allocating.
@@ -13,6 +14,7 @@
 pub mod codec;
 pub mod identity;
 pub mod signed;
+pub mod wire;
 
 /// Errors a peer's bytes can cause; each names what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,220 @@
+//! A worker's signed HTTP client: every request carries the worker's signature, network
+//! failures and 5xx replies are retried with exponential backoff (with a message saying
+//! what is unreachable), 4xx replies become typed errors, and checkpoint downloads
+//! resume from where they stopped and are checked against their blake3 before use.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blocktrain_model::checkpoint::content_hash;
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::signed;
+use blocktrain_protocol::wire::{ErrorBody, LOSS_HEADER};
+use reqwest::blocking::{Client as Http, Response};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{io_err, now_ms, NodeError, Result};
+
+/// A signed client for one coordinator.
+pub struct Client {
+    base: String,
+    id: Identity,
+    http: Http,
+    /// Give up on an unreachable coordinator after this long.
+    pub retry_for: Duration,
+    /// Bytes this client uploaded (request bodies).
+    pub bytes_up: u64,
+    /// Bytes this client downloaded (checkpoint bodies).
+    pub bytes_down: u64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.base)
+    }
+}
+
+fn status_error(status: StatusCode, body: &str) -> NodeError {
+    let msg = serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| format!("HTTP {status}: {}", body.chars().take(200).collect::<String>()));
+    // The coordinator's message already names its kind ("stale: ..."); keep it as is.
+    let strip = |m: &str, p: &str| m.strip_prefix(p).unwrap_or(m).to_string();
+    match status {
+        StatusCode::UNAUTHORIZED => NodeError::Unauthenticated(strip(&msg, "unauthenticated: ")),
+        StatusCode::FORBIDDEN => NodeError::Forbidden(strip(&msg, "forbidden: ")),
+        StatusCode::NOT_FOUND => NodeError::NotFound(strip(&msg, "not found: ")),
+        StatusCode::CONFLICT => NodeError::Stale(strip(&msg, "stale: ")),
+        StatusCode::PAYLOAD_TOO_LARGE => NodeError::TooLarge(strip(&msg, "too large: ")),
+        _ => NodeError::Rejected(strip(&msg, "rejected: ")),
+    }
+}
+
+impl Client {
+    /// A client for the coordinator at `base` (e.g. `http://10.0.0.1:7700`).
+    pub fn new(base: &str, id: Identity) -> Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(NodeError::Config(format!(
+                "coordinator URL '{base}' must start with http:// or https://"
+            )));
+        }
+        let http = Http::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        Ok(Client {
+            base,
+            id,
+            http,
+            retry_for: Duration::from_secs(600),
+            bytes_up: 0,
+            bytes_down: 0,
+        })
+    }
+
+    /// The coordinator URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// One signed attempt.
+    fn attempt(&self, method: &str, path: &str, body: &[u8], extra: &[(&str, String)]) -> reqwest::Result<Response> {
+        let auth = signed::sign(&self.id, method, path, now_ms(), body);
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "GET" => self.http.get(url),
+            _ => self.http.post(url).body(body.to_vec()),
+        };
+        req = req
+            .header(signed::KEY_HEADER, auth.key)
+            .header(signed::TIME_HEADER, auth.time_ms.to_string())
+            .header(signed::NONCE_HEADER, auth.nonce)
+            .header(signed::SIG_HEADER, auth.sig);
+        for (k, v) in extra {
+            req = req.header(*k, v);
+        }
+        req.send()
+    }
+
+    /// Sends with retries on network errors and 5xx; returns a 2xx response or the
+    /// typed error of a 4xx.
+    fn send(&mut self, method: &str, path: &str, body: &[u8], extra: &[(&str, String)]) -> Result<Response> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let problem = match self.attempt(method, path, body, extra) {
+                Ok(r) if r.status().is_success() => {
+                    self.bytes_up += body.len() as u64;
+                    return Ok(r);
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    self.bytes_up += body.len() as u64;
+                    let status = r.status();
+                    return Err(status_error(status, &r.text().unwrap_or_default()));
+                }
+                Ok(r) => format!("coordinator at {} answered {}", self.base, r.status()),
+                Err(e) => format!("cannot reach coordinator at {}: {}", self.base, root_cause(&e)),
+            };
+            if start.elapsed() >= self.retry_for {
+                return Err(NodeError::Network(format!(
+                    "{problem}; gave up after {attempt} attempts over {:.0} s",
+                    start.elapsed().as_secs_f64()
+                )));
+            }
+            eprintln!("{problem}; retrying in {:.1} s (attempt {attempt})", wait.as_secs_f64());
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(5));
+            attempt += 1;
+        }
+    }
+
+    /// Signed JSON POST.
+    pub fn post_json<T: Serialize, R: DeserializeOwned>(&mut self, path: &str, body: &T) -> Result<R> {
+        let bytes = serde_json::to_vec(body).expect("request serialises");
+        let r = self.send("POST", path, &bytes, &[])?;
+        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+    }
+
+    /// Signed POST with an empty body.
+    pub fn post_empty<R: DeserializeOwned>(&mut self, path: &str) -> Result<R> {
+        let r = self.send("POST", path, b"", &[])?;
+        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+    }
+
+    /// Signed GET of JSON.
+    pub fn get_json<R: DeserializeOwned>(&mut self, path: &str) -> Result<R> {
+        let r = self.send("GET", path, b"", &[])?;
+        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+    }
+
+    /// Uploads an update body for `lease`.
+    pub fn upload(&mut self, lease: i64, body: &[u8], loss: f64) -> Result<blocktrain_protocol::wire::UpdateReply> {
+        let path = format!("/v1/updates/{lease}");
+        let r = self.send("POST", &path, body, &[(LOSS_HEADER, format!("{loss}"))])?;
+        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+    }
+
+    /// The checkpoint with blake3 `hash`: from `cache` if there, else downloaded into
+    /// `cache/<hash>.partial` (resuming a previous partial download with an HTTP Range
+    /// request), checked, and renamed into place.
+    pub fn checkpoint(&mut self, hash: &str, cache: &Path) -> Result<Vec<u8>> {
+        std::fs::create_dir_all(cache).map_err(io_err(cache))?;
+        let done = cache.join(format!("{hash}.safetensors"));
+        if let Ok(bytes) = std::fs::read(&done) {
+            if content_hash(&bytes) == hash {
+                return Ok(bytes);
+            }
+            let _ = std::fs::remove_file(&done); // corrupt cache entry: fetch again
+        }
+        let partial: PathBuf = cache.join(format!("{hash}.partial"));
+        let path = format!("/v1/blobs/{hash}");
+        for _ in 0..3 {
+            let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            let extra: Vec<(&str, String)> = if have > 0 {
+                vec![("range", format!("bytes={have}-"))]
+            } else {
+                vec![]
+            };
+            let mut r = self.send("GET", &path, b"", &extra)?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(r.status() == StatusCode::PARTIAL_CONTENT)
+                .write(true)
+                .truncate(r.status() != StatusCode::PARTIAL_CONTENT)
+                .open(&partial)
+                .map_err(io_err(&partial))?;
+            let copied = std::io::copy(&mut r, &mut file);
+            file.flush().map_err(io_err(&partial))?;
+            let got = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            self.bytes_down += got.saturating_sub(if r.status() == StatusCode::PARTIAL_CONTENT { have } else { 0 });
+            if let Err(e) = copied {
+                eprintln!("download of {} interrupted at {got} bytes ({e}); resuming", &hash[..12]);
+                continue;
+            }
+            let bytes = std::fs::read(&partial).map_err(io_err(&partial))?;
+            if content_hash(&bytes) == hash {
+                std::fs::rename(&partial, &done).map_err(io_err(&done))?;
+                return Ok(bytes);
+            }
+            let _ = std::fs::remove_file(&partial);
+            eprintln!("checkpoint {} failed its blake3 check; downloading again", &hash[..12]);
+        }
+        Err(NodeError::Network(format!(
+            "checkpoint {} could not be downloaded intact in 3 tries",
+            &hash[..12]
+        )))
+    }
+}
+
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut src: &dyn std::error::Error = e;
+    while let Some(s) = src.source() {
+        src = s;
+    }
+    src.to_string()
+}

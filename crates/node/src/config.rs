@@ -1,0 +1,265 @@
+//! `run.toml`: everything a coordinator needs to start a run. Every field has a default,
+//! so an empty file is a valid (small) run; `blocktrain coordinator --print-config`
+//! shows the full file with its defaults.
+use blocktrain_model::config::{ModelConfig, Schedule};
+use blocktrain_model::data::Dataset;
+use blocktrain_model::optim::OptimConfig;
+use blocktrain_model::run::{Family, Manifest, TrainPlan};
+use blocktrain_protocol::codec::Codec;
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeError, Result};
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Number of blocks (equal masking-rate intervals).
+    pub blocks: usize,
+    /// Training corpus: `wikitext2`, `shakespeare` (shipped) or a path on the coordinator
+    /// (workers read the same name on their side, or bring `--data`).
+    pub dataset: String,
+    /// Seeds initial weights, data order and masks.
+    pub seed: u64,
+    /// Shape of each block's network.
+    pub model: ModelConfig,
+    /// Workers' inner AdamW and its LR schedule.
+    pub optim: OptimConfig,
+    /// Rounds, local steps, workers per block.
+    pub training: Training,
+    /// How a round's deltas become the next version.
+    pub outer: Outer,
+    /// Update encoding and limits.
+    pub wire: Wire,
+    /// Timeouts.
+    pub faults: Faults,
+    /// Who may join.
+    pub auth: AuthConfig,
+}
+
+/// Rounds and local steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Training {
+    /// Versions each block goes through; the run is done when every block has them.
+    pub rounds: u64,
+    /// H: local optimizer steps per round at the reference rate.
+    pub local_steps: i64,
+    /// Windows per step.
+    pub batch: i64,
+    /// Most workers training one block in one round (its shards are this many slices).
+    pub workers_per_block: u32,
+    /// Target seconds per round; with a worker's measured step rate, its H becomes
+    /// rate x round_seconds (clamped to [H/4, 4H]) so slow and fast workers finish
+    /// together. 0 = every worker trains exactly H steps.
+    pub round_seconds: f64,
+}
+
+/// The outer optimizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Outer {
+    /// `nesterov` (DiLoCo) or `average` (plain mean of deltas).
+    pub optimizer: OuterKind,
+    /// Outer learning rate (nesterov).
+    pub lr: f64,
+    /// Outer momentum (nesterov).
+    pub momentum: f64,
+}
+
+/// Outer optimizer kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OuterKind {
+    /// DiLoCo: SGD with Nesterov momentum on the averaged pseudo-gradient.
+    Nesterov,
+    /// New weights = old + mean delta.
+    Average,
+}
+
+/// Update encoding and limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Wire {
+    /// Codec workers use for updates: fp32, fp16, int8[:chunk], topk:fraction.
+    pub codec: String,
+    /// Reject a delta whose L2 norm exceeds this multiple of the block's weight norm.
+    pub max_delta_ratio: f64,
+}
+
+/// Timeouts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// A lease lapses this long after its last heartbeat; its slot is then re-leased.
+    pub lease_secs: f64,
+    /// A round closes this long after its first update even if leases are still out.
+    pub round_timeout_secs: f64,
+    /// Largest accepted clock difference of a signed request.
+    pub max_skew_secs: f64,
+}
+
+/// Who may join a run. With neither field set the run is open to any key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Workers prove knowledge of this secret when they register.
+    pub join_secret: Option<String>,
+    /// Public keys (hex) allowed to register.
+    pub allow: Vec<String>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            blocks: 3,
+            dataset: "wikitext2".into(),
+            seed: 0,
+            model: ModelConfig::small_block(),
+            optim: OptimConfig {
+                lr: 2e-3,
+                warmup: 20,
+                ..Default::default()
+            },
+            training: Training::default(),
+            outer: Outer::default(),
+            wire: Wire::default(),
+            faults: Faults::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for Training {
+    fn default() -> Self {
+        Training {
+            rounds: 6,
+            local_steps: 50,
+            batch: 32,
+            workers_per_block: 2,
+            round_seconds: 0.0,
+        }
+    }
+}
+
+impl Default for Outer {
+    fn default() -> Self {
+        Outer {
+            optimizer: OuterKind::Nesterov,
+            lr: 0.7,
+            momentum: 0.9,
+        }
+    }
+}
+
+impl Default for Wire {
+    fn default() -> Self {
+        Wire {
+            codec: "fp16".into(),
+            max_delta_ratio: 1.0,
+        }
+    }
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            lease_secs: 60.0,
+            round_timeout_secs: 600.0,
+            max_skew_secs: 300.0,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Parses a `run.toml`.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| NodeError::Config(format!("run.toml: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The file form (every field, defaults included).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("run config serialises")
+    }
+
+    /// Rejects settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        let t = &self.training;
+        if self.blocks == 0 {
+            return bad("blocks must be at least 1".into());
+        }
+        if t.rounds == 0 || t.local_steps < 1 || t.batch < 1 || t.workers_per_block == 0 {
+            return bad("training: rounds, local_steps, batch and workers_per_block must be >= 1".into());
+        }
+        if !(t.round_seconds >= 0.0) {
+            return bad("training.round_seconds must be >= 0".into());
+        }
+        Codec::parse(&self.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
+        if !(self.wire.max_delta_ratio > 0.0) {
+            return bad("wire.max_delta_ratio must be > 0".into());
+        }
+        if !(self.outer.lr > 0.0) || !(0.0..1.0).contains(&self.outer.momentum) {
+            return bad("outer: lr must be > 0 and momentum in [0, 1)".into());
+        }
+        let f = &self.faults;
+        if !(f.lease_secs > 0.0 && f.round_timeout_secs > 0.0 && f.max_skew_secs > 0.0) {
+            return bad("faults: every timeout must be > 0".into());
+        }
+        for key in &self.auth.allow {
+            if key.len() != 64 || hex::decode(key).is_err() {
+                return bad(format!("auth.allow: '{key}' is not a 64-hex-digit public key"));
+            }
+        }
+        self.manifest().map(|_| ())
+    }
+
+    /// Total LR-schedule length of a block: every round's reference H.
+    pub fn schedule_total(&self) -> i64 {
+        self.training.rounds as i64 * self.training.local_steps
+    }
+
+    /// The run as a block-family manifest (what `blocktrain eval` and `generate` read).
+    pub fn manifest(&self) -> Result<Manifest> {
+        let plan = TrainPlan {
+            steps: self.schedule_total(),
+            batch: self.training.batch,
+            seed: self.seed,
+            dataset: Dataset::parse(&self.dataset),
+        };
+        Ok(Manifest::new(
+            Family::Block,
+            self.model.clone(),
+            Schedule::equal(self.blocks),
+            self.optim.clone(),
+            plan,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default_run_and_round_trips() {
+        let cfg = RunConfig::from_toml("").unwrap();
+        assert_eq!(cfg, RunConfig::default());
+        assert_eq!(RunConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = RunConfig::from_toml("[wire]\ncodec = \"zip\"").unwrap_err();
+        assert!(e.to_string().contains("zip"), "{e}");
+        let e = RunConfig::from_toml("blockz = 3").unwrap_err();
+        assert!(e.to_string().contains("blockz"), "{e}");
+        let e = RunConfig::from_toml("[auth]\nallow = [\"abc\"]").unwrap_err();
+        assert!(e.to_string().contains("abc"), "{e}");
+        let e = RunConfig::from_toml("[training]\nrounds = 0").unwrap_err();
+        assert!(e.to_string().contains("rounds"), "{e}");
+    }
+}

@@ -1,0 +1,629 @@
+//! The coordinator's state machine: who trains which block from which version, when a
+//! round closes, and how its updates become the next version.
+//!
+//! Every method takes the time explicitly, so the rules below are unit-tested without
+//! sleeping. The HTTP layer ([`crate::server`]) only authenticates and forwards.
+//!
+//! ## Rules
+//! - **Assignment**: a worker gets the unfinished block with the fewest workers in its
+//!   current round (active leases + delivered updates), preferring the block it had
+//!   last (its checkpoint is cached), then the block furthest behind. A block takes at
+//!   most `workers_per_block` per round; when all are full the worker is told to wait.
+//! - **Local steps**: H, or with `round_seconds` set and a measured step rate,
+//!   rate x round_seconds clamped to [H/4, 4H].
+//! - **Leases** lapse `lease_secs` after the last heartbeat; a lapsed lease frees its
+//!   slot, so the block is re-leased to the next worker that asks.
+//! - **Round close**: a round (block b at version v) closes once it has at least one
+//!   accepted update and either no active lease remains or `round_timeout_secs` have
+//!   passed since its first update. Its updates are averaged (weighted by steps) and
+//!   the outer optimizer produces v+1; open leases of v are superseded.
+//! - **Stale rule**: an update is merged only into the version it was computed from.
+//!   One for a version the block has left is rejected as stale (recorded), and the
+//!   worker fetches the new version. A late update whose lease lapsed but whose round
+//!   is still open is accepted: nothing merged is older than its base.
+//! - **Validation** (each rejection recorded with its reason, stored checkpoints
+//!   untouched): lease must exist and belong to the signer; body within the size limit;
+//!   exactly the block's tensor names, shapes and dtypes; every value finite; delta norm
+//!   at most `max_delta_ratio` x the block's weight norm.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use blocktrain_model::run::{Manifest, RunDir};
+use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
+use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::merge;
+use crate::store::{lease_state, update_state, BlockHead, NewUpdate, Store, Traffic, UpdateRecord};
+use crate::tensors;
+use crate::{NodeError, Result};
+
+/// What a worker needs to build a block's network (`GET /v1/run`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The run's manifest (model shape, schedule, inner optimizer).
+    pub manifest: Manifest,
+    /// Update codec.
+    pub codec: String,
+    /// Largest update body accepted, per block.
+    pub max_update_bytes: Vec<u64>,
+}
+
+/// One block in `/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockStatus {
+    /// Index.
+    pub block: usize,
+    /// Committed version.
+    pub version: u64,
+    /// Versions the run will produce.
+    pub rounds: u64,
+    /// Leases out now.
+    pub active_leases: u32,
+    /// Updates waiting for the round to close.
+    pub pending_updates: usize,
+    /// Local steps merged so far.
+    pub steps: i64,
+    /// blake3 of the current weights.
+    pub weights: String,
+    /// Bytes workers uploaded for this block.
+    pub bytes_up: u64,
+    /// Bytes workers downloaded for this block.
+    pub bytes_down: u64,
+}
+
+/// One worker in `/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Public key.
+    pub key: String,
+    /// Device it reported.
+    pub device: String,
+    /// Measured steps/s.
+    pub step_rate: Option<f64>,
+    /// blake3 of its own data, if it brought any.
+    pub data_blake3: Option<String>,
+    /// Size of its own data.
+    pub data_bytes: Option<i64>,
+    /// Last contact.
+    pub last_seen_ms: u64,
+    /// Bytes it uploaded.
+    pub bytes_up: u64,
+    /// Bytes it downloaded.
+    pub bytes_down: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Every block has all its versions.
+    pub done: bool,
+    /// Blocks.
+    pub blocks: Vec<BlockStatus>,
+    /// Workers.
+    pub workers: Vec<WorkerStatus>,
+    /// Updates by state (pending / applied / rejected).
+    pub updates: HashMap<String, u64>,
+    /// The most recent updates, newest first (rejections carry their reason).
+    pub recent: Vec<UpdateRecord>,
+    /// Total bytes uploaded by workers.
+    pub bytes_up: u64,
+    /// Total bytes downloaded by workers.
+    pub bytes_down: u64,
+}
+
+/// The coordinator of one run.
+pub struct Coordinator {
+    store: Store,
+    cfg: RunConfig,
+    shapes: Vec<Shapes>,
+    current: Vec<Arrays>,
+    model: RunDir,
+    nonces: HashMap<String, u64>,
+    state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Coordinator({})", self.state_dir.display())
+    }
+}
+
+/// Most bytes a block's update may take: fp32 of every value plus header room.
+fn update_limit(shapes: &Shapes) -> u64 {
+    let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    (values as u64) * 4 + (shapes.len() as u64) * 256 + 64 * 1024
+}
+
+fn seed_of(run_seed: u64, block: usize, version: u64, issued: u32) -> u64 {
+    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{issued}").as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+fn encode_weights(weights: &Arrays) -> Vec<u8> {
+    codec::encode(weights, Codec::Fp32)
+}
+
+impl Coordinator {
+    /// Opens the run in `state_dir`, creating it from `cfg` when the directory is new.
+    /// A directory that already holds a run resumes it; `cfg`, if given, must match.
+    pub fn open(state_dir: &Path, cfg: Option<RunConfig>, now: u64) -> Result<Self> {
+        std::fs::create_dir_all(state_dir).map_err(crate::io_err(state_dir))?;
+        let mut store = Store::open(state_dir)?;
+        let cfg = match (store.meta("config")?, cfg) {
+            (Some(stored), given) => {
+                let stored = RunConfig::from_toml(&stored)?;
+                if let Some(given) = given {
+                    if given != stored {
+                        return Err(NodeError::Config(format!(
+                            "{} already holds a run with other settings; use a new --state \
+                             directory, or omit --run to resume it",
+                            state_dir.display()
+                        )));
+                    }
+                }
+                stored
+            }
+            (None, Some(given)) => {
+                given.validate()?;
+                store.set_meta("config", &given.to_toml())?;
+                given
+            }
+            (None, None) => {
+                return Err(NodeError::Config(format!(
+                    "{} holds no run yet: pass --run run.toml to start one",
+                    state_dir.display()
+                )))
+            }
+        };
+        let model_dir = state_dir.join("model");
+        let mut model = if model_dir.join("run.json").exists() {
+            RunDir::open_writer(&model_dir)?
+        } else {
+            RunDir::create(&model_dir, cfg.manifest()?)?
+        };
+        if store.heads()?.is_empty() {
+            for block in 0..cfg.blocks {
+                let trainer = model.trainer(block, tch::Device::Cpu)?;
+                let weights = tensors::to_arrays(&trainer.weights())?;
+                let bytes = encode_weights(&weights);
+                let hash = store.put_blob(&bytes)?;
+                let head = BlockHead {
+                    block,
+                    version: 0,
+                    weights: hash,
+                    momentum: None,
+                    steps: 0,
+                };
+                store.commit_version(&head, &[], now)?;
+                model.save_weights(block, &bytes, 0)?;
+            }
+        }
+        let removed = store.collect_garbage()?;
+        if removed > 0 {
+            tracing::info!("removed {removed} unreferenced blobs (left by an interrupted write)");
+        }
+        let mut shapes = Vec::new();
+        let mut current = Vec::new();
+        for head in store.heads()? {
+            let bytes = store.get_blob(&head.weights)?;
+            let s = codec::header_shapes(&bytes).map_err(|e| NodeError::Config(e.to_string()))?;
+            let (w, _) = codec::decode(&bytes, &s, usize::MAX).map_err(|e| NodeError::Config(e.to_string()))?;
+            // The exported model directory follows the database (it may lag after a crash).
+            if model.manifest.parts[head.block].weights_hash.as_deref() != Some(&blocktrain_model::checkpoint::content_hash(&bytes)) {
+                model.save_weights(head.block, &bytes, head.steps)?;
+            }
+            shapes.push(s);
+            current.push(w);
+        }
+        Ok(Coordinator {
+            store,
+            cfg,
+            shapes,
+            current,
+            model,
+            nonces: HashMap::new(),
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// The exported model directory (`blocktrain eval --checkpoint` reads it).
+    pub fn model_dir(&self) -> PathBuf {
+        self.state_dir.join("model")
+    }
+
+    /// What workers need to build the blocks.
+    pub fn run_info(&self) -> RunInfo {
+        RunInfo {
+            manifest: self.model.manifest.clone(),
+            codec: self.cfg.wire.codec.clone(),
+            max_update_bytes: self.shapes.iter().map(update_limit).collect(),
+        }
+    }
+
+    /// Largest update body any block accepts (the HTTP body limit).
+    pub fn max_update_bytes(&self) -> u64 {
+        self.shapes.iter().map(update_limit).max().unwrap_or(0)
+    }
+
+    /// Remembers a request nonce; false if it was seen within the skew window (a replay).
+    pub fn fresh_nonce(&mut self, key: &str, nonce: &str, now: u64) -> bool {
+        let window = (self.cfg.faults.max_skew_secs * 2000.0) as u64;
+        if self.nonces.len() > 10_000 {
+            self.nonces.retain(|_, t| now.saturating_sub(*t) < window);
+        }
+        self.nonces.insert(format!("{key}/{nonce}"), now).is_none()
+    }
+
+    /// Whether `key` has registered.
+    pub fn is_registered(&self, key: &str) -> Result<bool> {
+        Ok(self.store.worker(key)?.is_some())
+    }
+
+    fn require_registered(&self, key: &str) -> Result<(Option<f64>, Option<usize>)> {
+        self.store.worker(key)?.ok_or_else(|| {
+            NodeError::Unauthenticated(format!(
+                "unknown worker {}: register first (POST /v1/register)",
+                short(key)
+            ))
+        })
+    }
+
+    /// Admits a worker (join secret / allowlist) and records what it reported.
+    pub fn register(&mut self, key: &str, req: &RegisterRequest, now: u64) -> Result<RunInfo> {
+        if req.info.wire_version != WIRE_VERSION {
+            return Err(NodeError::Rejected(format!(
+                "worker speaks wire version {}, this coordinator {WIRE_VERSION}: use matching builds",
+                req.info.wire_version
+            )));
+        }
+        let auth = &self.cfg.auth;
+        if !auth.allow.is_empty() && !auth.allow.iter().any(|k| k == key) {
+            return Err(NodeError::Forbidden(format!(
+                "key {} is not on this run's allowlist",
+                short(key)
+            )));
+        }
+        if let Some(secret) = &auth.join_secret {
+            if req.join_proof.as_deref() != Some(join_proof(secret, key).as_str()) {
+                return Err(NodeError::Forbidden(
+                    "this run needs its join secret (worker --join-secret), and the one given is missing or wrong".into(),
+                ));
+            }
+        }
+        self.store.upsert_worker(key, &req.info, now)?;
+        Ok(self.run_info())
+    }
+
+    /// Expires lapsed leases and closes rounds that are ready.
+    pub fn tick(&mut self, now: u64) -> Result<()> {
+        self.store.expire_leases(now)?;
+        for block in 0..self.cfg.blocks {
+            self.maybe_close(block, now)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the worker a lease, tells it to wait, or that the run is done.
+    pub fn request_work(&mut self, key: &str, info: &WorkerInfo, now: u64) -> Result<WorkReply> {
+        let (rate, last_block) = self.require_registered(key)?;
+        self.store.touch_worker(key, info.step_rate, now)?;
+        self.tick(now)?;
+        let heads = self.store.heads()?;
+        // A retried request (the reply was lost) gets the lease it already holds.
+        if let Some((id, ..)) = self.store.active_leases()?.into_iter().find(|l| l.1 == key) {
+            let lease = self.store.lease(id)?.expect("active lease exists");
+            return Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[lease.block])));
+        }
+        let rounds = self.cfg.training.rounds;
+        if heads.iter().all(|h| h.version >= rounds) {
+            return Ok(WorkReply::Done);
+        }
+        let cap = self.cfg.training.workers_per_block;
+        let mut best: Option<(u32, bool, u64, usize, u32)> = None;
+        for h in heads.iter().filter(|h| h.version < rounds) {
+            let (active, issued) = self.store.round_leases(h.block, h.version)?;
+            let pending = self.store.pending(h.block, h.version)?.len() as u32;
+            let busy = active + pending;
+            if busy >= cap {
+                continue;
+            }
+            let cand = (busy, last_block != Some(h.block), h.version, h.block, issued);
+            if best.is_none_or(|b| (cand.0, cand.1, cand.2, cand.3) < (b.0, b.1, b.2, b.3)) {
+                best = Some(cand);
+            }
+        }
+        let Some((_, _, version, block, issued)) = best else {
+            return Ok(WorkReply::Wait { retry_ms: 1000 });
+        };
+        let t = &self.cfg.training;
+        let rate = info.step_rate.or(rate);
+        let steps = match rate {
+            Some(r) if t.round_seconds > 0.0 && r > 0.0 => ((r * t.round_seconds).round() as i64)
+                .clamp((t.local_steps / 4).max(1), t.local_steps * 4),
+            _ => t.local_steps,
+        };
+        let slot = issued % cap;
+        let seed = seed_of(self.cfg.seed, block, version, issued);
+        let expires = now + self.lease_ms();
+        let id = self.store.insert_lease(key, block, version, slot, steps, seed, now, expires)?;
+        let lease = self.store.lease(id)?.expect("just inserted");
+        Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[block])))
+    }
+
+    fn lease_ms(&self) -> u64 {
+        (self.cfg.faults.lease_secs * 1000.0) as u64
+    }
+
+    fn lease_reply(&self, l: &crate::store::LeaseRow, head: &BlockHead) -> Lease {
+        let t = &self.cfg.training;
+        Lease {
+            id: l.id,
+            block: l.block,
+            version: l.version,
+            weights_hash: head.weights.clone(),
+            steps: l.steps,
+            batch: t.batch,
+            seed: l.seed,
+            shard_index: l.slot,
+            shard_count: t.workers_per_block,
+            schedule_step: l.version as i64 * t.local_steps,
+            schedule_total: self.cfg.schedule_total(),
+            codec: self.cfg.wire.codec.clone(),
+            lease_ms: self.lease_ms(),
+        }
+    }
+
+    /// Renews a lease; false when its round has moved on (the worker should stop).
+    pub fn heartbeat(&mut self, key: &str, lease: i64, now: u64) -> Result<bool> {
+        self.require_registered(key)?;
+        let l = self
+            .store
+            .lease(lease)?
+            .ok_or_else(|| NodeError::NotFound(format!("lease {lease}")))?;
+        if l.worker != key {
+            return Err(NodeError::Forbidden(format!("lease {lease} belongs to another worker")));
+        }
+        self.store.touch_worker(key, None, now)?;
+        let head_version = self.store.heads()?[l.block].version;
+        let open = l.version == head_version
+            && (l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED);
+        if open {
+            self.store.set_lease_state(lease, lease_state::ACTIVE)?;
+            self.store.renew_lease(lease, now + self.lease_ms())?;
+        }
+        Ok(open)
+    }
+
+    /// Checks that `hash` is a committed checkpoint a registered worker may download;
+    /// returns its file and block.
+    pub fn checkpoint_file(&self, key: &str, hash: &str) -> Result<(PathBuf, usize)> {
+        self.require_registered(key)?;
+        let block = self
+            .store
+            .is_checkpoint(hash)?
+            .ok_or_else(|| NodeError::NotFound(format!("no checkpoint with blake3 {}", short(hash))))?;
+        Ok((self.store.blob_path(hash), block))
+    }
+
+    /// Counts bytes a worker downloaded.
+    pub fn count_download(&self, key: &str, block: usize, bytes: u64) -> Result<()> {
+        self.store.add_traffic(key, block, 0, bytes)
+    }
+
+    /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
+    /// signature, interrupted, oversized); counted against the lease's block if known.
+    pub fn record_rejection(&self, claimed_key: &str, lease: Option<i64>, bytes: u64, reason: &str, now: u64) -> Result<i64> {
+        let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
+        let id = self.store.insert_update(
+            &NewUpdate {
+                lease,
+                worker: claimed_key,
+                block: row.as_ref().map(|l| l.block),
+                version: row.as_ref().map(|l| l.version),
+                bytes,
+                state: update_state::REJECTED,
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            },
+            now,
+        )?;
+        if let Some(l) = row.filter(|l| l.worker == claimed_key) {
+            self.store.add_traffic(claimed_key, l.block, bytes, 0)?;
+        }
+        Ok(id)
+    }
+
+    /// Validates and stores an update; may close its round. Every refusal is recorded
+    /// with its reason before the error is returned.
+    pub fn submit_update(&mut self, key: &str, lease_id: i64, body: &[u8], loss: Option<f64>, now: u64) -> Result<UpdateReply> {
+        self.require_registered(key)?;
+        match self.check_update(key, lease_id, body) {
+            Ok((lease, _delta)) => {
+                let hash = self.store.put_blob(body)?;
+                let id = self.store.insert_update(
+                    &NewUpdate {
+                        lease: Some(lease_id),
+                        worker: key,
+                        block: Some(lease.block),
+                        version: Some(lease.version),
+                        bytes: body.len() as u64,
+                        hash: Some(hash),
+                        steps: Some(lease.steps),
+                        loss,
+                        state: update_state::PENDING,
+                        reason: None,
+                    },
+                    now,
+                )?;
+                self.store.set_lease_state(lease_id, lease_state::DELIVERED)?;
+                self.store.add_traffic(key, lease.block, body.len() as u64, 0)?;
+                self.store.touch_worker(key, None, now)?;
+                self.maybe_close(lease.block, now)?;
+                let block_version = self.store.heads()?[lease.block].version;
+                Ok(UpdateReply { update_id: id, block_version })
+            }
+            Err(e) => {
+                self.record_rejection(key, Some(lease_id), body.len() as u64, &e.to_string(), now)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn check_update(&self, key: &str, lease_id: i64, body: &[u8]) -> Result<(crate::store::LeaseRow, Arrays)> {
+        let lease = self
+            .store
+            .lease(lease_id)?
+            .ok_or_else(|| NodeError::NotFound(format!("lease {lease_id}")))?;
+        if lease.worker != key {
+            return Err(NodeError::Forbidden(format!("lease {lease_id} belongs to another worker")));
+        }
+        if lease.state == lease_state::DELIVERED {
+            return Err(NodeError::Rejected(format!("lease {lease_id} already delivered its update")));
+        }
+        let head_version = self.store.heads()?[lease.block].version;
+        if lease.version != head_version || lease.state == lease_state::SUPERSEDED {
+            return Err(NodeError::Stale(format!(
+                "block {} is at version {head_version}; this update was computed from version {}",
+                lease.block + 1,
+                lease.version
+            )));
+        }
+        let shapes = &self.shapes[lease.block];
+        let limit = update_limit(shapes) as usize;
+        if body.len() > limit {
+            return Err(NodeError::TooLarge(format!("update of {} bytes; the limit is {limit}", body.len())));
+        }
+        let (delta, _codec) =
+            codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
+        let (dn, wn) = (merge::norm(&delta), merge::norm(&self.current[lease.block]));
+        let limit = self.cfg.wire.max_delta_ratio * wn;
+        if dn > limit {
+            return Err(NodeError::Rejected(format!(
+                "delta norm {dn:.3} is {:.2}x the block's weight norm {wn:.3} (limit {:.2}x)",
+                dn / wn.max(1e-12),
+                self.cfg.wire.max_delta_ratio
+            )));
+        }
+        Ok((lease, delta))
+    }
+
+    fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
+        let head = self.store.heads()?[block].clone();
+        let pending = self.store.pending(block, head.version)?;
+        let Some(first) = pending.first() else {
+            return Ok(());
+        };
+        let (active, _) = self.store.round_leases(block, head.version)?;
+        let timeout = (self.cfg.faults.round_timeout_secs * 1000.0) as u64;
+        if active > 0 && now < first.received_ms + timeout {
+            return Ok(());
+        }
+        let shapes = &self.shapes[block];
+        let mut deltas = Vec::with_capacity(pending.len());
+        for p in &pending {
+            let bytes = self.store.get_blob(&p.hash)?;
+            let (d, _) = codec::decode(&bytes, shapes, usize::MAX).map_err(|e| NodeError::Config(e.to_string()))?;
+            deltas.push((d, p.steps));
+        }
+        let mean = merge::weighted_mean(&deltas);
+        let momentum = match &head.momentum {
+            Some(h) => codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
+                .map_err(|e| NodeError::Config(e.to_string()))?
+                .0,
+            None => Arrays::new(),
+        };
+        let mut weights = self.current[block].clone();
+        let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.cfg.outer);
+        let bytes = encode_weights(&weights);
+        let new_head = BlockHead {
+            block,
+            version: head.version + 1,
+            weights: self.store.put_blob(&bytes)?,
+            momentum: if momentum.is_empty() {
+                None
+            } else {
+                Some(self.store.put_blob(&codec::encode(&momentum, Codec::Fp32))?)
+            },
+            steps: head.steps + pending.iter().map(|p| p.steps).sum::<i64>(),
+        };
+        let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
+        self.store.commit_version(&new_head, &ids, now)?;
+        self.current[block] = weights;
+        self.model.save_weights(block, &bytes, new_head.steps)?;
+        tracing::info!(
+            "block {}: version {} -> {} from {} update(s), {} local steps in all",
+            block + 1,
+            head.version,
+            new_head.version,
+            ids.len(),
+            new_head.steps
+        );
+        // Drop the merged update bodies and the superseded momentum; checkpoints stay.
+        for p in &pending {
+            let _ = std::fs::remove_file(self.store.blob_path(&p.hash));
+        }
+        Ok(())
+    }
+
+    /// The run's status (blocks, workers, bytes moved, recent updates).
+    pub fn status(&self) -> Result<Status> {
+        let traffic: Vec<Traffic> = self.store.traffic()?;
+        let heads = self.store.heads()?;
+        let mut blocks = Vec::new();
+        for h in &heads {
+            let (active, _) = self.store.round_leases(h.block, h.version)?;
+            blocks.push(BlockStatus {
+                block: h.block,
+                version: h.version,
+                rounds: self.cfg.training.rounds,
+                active_leases: active,
+                pending_updates: self.store.pending(h.block, h.version)?.len(),
+                steps: h.steps,
+                weights: h.weights.clone(),
+                bytes_up: traffic.iter().filter(|t| t.block == h.block).map(|t| t.up).sum(),
+                bytes_down: traffic.iter().filter(|t| t.block == h.block).map(|t| t.down).sum(),
+            });
+        }
+        let workers = self
+            .store
+            .workers()?
+            .into_iter()
+            .map(|(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
+                bytes_up: traffic.iter().filter(|t| t.worker == key).map(|t| t.up).sum(),
+                bytes_down: traffic.iter().filter(|t| t.worker == key).map(|t| t.down).sum(),
+                key,
+                device,
+                step_rate,
+                data_blake3,
+                data_bytes,
+                last_seen_ms,
+            })
+            .collect();
+        Ok(Status {
+            done: heads.iter().all(|h| h.version >= self.cfg.training.rounds),
+            blocks,
+            workers,
+            updates: self.store.update_counts()?.into_iter().collect(),
+            recent: self.store.recent_updates(20)?,
+            bytes_up: traffic.iter().map(|t| t.up).sum(),
+            bytes_down: traffic.iter().map(|t| t.down).sum(),
+        })
+    }
+
+    /// Version history of a block (for invariant checks): (version, weights hash).
+    pub fn history(&self, block: usize) -> Result<Vec<(u64, String)>> {
+        Ok(self.store.history(block)?.into_iter().map(|(v, h, ..)| (v, h)).collect())
+    }
+}
+
+/// The first 12 hex digits of a key or hash, for messages.
+pub fn short(s: &str) -> &str {
+    &s[..s.len().min(12)]
+}

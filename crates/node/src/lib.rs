@@ -1,0 +1,84 @@
+//! BlockTrain's network roles.
+//!
+//! - [`coordinator`]: the run's state machine (leases, rounds, merges), durable in
+//!   SQLite ([`store`]) with checkpoints as content-addressed files; no I/O of its own
+//!   beyond that, so it is unit-tested with an explicit clock.
+//! - [`server`]: the coordinator's HTTP API (axum): signature checks, body limits,
+//!   `/v1/status`, `/metrics`.
+//! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
+//! - [`client`]: signed HTTP requests with retries and resumable downloads.
+//! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
+//!   arrays.
+//!
+//! Compute comes from `blocktrain-model`, wire formats from `blocktrain-protocol`.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod coordinator;
+pub mod merge;
+pub mod server;
+pub mod store;
+pub mod tensors;
+pub mod worker;
+
+/// Errors of a node, each mapped to one HTTP status by the server.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad run configuration or command-line value.
+    #[error("{0}")]
+    Config(String),
+    /// Missing, bad or unknown signature/key.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not allowed.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// No such lease, blob or block.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The update was for a version the block has left.
+    #[error("stale: {0}")]
+    Stale(String),
+    /// An update that was read and refused (shape, NaN, norm, codec).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// A body over the size limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The peer could not be reached or answered badly.
+    #[error("{0}")]
+    Network(String),
+    /// Model or checkpoint trouble.
+    #[error(transparent)]
+    Model(#[from] blocktrain_model::ModelError),
+    /// Durable state trouble.
+    #[error("state database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// File system trouble, with the path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, NodeError>;
+
+/// Milliseconds since the Unix epoch (the clock signed requests and leases use).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}

@@ -1,0 +1,298 @@
+//! The coordinator's HTTP API. Handlers authenticate (signature over the raw body,
+//! timestamp, nonce), bound the body, then call the [`Coordinator`] on a blocking
+//! thread; every error is a JSON `{"error": ...}` with a status that says whose fault
+//! it was.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/register` | join (join secret / allowlist), returns the run |
+//! | `GET /v1/run` | the run's manifest and codec |
+//! | `POST /v1/work` | a lease, `wait`, or `done` |
+//! | `POST /v1/leases/{id}/heartbeat` | keep a lease |
+//! | `GET /v1/blobs/{blake3}` | a checkpoint (HTTP Range for resuming) |
+//! | `POST /v1/updates/{lease}` | a delta (safetensors, codec in its metadata) |
+//! | `GET /v1/status` | blocks, workers, bytes moved, recent updates (JSON) |
+//! | `GET /metrics` | the same in Prometheus text format |
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use blocktrain_protocol::signed::{self, Auth};
+use blocktrain_protocol::wire::{ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo, LOSS_HEADER};
+use tower::ServiceExt;
+
+use crate::coordinator::{short, Coordinator, Status};
+use crate::{now_ms, NodeError};
+
+/// Shared handle on the coordinator.
+pub type Shared = Arc<Mutex<Coordinator>>;
+
+impl IntoResponse for NodeError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            NodeError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            NodeError::Forbidden(_) => StatusCode::FORBIDDEN,
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Stale(_) => StatusCode::CONFLICT,
+            NodeError::Rejected(_) | NodeError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            NodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("{self}");
+        }
+        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+    }
+}
+
+type Reply<T> = std::result::Result<T, NodeError>;
+
+/// Runs `f` on the coordinator on a blocking thread (SQLite, file writes, merges).
+async fn with<T: Send + 'static>(
+    coord: &Shared,
+    f: impl FnOnce(&mut Coordinator) -> Reply<T> + Send + 'static,
+) -> Reply<T> {
+    let coord = coord.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = coord.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| NodeError::Network(format!("coordinator task failed: {e}")))?
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Checks a request's signature, age and nonce; returns the signer's key.
+async fn authenticate(coord: &Shared, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> Reply<String> {
+    let missing = |h: &str| {
+        NodeError::Unauthenticated(format!(
+            "request is not signed (no {h} header): workers sign every request with their key"
+        ))
+    };
+    let auth = Auth {
+        key: header(headers, signed::KEY_HEADER).ok_or_else(|| missing(signed::KEY_HEADER))?.to_string(),
+        time_ms: header(headers, signed::TIME_HEADER)
+            .ok_or_else(|| missing(signed::TIME_HEADER))?
+            .parse()
+            .map_err(|_| NodeError::Unauthenticated("x-bt-time is not a number".into()))?,
+        nonce: header(headers, signed::NONCE_HEADER).ok_or_else(|| missing(signed::NONCE_HEADER))?.to_string(),
+        sig: header(headers, signed::SIG_HEADER).ok_or_else(|| missing(signed::SIG_HEADER))?.to_string(),
+    };
+    let now = now_ms();
+    let skew = {
+        let c = coord.lock().unwrap_or_else(|p| p.into_inner());
+        (c.config().faults.max_skew_secs * 1000.0) as u64
+    };
+    signed::verify_request(&auth, method.as_str(), path, body, now, skew)
+        .map_err(|e| NodeError::Unauthenticated(e.to_string()))?;
+    let key = auth.key.clone();
+    let nonce = auth.nonce.clone();
+    let fresh = {
+        let mut c = coord.lock().unwrap_or_else(|p| p.into_inner());
+        c.fresh_nonce(&key, &nonce, now)
+    };
+    if !fresh {
+        return Err(NodeError::Unauthenticated("replayed request (nonce already used)".into()));
+    }
+    Ok(key)
+}
+
+async fn register(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Reply<impl IntoResponse> {
+    let key = authenticate(&c, &Method::POST, "/v1/register", &headers, &body).await?;
+    let req: RegisterRequest = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
+    let info = with(&c, move |co| co.register(&key, &req, now_ms())).await?;
+    Ok(Json(info))
+}
+
+async fn run_info(State(c): State<Shared>, headers: HeaderMap) -> Reply<impl IntoResponse> {
+    let key = authenticate(&c, &Method::GET, "/v1/run", &headers, b"").await?;
+    let info = with(&c, move |co| {
+        if !co.is_registered(&key)? {
+            return Err(NodeError::Unauthenticated(format!("unknown worker {}: register first", short(&key))));
+        }
+        Ok(co.run_info())
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+async fn work(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Reply<impl IntoResponse> {
+    let key = authenticate(&c, &Method::POST, "/v1/work", &headers, &body).await?;
+    let info: WorkerInfo =
+        serde_json::from_slice(&body).map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
+    Ok(Json(with(&c, move |co| co.request_work(&key, &info, now_ms())).await?))
+}
+
+async fn heartbeat(State(c): State<Shared>, Path(id): Path<i64>, headers: HeaderMap) -> Reply<impl IntoResponse> {
+    let path = format!("/v1/leases/{id}/heartbeat");
+    let key = authenticate(&c, &Method::POST, &path, &headers, b"").await?;
+    let still_wanted = with(&c, move |co| co.heartbeat(&key, id, now_ms())).await?;
+    Ok(Json(HeartbeatReply { still_wanted }))
+}
+
+async fn blob(State(c): State<Shared>, Path(hash): Path<String>, req: Request) -> Reply<Response> {
+    let path = format!("/v1/blobs/{hash}");
+    let key = authenticate(&c, &Method::GET, &path, req.headers(), b"").await?;
+    let k = key.clone();
+    let (file, block) = with(&c, move |co| co.checkpoint_file(&k, &hash)).await?;
+    let resp = tower_http::services::ServeFile::new(file)
+        .oneshot(req)
+        .await
+        .map_err(|e| NodeError::Network(format!("serving checkpoint: {e}")))?;
+    if resp.status().is_success() {
+        let sent: u64 = resp
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        with(&c, move |co| co.count_download(&key, block, sent)).await?;
+    }
+    Ok(resp.map(Body::new))
+}
+
+async fn update(State(c): State<Shared>, Path(lease): Path<i64>, req: Request) -> Reply<impl IntoResponse> {
+    let (parts, body) = req.into_parts();
+    let claimed = header(&parts.headers, signed::KEY_HEADER).unwrap_or("(unsigned)").to_string();
+    let limit = c.lock().unwrap_or_else(|p| p.into_inner()).max_update_bytes() as usize;
+    let declared: Option<u64> = header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
+    let reject = |reason: String, bytes: u64, err: NodeError| {
+        let c = c.clone();
+        let claimed = claimed.clone();
+        async move {
+            with(&c, move |co| co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())).await?;
+            Err::<Json<blocktrain_protocol::wire::UpdateReply>, _>(err)
+        }
+    };
+    if let Some(n) = declared.filter(|&n| n as usize > limit) {
+        let msg = format!("update of {n} bytes exceeds the limit of {limit}");
+        return reject(msg.clone(), 0, NodeError::TooLarge(msg)).await;
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = format!("upload interrupted or over {limit} bytes: {e}; nothing stored");
+            return reject(msg.clone(), 0, NodeError::Rejected(msg)).await;
+        }
+    };
+    let path = format!("/v1/updates/{lease}");
+    let key = match authenticate(&c, &Method::POST, &path, &parts.headers, &body).await {
+        Ok(k) => k,
+        Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
+    };
+    let loss: Option<f64> = header(&parts.headers, LOSS_HEADER).and_then(|v| v.parse().ok());
+    let reply = with(&c, move |co| co.submit_update(&key, lease, &body, loss, now_ms())).await?;
+    Ok(Json(reply))
+}
+
+async fn status(State(c): State<Shared>) -> Reply<impl IntoResponse> {
+    Ok(Json(with(&c, |co| co.status()).await?))
+}
+
+async fn metrics(State(c): State<Shared>) -> Reply<impl IntoResponse> {
+    let s = with(&c, |co| co.status()).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus_text(&s)))
+}
+
+async fn index() -> &'static str {
+    "BlockTrain coordinator. JSON status: /v1/status, Prometheus: /metrics\n"
+}
+
+/// Renders the status in the Prometheus text exposition format.
+pub fn prometheus_text(s: &Status) -> String {
+    let mut o = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let b = |i: usize| format!("block=\"{}\"", i + 1);
+    put(
+        "blocktrain_block_version",
+        "gauge",
+        "Committed version of each block.",
+        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.version as f64)).collect(),
+    );
+    put(
+        "blocktrain_block_steps",
+        "counter",
+        "Local optimizer steps merged into each block.",
+        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.steps as f64)).collect(),
+    );
+    put(
+        "blocktrain_active_leases",
+        "gauge",
+        "Leases out now, per block.",
+        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.active_leases as f64)).collect(),
+    );
+    let mut bytes = Vec::new();
+    for x in &s.blocks {
+        bytes.push((format!("{{{},direction=\"up\"}}", b(x.block)), x.bytes_up as f64));
+        bytes.push((format!("{{{},direction=\"down\"}}", b(x.block)), x.bytes_down as f64));
+    }
+    put("blocktrain_block_bytes_total", "counter", "Bytes moved per block (up = updates, down = checkpoints).", bytes);
+    let mut wb = Vec::new();
+    for w in &s.workers {
+        wb.push((format!("{{worker=\"{}\",direction=\"up\"}}", short(&w.key)), w.bytes_up as f64));
+        wb.push((format!("{{worker=\"{}\",direction=\"down\"}}", short(&w.key)), w.bytes_down as f64));
+    }
+    put("blocktrain_worker_bytes_total", "counter", "Bytes moved per worker.", wb);
+    let mut states: Vec<_> = s.updates.iter().collect();
+    states.sort();
+    put(
+        "blocktrain_updates_total",
+        "counter",
+        "Updates received, by state.",
+        states.into_iter().map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v as f64)).collect(),
+    );
+    put("blocktrain_workers", "gauge", "Registered workers.", vec![(String::new(), s.workers.len() as f64)]);
+    put("blocktrain_run_done", "gauge", "1 once every block has all its versions.", vec![(String::new(), s.done as u8 as f64)]);
+    o
+}
+
+/// The router over a coordinator.
+pub fn router(coord: Shared) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/v1/register", post(register))
+        .route("/v1/run", get(run_info))
+        .route("/v1/work", post(work))
+        .route("/v1/leases/{id}/heartbeat", post(heartbeat))
+        .route("/v1/blobs/{hash}", get(blob))
+        .route("/v1/updates/{lease}", post(update))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(coord)
+}
+
+/// Serves `coord` on `listener` until `shutdown` resolves, ticking leases and rounds
+/// every 250 ms.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    coord: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ticker = coord.clone();
+    let tick = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            every.tick().await;
+            if let Err(e) = with(&ticker, |co| co.tick(now_ms())).await {
+                tracing::error!("tick: {e}");
+            }
+        }
+    });
+    let result = axum::serve(listener, router(coord)).with_graceful_shutdown(shutdown).await;
+    tick.abort();
+    result
+}

@@ -1,0 +1,606 @@
+//! The coordinator's durable state: one SQLite database (WAL, synchronous=FULL) for
+//! runs, workers, leases, rounds and updates, and a directory of content-addressed
+//! blobs (`blobs/<blake3>.safetensors`) for checkpoints, momentum buffers and pending
+//! updates.
+//!
+//! Crash safety: a blob is written (temp file, fsync, rename) before any row names it,
+//! and every state change is one transaction, so after `kill -9` the database names
+//! only complete blobs. Blobs no row names are removed at startup.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use blocktrain_model::checkpoint::{content_hash, write_atomic};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::{io_err, NodeError, Result};
+
+/// Schema version this build reads and writes.
+pub const SCHEMA: i64 = 1;
+
+const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    block INTEGER PRIMARY KEY, version INTEGER NOT NULL, weights TEXT NOT NULL,
+    momentum TEXT, steps INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    block INTEGER NOT NULL, version INTEGER NOT NULL, weights TEXT NOT NULL,
+    momentum TEXT, updates INTEGER NOT NULL, steps INTEGER NOT NULL,
+    committed_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
+CREATE TABLE IF NOT EXISTS workers (
+    key TEXT PRIMARY KEY, registered_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+    device TEXT NOT NULL, memory_bytes INTEGER NOT NULL, step_rate REAL,
+    data_hash TEXT, data_bytes INTEGER, last_block INTEGER);
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY, worker TEXT NOT NULL, block INTEGER NOT NULL,
+    version INTEGER NOT NULL, slot INTEGER NOT NULL, steps INTEGER NOT NULL,
+    seed INTEGER NOT NULL, issued_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+    state TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS leases_round ON leases (block, version, state);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY, lease INTEGER, worker TEXT NOT NULL, block INTEGER,
+    version INTEGER, bytes INTEGER NOT NULL, hash TEXT, steps INTEGER, loss REAL,
+    state TEXT NOT NULL, reason TEXT, received_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_round ON updates (block, version, state);
+CREATE TABLE IF NOT EXISTS traffic (
+    worker TEXT NOT NULL, block INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 0,
+    down INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (worker, block));
+";
+
+/// Lease states.
+pub mod lease_state {
+    /// Training; renewed by heartbeats.
+    pub const ACTIVE: &str = "active";
+    /// Its update arrived.
+    pub const DELIVERED: &str = "delivered";
+    /// No heartbeat in time; its slot was freed.
+    pub const EXPIRED: &str = "expired";
+    /// The round closed without it.
+    pub const SUPERSEDED: &str = "superseded";
+}
+
+/// Update states.
+pub mod update_state {
+    /// Accepted, waiting for its round to close.
+    pub const PENDING: &str = "pending";
+    /// Merged into a version.
+    pub const APPLIED: &str = "applied";
+    /// Refused; `reason` says why.
+    pub const REJECTED: &str = "rejected";
+}
+
+/// A block's current head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockHead {
+    /// Block index.
+    pub block: usize,
+    /// Committed version.
+    pub version: u64,
+    /// blake3 of its weights blob.
+    pub weights: String,
+    /// blake3 of its outer-momentum blob.
+    pub momentum: Option<String>,
+    /// Local steps merged into it so far (summed over all workers).
+    pub steps: i64,
+}
+
+/// A lease row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseRow {
+    /// Id.
+    pub id: i64,
+    /// Holder.
+    pub worker: String,
+    /// Block.
+    pub block: usize,
+    /// Base version.
+    pub version: u64,
+    /// Shard slot.
+    pub slot: u32,
+    /// Local steps.
+    pub steps: i64,
+    /// Seed.
+    pub seed: u64,
+    /// Deadline.
+    pub expires_ms: u64,
+    /// State.
+    pub state: String,
+}
+
+/// A pending update of an open round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingUpdate {
+    /// Id.
+    pub id: i64,
+    /// blake3 of the body blob.
+    pub hash: String,
+    /// Local steps it represents.
+    pub steps: i64,
+    /// When it arrived.
+    pub received_ms: u64,
+}
+
+/// An update record for reports.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateRecord {
+    /// Id.
+    pub id: i64,
+    /// Worker key (as claimed, for unauthenticated rejections).
+    pub worker: String,
+    /// Block.
+    pub block: Option<usize>,
+    /// Base version.
+    pub version: Option<u64>,
+    /// Body size.
+    pub bytes: u64,
+    /// pending / applied / rejected.
+    pub state: String,
+    /// Why it was rejected.
+    pub reason: Option<String>,
+    /// Worker's reported mean loss.
+    pub loss: Option<f64>,
+}
+
+/// A new update row.
+#[derive(Clone, Debug, Default)]
+pub struct NewUpdate<'a> {
+    /// Lease id, if one was named.
+    pub lease: Option<i64>,
+    /// Worker key.
+    pub worker: &'a str,
+    /// Block.
+    pub block: Option<usize>,
+    /// Base version.
+    pub version: Option<u64>,
+    /// Body size.
+    pub bytes: u64,
+    /// Body blob, if stored.
+    pub hash: Option<String>,
+    /// Steps.
+    pub steps: Option<i64>,
+    /// Loss.
+    pub loss: Option<f64>,
+    /// State.
+    pub state: &'a str,
+    /// Reason (rejections).
+    pub reason: Option<String>,
+}
+
+/// Bytes moved, per worker and block.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Traffic {
+    /// Worker key.
+    pub worker: String,
+    /// Block.
+    pub block: usize,
+    /// Bytes the worker uploaded (updates, accepted or not).
+    pub up: u64,
+    /// Bytes the worker downloaded (checkpoints).
+    pub down: u64,
+}
+
+/// Durable state of one coordinator.
+pub struct Store {
+    conn: Connection,
+    blobs: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.blobs.display())
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the state in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let blobs = dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let conn = Connection::open(dir.join("state.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(TABLES)?;
+        let store = Store { conn, blobs };
+        match store.meta("schema")? {
+            None => store.set_meta("schema", &SCHEMA.to_string())?,
+            Some(v) if v == SCHEMA.to_string() => {}
+            Some(v) => {
+                return Err(NodeError::Config(format!(
+                    "{} has state schema {v}; this build reads {SCHEMA}",
+                    dir.display()
+                )))
+            }
+        }
+        Ok(store)
+    }
+
+    /// A meta value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets a meta value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    // ---- blobs ----
+
+    /// Path of a blob (it may not exist).
+    pub fn blob_path(&self, hash: &str) -> PathBuf {
+        self.blobs.join(format!("{hash}.safetensors"))
+    }
+
+    /// Stores bytes under their blake3; returns the hash.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
+        let hash = content_hash(bytes);
+        let path = self.blob_path(&hash);
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(hash)
+    }
+
+    /// Reads a blob and checks its hash.
+    pub fn get_blob(&self, hash: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(hash);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if content_hash(&bytes) != hash {
+            return Err(NodeError::Config(format!(
+                "{}: content does not match its name (disk corruption?)",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Removes blobs (and temp files) no row refers to; returns how many.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let mut live: HashSet<String> = HashSet::new();
+        for sql in [
+            "SELECT weights FROM versions",
+            "SELECT momentum FROM versions WHERE momentum IS NOT NULL",
+            "SELECT hash FROM updates WHERE state = 'pending' AND hash IS NOT NULL",
+        ] {
+            let mut st = self.conn.prepare(sql)?;
+            for h in st.query_map([], |r| r.get::<_, String>(0))? {
+                live.insert(h?);
+            }
+        }
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.blobs).map_err(io_err(&self.blobs))? {
+            let path = entry.map_err(io_err(&self.blobs))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let hash = name.strip_suffix(".safetensors").unwrap_or("");
+            if !live.contains(hash) {
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    // ---- blocks and versions ----
+
+    /// Every block's head, by index.
+    pub fn heads(&self) -> Result<Vec<BlockHead>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT block, version, weights, momentum, steps FROM blocks ORDER BY block")?;
+        let rows = st.query_map([], |r| {
+            Ok(BlockHead {
+                block: r.get::<_, i64>(0)? as usize,
+                version: r.get::<_, i64>(1)? as u64,
+                weights: r.get(2)?,
+                momentum: r.get(3)?,
+                steps: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Commits a block's new head (version 0 creates it), applying `updates` and
+    /// superseding the old round's open leases, in one transaction.
+    pub fn commit_version(&mut self, head: &BlockHead, updates: &[i64], now: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO blocks (block, version, weights, momentum, steps) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(block) DO UPDATE SET version = excluded.version,
+               weights = excluded.weights, momentum = excluded.momentum, steps = excluded.steps",
+            params![head.block as i64, head.version as i64, head.weights, head.momentum, head.steps],
+        )?;
+        tx.execute(
+            "INSERT INTO versions (block, version, weights, momentum, updates, steps, committed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                head.block as i64,
+                head.version as i64,
+                head.weights,
+                head.momentum,
+                updates.len() as i64,
+                head.steps,
+                now as i64
+            ],
+        )?;
+        for id in updates {
+            tx.execute("UPDATE updates SET state = 'applied' WHERE id = ?1", [id])?;
+        }
+        if head.version > 0 {
+            tx.execute(
+                "UPDATE leases SET state = 'superseded'
+                 WHERE block = ?1 AND version = ?2 AND state = 'active'",
+                params![head.block as i64, head.version as i64 - 1],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Version history of a block: (version, weights hash, updates merged, committed_ms).
+    pub fn history(&self, block: usize) -> Result<Vec<(u64, String, i64, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT version, weights, updates, committed_ms FROM versions WHERE block = ?1 ORDER BY version",
+        )?;
+        let rows = st.query_map([block as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether `hash` is the weights of any committed version (what may be downloaded).
+    pub fn is_checkpoint(&self, hash: &str) -> Result<Option<usize>> {
+        Ok(self
+            .conn
+            .query_row("SELECT block FROM versions WHERE weights = ?1 LIMIT 1", [hash], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .map(|b| b as usize))
+    }
+
+    // ---- workers ----
+
+    /// Adds or refreshes a worker.
+    pub fn upsert_worker(&self, key: &str, info: &blocktrain_protocol::wire::WorkerInfo, now: u64) -> Result<()> {
+        let (dh, db) = match &info.data {
+            Some(d) => (Some(d.blake3.clone()), Some(d.bytes as i64)),
+            None => (None, None),
+        };
+        self.conn.execute(
+            "INSERT INTO workers (key, registered_ms, last_seen_ms, device, memory_bytes, step_rate, data_hash, data_bytes)
+             VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(key) DO UPDATE SET last_seen_ms = ?2, device = ?3, memory_bytes = ?4,
+               step_rate = COALESCE(?5, step_rate), data_hash = ?6, data_bytes = ?7",
+            params![key, now as i64, info.device, info.memory_bytes as i64, info.step_rate, dh, db],
+        )?;
+        Ok(())
+    }
+
+    /// A registered worker's last reported step rate and block; None if unknown.
+    pub fn worker(&self, key: &str) -> Result<Option<(Option<f64>, Option<usize>)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT step_rate, last_block FROM workers WHERE key = ?1", [key], |r| {
+                Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|b| b as usize)))
+            })
+            .optional()?)
+    }
+
+    /// Records a worker's step rate and time of contact.
+    pub fn touch_worker(&self, key: &str, step_rate: Option<f64>, now: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE workers SET last_seen_ms = ?2, step_rate = COALESCE(?3, step_rate) WHERE key = ?1",
+            params![key, now as i64, step_rate],
+        )?;
+        Ok(())
+    }
+
+    /// Registered workers: (key, device, step rate, data hash, data bytes, last seen).
+    #[allow(clippy::type_complexity)]
+    pub fn workers(&self) -> Result<Vec<(String, String, Option<f64>, Option<String>, Option<i64>, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT key, device, step_rate, data_hash, data_bytes, last_seen_ms FROM workers ORDER BY registered_ms",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, i64>(5)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- leases ----
+
+    /// Inserts a lease and remembers the worker's block; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_lease(&self, worker: &str, block: usize, version: u64, slot: u32, steps: i64, seed: u64, now: u64, expires: u64) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO leases (worker, block, version, slot, steps, seed, issued_ms, expires_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active')",
+            params![worker, block as i64, version as i64, slot, steps, seed as i64, now as i64, expires as i64],
+        )?;
+        let id = self.conn.last_insert_rowid();
+        self.conn.execute(
+            "UPDATE workers SET last_block = ?2 WHERE key = ?1",
+            params![worker, block as i64],
+        )?;
+        Ok(id)
+    }
+
+    /// One lease.
+    pub fn lease(&self, id: i64) -> Result<Option<LeaseRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, worker, block, version, slot, steps, seed, expires_ms, state FROM leases WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(LeaseRow {
+                        id: r.get(0)?,
+                        worker: r.get(1)?,
+                        block: r.get::<_, i64>(2)? as usize,
+                        version: r.get::<_, i64>(3)? as u64,
+                        slot: r.get(4)?,
+                        steps: r.get(5)?,
+                        seed: r.get::<_, i64>(6)? as u64,
+                        expires_ms: r.get::<_, i64>(7)? as u64,
+                        state: r.get(8)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Sets a lease's state.
+    pub fn set_lease_state(&self, id: i64, state: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE leases SET state = ?2 WHERE id = ?1", params![id, state])?;
+        Ok(())
+    }
+
+    /// Extends an active lease.
+    pub fn renew_lease(&self, id: i64, expires: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE leases SET expires_ms = ?2 WHERE id = ?1 AND state = 'active'",
+            params![id, expires as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Marks active leases past their deadline expired; returns how many.
+    pub fn expire_leases(&self, now: u64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE leases SET state = 'expired' WHERE state = 'active' AND expires_ms <= ?1",
+            [now as i64],
+        )?)
+    }
+
+    /// Active leases and leases issued so far for a block's round.
+    pub fn round_leases(&self, block: usize, version: u64) -> Result<(u32, u32)> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(state = 'active'), 0), COUNT(*) FROM leases WHERE block = ?1 AND version = ?2",
+            params![block as i64, version as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    /// Active leases (all blocks): (id, worker, block, version, expires).
+    pub fn active_leases(&self) -> Result<Vec<(i64, String, usize, u64, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, worker, block, version, expires_ms FROM leases WHERE state = 'active' ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as usize, r.get::<_, i64>(3)? as u64, r.get::<_, i64>(4)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- updates ----
+
+    /// Records an update (accepted or rejected); returns its id.
+    pub fn insert_update(&self, u: &NewUpdate, now: u64) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                u.lease,
+                u.worker,
+                u.block.map(|b| b as i64),
+                u.version.map(|v| v as i64),
+                u.bytes as i64,
+                u.hash,
+                u.steps,
+                u.loss,
+                u.state,
+                u.reason,
+                now as i64
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Pending updates of a block's round, oldest first.
+    pub fn pending(&self, block: usize, version: u64) -> Result<Vec<PendingUpdate>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, hash, steps, received_ms FROM updates
+             WHERE block = ?1 AND version = ?2 AND state = 'pending' ORDER BY id",
+        )?;
+        let rows = st.query_map(params![block as i64, version as i64], |r| {
+            Ok(PendingUpdate {
+                id: r.get(0)?,
+                hash: r.get(1)?,
+                steps: r.get(2)?,
+                received_ms: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Most recent update records, newest first.
+    pub fn recent_updates(&self, limit: usize) -> Result<Vec<UpdateRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, worker, block, version, bytes, state, reason, loss FROM updates ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(UpdateRecord {
+                id: r.get(0)?,
+                worker: r.get(1)?,
+                block: r.get::<_, Option<i64>>(2)?.map(|b| b as usize),
+                version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                bytes: r.get::<_, i64>(4)? as u64,
+                state: r.get(5)?,
+                reason: r.get(6)?,
+                loss: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Update counts by state.
+    pub fn update_counts(&self) -> Result<Vec<(String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM updates GROUP BY state ORDER BY state")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- traffic ----
+
+    /// Adds bytes moved for a worker on a block.
+    pub fn add_traffic(&self, worker: &str, block: usize, up: u64, down: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO traffic (worker, block, up, down) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(worker, block) DO UPDATE SET up = up + ?3, down = down + ?4",
+            params![worker, block as i64, up as i64, down as i64],
+        )?;
+        Ok(())
+    }
+
+    /// All traffic rows.
+    pub fn traffic(&self) -> Result<Vec<Traffic>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT worker, block, up, down FROM traffic ORDER BY worker, block")?;
+        let rows = st.query_map([], |r| {
+            Ok(Traffic {
+                worker: r.get(0)?,
+                block: r.get::<_, i64>(1)? as usize,
+                up: r.get::<_, i64>(2)? as u64,
+                down: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}

@@ -1,0 +1,287 @@
+//! The worker loop: register, then repeatedly lease a block, fetch its checkpoint
+//! (cached, resumable, blake3-checked), train H local steps on this worker's shard, and
+//! upload the delta (new - old) through the run's codec with error feedback.
+//!
+//! The inner AdamW state stays with the worker while it keeps the same block (DiLoCo's
+//! practice); moving to another block starts a fresh optimizer. The learning rate
+//! follows the block's schedule position given in the lease, not the worker's own
+//! step count, so a late joiner trains at the rate the block is at.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blocktrain_model::data::{Split, WindowSampler};
+use blocktrain_model::trainer::Trainer;
+use blocktrain_protocol::codec::{Codec, ErrorFeedback};
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::wire::{DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use tch::{Device, Kind};
+
+use crate::client::Client;
+use crate::coordinator::{short, RunInfo};
+use crate::tensors::{delta, to_arrays};
+use crate::{io_err, NodeError, Result};
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Coordinator URL.
+    pub coordinator: String,
+    /// Key file (created on first run).
+    pub key: PathBuf,
+    /// Own training data; its bytes never leave this host.
+    pub data: Option<PathBuf>,
+    /// Checkpoint cache directory.
+    pub cache: PathBuf,
+    /// Training device.
+    pub device: Device,
+    /// The run's join secret, if it has one.
+    pub join_secret: Option<String>,
+    /// Stop after this many leases (None: until the run is done).
+    pub max_leases: Option<usize>,
+    /// Give up on an unreachable coordinator after this long.
+    pub retry_for: Duration,
+}
+
+/// What a worker did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerSummary {
+    /// Updates accepted.
+    pub accepted: usize,
+    /// Updates refused (stale or rejected).
+    pub refused: usize,
+    /// Local steps trained.
+    pub steps: i64,
+    /// Bytes uploaded.
+    pub bytes_up: u64,
+    /// Bytes downloaded.
+    pub bytes_down: u64,
+}
+
+/// Loads the worker's identity, creating it (mode 0600) on first use.
+pub fn load_or_create_key(path: &Path) -> Result<Identity> {
+    if path.exists() {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let secret = hex::decode(text.trim())
+            .map_err(|_| NodeError::Config(format!("{}: not a hex key file", path.display())))?;
+        return Identity::from_secret(&secret)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())));
+    }
+    let id = Identity::generate();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes()).map_err(io_err(path))?;
+    eprintln!("created worker key {} (public {})", path.display(), id.public_hex());
+    Ok(id)
+}
+
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// The block this worker trains now.
+struct Current {
+    block: usize,
+    trainer: Trainer,
+    feedback: ErrorFeedback,
+}
+
+/// Runs a worker until the run is done (or `max_leases`).
+pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
+    let id = load_or_create_key(&opts.key)?;
+    let me = short(&id.public_hex()).to_string();
+    let join_proof = opts
+        .join_secret
+        .as_ref()
+        .map(|s| blocktrain_protocol::wire::join_proof(s, &id.public_hex()));
+    let mut client = Client::new(&opts.coordinator, id)?;
+    client.retry_for = opts.retry_for;
+
+    let own: Option<Vec<u8>> = match &opts.data {
+        Some(p) => Some(std::fs::read(p).map_err(io_err(p))?),
+        None => None,
+    };
+    let mut info = WorkerInfo {
+        wire_version: WIRE_VERSION,
+        device: format!("{:?}", opts.device).to_lowercase(),
+        memory_bytes: available_memory(),
+        step_rate: None,
+        data: own.as_ref().map(|b| DataShard {
+            blake3: blake3::hash(b).to_hex().to_string(),
+            bytes: b.len() as u64,
+        }),
+    };
+    let run: RunInfo = client.post_json(
+        "/v1/register",
+        &RegisterRequest {
+            info: info.clone(),
+            join_proof,
+        },
+    )?;
+    let manifest = run.manifest;
+    manifest.validate()?;
+    let codec = Codec::parse(&run.codec).map_err(|e| NodeError::Config(e.to_string()))?;
+    let corpus = match own {
+        Some(bytes) => bytes,
+        None => manifest.plan.dataset.load(Split::Train)?,
+    };
+    eprintln!(
+        "[worker {me}] joined {} ({} blocks, codec {}), training on {}",
+        client.base(),
+        manifest.parts.len(),
+        run.codec,
+        match &opts.data {
+            Some(p) => format!("own data {} ({} bytes, stays on this host)", p.display(), corpus.len()),
+            None => manifest.plan.dataset.describe(),
+        }
+    );
+
+    let mut summary = WorkerSummary::default();
+    let mut current: Option<Current> = None;
+    let mut leases = 0;
+    loop {
+        if opts.max_leases.is_some_and(|m| leases >= m) {
+            break;
+        }
+        let lease = match client.post_json::<_, WorkReply>("/v1/work", &info)? {
+            WorkReply::Done => {
+                eprintln!("[worker {me}] run is done");
+                break;
+            }
+            WorkReply::Wait { retry_ms } => {
+                std::thread::sleep(Duration::from_millis(retry_ms.clamp(50, 10_000)));
+                continue;
+            }
+            WorkReply::Lease(l) => l,
+        };
+        leases += 1;
+        let weights = client.checkpoint(&lease.weights_hash, &opts.cache)?;
+        if current.as_ref().is_none_or(|c| c.block != lease.block) {
+            let part = lease.block;
+            let state = manifest
+                .parts
+                .get(part)
+                .ok_or_else(|| NodeError::Rejected(format!("lease names block {} of {}", part + 1, manifest.parts.len())))?;
+            let trainer = Trainer::new(&manifest.part_model(part), state.objective, manifest.optim.clone(), opts.device, lease.seed as i64)?;
+            current = Some(Current {
+                block: part,
+                trainer,
+                feedback: ErrorFeedback::default(),
+            });
+        }
+        let cur = current.as_mut().expect("set above");
+        cur.trainer.load_weights(&weights)?;
+        let t0 = Instant::now();
+        let Some(loss) = train_lease(&mut client, &mut cur.trainer, &lease, &corpus, manifest.model.window, opts.device)? else {
+            eprintln!("[worker {me}] block {} moved past version {}; dropping this lease", lease.block + 1, lease.version);
+            current = None;
+            continue;
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        info.step_rate = Some(lease.steps as f64 / secs.max(1e-6));
+        let base = {
+            let (t, _) = blocktrain_model::checkpoint::from_bytes(&weights)?;
+            to_arrays(&t)?
+        };
+        let d = delta(&to_arrays(&cur.trainer.weights())?, &base);
+        let body = cur.feedback.encode(&d, codec);
+        summary.steps += lease.steps;
+        match client.upload(lease.id, &body, loss) {
+            Ok(r) => {
+                summary.accepted += 1;
+                eprintln!(
+                    "[worker {me}] block {} v{}: {} steps in {secs:.1} s ({:.1} steps/s), loss {loss:.4}, sent {} KB {} -> accepted (block now v{})",
+                    lease.block + 1,
+                    lease.version,
+                    lease.steps,
+                    info.step_rate.unwrap_or(0.0),
+                    body.len() / 1024,
+                    run.codec,
+                    r.block_version
+                );
+            }
+            Err(e @ (NodeError::Stale(_) | NodeError::Rejected(_))) => {
+                summary.refused += 1;
+                cur.feedback = ErrorFeedback::default();
+                eprintln!("[worker {me}] update refused: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    summary.bytes_up = client.bytes_up;
+    summary.bytes_down = client.bytes_down;
+    Ok(summary)
+}
+
+/// Trains one lease; None if the coordinator said (via heartbeat) the round moved on.
+fn train_lease(client: &mut Client, trainer: &mut Trainer, lease: &Lease, corpus: &[u8], window: i64, device: Device) -> Result<Option<f64>> {
+    let shard = shard_of(corpus, lease.shard_index, lease.shard_count, window);
+    let mut sampler = WindowSampler::new(shard, window, lease.seed, device)?;
+    let beat_every = Duration::from_millis(lease.lease_ms / 3).max(Duration::from_millis(100));
+    let mut last_beat = Instant::now();
+    let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
+    for i in 0..lease.steps {
+        let x = sampler.next_batch(lease.batch);
+        let lr = trainer.optim.lr_at(lease.schedule_step + i, lease.schedule_total);
+        let noise_seed = (lease.seed as i64).wrapping_add(i);
+        loss_sum += trainer.train_step_with(&x, lr, noise_seed);
+        if last_beat.elapsed() >= beat_every {
+            last_beat = Instant::now();
+            let r: HeartbeatReply = client.post_empty(&format!("/v1/leases/{}/heartbeat", lease.id))?;
+            if !r.still_wanted {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(loss_sum.double_value(&[]) / lease.steps as f64))
+}
+
+/// Slice `index` of `count` equal slices (at least two windows long).
+fn shard_of(corpus: &[u8], index: u32, count: u32, window: i64) -> &[u8] {
+    let count = count.max(1) as usize;
+    let len = corpus.len() / count;
+    if len <= 2 * window as usize {
+        return corpus;
+    }
+    let start = (index as usize % count) * len;
+    &corpus[start..start + len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_disjoint_slices() {
+        let c: Vec<u8> = (0..100).collect();
+        assert_eq!(shard_of(&c, 0, 2, 4), &c[..50]);
+        assert_eq!(shard_of(&c, 1, 2, 4), &c[50..]);
+        assert_eq!(shard_of(&c, 3, 2, 4), &c[50..]);
+        assert_eq!(shard_of(&c, 0, 2, 40).len(), 100, "too small to split");
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k/worker.key");
+        let a = load_or_create_key(&p).unwrap();
+        let b = load_or_create_key(&p).unwrap();
+        assert_eq!(a.public_hex(), b.public_hex());
+        std::fs::write(&p, "nothex").unwrap();
+        assert!(load_or_create_key(&p).unwrap_err().to_string().contains("hex"));
+    }
+}

@@ -1,0 +1,259 @@
+//! The coordinator's rules with an explicit clock: assignment, round close, lease
+//! expiry, the stale rule, validation of bad updates, restart, authentication.
+use blocktrain_model::config::ModelConfig;
+use blocktrain_node::config::{OuterKind, RunConfig};
+use blocktrain_node::coordinator::Coordinator;
+use blocktrain_node::NodeError;
+use blocktrain_protocol::codec::{self, Array, Arrays, Codec};
+use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+
+fn tiny(blocks: usize, per_block: u32) -> RunConfig {
+    let mut c = RunConfig {
+        blocks,
+        model: ModelConfig {
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            mlp_ratio: 2,
+            window: 16,
+            causal: false,
+            t_cond: false,
+        },
+        ..Default::default()
+    };
+    c.training.workers_per_block = per_block;
+    c.training.rounds = 3;
+    c.training.local_steps = 4;
+    c.outer.optimizer = OuterKind::Average;
+    c.faults.lease_secs = 10.0;
+    c.faults.round_timeout_secs = 100.0;
+    c
+}
+
+fn info() -> WorkerInfo {
+    WorkerInfo {
+        wire_version: WIRE_VERSION,
+        device: "cpu".into(),
+        memory_bytes: 0,
+        step_rate: None,
+        data: None,
+    }
+}
+
+fn join(c: &mut Coordinator, key: &str) {
+    c.register(key, &RegisterRequest { info: info(), join_proof: None }, 0).unwrap();
+}
+
+fn lease(c: &mut Coordinator, key: &str, now: u64) -> Lease {
+    match c.request_work(key, &info(), now).unwrap() {
+        WorkReply::Lease(l) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+fn key(i: u8) -> String {
+    format!("{i:02x}").repeat(32)
+}
+
+/// The weights of a lease's checkpoint, as arrays.
+fn weights(c: &Coordinator, k: &str, l: &Lease) -> Arrays {
+    let (path, _) = c.checkpoint_file(k, &l.weights_hash).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    codec::decode(&bytes, &codec::header_shapes(&bytes).unwrap(), usize::MAX).unwrap().0
+}
+
+fn filled(like: &Arrays, v: f32) -> Arrays {
+    like.iter()
+        .map(|(n, a)| (n.clone(), Array { shape: a.shape.clone(), data: vec![v; a.data.len()] }))
+        .collect()
+}
+
+fn head_hash(c: &Coordinator, block: usize) -> String {
+    c.status().unwrap().blocks[block].weights.clone()
+}
+
+#[test]
+fn assignment_fills_the_emptiest_block_then_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(2, 2)), 0).unwrap();
+    for i in 0..5 {
+        join(&mut c, &key(i));
+    }
+    let blocks: Vec<usize> = (0..4).map(|i| lease(&mut c, &key(i), 1).block).collect();
+    assert_eq!(blocks, vec![0, 1, 0, 1]);
+    assert!(matches!(c.request_work(&key(4), &info(), 1).unwrap(), WorkReply::Wait { .. }));
+    // Asking again returns the lease already held (a lost reply costs nothing).
+    let again = lease(&mut c, &key(0), 2);
+    assert_eq!(again.block, 0);
+    let l2 = lease(&mut c, &key(2), 2);
+    assert_ne!(again.shard_index, l2.shard_index, "two workers of a round get different shards");
+}
+
+#[test]
+fn round_closes_with_the_mean_of_its_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
+    let w0 = weights(&c, &key(1), &a);
+    let r = c.submit_update(&key(1), a.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp32), Some(1.0), 5).unwrap();
+    assert_eq!(r.block_version, 0, "waits for the second lease");
+    let r = c.submit_update(&key(2), b.id, &codec::encode(&filled(&w0, 0.03), Codec::Fp32), Some(1.0), 6).unwrap();
+    assert_eq!(r.block_version, 1);
+    let l = lease(&mut c, &key(1), 7);
+    assert_eq!(l.version, 1);
+    let w1 = weights(&c, &key(1), &l);
+    for (n, a) in &w1 {
+        for (x, y) in a.data.iter().zip(&w0[n].data) {
+            assert!((x - y - 0.02).abs() < 1e-6, "{n}: mean delta is 0.02");
+        }
+    }
+    assert_eq!(c.history(0).unwrap().len(), 2);
+}
+
+#[test]
+fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    let a = lease(&mut c, &key(1), 0);
+    assert!(matches!(c.request_work(&key(2), &info(), 1000).unwrap(), WorkReply::Wait { .. }));
+    // No heartbeat for lease_secs: the slot goes to the next worker.
+    let b = lease(&mut c, &key(2), 10_001);
+    assert_eq!((b.block, b.version), (0, 0));
+    // The first worker was only slow: its update for the still-open round is merged.
+    let w0 = weights(&c, &key(1), &a);
+    let r = c.submit_update(&key(1), a.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp16), None, 10_002).unwrap();
+    assert_eq!(r.block_version, 0, "b still holds an active lease");
+    let r = c.submit_update(&key(2), b.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp16), None, 10_003).unwrap();
+    assert_eq!(r.block_version, 1);
+}
+
+#[test]
+fn dead_worker_round_closes_on_expiry_and_stale_update_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
+    let w0 = weights(&c, &key(1), &a);
+    c.submit_update(&key(1), a.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp32), None, 5).unwrap();
+    // Worker 2 died: its lease lapses and the round closes with worker 1's update.
+    c.tick(10_001).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1);
+    let before = head_hash(&c, 0);
+    let e = c.submit_update(&key(2), b.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp32), None, 10_002).unwrap_err();
+    assert!(matches!(e, NodeError::Stale(_)), "{e}");
+    assert!(e.to_string().contains("version 1"), "{e}");
+    assert_eq!(head_hash(&c, 0), before);
+    let s = c.status().unwrap();
+    assert!(s.recent[0].reason.as_deref().unwrap().contains("stale"));
+}
+
+#[test]
+fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    let a = lease(&mut c, &key(1), 0);
+    let w0 = weights(&c, &key(1), &a);
+    let before = head_hash(&c, 0);
+    let (first, _) = w0.iter().next().unwrap();
+    let mut wrong_shape = filled(&w0, 0.0);
+    wrong_shape.get_mut(first).unwrap().shape.push(1);
+    let mut nan = filled(&w0, 0.0);
+    nan.get_mut(first).unwrap().data[0] = f32::NAN;
+    let mut missing = filled(&w0, 0.0);
+    missing.remove(first);
+    let huge = filled(&w0, 1e3);
+    let good = codec::encode(&filled(&w0, 0.0), Codec::Fp16);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (codec::encode(&wrong_shape, Codec::Fp32), "shape"),
+        (codec::encode(&nan, Codec::Fp32), "NaN"),
+        (codec::encode(&missing, Codec::Fp32), "differ"),
+        (codec::encode(&huge, Codec::Fp16), "norm"),
+        (good[..good.len() / 2].to_vec(), "safetensors"),
+        (vec![0u8; 1 << 24], "limit"),
+    ];
+    for (body, why) in &cases {
+        let e = c.submit_update(&key(1), a.id, body, None, 1).unwrap_err();
+        assert!(e.to_string().contains(why), "expected '{why}' in: {e}");
+    }
+    // Someone else's lease, and a lease that does not exist.
+    let e = c.submit_update(&key(2), a.id, &good, None, 1).unwrap_err();
+    assert!(matches!(e, NodeError::Forbidden(_)), "{e}");
+    assert!(matches!(c.submit_update(&key(1), 999, &good, None, 1).unwrap_err(), NodeError::NotFound(_)));
+    let s = c.status().unwrap();
+    assert_eq!(s.updates["rejected"], cases.len() as u64 + 2);
+    assert!(s.recent.iter().all(|u| u.reason.is_some()));
+    assert_eq!(head_hash(&c, 0), before);
+    assert_eq!(s.blocks[0].version, 0);
+    // The lease is still usable for a good update.
+    c.submit_update(&key(1), a.id, &good, None, 2).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1);
+}
+
+#[test]
+fn restart_keeps_versions_and_pending_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(1, 2);
+    let (a, w0) = {
+        let mut c = Coordinator::open(dir.path(), Some(cfg.clone()), 0).unwrap();
+        join(&mut c, &key(1));
+        join(&mut c, &key(2));
+        let a = lease(&mut c, &key(1), 0);
+        let _b = lease(&mut c, &key(2), 0);
+        let w0 = weights(&c, &key(1), &a);
+        c.submit_update(&key(1), a.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp32), None, 5).unwrap();
+        (a, w0)
+    };
+    // Reopen without the config: the stored run resumes; its pending update is still there.
+    let mut c = Coordinator::open(dir.path(), None, 20_000).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].pending_updates, 1);
+    c.tick(20_000).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1, "lapsed lease, round closes");
+    let e = c.submit_update(&key(1), a.id, &codec::encode(&filled(&w0, 0.01), Codec::Fp32), None, 20_001).unwrap_err();
+    assert!(e.to_string().contains("already delivered"), "{e}");
+    drop(c);
+    let mut other = cfg.clone();
+    other.seed = 9;
+    let e = Coordinator::open(dir.path(), Some(other), 0).unwrap_err();
+    assert!(e.to_string().contains("other settings"), "{e}");
+}
+
+#[test]
+fn run_is_done_after_its_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
+    join(&mut c, &key(1));
+    for round in 0..3 {
+        let l = lease(&mut c, &key(1), round * 10);
+        let w = weights(&c, &key(1), &l);
+        c.submit_update(&key(1), l.id, &codec::encode(&filled(&w, 0.001), Codec::Int8 { chunk: 64 }), None, round * 10 + 1).unwrap();
+    }
+    assert_eq!(c.request_work(&key(1), &info(), 100).unwrap(), WorkReply::Done);
+    assert!(c.status().unwrap().done);
+}
+
+#[test]
+fn join_secret_and_allowlist_admit_only_their_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 1);
+    cfg.auth.join_secret = Some("hunter2".into());
+    cfg.auth.allow = vec![key(1), key(2)];
+    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+    let req = |k: &str, secret: &str| RegisterRequest {
+        info: info(),
+        join_proof: Some(join_proof(secret, k)),
+    };
+    c.register(&key(1), &req(&key(1), "hunter2"), 0).unwrap();
+    let e = c.register(&key(2), &req(&key(2), "wrong"), 0).unwrap_err();
+    assert!(e.to_string().contains("join secret"), "{e}");
+    let e = c.register(&key(3), &req(&key(3), "hunter2"), 0).unwrap_err();
+    assert!(e.to_string().contains("allowlist"), "{e}");
+    let e = c.request_work(&key(3), &info(), 0).unwrap_err();
+    assert!(matches!(e, NodeError::Unauthenticated(_)) && e.to_string().contains("register"), "{e}");
+}

@@ -1,0 +1,145 @@
+//! JSON messages between workers and the coordinator (updates and checkpoints travel
+//! as safetensors bytes, see [`crate::codec`]). Every request is signed
+//! ([`crate::signed`]); these are the bodies.
+use serde::{Deserialize, Serialize};
+
+/// Version of this message set; a coordinator refuses workers that speak another.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Where a worker's training bytes come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataShard {
+    /// blake3 of the bytes (hex): recorded, so a run knows what it was trained on
+    /// without the bytes ever leaving the worker.
+    pub blake3: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// What a worker says about itself when it joins, and again with each work request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// [`WIRE_VERSION`] of the worker.
+    pub wire_version: u32,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Memory the worker can use, bytes (0 = unknown).
+    pub memory_bytes: u64,
+    /// Measured optimizer steps per second on its current block (None before the first round).
+    pub step_rate: Option<f64>,
+    /// Its own data (`worker --data`), or None for the run's shipped corpus.
+    pub data: Option<DataShard>,
+}
+
+/// `POST /v1/register`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The worker.
+    pub info: WorkerInfo,
+    /// [`join_proof`] of the run's join secret for this key (runs with a secret only).
+    pub join_proof: Option<String>,
+}
+
+/// `POST /v1/work` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WorkReply {
+    /// Train this.
+    Lease(Lease),
+    /// Every block has its workers for this round; ask again later.
+    Wait {
+        /// Suggested delay before asking again.
+        retry_ms: u64,
+    },
+    /// The run has finished.
+    Done,
+}
+
+/// One unit of work: train `block` from `version` for `steps` steps, upload the delta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Lease id (the update is posted to `/v1/updates/{id}`).
+    pub id: i64,
+    /// Block index, 0-based.
+    pub block: usize,
+    /// Version the delta must be computed against.
+    pub version: u64,
+    /// blake3 of that version's weights (download `/v1/blobs/{hash}` and check it).
+    pub weights_hash: String,
+    /// Local optimizer steps.
+    pub steps: i64,
+    /// Windows per step.
+    pub batch: i64,
+    /// Seeds data order and masks of this lease.
+    pub seed: u64,
+    /// Shard of the run's corpus to draw from: `index` of `count` equal slices.
+    pub shard_index: u32,
+    /// Number of shards.
+    pub shard_count: u32,
+    /// Position of this round's first step in the block's LR schedule.
+    pub schedule_step: i64,
+    /// Length of the block's LR schedule.
+    pub schedule_total: i64,
+    /// Update codec (`fp32`, `fp16`, `int8[:chunk]`, `topk:fraction`).
+    pub codec: String,
+    /// The lease lapses unless renewed (`/v1/leases/{id}/heartbeat`) within this time.
+    pub lease_ms: u64,
+}
+
+/// `POST /v1/leases/{id}/heartbeat` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// False when the round moved on without this lease: stop and ask for new work.
+    pub still_wanted: bool,
+}
+
+/// Headers an update upload carries besides the signature.
+pub const STEPS_HEADER: &str = "x-bt-steps";
+/// Mean training loss of the lease's steps.
+pub const LOSS_HEADER: &str = "x-bt-loss";
+
+/// `POST /v1/updates/{lease}` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateReply {
+    /// Update id in the coordinator's records.
+    pub update_id: i64,
+    /// The block version after this update was processed (a merge may have happened).
+    pub block_version: u64,
+}
+
+/// Error body of every non-2xx reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    pub error: String,
+}
+
+/// Proof that a worker knows the run's join secret, bound to its key so it cannot be
+/// reused by another key and the secret itself never crosses the wire.
+pub fn join_proof(secret: &str, public_key_hex: &str) -> String {
+    let key = blake3::hash(secret.as_bytes());
+    blake3::keyed_hash(key.as_bytes(), public_key_hex.as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_proof_binds_secret_and_key() {
+        let p = join_proof("s3cret", "aa");
+        assert_eq!(p, join_proof("s3cret", "aa"));
+        assert_ne!(p, join_proof("s3cret", "ab"));
+        assert_ne!(p, join_proof("s3creT", "aa"));
+    }
+
+    #[test]
+    fn work_reply_is_tagged_json() {
+        let j = serde_json::to_string(&WorkReply::Wait { retry_ms: 5 }).unwrap();
+        assert_eq!(j, r#"{"kind":"wait","retry_ms":5}"#);
+        let back: WorkReply = serde_json::from_str(r#"{"kind":"done"}"#).unwrap();
+        assert_eq!(back, WorkReply::Done);
+    }
+}
