@@ -22,9 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Short local job on the shipped data: train every block, evaluate, print a sample.
+    /// The whole system on loopback: a coordinator and workers train every block on the
+    /// shipped data, then evaluate and print a sample.
     Demo(cmd::demo::DemoArgs),
-    /// Train a block-local model (all blocks or one), or the E2E / AR reference.
+    /// Run a training coordinator: hands out blocks, merges updates, serves checkpoints.
+    Coordinator(cmd::coordinator::CoordinatorArgs),
+    /// Run a training worker: lease a block, train it locally, upload the update, repeat.
+    Worker(cmd::worker::WorkerArgs),
+    /// An emulated WAN link (delay, bandwidth): a TCP proxy for tests and benchmarks.
+    Link(cmd::link::LinkArgs),
+    /// Train a block-local model on this machine alone (all blocks or one), or a reference.
     Train(cmd::train::TrainArgs),
     /// Held-out ELBO (or exact NLL for AR) on WikiText-2 valid/test, with standard errors.
     Eval(cmd::eval::EvalArgs),
@@ -41,6 +48,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Coordinator(a) => cmd::coordinator::run(a),
+        Command::Worker(a) => cmd::worker::run(a),
+        Command::Link(a) => cmd::link::run(&a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -296,3 +296,84 @@ pub async fn serve(
     tick.abort();
     result
 }
+
+/// A coordinator serving on its own thread and runtime (for the CLI and the demo).
+pub struct Running {
+    /// The bound address.
+    pub addr: std::net::SocketAddr,
+    /// The coordinator, for status in-process.
+    pub coord: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Running({})", self.addr)
+    }
+}
+
+impl Running {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The current status.
+    pub fn status(&self) -> crate::Result<Status> {
+        self.coord.lock().unwrap_or_else(|p| p.into_inner()).status()
+    }
+
+    /// Stops serving and waits for in-flight requests.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Binds `listen` and serves `coord` on a new thread.
+pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<Running> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Network(format!("tokio runtime: {e}")))?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .map_err(|e| NodeError::Network(format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| NodeError::Network(e.to_string()))?;
+    let coord: Shared = Arc::new(Mutex::new(coord));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shared = coord.clone();
+    let thread = std::thread::Builder::new()
+        .name("coordinator".into())
+        .spawn(move || {
+            rt.block_on(serve(listener, shared, async {
+                let _ = rx.await;
+            }))
+        })
+        .map_err(|e| NodeError::Network(e.to_string()))?;
+    Ok(Running {
+        addr,
+        coord,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}

@@ -1,16 +1,24 @@
-//! `blocktrain demo`: the README's first command. Trains every block briefly on the
-//! shipped WikiText-2, evaluates on held-out valid windows, prints a sample.
-//! Running it again reuses the finished run (nothing is retrained or lost).
-use std::path::PathBuf;
+//! `blocktrain demo`: the README's first command. The whole system on loopback: a
+//! coordinator and several worker processes train every block on the shipped
+//! WikiText-2 (real checkpoints and updates over HTTP, bytes counted), then the merged
+//! model is evaluated on held-out valid windows and a sample is printed.
+//! Running it again resumes (or reuses) the run in `--out`.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
+use blocktrain_node::config::RunConfig;
+use blocktrain_node::coordinator::Coordinator;
+use blocktrain_node::{now_ms, server};
 use clap::Args;
 
 use crate::args::DeviceArgs;
-use crate::cmd::{eval, generate, train};
+use crate::cmd::{eval, generate};
 use crate::profile::Profile;
+use crate::progress;
 
 /// Flags of `blocktrain demo`.
 #[derive(Args, Debug)]
@@ -21,7 +29,17 @@ pub struct DemoArgs {
     /// Number of blocks.
     #[arg(long, default_value_t = 3)]
     pub blocks: usize,
-    /// Run directory.
+    /// Worker processes (several per block when more than --blocks; their updates are
+    /// averaged by the outer optimizer).
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// Local steps per round (H).
+    #[arg(long)]
+    pub local_steps: Option<i64>,
+    /// Update codec: fp32, fp16, int8[:chunk], topk:fraction.
+    #[arg(long, default_value = "fp16")]
+    pub codec: String,
+    /// Run directory (coordinator state; the merged model is in OUT/model).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Training data: wikitext2, shakespeare, or a file path.
@@ -33,74 +51,155 @@ pub struct DemoArgs {
     /// Bytes in the printed sample.
     #[arg(long, default_value_t = 96)]
     pub len: usize,
-    /// Seed of data order, masks, weights and sample.
+    /// Seed of weights, data order, masks and sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
 
-/// Runs `blocktrain demo`.
-pub fn run(args: DemoArgs) -> Result<()> {
-    let device = args.device.setup()?;
-    let train_args = train::TrainArgs {
-        objective: train::ObjectiveArg::Block,
-        blocks: args.blocks,
-        block: None,
-        boundaries: None,
-        profile: args.profile,
-        steps: None,
-        batch: None,
-        window: None,
-        layers: None,
-        block_layers: None,
-        d_model: None,
-        heads: None,
-        lr: None,
-        t_cond: false,
-        seed: args.seed,
-        data: args.data.clone(),
-        out: args.out.clone(),
-        resume: false,
-        save_every: 50,
-        device: args.device.clone(),
+impl DemoArgs {
+    /// The run: the profile's model and budget, with each block's total local steps
+    /// (over all its workers) equal to the profile's steps per part.
+    pub fn run_config(&self) -> Result<RunConfig> {
+        let p = self.profile.preset();
+        let per_block = self.workers.div_ceil(self.blocks).max(1) as u32;
+        let h = self.local_steps.unwrap_or(if self.profile == Profile::Tiny { 5 } else { 50 });
+        let mut cfg = RunConfig {
+            blocks: self.blocks,
+            dataset: self.data.clone(),
+            seed: self.seed,
+            model: p.block,
+            optim: p.optim,
+            ..Default::default()
+        };
+        cfg.training.local_steps = h;
+        cfg.training.batch = p.batch;
+        cfg.training.workers_per_block = per_block;
+        cfg.training.rounds = (p.steps / (h * per_block as i64)).max(1) as u64;
+        cfg.wire.codec = self.codec.clone();
+        cfg.faults.lease_secs = 60.0;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Starts `n` worker processes of this binary against `url`; logs go to `dir`.
+pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Result<Vec<Child>> {
+    std::fs::create_dir_all(dir)?;
+    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = device.threads.unwrap_or((cores / n).max(1));
+    (0..n)
+        .map(|k| {
+            let log = std::fs::File::create(dir.join(format!("worker-{}.log", k + 1)))?;
+            Command::new(&exe)
+                .arg("worker")
+                .args(["--coordinator", url])
+                .arg("--key")
+                .arg(dir.join(format!("worker-{}.key", k + 1)))
+                .arg("--cache")
+                .arg(dir.join(format!("cache-{}", k + 1)))
+                .args(["--device", &device.device, "--threads", &threads.to_string()])
+                .args(["--retry-for", "30"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting a worker process")
+        })
+        .collect()
+}
+
+/// Serves the run in `out` to `workers` local worker processes until every block has
+/// all its versions, with a progress bar; returns total bytes (up, down).
+pub fn train_on_loopback(cfg: RunConfig, out: &Path, workers: usize, device: &DeviceArgs) -> Result<(u64, u64)> {
+    let coord = Coordinator::open(out, Some(cfg.clone()), now_ms()).map_err(|e| {
+        anyhow::anyhow!("{e} (or pass --out to start a new run elsewhere)")
+    })?;
+    let running = server::spawn("127.0.0.1:0".parse()?, coord)?;
+    let total = (cfg.blocks as u64) * cfg.training.rounds;
+    let bar = progress::bar(total, "versions");
+    let logs = out.join("workers");
+    let mut children = if running.status()?.done {
+        Vec::new()
+    } else {
+        spawn_workers(workers, &running.url(), &logs, device)?
     };
-    let wanted = train_args.manifest()?;
-    let mut run = if args.out.join("run.json").exists() {
-        let existing = RunDir::open_writer(&args.out)?;
-        let m = &existing.manifest;
-        let same = m.family == wanted.family
-            && m.model == wanted.model
-            && m.plan == wanted.plan
-            && m.schedule == wanted.schedule
-            && m.optim == wanted.optim;
-        if !same {
+    let start = Instant::now();
+    loop {
+        let s = running.status()?;
+        bar.set_position(s.blocks.iter().map(|b| b.version).sum());
+        bar.set_message(format!(
+            "{} workers, {:.1} MB up / {:.1} MB down, {} rejected",
+            s.workers.len(),
+            s.bytes_up as f64 / 1e6,
+            s.bytes_down as f64 / 1e6,
+            s.updates.get("rejected").copied().unwrap_or(0)
+        ));
+        if s.done {
+            break;
+        }
+        let mut alive = 0;
+        for c in children.iter_mut() {
+            if c.try_wait()?.is_none() {
+                alive += 1;
+            }
+        }
+        if alive == 0 {
+            bar.abandon();
             bail!(
-                "{} holds a different run; pass --out to use another directory",
-                args.out.display()
+                "every worker exited before the run finished; see their logs in {}",
+                logs.display()
             );
         }
-        eprintln!("continuing the run in {}", args.out.display());
-        existing
-    } else {
-        RunDir::create(&args.out, wanted)?
-    };
-
-    println!("== 1/3 train {} blocks ({:?} profile, each block on its own interval, no gradient between blocks)", args.blocks, args.profile);
-    let data = run.manifest.plan.dataset.load(Split::Train)?;
-    for part in 0..run.manifest.parts.len() {
-        train::train_part(&mut run, part, &data, device, train_args.save_every)?;
+        std::thread::sleep(Duration::from_millis(300));
     }
-    train::print_budget(&run.manifest);
+    bar.finish();
+    // Workers hear "done" on their next request; give them a moment, then make sure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for c in children.iter_mut() {
+        while c.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let s = running.status()?;
+    running.stop()?;
+    println!(
+        "trained in {:.0} s: {} updates merged, {} rejected; {:.2} MB uploaded, {:.2} MB downloaded (worker logs in {})",
+        start.elapsed().as_secs_f64(),
+        s.updates.get("applied").copied().unwrap_or(0),
+        s.updates.get("rejected").copied().unwrap_or(0),
+        s.bytes_up as f64 / 1e6,
+        s.bytes_down as f64 / 1e6,
+        logs.display()
+    );
+    Ok((s.bytes_up, s.bytes_down))
+}
 
-    println!("== 2/3 evaluate on held-out data");
+/// Runs `blocktrain demo`.
+pub fn run(args: DemoArgs) -> Result<()> {
+    crate::cmd::coordinator::init_logging_quiet();
+    let device = args.device.setup()?;
+    let cfg = args.run_config()?;
+    println!(
+        "== 1/3 train {} blocks on loopback: a coordinator and {} worker processes, {} rounds x {} local steps per block, {} updates ({:?} profile)",
+        args.blocks, args.workers, cfg.training.rounds, cfg.training.local_steps, cfg.wire.codec, args.profile
+    );
+    train_on_loopback(cfg, &args.out, args.workers, &args.device)?;
+
+    let model = args.out.join("model");
+    let run = RunDir::open(&model)?;
+    println!("== 2/3 evaluate the merged model on held-out data");
     let windows = args.profile.preset().eval_windows;
     let report = eval::evaluate(&run, Split::Valid, 1, windows, 64, 1234, device)?;
     eval::print_report(&run, Split::Valid, &report);
 
     println!("== 3/3 sample: one pass through blocks {}..1", args.blocks);
     let gen = generate::GenerateArgs {
-        checkpoint: args.out.clone(),
+        checkpoint: model.clone(),
         prompt: args.prompt.clone(),
         len: args.len,
         steps_per_block: 32,
@@ -112,9 +211,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let out = generate::sample(&run, &gen, device)?;
     println!("{}{}", args.prompt, String::from_utf8_lossy(&out));
     println!(
-        "\nrun directory: {} (try `blocktrain eval --checkpoint {}`)",
-        args.out.display(),
-        args.out.display()
+        "\nmerged model: {} (try `blocktrain eval --checkpoint {}`)",
+        model.display(),
+        model.display()
     );
     Ok(())
 }

@@ -1,0 +1,70 @@
+//! `blocktrain worker`: joins a run and trains whatever block the coordinator assigns
+//! until the run is done.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use blocktrain_node::worker::{self, WorkerOptions};
+use clap::Args;
+
+use crate::args::DeviceArgs;
+
+/// Flags of `blocktrain worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    pub coordinator: String,
+    /// This worker's ed25519 key file (created on first run, mode 0600).
+    #[arg(long, default_value = "worker.key")]
+    pub key: PathBuf,
+    /// Train on this file's bytes instead of the run's corpus. The bytes never leave
+    /// this host; the coordinator records only their blake3 and size.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Checkpoint cache (default: `cache/` beside the key file).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The run's join secret, if it has one.
+    #[arg(long, env = "BLOCKTRAIN_JOIN_SECRET")]
+    pub join_secret: Option<String>,
+    /// Stop after this many leases (default: until the run is done).
+    #[arg(long)]
+    pub max_leases: Option<usize>,
+    /// Seconds to keep retrying an unreachable coordinator before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub retry_for: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `blocktrain worker`.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let device = args.device.setup()?;
+    let cache = args.cache.clone().unwrap_or_else(|| {
+        args.key
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| p.join("cache"))
+            .unwrap_or_else(|| PathBuf::from("cache"))
+    });
+    let summary = worker::run(&WorkerOptions {
+        coordinator: args.coordinator.clone(),
+        key: args.key.clone(),
+        data: args.data.clone(),
+        cache,
+        device,
+        join_secret: args.join_secret.clone(),
+        max_leases: args.max_leases,
+        retry_for: Duration::from_secs(args.retry_for),
+    })?;
+    println!(
+        "worker finished: {} updates accepted, {} refused, {} local steps, {:.2} MB up, {:.2} MB down",
+        summary.accepted,
+        summary.refused,
+        summary.steps,
+        summary.bytes_up as f64 / 1e6,
+        summary.bytes_down as f64 / 1e6
+    );
+    Ok(())
+}
