@@ -39,7 +39,12 @@ impl std::fmt::Debug for Client {
 fn status_error(status: StatusCode, body: &str) -> NodeError {
     let msg = serde_json::from_str::<ErrorBody>(body)
         .map(|e| e.error)
-        .unwrap_or_else(|_| format!("HTTP {status}: {}", body.chars().take(200).collect::<String>()));
+        .unwrap_or_else(|_| {
+            format!(
+                "HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            )
+        });
     // The coordinator's message already names its kind ("stale: ..."); keep it as is.
     let strip = |m: &str, p: &str| m.strip_prefix(p).unwrap_or(m).to_string();
     match status {
@@ -82,7 +87,13 @@ impl Client {
     }
 
     /// One signed attempt.
-    fn attempt(&self, method: &str, path: &str, body: &[u8], extra: &[(&str, String)]) -> reqwest::Result<Response> {
+    fn attempt(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        extra: &[(&str, String)],
+    ) -> reqwest::Result<Response> {
         let auth = signed::sign(&self.id, method, path, now_ms(), body);
         let url = format!("{}{path}", self.base);
         let mut req = match method {
@@ -102,7 +113,13 @@ impl Client {
 
     /// Sends with retries on network errors and 5xx; returns a 2xx response or the
     /// typed error of a 4xx.
-    fn send(&mut self, method: &str, path: &str, body: &[u8], extra: &[(&str, String)]) -> Result<Response> {
+    fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        extra: &[(&str, String)],
+    ) -> Result<Response> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(250);
         let mut attempt = 1;
@@ -118,7 +135,11 @@ impl Client {
                     return Err(status_error(status, &r.text().unwrap_or_default()));
                 }
                 Ok(r) => format!("coordinator at {} answered {}", self.base, r.status()),
-                Err(e) => format!("cannot reach coordinator at {}: {}", self.base, root_cause(&e)),
+                Err(e) => format!(
+                    "cannot reach coordinator at {}: {}",
+                    self.base,
+                    root_cause(&e)
+                ),
             };
             if start.elapsed() >= self.retry_for {
                 return Err(NodeError::Network(format!(
@@ -126,7 +147,10 @@ impl Client {
                     start.elapsed().as_secs_f64()
                 )));
             }
-            eprintln!("{problem}; retrying in {:.1} s (attempt {attempt})", wait.as_secs_f64());
+            eprintln!(
+                "{problem}; retrying in {:.1} s (attempt {attempt})",
+                wait.as_secs_f64()
+            );
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_secs(5));
             attempt += 1;
@@ -134,29 +158,42 @@ impl Client {
     }
 
     /// Signed JSON POST.
-    pub fn post_json<T: Serialize, R: DeserializeOwned>(&mut self, path: &str, body: &T) -> Result<R> {
+    pub fn post_json<T: Serialize, R: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &T,
+    ) -> Result<R> {
         let bytes = serde_json::to_vec(body).expect("request serialises");
         let r = self.send("POST", path, &bytes, &[])?;
-        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+        r.json()
+            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
     /// Signed POST with an empty body.
     pub fn post_empty<R: DeserializeOwned>(&mut self, path: &str) -> Result<R> {
         let r = self.send("POST", path, b"", &[])?;
-        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+        r.json()
+            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
     /// Signed GET of JSON.
     pub fn get_json<R: DeserializeOwned>(&mut self, path: &str) -> Result<R> {
         let r = self.send("GET", path, b"", &[])?;
-        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+        r.json()
+            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
     /// Uploads an update body for `lease`.
-    pub fn upload(&mut self, lease: i64, body: &[u8], loss: f64) -> Result<blocktrain_protocol::wire::UpdateReply> {
+    pub fn upload(
+        &mut self,
+        lease: i64,
+        body: &[u8],
+        loss: f64,
+    ) -> Result<blocktrain_protocol::wire::UpdateReply> {
         let path = format!("/v1/updates/{lease}");
         let r = self.send("POST", &path, body, &[(LOSS_HEADER, format!("{loss}"))])?;
-        r.json().map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+        r.json()
+            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
     /// The checkpoint with blake3 `hash`: from `cache` if there, else downloaded into
@@ -171,7 +208,10 @@ impl Client {
             }
             let _ = std::fs::remove_file(&done); // corrupt cache entry: fetch again
         }
-        let partial: PathBuf = cache.join(format!("{hash}.partial"));
+        // Per-worker partial name: workers sharing a cache never write one file; the
+        // finished file is renamed into place atomically.
+        let partial: PathBuf =
+            cache.join(format!("{hash}.{}.partial", &self.id.public_hex()[..12]));
         let path = format!("/v1/blobs/{hash}");
         for _ in 0..3 {
             let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
@@ -191,9 +231,16 @@ impl Client {
             let copied = std::io::copy(&mut r, &mut file);
             file.flush().map_err(io_err(&partial))?;
             let got = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-            self.bytes_down += got.saturating_sub(if r.status() == StatusCode::PARTIAL_CONTENT { have } else { 0 });
+            self.bytes_down += got.saturating_sub(if r.status() == StatusCode::PARTIAL_CONTENT {
+                have
+            } else {
+                0
+            });
             if let Err(e) = copied {
-                eprintln!("download of {} interrupted at {got} bytes ({e}); resuming", &hash[..12]);
+                eprintln!(
+                    "download of {} interrupted at {got} bytes ({e}); resuming",
+                    &hash[..12]
+                );
                 continue;
             }
             let bytes = std::fs::read(&partial).map_err(io_err(&partial))?;
@@ -202,7 +249,10 @@ impl Client {
                 return Ok(bytes);
             }
             let _ = std::fs::remove_file(&partial);
-            eprintln!("checkpoint {} failed its blake3 check; downloading again", &hash[..12]);
+            eprintln!(
+                "checkpoint {} failed its blake3 check; downloading again",
+                &hash[..12]
+            );
         }
         Err(NodeError::Network(format!(
             "checkpoint {} could not be downloaded intact in 3 tries",

@@ -83,7 +83,9 @@ pub enum OuterKind {
 pub struct Wire {
     /// Codec workers use for updates: fp32, fp16, int8[:chunk], topk:fraction.
     pub codec: String,
-    /// Reject a delta whose L2 norm exceeds this multiple of the block's weight norm.
+    /// Reject a delta whose RMS exceeds this multiple of `lr x steps`: AdamW moves a
+    /// weight by about lr per step at most, so a larger delta cannot come from the run's
+    /// optimizer (a scaled or garbage update).
     pub max_delta_ratio: f64,
 }
 
@@ -156,7 +158,7 @@ impl Default for Wire {
     fn default() -> Self {
         Wire {
             codec: "fp16".into(),
-            max_delta_ratio: 1.0,
+            max_delta_ratio: 2.0,
         }
     }
 }
@@ -193,16 +195,21 @@ impl RunConfig {
             return bad("blocks must be at least 1".into());
         }
         if t.rounds == 0 || t.local_steps < 1 || t.batch < 1 || t.workers_per_block == 0 {
-            return bad("training: rounds, local_steps, batch and workers_per_block must be >= 1".into());
+            return bad(
+                "training: rounds, local_steps, batch and workers_per_block must be >= 1".into(),
+            );
         }
-        if !(t.round_seconds >= 0.0) {
+        if t.round_seconds.is_nan() || t.round_seconds < 0.0 {
             return bad("training.round_seconds must be >= 0".into());
         }
         Codec::parse(&self.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
-        if !(self.wire.max_delta_ratio > 0.0) {
+        if self.wire.max_delta_ratio.is_nan() || self.wire.max_delta_ratio <= 0.0 {
             return bad("wire.max_delta_ratio must be > 0".into());
         }
-        if !(self.outer.lr > 0.0) || !(0.0..1.0).contains(&self.outer.momentum) {
+        if self.outer.lr.is_nan()
+            || self.outer.lr <= 0.0
+            || !(0.0..1.0).contains(&self.outer.momentum)
+        {
             return bad("outer: lr must be > 0 and momentum in [0, 1)".into());
         }
         let f = &self.faults;
@@ -211,7 +218,9 @@ impl RunConfig {
         }
         for key in &self.auth.allow {
             if key.len() != 64 || hex::decode(key).is_err() {
-                return bad(format!("auth.allow: '{key}' is not a 64-hex-digit public key"));
+                return bad(format!(
+                    "auth.allow: '{key}' is not a 64-hex-digit public key"
+                ));
             }
         }
         self.manifest().map(|_| ())

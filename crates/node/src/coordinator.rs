@@ -23,14 +23,16 @@
 //!   is still open is accepted: nothing merged is older than its base.
 //! - **Validation** (each rejection recorded with its reason, stored checkpoints
 //!   untouched): lease must exist and belong to the signer; body within the size limit;
-//!   exactly the block's tensor names, shapes and dtypes; every value finite; delta norm
-//!   at most `max_delta_ratio` x the block's weight norm.
+//!   exactly the block's tensor names, shapes and dtypes; every value finite; delta RMS
+//!   at most `max_delta_ratio` x lr x steps (AdamW moves a weight about lr per step).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use blocktrain_model::run::{Manifest, RunDir};
 use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
-use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_protocol::wire::{
+    join_proof, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
@@ -209,9 +211,12 @@ impl Coordinator {
         for head in store.heads()? {
             let bytes = store.get_blob(&head.weights)?;
             let s = codec::header_shapes(&bytes).map_err(|e| NodeError::Config(e.to_string()))?;
-            let (w, _) = codec::decode(&bytes, &s, usize::MAX).map_err(|e| NodeError::Config(e.to_string()))?;
+            let (w, _) = codec::decode(&bytes, &s, usize::MAX)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
             // The exported model directory follows the database (it may lag after a crash).
-            if model.manifest.parts[head.block].weights_hash.as_deref() != Some(&blocktrain_model::checkpoint::content_hash(&bytes)) {
+            if model.manifest.parts[head.block].weights_hash.as_deref()
+                != Some(&blocktrain_model::checkpoint::content_hash(&bytes))
+            {
                 model.save_weights(head.block, &bytes, head.steps)?;
             }
             shapes.push(s);
@@ -317,9 +322,11 @@ impl Coordinator {
         self.tick(now)?;
         let heads = self.store.heads()?;
         // A retried request (the reply was lost) gets the lease it already holds.
-        if let Some((id, ..)) = self.store.active_leases()?.into_iter().find(|l| l.1 == key) {
+        if let Some(id) = self.store.active_lease_of(key)? {
             let lease = self.store.lease(id)?.expect("active lease exists");
-            return Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[lease.block])));
+            return Ok(WorkReply::Lease(
+                self.lease_reply(&lease, &heads[lease.block]),
+            ));
         }
         let rounds = self.cfg.training.rounds;
         if heads.iter().all(|h| h.version >= rounds) {
@@ -334,7 +341,13 @@ impl Coordinator {
             if busy >= cap {
                 continue;
             }
-            let cand = (busy, last_block != Some(h.block), h.version, h.block, issued);
+            let cand = (
+                busy,
+                last_block != Some(h.block),
+                h.version,
+                h.block,
+                issued,
+            );
             if best.is_none_or(|b| (cand.0, cand.1, cand.2, cand.3) < (b.0, b.1, b.2, b.3)) {
                 best = Some(cand);
             }
@@ -352,7 +365,9 @@ impl Coordinator {
         let slot = issued % cap;
         let seed = seed_of(self.cfg.seed, block, version, issued);
         let expires = now + self.lease_ms();
-        let id = self.store.insert_lease(key, block, version, slot, steps, seed, now, expires)?;
+        let id = self
+            .store
+            .insert_lease(key, block, version, slot, steps, seed, now, expires)?;
         let lease = self.store.lease(id)?.expect("just inserted");
         Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[block])))
     }
@@ -388,7 +403,9 @@ impl Coordinator {
             .lease(lease)?
             .ok_or_else(|| NodeError::NotFound(format!("lease {lease}")))?;
         if l.worker != key {
-            return Err(NodeError::Forbidden(format!("lease {lease} belongs to another worker")));
+            return Err(NodeError::Forbidden(format!(
+                "lease {lease} belongs to another worker"
+            )));
         }
         self.store.touch_worker(key, None, now)?;
         let head_version = self.store.heads()?[l.block].version;
@@ -405,10 +422,9 @@ impl Coordinator {
     /// returns its file and block.
     pub fn checkpoint_file(&self, key: &str, hash: &str) -> Result<(PathBuf, usize)> {
         self.require_registered(key)?;
-        let block = self
-            .store
-            .is_checkpoint(hash)?
-            .ok_or_else(|| NodeError::NotFound(format!("no checkpoint with blake3 {}", short(hash))))?;
+        let block = self.store.is_checkpoint(hash)?.ok_or_else(|| {
+            NodeError::NotFound(format!("no checkpoint with blake3 {}", short(hash)))
+        })?;
         Ok((self.store.blob_path(hash), block))
     }
 
@@ -419,7 +435,14 @@ impl Coordinator {
 
     /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
     /// signature, interrupted, oversized); counted against the lease's block if known.
-    pub fn record_rejection(&self, claimed_key: &str, lease: Option<i64>, bytes: u64, reason: &str, now: u64) -> Result<i64> {
+    pub fn record_rejection(
+        &self,
+        claimed_key: &str,
+        lease: Option<i64>,
+        bytes: u64,
+        reason: &str,
+        now: u64,
+    ) -> Result<i64> {
         let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
         let id = self.store.insert_update(
             &NewUpdate {
@@ -442,7 +465,14 @@ impl Coordinator {
 
     /// Validates and stores an update; may close its round. Every refusal is recorded
     /// with its reason before the error is returned.
-    pub fn submit_update(&mut self, key: &str, lease_id: i64, body: &[u8], loss: Option<f64>, now: u64) -> Result<UpdateReply> {
+    pub fn submit_update(
+        &mut self,
+        key: &str,
+        lease_id: i64,
+        body: &[u8],
+        loss: Option<f64>,
+        now: u64,
+    ) -> Result<UpdateReply> {
         self.require_registered(key)?;
         match self.check_update(key, lease_id, body) {
             Ok((lease, _delta)) => {
@@ -462,12 +492,17 @@ impl Coordinator {
                     },
                     now,
                 )?;
-                self.store.set_lease_state(lease_id, lease_state::DELIVERED)?;
-                self.store.add_traffic(key, lease.block, body.len() as u64, 0)?;
+                self.store
+                    .set_lease_state(lease_id, lease_state::DELIVERED)?;
+                self.store
+                    .add_traffic(key, lease.block, body.len() as u64, 0)?;
                 self.store.touch_worker(key, None, now)?;
                 self.maybe_close(lease.block, now)?;
                 let block_version = self.store.heads()?[lease.block].version;
-                Ok(UpdateReply { update_id: id, block_version })
+                Ok(UpdateReply {
+                    update_id: id,
+                    block_version,
+                })
             }
             Err(e) => {
                 self.record_rejection(key, Some(lease_id), body.len() as u64, &e.to_string(), now)?;
@@ -476,16 +511,25 @@ impl Coordinator {
         }
     }
 
-    fn check_update(&self, key: &str, lease_id: i64, body: &[u8]) -> Result<(crate::store::LeaseRow, Arrays)> {
+    fn check_update(
+        &self,
+        key: &str,
+        lease_id: i64,
+        body: &[u8],
+    ) -> Result<(crate::store::LeaseRow, Arrays)> {
         let lease = self
             .store
             .lease(lease_id)?
             .ok_or_else(|| NodeError::NotFound(format!("lease {lease_id}")))?;
         if lease.worker != key {
-            return Err(NodeError::Forbidden(format!("lease {lease_id} belongs to another worker")));
+            return Err(NodeError::Forbidden(format!(
+                "lease {lease_id} belongs to another worker"
+            )));
         }
         if lease.state == lease_state::DELIVERED {
-            return Err(NodeError::Rejected(format!("lease {lease_id} already delivered its update")));
+            return Err(NodeError::Rejected(format!(
+                "lease {lease_id} already delivered its update"
+            )));
         }
         let head_version = self.store.heads()?[lease.block].version;
         if lease.version != head_version || lease.state == lease_state::SUPERSEDED {
@@ -498,17 +542,20 @@ impl Coordinator {
         let shapes = &self.shapes[lease.block];
         let limit = update_limit(shapes) as usize;
         if body.len() > limit {
-            return Err(NodeError::TooLarge(format!("update of {} bytes; the limit is {limit}", body.len())));
+            return Err(NodeError::TooLarge(format!(
+                "update of {} bytes; the limit is {limit}",
+                body.len()
+            )));
         }
         let (delta, _codec) =
             codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
-        let (dn, wn) = (merge::norm(&delta), merge::norm(&self.current[lease.block]));
-        let limit = self.cfg.wire.max_delta_ratio * wn;
-        if dn > limit {
+        let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+        let rms = merge::norm(&delta) / (values.max(1) as f64).sqrt();
+        let bound = self.cfg.wire.max_delta_ratio * self.cfg.optim.lr * lease.steps as f64;
+        if rms > bound {
             return Err(NodeError::Rejected(format!(
-                "delta norm {dn:.3} is {:.2}x the block's weight norm {wn:.3} (limit {:.2}x)",
-                dn / wn.max(1e-12),
-                self.cfg.wire.max_delta_ratio
+                "delta RMS {rms:.3e} exceeds {bound:.3e} ({} x lr {} x {} steps): no AdamW run moves weights that far",
+                self.cfg.wire.max_delta_ratio, self.cfg.optim.lr, lease.steps
             )));
         }
         Ok((lease, delta))
@@ -529,14 +576,17 @@ impl Coordinator {
         let mut deltas = Vec::with_capacity(pending.len());
         for p in &pending {
             let bytes = self.store.get_blob(&p.hash)?;
-            let (d, _) = codec::decode(&bytes, shapes, usize::MAX).map_err(|e| NodeError::Config(e.to_string()))?;
+            let (d, _) = codec::decode(&bytes, shapes, usize::MAX)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
             deltas.push((d, p.steps));
         }
         let mean = merge::weighted_mean(&deltas);
         let momentum = match &head.momentum {
-            Some(h) => codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
-                .map_err(|e| NodeError::Config(e.to_string()))?
-                .0,
+            Some(h) => {
+                codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
+                    .map_err(|e| NodeError::Config(e.to_string()))?
+                    .0
+            }
             None => Arrays::new(),
         };
         let mut weights = self.current[block].clone();
@@ -549,7 +599,10 @@ impl Coordinator {
             momentum: if momentum.is_empty() {
                 None
             } else {
-                Some(self.store.put_blob(&codec::encode(&momentum, Codec::Fp32))?)
+                Some(
+                    self.store
+                        .put_blob(&codec::encode(&momentum, Codec::Fp32))?,
+                )
             },
             steps: head.steps + pending.iter().map(|p| p.steps).sum::<i64>(),
         };
@@ -587,24 +640,42 @@ impl Coordinator {
                 pending_updates: self.store.pending(h.block, h.version)?.len(),
                 steps: h.steps,
                 weights: h.weights.clone(),
-                bytes_up: traffic.iter().filter(|t| t.block == h.block).map(|t| t.up).sum(),
-                bytes_down: traffic.iter().filter(|t| t.block == h.block).map(|t| t.down).sum(),
+                bytes_up: traffic
+                    .iter()
+                    .filter(|t| t.block == h.block)
+                    .map(|t| t.up)
+                    .sum(),
+                bytes_down: traffic
+                    .iter()
+                    .filter(|t| t.block == h.block)
+                    .map(|t| t.down)
+                    .sum(),
             });
         }
         let workers = self
             .store
             .workers()?
             .into_iter()
-            .map(|(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
-                bytes_up: traffic.iter().filter(|t| t.worker == key).map(|t| t.up).sum(),
-                bytes_down: traffic.iter().filter(|t| t.worker == key).map(|t| t.down).sum(),
-                key,
-                device,
-                step_rate,
-                data_blake3,
-                data_bytes,
-                last_seen_ms,
-            })
+            .map(
+                |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
+                    bytes_up: traffic
+                        .iter()
+                        .filter(|t| t.worker == key)
+                        .map(|t| t.up)
+                        .sum(),
+                    bytes_down: traffic
+                        .iter()
+                        .filter(|t| t.worker == key)
+                        .map(|t| t.down)
+                        .sum(),
+                    key,
+                    device,
+                    step_rate,
+                    data_blake3,
+                    data_bytes,
+                    last_seen_ms,
+                },
+            )
             .collect();
         Ok(Status {
             done: heads.iter().all(|h| h.version >= self.cfg.training.rounds),
@@ -619,7 +690,12 @@ impl Coordinator {
 
     /// Version history of a block (for invariant checks): (version, weights hash).
     pub fn history(&self, block: usize) -> Result<Vec<(u64, String)>> {
-        Ok(self.store.history(block)?.into_iter().map(|(v, h, ..)| (v, h)).collect())
+        Ok(self
+            .store
+            .history(block)?
+            .into_iter()
+            .map(|(v, h, ..)| (v, h))
+            .collect())
     }
 }
 

@@ -56,12 +56,12 @@ pub enum NodeError {
     #[error("state database: {0}")]
     Db(#[from] rusqlite::Error),
     /// File system trouble, with the path.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file involved.
         path: String,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not chained again).
+        error: std::io::Error,
     },
 }
 
@@ -77,8 +77,8 @@ pub fn now_ms() -> u64 {
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
-    move |source| NodeError::Io {
+    move |error| NodeError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }

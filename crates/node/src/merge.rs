@@ -19,7 +19,10 @@ pub fn weighted_mean(deltas: &[(Arrays, i64)]) -> Arrays {
                 shape: a.shape.clone(),
                 data: vec![0.0; a.data.len()],
             });
-            acc.data.iter_mut().zip(&a.data).for_each(|(o, d)| *o += w * d);
+            acc.data
+                .iter_mut()
+                .zip(&a.data)
+                .for_each(|(o, d)| *o += w * d);
         }
     }
     out
@@ -27,11 +30,19 @@ pub fn weighted_mean(deltas: &[(Arrays, i64)]) -> Arrays {
 
 /// Applies the outer step to `weights` in place; `momentum` is the block's buffer (empty
 /// before the first round). Returns the new momentum (empty for plain averaging).
-pub fn outer_step(weights: &mut Arrays, mean_delta: &Arrays, momentum: Arrays, cfg: &Outer) -> Arrays {
+pub fn outer_step(
+    weights: &mut Arrays,
+    mean_delta: &Arrays,
+    momentum: Arrays,
+    cfg: &Outer,
+) -> Arrays {
     match cfg.optimizer {
         OuterKind::Average => {
             for (name, w) in weights.iter_mut() {
-                w.data.iter_mut().zip(&mean_delta[name].data).for_each(|(w, d)| *w += d);
+                w.data
+                    .iter_mut()
+                    .zip(&mean_delta[name].data)
+                    .for_each(|(w, d)| *w += d);
             }
             Arrays::new()
         }

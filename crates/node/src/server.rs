@@ -23,7 +23,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use blocktrain_protocol::signed::{self, Auth};
-use blocktrain_protocol::wire::{ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo, LOSS_HEADER};
+use blocktrain_protocol::wire::{
+    ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo, LOSS_HEADER,
+};
 use tower::ServiceExt;
 
 use crate::coordinator::{short, Coordinator, Status};
@@ -46,7 +48,13 @@ impl IntoResponse for NodeError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("{self}");
         }
-        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -71,28 +79,44 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// Checks a request's signature, age and nonce; returns the signer's key.
-async fn authenticate(coord: &Shared, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> Reply<String> {
+async fn authenticate(
+    coord: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Reply<String> {
     let missing = |h: &str| {
         NodeError::Unauthenticated(format!(
             "request is not signed (no {h} header): workers sign every request with their key"
         ))
     };
     let auth = Auth {
-        key: header(headers, signed::KEY_HEADER).ok_or_else(|| missing(signed::KEY_HEADER))?.to_string(),
+        key: header(headers, signed::KEY_HEADER)
+            .ok_or_else(|| missing(signed::KEY_HEADER))?
+            .to_string(),
         time_ms: header(headers, signed::TIME_HEADER)
             .ok_or_else(|| missing(signed::TIME_HEADER))?
             .parse()
             .map_err(|_| NodeError::Unauthenticated("x-bt-time is not a number".into()))?,
-        nonce: header(headers, signed::NONCE_HEADER).ok_or_else(|| missing(signed::NONCE_HEADER))?.to_string(),
-        sig: header(headers, signed::SIG_HEADER).ok_or_else(|| missing(signed::SIG_HEADER))?.to_string(),
+        nonce: header(headers, signed::NONCE_HEADER)
+            .ok_or_else(|| missing(signed::NONCE_HEADER))?
+            .to_string(),
+        sig: header(headers, signed::SIG_HEADER)
+            .ok_or_else(|| missing(signed::SIG_HEADER))?
+            .to_string(),
     };
     let now = now_ms();
     let skew = {
         let c = coord.lock().unwrap_or_else(|p| p.into_inner());
         (c.config().faults.max_skew_secs * 1000.0) as u64
     };
-    signed::verify_request(&auth, method.as_str(), path, body, now, skew)
-        .map_err(|e| NodeError::Unauthenticated(e.to_string()))?;
+    signed::verify_request(&auth, method.as_str(), path, body, now, skew).map_err(|e| {
+        NodeError::Unauthenticated(match e {
+            blocktrain_protocol::ProtocolError::Unauthenticated(m) => m,
+            other => other.to_string(),
+        })
+    })?;
     let key = auth.key.clone();
     let nonce = auth.nonce.clone();
     let fresh = {
@@ -100,12 +124,18 @@ async fn authenticate(coord: &Shared, method: &Method, path: &str, headers: &Hea
         c.fresh_nonce(&key, &nonce, now)
     };
     if !fresh {
-        return Err(NodeError::Unauthenticated("replayed request (nonce already used)".into()));
+        return Err(NodeError::Unauthenticated(
+            "replayed request (nonce already used)".into(),
+        ));
     }
     Ok(key)
 }
 
-async fn register(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Reply<impl IntoResponse> {
+async fn register(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
     let key = authenticate(&c, &Method::POST, "/v1/register", &headers, &body).await?;
     let req: RegisterRequest = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
@@ -117,7 +147,10 @@ async fn run_info(State(c): State<Shared>, headers: HeaderMap) -> Reply<impl Int
     let key = authenticate(&c, &Method::GET, "/v1/run", &headers, b"").await?;
     let info = with(&c, move |co| {
         if !co.is_registered(&key)? {
-            return Err(NodeError::Unauthenticated(format!("unknown worker {}: register first", short(&key))));
+            return Err(NodeError::Unauthenticated(format!(
+                "unknown worker {}: register first",
+                short(&key)
+            )));
         }
         Ok(co.run_info())
     })
@@ -125,14 +158,24 @@ async fn run_info(State(c): State<Shared>, headers: HeaderMap) -> Reply<impl Int
     Ok(Json(info))
 }
 
-async fn work(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Reply<impl IntoResponse> {
+async fn work(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
     let key = authenticate(&c, &Method::POST, "/v1/work", &headers, &body).await?;
-    let info: WorkerInfo =
-        serde_json::from_slice(&body).map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
-    Ok(Json(with(&c, move |co| co.request_work(&key, &info, now_ms())).await?))
+    let info: WorkerInfo = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
+    Ok(Json(
+        with(&c, move |co| co.request_work(&key, &info, now_ms())).await?,
+    ))
 }
 
-async fn heartbeat(State(c): State<Shared>, Path(id): Path<i64>, headers: HeaderMap) -> Reply<impl IntoResponse> {
+async fn heartbeat(
+    State(c): State<Shared>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Reply<impl IntoResponse> {
     let path = format!("/v1/leases/{id}/heartbeat");
     let key = authenticate(&c, &Method::POST, &path, &headers, b"").await?;
     let still_wanted = with(&c, move |co| co.heartbeat(&key, id, now_ms())).await?;
@@ -159,16 +202,29 @@ async fn blob(State(c): State<Shared>, Path(hash): Path<String>, req: Request) -
     Ok(resp.map(Body::new))
 }
 
-async fn update(State(c): State<Shared>, Path(lease): Path<i64>, req: Request) -> Reply<impl IntoResponse> {
+async fn update(
+    State(c): State<Shared>,
+    Path(lease): Path<i64>,
+    req: Request,
+) -> Reply<impl IntoResponse> {
     let (parts, body) = req.into_parts();
-    let claimed = header(&parts.headers, signed::KEY_HEADER).unwrap_or("(unsigned)").to_string();
-    let limit = c.lock().unwrap_or_else(|p| p.into_inner()).max_update_bytes() as usize;
-    let declared: Option<u64> = header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
+    let claimed = header(&parts.headers, signed::KEY_HEADER)
+        .unwrap_or("(unsigned)")
+        .to_string();
+    let limit = c
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .max_update_bytes() as usize;
+    let declared: Option<u64> =
+        header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
     let reject = |reason: String, bytes: u64, err: NodeError| {
         let c = c.clone();
         let claimed = claimed.clone();
         async move {
-            with(&c, move |co| co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())).await?;
+            with(&c, move |co| {
+                co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())
+            })
+            .await?;
             Err::<Json<blocktrain_protocol::wire::UpdateReply>, _>(err)
         }
     };
@@ -189,7 +245,10 @@ async fn update(State(c): State<Shared>, Path(lease): Path<i64>, req: Request) -
         Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
     };
     let loss: Option<f64> = header(&parts.headers, LOSS_HEADER).and_then(|v| v.parse().ok());
-    let reply = with(&c, move |co| co.submit_update(&key, lease, &body, loss, now_ms())).await?;
+    let reply = with(&c, move |co| {
+        co.submit_update(&key, lease, &body, loss, now_ms())
+    })
+    .await?;
     Ok(Json(reply))
 }
 
@@ -199,7 +258,13 @@ async fn status(State(c): State<Shared>) -> Reply<impl IntoResponse> {
 
 async fn metrics(State(c): State<Shared>) -> Reply<impl IntoResponse> {
     let s = with(&c, |co| co.status()).await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus_text(&s)))
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        prometheus_text(&s),
+    ))
 }
 
 async fn index() -> &'static str {
@@ -220,42 +285,86 @@ pub fn prometheus_text(s: &Status) -> String {
         "blocktrain_block_version",
         "gauge",
         "Committed version of each block.",
-        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.version as f64)).collect(),
+        s.blocks
+            .iter()
+            .map(|x| (format!("{{{}}}", b(x.block)), x.version as f64))
+            .collect(),
     );
     put(
         "blocktrain_block_steps",
         "counter",
         "Local optimizer steps merged into each block.",
-        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.steps as f64)).collect(),
+        s.blocks
+            .iter()
+            .map(|x| (format!("{{{}}}", b(x.block)), x.steps as f64))
+            .collect(),
     );
     put(
         "blocktrain_active_leases",
         "gauge",
         "Leases out now, per block.",
-        s.blocks.iter().map(|x| (format!("{{{}}}", b(x.block)), x.active_leases as f64)).collect(),
+        s.blocks
+            .iter()
+            .map(|x| (format!("{{{}}}", b(x.block)), x.active_leases as f64))
+            .collect(),
     );
     let mut bytes = Vec::new();
     for x in &s.blocks {
-        bytes.push((format!("{{{},direction=\"up\"}}", b(x.block)), x.bytes_up as f64));
-        bytes.push((format!("{{{},direction=\"down\"}}", b(x.block)), x.bytes_down as f64));
+        bytes.push((
+            format!("{{{},direction=\"up\"}}", b(x.block)),
+            x.bytes_up as f64,
+        ));
+        bytes.push((
+            format!("{{{},direction=\"down\"}}", b(x.block)),
+            x.bytes_down as f64,
+        ));
     }
-    put("blocktrain_block_bytes_total", "counter", "Bytes moved per block (up = updates, down = checkpoints).", bytes);
+    put(
+        "blocktrain_block_bytes_total",
+        "counter",
+        "Bytes moved per block (up = updates, down = checkpoints).",
+        bytes,
+    );
     let mut wb = Vec::new();
     for w in &s.workers {
-        wb.push((format!("{{worker=\"{}\",direction=\"up\"}}", short(&w.key)), w.bytes_up as f64));
-        wb.push((format!("{{worker=\"{}\",direction=\"down\"}}", short(&w.key)), w.bytes_down as f64));
+        wb.push((
+            format!("{{worker=\"{}\",direction=\"up\"}}", short(&w.key)),
+            w.bytes_up as f64,
+        ));
+        wb.push((
+            format!("{{worker=\"{}\",direction=\"down\"}}", short(&w.key)),
+            w.bytes_down as f64,
+        ));
     }
-    put("blocktrain_worker_bytes_total", "counter", "Bytes moved per worker.", wb);
+    put(
+        "blocktrain_worker_bytes_total",
+        "counter",
+        "Bytes moved per worker.",
+        wb,
+    );
     let mut states: Vec<_> = s.updates.iter().collect();
     states.sort();
     put(
         "blocktrain_updates_total",
         "counter",
         "Updates received, by state.",
-        states.into_iter().map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v as f64)).collect(),
+        states
+            .into_iter()
+            .map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v as f64))
+            .collect(),
     );
-    put("blocktrain_workers", "gauge", "Registered workers.", vec![(String::new(), s.workers.len() as f64)]);
-    put("blocktrain_run_done", "gauge", "1 once every block has all its versions.", vec![(String::new(), s.done as u8 as f64)]);
+    put(
+        "blocktrain_workers",
+        "gauge",
+        "Registered workers.",
+        vec![(String::new(), s.workers.len() as f64)],
+    );
+    put(
+        "blocktrain_run_done",
+        "gauge",
+        "1 once every block has all its versions.",
+        vec![(String::new(), s.done as u8 as f64)],
+    );
     o
 }
 
@@ -292,7 +401,9 @@ pub async fn serve(
             }
         }
     });
-    let result = axum::serve(listener, router(coord)).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, router(coord))
+        .with_graceful_shutdown(shutdown)
+        .await;
     tick.abort();
     result
 }
@@ -321,7 +432,10 @@ impl Running {
 
     /// The current status.
     pub fn status(&self) -> crate::Result<Status> {
-        self.coord.lock().unwrap_or_else(|p| p.into_inner()).status()
+        self.coord
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status()
     }
 
     /// Stops serving and waits for in-flight requests.
@@ -334,7 +448,9 @@ impl Running {
             let _ = tx.send(());
         }
         match self.thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
             None => Ok(()),
         }
     }

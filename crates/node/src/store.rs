@@ -278,7 +278,10 @@ impl Store {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.blobs).map_err(io_err(&self.blobs))? {
             let path = entry.map_err(io_err(&self.blobs))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             let hash = name.strip_suffix(".safetensors").unwrap_or("");
             if !live.contains(hash) {
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
@@ -292,9 +295,9 @@ impl Store {
 
     /// Every block's head, by index.
     pub fn heads(&self) -> Result<Vec<BlockHead>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT block, version, weights, momentum, steps FROM blocks ORDER BY block")?;
+        let mut st = self.conn.prepare(
+            "SELECT block, version, weights, momentum, steps FROM blocks ORDER BY block",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(BlockHead {
                 block: r.get::<_, i64>(0)? as usize,
@@ -364,9 +367,11 @@ impl Store {
     pub fn is_checkpoint(&self, hash: &str) -> Result<Option<usize>> {
         Ok(self
             .conn
-            .query_row("SELECT block FROM versions WHERE weights = ?1 LIMIT 1", [hash], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT block FROM versions WHERE weights = ?1 LIMIT 1",
+                [hash],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()?
             .map(|b| b as usize))
     }
@@ -374,7 +379,12 @@ impl Store {
     // ---- workers ----
 
     /// Adds or refreshes a worker.
-    pub fn upsert_worker(&self, key: &str, info: &blocktrain_protocol::wire::WorkerInfo, now: u64) -> Result<()> {
+    pub fn upsert_worker(
+        &self,
+        key: &str,
+        info: &blocktrain_protocol::wire::WorkerInfo,
+        now: u64,
+    ) -> Result<()> {
         let (dh, db) = match &info.data {
             Some(d) => (Some(d.blake3.clone()), Some(d.bytes as i64)),
             None => (None, None),
@@ -393,9 +403,11 @@ impl Store {
     pub fn worker(&self, key: &str) -> Result<Option<(Option<f64>, Option<usize>)>> {
         Ok(self
             .conn
-            .query_row("SELECT step_rate, last_block FROM workers WHERE key = ?1", [key], |r| {
-                Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|b| b as usize)))
-            })
+            .query_row(
+                "SELECT step_rate, last_block FROM workers WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|b| b as usize))),
+            )
             .optional()?)
     }
 
@@ -410,12 +422,30 @@ impl Store {
 
     /// Registered workers: (key, device, step rate, data hash, data bytes, last seen).
     #[allow(clippy::type_complexity)]
-    pub fn workers(&self) -> Result<Vec<(String, String, Option<f64>, Option<String>, Option<i64>, u64)>> {
+    pub fn workers(
+        &self,
+    ) -> Result<
+        Vec<(
+            String,
+            String,
+            Option<f64>,
+            Option<String>,
+            Option<i64>,
+            u64,
+        )>,
+    > {
         let mut st = self.conn.prepare(
             "SELECT key, device, step_rate, data_hash, data_bytes, last_seen_ms FROM workers ORDER BY registered_ms",
         )?;
         let rows = st.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, i64>(5)? as u64))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get::<_, i64>(5)? as u64,
+            ))
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -424,7 +454,17 @@ impl Store {
 
     /// Inserts a lease and remembers the worker's block; returns its id.
     #[allow(clippy::too_many_arguments)]
-    pub fn insert_lease(&self, worker: &str, block: usize, version: u64, slot: u32, steps: i64, seed: u64, now: u64, expires: u64) -> Result<i64> {
+    pub fn insert_lease(
+        &self,
+        worker: &str,
+        block: usize,
+        version: u64,
+        slot: u32,
+        steps: i64,
+        seed: u64,
+        now: u64,
+        expires: u64,
+    ) -> Result<i64> {
         self.conn.execute(
             "INSERT INTO leases (worker, block, version, slot, steps, seed, issued_ms, expires_ms, state)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active')",
@@ -464,8 +504,10 @@ impl Store {
 
     /// Sets a lease's state.
     pub fn set_lease_state(&self, id: i64, state: &str) -> Result<()> {
-        self.conn
-            .execute("UPDATE leases SET state = ?2 WHERE id = ?1", params![id, state])?;
+        self.conn.execute(
+            "UPDATE leases SET state = ?2 WHERE id = ?1",
+            params![id, state],
+        )?;
         Ok(())
     }
 
@@ -495,15 +537,16 @@ impl Store {
         )?)
     }
 
-    /// Active leases (all blocks): (id, worker, block, version, expires).
-    pub fn active_leases(&self) -> Result<Vec<(i64, String, usize, u64, u64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT id, worker, block, version, expires_ms FROM leases WHERE state = 'active' ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as usize, r.get::<_, i64>(3)? as u64, r.get::<_, i64>(4)? as u64))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    /// The active lease `worker` holds, if any.
+    pub fn active_lease_of(&self, worker: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id FROM leases WHERE worker = ?1 AND state = 'active' ORDER BY id DESC LIMIT 1",
+                [worker],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     // ---- updates ----

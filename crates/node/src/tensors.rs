@@ -27,7 +27,12 @@ pub fn to_arrays(tensors: &NamedTensors) -> Result<Arrays> {
 pub fn delta(new: &Arrays, old: &Arrays) -> Arrays {
     new.iter()
         .map(|(name, a)| {
-            let data = a.data.iter().zip(&old[name].data).map(|(n, o)| n - o).collect();
+            let data = a
+                .data
+                .iter()
+                .zip(&old[name].data)
+                .map(|(n, o)| n - o)
+                .collect();
             (
                 name.clone(),
                 Array {

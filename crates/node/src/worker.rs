@@ -13,7 +13,9 @@ use blocktrain_model::data::{Split, WindowSampler};
 use blocktrain_model::trainer::Trainer;
 use blocktrain_protocol::codec::{Codec, ErrorFeedback};
 use blocktrain_protocol::identity::Identity;
-use blocktrain_protocol::wire::{DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_protocol::wire::{
+    DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION,
+};
 use tch::{Device, Kind};
 
 use crate::client::Client;
@@ -76,8 +78,13 @@ pub fn load_or_create_key(path: &Path) -> Result<Identity> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(path).map_err(io_err(path))?;
-    std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes()).map_err(io_err(path))?;
-    eprintln!("created worker key {} (public {})", path.display(), id.public_hex());
+    std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes())
+        .map_err(io_err(path))?;
+    eprintln!(
+        "created worker key {} (public {})",
+        path.display(),
+        id.public_hex()
+    );
     Ok(id)
 }
 
@@ -145,7 +152,11 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         manifest.parts.len(),
         run.codec,
         match &opts.data {
-            Some(p) => format!("own data {} ({} bytes, stays on this host)", p.display(), corpus.len()),
+            Some(p) => format!(
+                "own data {} ({} bytes, stays on this host)",
+                p.display(),
+                corpus.len()
+            ),
             None => manifest.plan.dataset.describe(),
         }
     );
@@ -153,6 +164,7 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
     let mut summary = WorkerSummary::default();
     let mut current: Option<Current> = None;
     let mut leases = 0;
+    let mut refused_in_a_row = 0;
     loop {
         if opts.max_leases.is_some_and(|m| leases >= m) {
             break;
@@ -172,11 +184,20 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         let weights = client.checkpoint(&lease.weights_hash, &opts.cache)?;
         if current.as_ref().is_none_or(|c| c.block != lease.block) {
             let part = lease.block;
-            let state = manifest
-                .parts
-                .get(part)
-                .ok_or_else(|| NodeError::Rejected(format!("lease names block {} of {}", part + 1, manifest.parts.len())))?;
-            let trainer = Trainer::new(&manifest.part_model(part), state.objective, manifest.optim.clone(), opts.device, lease.seed as i64)?;
+            let state = manifest.parts.get(part).ok_or_else(|| {
+                NodeError::Rejected(format!(
+                    "lease names block {} of {}",
+                    part + 1,
+                    manifest.parts.len()
+                ))
+            })?;
+            let trainer = Trainer::new(
+                &manifest.part_model(part),
+                state.objective,
+                manifest.optim.clone(),
+                opts.device,
+                lease.seed as i64,
+            )?;
             current = Some(Current {
                 block: part,
                 trainer,
@@ -186,8 +207,20 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         let cur = current.as_mut().expect("set above");
         cur.trainer.load_weights(&weights)?;
         let t0 = Instant::now();
-        let Some(loss) = train_lease(&mut client, &mut cur.trainer, &lease, &corpus, manifest.model.window, opts.device)? else {
-            eprintln!("[worker {me}] block {} moved past version {}; dropping this lease", lease.block + 1, lease.version);
+        let Some(loss) = train_lease(
+            &mut client,
+            &mut cur.trainer,
+            &lease,
+            &corpus,
+            manifest.model.window,
+            opts.device,
+        )?
+        else {
+            eprintln!(
+                "[worker {me}] block {} moved past version {}; dropping this lease",
+                lease.block + 1,
+                lease.version
+            );
             current = None;
             continue;
         };
@@ -203,6 +236,7 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         match client.upload(lease.id, &body, loss) {
             Ok(r) => {
                 summary.accepted += 1;
+                refused_in_a_row = 0;
                 eprintln!(
                     "[worker {me}] block {} v{}: {} steps in {secs:.1} s ({:.1} steps/s), loss {loss:.4}, sent {} KB {} -> accepted (block now v{})",
                     lease.block + 1,
@@ -214,10 +248,21 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
                     r.block_version
                 );
             }
-            Err(e @ (NodeError::Stale(_) | NodeError::Rejected(_))) => {
+            Err(e @ NodeError::Stale(_)) => {
                 summary.refused += 1;
                 cur.feedback = ErrorFeedback::default();
                 eprintln!("[worker {me}] update refused: {e}");
+            }
+            Err(e @ (NodeError::Rejected(_) | NodeError::TooLarge(_))) => {
+                summary.refused += 1;
+                refused_in_a_row += 1;
+                cur.feedback = ErrorFeedback::default();
+                eprintln!("[worker {me}] update refused: {e}");
+                if refused_in_a_row >= 3 {
+                    return Err(NodeError::Rejected(format!(
+                        "the coordinator refused 3 updates in a row; the last: {e}"
+                    )));
+                }
             }
             Err(e) => return Err(e),
         }
@@ -228,7 +273,14 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
 }
 
 /// Trains one lease; None if the coordinator said (via heartbeat) the round moved on.
-fn train_lease(client: &mut Client, trainer: &mut Trainer, lease: &Lease, corpus: &[u8], window: i64, device: Device) -> Result<Option<f64>> {
+fn train_lease(
+    client: &mut Client,
+    trainer: &mut Trainer,
+    lease: &Lease,
+    corpus: &[u8],
+    window: i64,
+    device: Device,
+) -> Result<Option<f64>> {
     let shard = shard_of(corpus, lease.shard_index, lease.shard_count, window);
     let mut sampler = WindowSampler::new(shard, window, lease.seed, device)?;
     let beat_every = Duration::from_millis(lease.lease_ms / 3).max(Duration::from_millis(100));
@@ -236,12 +288,15 @@ fn train_lease(client: &mut Client, trainer: &mut Trainer, lease: &Lease, corpus
     let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
     for i in 0..lease.steps {
         let x = sampler.next_batch(lease.batch);
-        let lr = trainer.optim.lr_at(lease.schedule_step + i, lease.schedule_total);
+        let lr = trainer
+            .optim
+            .lr_at(lease.schedule_step + i, lease.schedule_total);
         let noise_seed = (lease.seed as i64).wrapping_add(i);
         loss_sum += trainer.train_step_with(&x, lr, noise_seed);
         if last_beat.elapsed() >= beat_every {
             last_beat = Instant::now();
-            let r: HeartbeatReply = client.post_empty(&format!("/v1/leases/{}/heartbeat", lease.id))?;
+            let r: HeartbeatReply =
+                client.post_empty(&format!("/v1/leases/{}/heartbeat", lease.id))?;
             if !r.still_wanted {
                 return Ok(None);
             }
@@ -282,6 +337,9 @@ mod tests {
         let b = load_or_create_key(&p).unwrap();
         assert_eq!(a.public_hex(), b.public_hex());
         std::fs::write(&p, "nothex").unwrap();
-        assert!(load_or_create_key(&p).unwrap_err().to_string().contains("hex"));
+        assert!(load_or_create_key(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("hex"));
     }
 }

@@ -385,7 +385,8 @@ impl ErrorFeedback {
             }
         }
         let bytes = encode(&corrected, codec);
-        let (sent, _) = decode(&bytes, &shapes_of(&corrected), usize::MAX).expect("own encoding decodes");
+        let (sent, _) =
+            decode(&bytes, &shapes_of(&corrected), usize::MAX).expect("own encoding decodes");
         for (name, a) in corrected.iter_mut() {
             a.data
                 .iter_mut()

@@ -62,7 +62,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     init_logging();
     let cfg = match &args.run {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             Some(RunConfig::from_toml(&text)?)
         }
         None => None,
@@ -70,7 +71,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let coord = Coordinator::open(&args.state, cfg, now_ms())?;
     let c = coord.config().clone();
     let running = server::spawn(args.listen, coord)?;
-    std::fs::write(args.state.join("coordinator.addr"), running.addr.to_string())?;
+    std::fs::write(
+        args.state.join("coordinator.addr"),
+        running.addr.to_string(),
+    )?;
     println!(
         "coordinator on {} : {} blocks x {} rounds of {} local steps, up to {} workers per block, codec {}, outer {:?}; state in {}",
         running.url(),
@@ -85,7 +89,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if c.auth.join_secret.is_none() && c.auth.allow.is_empty() {
         println!("note: this run is open to any worker key (set [auth] join_secret or allow in run.toml to restrict it)");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut done_since: Option<std::time::Instant> = None;
     loop {
         let ctrl_c = rt.block_on(async {
@@ -95,7 +101,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             }
         });
         if ctrl_c {
-            println!("stopping (state is saved; start again with --state {} to continue)", args.state.display());
+            println!(
+                "stopping (state is saved; start again with --state {} to continue)",
+                args.state.display()
+            );
             break;
         }
         if args.exit_when_done {

@@ -64,7 +64,9 @@ impl DemoArgs {
     pub fn run_config(&self) -> Result<RunConfig> {
         let p = self.profile.preset();
         let per_block = self.workers.div_ceil(self.blocks).max(1) as u32;
-        let h = self.local_steps.unwrap_or(if self.profile == Profile::Tiny { 5 } else { 50 });
+        let h = self
+            .local_steps
+            .unwrap_or(if self.profile == Profile::Tiny { 5 } else { 50 });
         let mut cfg = RunConfig {
             blocks: self.blocks,
             dataset: self.data.clone(),
@@ -88,7 +90,9 @@ impl DemoArgs {
 pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Result<Vec<Child>> {
     std::fs::create_dir_all(dir)?;
     let exe = std::env::current_exe().context("locating the blocktrain binary")?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let threads = device.threads.unwrap_or((cores / n).max(1));
     (0..n)
         .map(|k| {
@@ -100,7 +104,12 @@ pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Re
                 .arg(dir.join(format!("worker-{}.key", k + 1)))
                 .arg("--cache")
                 .arg(dir.join(format!("cache-{}", k + 1)))
-                .args(["--device", &device.device, "--threads", &threads.to_string()])
+                .args([
+                    "--device",
+                    &device.device,
+                    "--threads",
+                    &threads.to_string(),
+                ])
                 .args(["--retry-for", "30"])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
@@ -113,10 +122,14 @@ pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Re
 
 /// Serves the run in `out` to `workers` local worker processes until every block has
 /// all its versions, with a progress bar; returns total bytes (up, down).
-pub fn train_on_loopback(cfg: RunConfig, out: &Path, workers: usize, device: &DeviceArgs) -> Result<(u64, u64)> {
-    let coord = Coordinator::open(out, Some(cfg.clone()), now_ms()).map_err(|e| {
-        anyhow::anyhow!("{e} (or pass --out to start a new run elsewhere)")
-    })?;
+pub fn train_on_loopback(
+    cfg: RunConfig,
+    out: &Path,
+    workers: usize,
+    device: &DeviceArgs,
+) -> Result<(u64, u64)> {
+    let coord = Coordinator::open(out, Some(cfg.clone()), now_ms())
+        .map_err(|e| anyhow::anyhow!("{e} (or pass --out to start a new run elsewhere)"))?;
     let running = server::spawn("127.0.0.1:0".parse()?, coord)?;
     let total = (cfg.blocks as u64) * cfg.training.rounds;
     let bar = progress::bar(total, "versions");

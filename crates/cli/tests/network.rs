@@ -1,0 +1,438 @@
+//! Network training with real processes on loopback: a coordinator and workers as a
+//! user starts them, with workers and the coordinator killed mid-run, and hostile
+//! uploads sent by hand.
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blocktrain_node::coordinator::Status;
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::signed;
+use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+
+const BIN: &str = env!("CARGO_BIN_EXE_blocktrain");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bt-net-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny run: `blocks` blocks, `rounds` rounds of `steps` local steps.
+fn run_toml(
+    dir: &Path,
+    blocks: usize,
+    rounds: u64,
+    steps: i64,
+    per_block: u32,
+    extra: &str,
+) -> PathBuf {
+    let p = dir.join("run.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "blocks = {blocks}\ndataset = \"shakespeare\"\n{extra}\n\
+             [model]\nd_model = 32\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 32\ncausal = false\nt_cond = false\n\
+             [training]\nrounds = {rounds}\nlocal_steps = {steps}\nbatch = 8\nworkers_per_block = {per_block}\n\
+             [faults]\nlease_secs = 2.0\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .unwrap()
+}
+
+fn coordinator(dir: &Path, port: u16, run: Option<&Path>) -> (Proc, String) {
+    let state = dir.join("state");
+    let _ = std::fs::remove_file(state.join("coordinator.addr"));
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--exit-when-done",
+    ])
+    .arg("--state")
+    .arg(&state);
+    if let Some(r) = run {
+        cmd.arg("--run").arg(r);
+    }
+    let log = log_file(dir, "coordinator.log");
+    let child = cmd
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let p = Proc(child);
+    wait_for(Duration::from_secs(30), "coordinator to listen", || {
+        state.join("coordinator.addr").exists()
+    });
+    (p, url)
+}
+
+fn worker(dir: &Path, url: &str, name: &str, extra: &[&str]) -> Proc {
+    let log = log_file(dir, &format!("{name}.log"));
+    let child = Command::new(BIN)
+        .args([
+            "worker",
+            "--coordinator",
+            url,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--retry-for",
+            "60",
+        ])
+        .arg("--key")
+        .arg(dir.join(format!("{name}.key")))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn status(url: &str) -> Option<Status> {
+    reqwest::blocking::get(format!("{url}/v1/status"))
+        .ok()?
+        .json()
+        .ok()
+}
+
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "process did not exit in {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+#[test]
+fn workers_train_every_block_over_http_and_bytes_are_counted() {
+    let dir = scratch("happy");
+    let run = run_toml(&dir, 2, 2, 5, 2, "");
+    let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
+    let mut ws: Vec<Proc> = (0..3)
+        .map(|i| worker(&dir, &url, &format!("w{i}"), &[]))
+        .collect();
+    let mut last = None;
+    wait_for(Duration::from_secs(90), "the run to finish", || {
+        last = status(&url).or(last.take());
+        last.as_ref().is_some_and(|s| s.done)
+    });
+    let s = last.unwrap();
+    assert_eq!(
+        s.blocks.iter().map(|b| b.version).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert!(s.updates["applied"] >= 4, "{:?}", s.updates);
+    assert!(s.bytes_up > 0 && s.bytes_down > 0);
+    assert_eq!(
+        s.bytes_up,
+        s.workers.iter().map(|w| w.bytes_up).sum::<u64>()
+    );
+    let metrics = reqwest::blocking::get(format!("{url}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("blocktrain_block_version{block=\"2\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE blocktrain_block_bytes_total counter"),
+        "{metrics}"
+    );
+    for w in ws.iter_mut() {
+        assert!(wait_exit(w, Duration::from_secs(30)).success());
+    }
+    assert!(wait_exit(&mut coord, Duration::from_secs(30)).success());
+    assert!(
+        read(&dir, "w0.log").contains("run is done"),
+        "{}",
+        read(&dir, "w0.log")
+    );
+    // The merged model is a normal run directory.
+    let o = Command::new(BIN)
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--max-windows",
+            "8",
+            "--checkpoint",
+        ])
+        .arg(dir.join("state/model"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("total ELBO"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn killed_worker_lease_lapses_and_the_round_completes_without_it() {
+    let dir = scratch("killworker");
+    // One block, two workers per round; training takes long enough to kill one mid-way.
+    let run = run_toml(&dir, 1, 1, 1500, 2, "");
+    let (_coord, url) = coordinator(&dir, free_port(), Some(&run));
+    let mut doomed = worker(&dir, &url, "doomed", &[]);
+    wait_for(Duration::from_secs(30), "a lease", || {
+        status(&url).is_some_and(|s| s.blocks[0].active_leases == 1)
+    });
+    std::thread::sleep(Duration::from_millis(300)); // mid-training
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
+    let _survivor = worker(&dir, &url, "survivor", &[]);
+    let mut last = None;
+    wait_for(Duration::from_secs(120), "the round to close", || {
+        last = status(&url).or(last.take());
+        last.as_ref().is_some_and(|s| s.done)
+    });
+    let s = last.unwrap();
+    assert_eq!(s.blocks[0].version, 1);
+    assert_eq!(
+        s.updates["applied"], 1,
+        "only the survivor's update: {:?}",
+        s.updates
+    );
+}
+
+#[test]
+fn coordinator_killed_and_restarted_loses_no_version() {
+    let dir = scratch("killcoord");
+    let port = free_port();
+    let run = run_toml(&dir, 1, 6, 200, 1, "");
+    let (mut coord, url) = coordinator(&dir, port, Some(&run));
+    let mut w = worker(&dir, &url, "w", &[]);
+    let mut before = 0;
+    wait_for(Duration::from_secs(60), "two committed versions", || {
+        before = status(&url).map_or(0, |s| s.blocks[0].version);
+        before >= 2
+    });
+    coord.0.kill().unwrap(); // SIGKILL: no shutdown path runs
+    coord.0.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Restart on the same address without --run: the stored run resumes.
+    let (_coord2, url2) = coordinator(&dir, port, None);
+    let after = status(&url2).unwrap().blocks[0].version;
+    assert!(
+        after >= before,
+        "version went back from {before} to {after}"
+    );
+    assert!(
+        wait_exit(&mut w, Duration::from_secs(120)).success(),
+        "{}",
+        read(&dir, "w.log")
+    );
+    let s = status(&url2).unwrap();
+    assert_eq!(s.blocks[0].version, 6);
+    let log = read(&dir, "w.log");
+    assert!(log.contains("cannot reach coordinator"), "{log}");
+}
+
+/// A hand-made signed request: what a hostile or broken worker can send.
+fn signed_post(
+    url: &str,
+    id: &Identity,
+    path: &str,
+    body: &[u8],
+    tamper: bool,
+) -> reqwest::blocking::Response {
+    let auth = signed::sign(id, "POST", path, blocktrain_node::now_ms(), body);
+    let mut body = body.to_vec();
+    if tamper {
+        body.push(b' ');
+    }
+    reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .header(signed::KEY_HEADER, auth.key)
+        .header(signed::TIME_HEADER, auth.time_ms.to_string())
+        .header(signed::NONCE_HEADER, auth.nonce)
+        .header(signed::SIG_HEADER, auth.sig)
+        .body(body)
+        .send()
+        .unwrap()
+}
+
+/// Sends a request head declaring `declared` body bytes, then `body`; returns the reply.
+fn raw_post(url: &str, path: &str, declared: u64, body: &[u8]) -> String {
+    use std::io::Read;
+    let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    write!(
+        tcp,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {declared}\r\n\r\n"
+    )
+    .unwrap();
+    tcp.write_all(body).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = tcp.read(&mut reply).unwrap_or(0);
+    String::from_utf8_lossy(&reply[..n]).to_string()
+}
+
+fn info() -> WorkerInfo {
+    WorkerInfo {
+        wire_version: WIRE_VERSION,
+        device: "cpu".into(),
+        memory_bytes: 0,
+        step_rate: None,
+        data: None,
+    }
+}
+
+#[test]
+fn hostile_requests_get_clear_errors_and_leave_checkpoints_intact() {
+    let dir = scratch("hostile");
+    let run = run_toml(&dir, 1, 1, 5, 1, "[auth]\njoin_secret = \"open sesame\"");
+    let (_coord, url) = coordinator(&dir, free_port(), Some(&run));
+    let weights_before = status(&url).unwrap().blocks[0].weights.clone();
+
+    // Unsigned, and signed by a key that never registered.
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/work"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().unwrap().contains("not signed"));
+    let stranger = Identity::generate();
+    let body = serde_json::to_vec(&info()).unwrap();
+    let r = signed_post(&url, &stranger, "/v1/work", &body, false);
+    assert_eq!(r.status(), 401);
+    assert!(r.text().unwrap().contains("register first"));
+    // Without the join secret, and with a body that does not match its signature.
+    let reg = |proof: Option<String>| {
+        serde_json::to_vec(&RegisterRequest {
+            info: info(),
+            join_proof: proof,
+        })
+        .unwrap()
+    };
+    let r = signed_post(&url, &stranger, "/v1/register", &reg(None), false);
+    assert_eq!(r.status(), 403);
+    assert!(r.text().unwrap().contains("join secret"));
+    let id = Identity::generate();
+    let proof = Some(blocktrain_protocol::wire::join_proof(
+        "open sesame",
+        &id.public_hex(),
+    ));
+    assert_eq!(
+        signed_post(&url, &id, "/v1/register", &reg(proof.clone()), true).status(),
+        401
+    );
+    assert!(signed_post(&url, &id, "/v1/register", &reg(proof), false)
+        .status()
+        .is_success());
+
+    let lease: Lease = match signed_post(&url, &id, "/v1/work", &body, false)
+        .json()
+        .unwrap()
+    {
+        WorkReply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    let path = format!("/v1/updates/{}", lease.id);
+    // Garbage, a bad signature, an oversized declared body, and an upload cut off mid-way.
+    let r = signed_post(&url, &id, &path, b"not safetensors", false);
+    assert_eq!(r.status(), 422);
+    assert_eq!(signed_post(&url, &id, &path, b"x", true).status(), 401);
+    let reply = raw_post(&url, &path, 999_999_999, &[0u8; 16]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    write!(
+        tcp,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n"
+    )
+    .unwrap();
+    tcp.write_all(&[7u8; 1000]).unwrap();
+    drop(tcp); // the uploader dies mid-body
+
+    let mut reasons = Vec::new();
+    wait_for(Duration::from_secs(10), "four recorded rejections", || {
+        reasons = status(&url)
+            .unwrap()
+            .recent
+            .iter()
+            .filter_map(|u| u.reason.clone())
+            .collect();
+        reasons.len() >= 4
+    });
+    let all = reasons.join("\n");
+    for needle in [
+        "safetensors",
+        "signature",
+        "exceeds the limit",
+        "interrupted",
+    ] {
+        assert!(
+            all.contains(needle),
+            "no rejection mentions '{needle}':\n{all}"
+        );
+    }
+    let s = status(&url).unwrap();
+    assert_eq!(
+        s.blocks[0].weights, weights_before,
+        "stored checkpoint untouched"
+    );
+    assert_eq!(s.blocks[0].version, 0);
+
+    // A real worker without the secret is refused with a message that says so.
+    let mut w = worker(&dir, &url, "nosecret", &[]);
+    assert!(!wait_exit(&mut w, Duration::from_secs(30)).success());
+    assert!(read(&dir, "nosecret.log").contains("join secret"));
+    // With it, the run completes.
+    let mut w = worker(&dir, &url, "member", &["--join-secret", "open sesame"]);
+    assert!(
+        wait_exit(&mut w, Duration::from_secs(60)).success(),
+        "{}",
+        read(&dir, "member.log")
+    );
+}
