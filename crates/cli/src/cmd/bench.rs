@@ -22,6 +22,8 @@ use crate::profile::Profile;
 pub enum BenchCommand {
     /// Step time, bytes/s, GFLOP/s and peak memory: one block vs E2E (vs PyTorch).
     Train(BenchTrainArgs),
+    /// A training run over HTTP (loopback or emulated WAN hosts): CE start/end, bytes moved.
+    Network(crate::cmd::bench_network::BenchNetworkArgs),
     /// One configuration, in a child process (used by `bench train`).
     #[command(hide = true)]
     TrainOne(TrainOneArgs),
@@ -73,6 +75,7 @@ pub struct TrainOneArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::Network(a) => crate::cmd::bench_network::run(a),
         BenchCommand::TrainOne(a) => train_one(a),
     }
 }

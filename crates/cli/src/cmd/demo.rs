@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
 use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::Coordinator;
+use blocktrain_node::coordinator::{Coordinator, Status};
 use blocktrain_node::{now_ms, server};
 use clap::Args;
 
@@ -86,34 +86,44 @@ impl DemoArgs {
     }
 }
 
+/// The command line of local worker `k` (1-based) against `url`, files under `dir`.
+pub fn worker_command(prefix: &[String], url: &str, dir: &Path, k: usize, device: &DeviceArgs, threads: usize) -> Result<Command> {
+    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.arg("worker")
+        .args(["--coordinator", url])
+        .arg("--key")
+        .arg(dir.join(format!("worker-{k}.key")))
+        .arg("--cache")
+        .arg(dir.join(format!("cache-{k}")))
+        .args(["--device", &device.device, "--threads", &threads.to_string()])
+        .args(["--retry-for", "30"])
+        .stdin(Stdio::null());
+    let log = std::fs::File::create(dir.join(format!("worker-{k}.log")))?;
+    cmd.stdout(log.try_clone()?).stderr(log);
+    Ok(cmd)
+}
+
+/// CPU threads per worker when `n` share this machine.
+pub fn threads_per_worker(n: usize, device: &DeviceArgs) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    device.threads.unwrap_or((cores / n.max(1)).max(1))
+}
+
 /// Starts `n` worker processes of this binary against `url`; logs go to `dir`.
 pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Result<Vec<Child>> {
     std::fs::create_dir_all(dir)?;
-    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let threads = device.threads.unwrap_or((cores / n).max(1));
-    (0..n)
+    let threads = threads_per_worker(n, device);
+    (1..=n)
         .map(|k| {
-            let log = std::fs::File::create(dir.join(format!("worker-{}.log", k + 1)))?;
-            Command::new(&exe)
-                .arg("worker")
-                .args(["--coordinator", url])
-                .arg("--key")
-                .arg(dir.join(format!("worker-{}.key", k + 1)))
-                .arg("--cache")
-                .arg(dir.join(format!("cache-{}", k + 1)))
-                .args([
-                    "--device",
-                    &device.device,
-                    "--threads",
-                    &threads.to_string(),
-                ])
-                .args(["--retry-for", "30"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
+            worker_command(&[], url, dir, k, device, threads)?
                 .spawn()
                 .context("starting a worker process")
         })
@@ -121,13 +131,19 @@ pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Re
 }
 
 /// Serves the run in `out` to `workers` local worker processes until every block has
-/// all its versions, with a progress bar; returns total bytes (up, down).
-pub fn train_on_loopback(
+/// all its versions, with a progress bar; returns the final status.
+pub fn train_on_loopback(cfg: RunConfig, out: &Path, workers: usize, device: &DeviceArgs) -> Result<Status> {
+    let logs = out.join("workers");
+    serve_until_done(cfg, out, |url| spawn_workers(workers, url, &logs, device))
+}
+
+/// Serves the run in `out` on loopback, starts workers with `start(url)`, and shows
+/// progress until every block has all its versions; returns the final status.
+pub fn serve_until_done(
     cfg: RunConfig,
     out: &Path,
-    workers: usize,
-    device: &DeviceArgs,
-) -> Result<(u64, u64)> {
+    start: impl FnOnce(&str) -> Result<Vec<Child>>,
+) -> Result<Status> {
     let coord = Coordinator::open(out, Some(cfg.clone()), now_ms())
         .map_err(|e| anyhow::anyhow!("{e} (or pass --out to start a new run elsewhere)"))?;
     let running = server::spawn("127.0.0.1:0".parse()?, coord)?;
@@ -137,7 +153,7 @@ pub fn train_on_loopback(
     let mut children = if running.status()?.done {
         Vec::new()
     } else {
-        spawn_workers(workers, &running.url(), &logs, device)?
+        start(&running.url())?
     };
     let start = Instant::now();
     loop {
@@ -189,7 +205,7 @@ pub fn train_on_loopback(
         s.bytes_down as f64 / 1e6,
         logs.display()
     );
-    Ok((s.bytes_up, s.bytes_down))
+    Ok(s)
 }
 
 /// Runs `blocktrain demo`.

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_network;
 pub mod boundaries;
 pub mod coordinator;
 pub mod demo;
