@@ -99,7 +99,10 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         other => bail!("--split is valid or test, not {other}"),
     };
     if args.out.join("state.sqlite").exists() {
-        bail!("{} already holds a run; pass a new --out", args.out.display());
+        bail!(
+            "{} already holds a run; pass a new --out",
+            args.out.display()
+        );
     }
     let demo = DemoArgs {
         profile: args.profile,
@@ -153,7 +156,9 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         None => None,
     };
     if hosts == Hosts::Netns {
-        let _ = Command::new("scripts/wan-hosts").args(["check", &args.workers.to_string()]).status();
+        let _ = Command::new("scripts/wan-hosts")
+            .args(["check", &args.workers.to_string()])
+            .status();
     }
 
     let rounds = cfg.training.rounds;
@@ -162,10 +167,19 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, cfg.outer.optimizer, link_desc
     );
     // Version 0 is written when the coordinator opens the state; evaluate it first.
-    drop(blocktrain_node::coordinator::Coordinator::open(&args.out, Some(cfg.clone()), blocktrain_node::now_ms())?);
+    drop(blocktrain_node::coordinator::Coordinator::open(
+        &args.out,
+        Some(cfg.clone()),
+        blocktrain_node::now_ms(),
+    )?);
     let model = args.out.join("model");
     let start_ce = ce(&model, split, args.eval_windows, device)?;
-    println!("CE at version 0: {:.4} ± {:.4} nats/byte ({})", start_ce.0, start_ce.1, split.name());
+    println!(
+        "CE at version 0: {:.4} ± {:.4} nats/byte ({})",
+        start_ce.0,
+        start_ce.1,
+        split.name()
+    );
 
     let logs = args.out.join("workers");
     std::fs::create_dir_all(&logs)?;
@@ -186,7 +200,15 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
                     let l = spawn_link_thread(format!("10.77.{k}.1:0").parse()?, coord, spec)?;
                     let u = format!("http://{}", l.local_addr());
                     links.push(l);
-                    (vec!["ip".into(), "netns".into(), "exec".into(), format!("bt-h{k}")], u)
+                    (
+                        vec![
+                            "ip".into(),
+                            "netns".into(),
+                            "exec".into(),
+                            format!("bt-h{k}"),
+                        ],
+                        u,
+                    )
                 }
                 (Some(spec), Hosts::Loopback) => {
                     let l = spawn_link_thread("127.0.0.1:0".parse()?, coord, spec)?;
@@ -205,7 +227,9 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     let link_bytes: u64 = links.iter().map(|l| l.bytes_up() + l.bytes_down()).sum();
     drop(links);
     if hosts == Hosts::Netns {
-        let _ = Command::new("scripts/wan-hosts").args(["down", &args.workers.to_string()]).status();
+        let _ = Command::new("scripts/wan-hosts")
+            .args(["down", &args.workers.to_string()])
+            .status();
     }
     let moved = status.bytes_up + status.bytes_down;
     let drop_ce = start_ce.0 - end_ce.0;

@@ -87,7 +87,14 @@ impl DemoArgs {
 }
 
 /// The command line of local worker `k` (1-based) against `url`, files under `dir`.
-pub fn worker_command(prefix: &[String], url: &str, dir: &Path, k: usize, device: &DeviceArgs, threads: usize) -> Result<Command> {
+pub fn worker_command(
+    prefix: &[String],
+    url: &str,
+    dir: &Path,
+    k: usize,
+    device: &DeviceArgs,
+    threads: usize,
+) -> Result<Command> {
     let exe = std::env::current_exe().context("locating the blocktrain binary")?;
     let mut cmd = match prefix.split_first() {
         Some((first, rest)) => {
@@ -103,7 +110,12 @@ pub fn worker_command(prefix: &[String], url: &str, dir: &Path, k: usize, device
         .arg(dir.join(format!("worker-{k}.key")))
         .arg("--cache")
         .arg(dir.join(format!("cache-{k}")))
-        .args(["--device", &device.device, "--threads", &threads.to_string()])
+        .args([
+            "--device",
+            &device.device,
+            "--threads",
+            &threads.to_string(),
+        ])
         .args(["--retry-for", "30"])
         .stdin(Stdio::null());
     let log = std::fs::File::create(dir.join(format!("worker-{k}.log")))?;
@@ -113,7 +125,9 @@ pub fn worker_command(prefix: &[String], url: &str, dir: &Path, k: usize, device
 
 /// CPU threads per worker when `n` share this machine.
 pub fn threads_per_worker(n: usize, device: &DeviceArgs) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     device.threads.unwrap_or((cores / n.max(1)).max(1))
 }
 
@@ -132,7 +146,12 @@ pub fn spawn_workers(n: usize, url: &str, dir: &Path, device: &DeviceArgs) -> Re
 
 /// Serves the run in `out` to `workers` local worker processes until every block has
 /// all its versions, with a progress bar; returns the final status.
-pub fn train_on_loopback(cfg: RunConfig, out: &Path, workers: usize, device: &DeviceArgs) -> Result<Status> {
+pub fn train_on_loopback(
+    cfg: RunConfig,
+    out: &Path,
+    workers: usize,
+    device: &DeviceArgs,
+) -> Result<Status> {
     let logs = out.join("workers");
     serve_until_done(cfg, out, |url| spawn_workers(workers, url, &logs, device))
 }

@@ -1,0 +1,129 @@
+//! The HTTP layer in-process: a real server and the worker's client, for what the
+//! process tests do not reach cheaply: resumable and verified downloads, data residency,
+//! rate-adapted local steps.
+use blocktrain_model::config::ModelConfig;
+use blocktrain_node::client::Client;
+use blocktrain_node::config::RunConfig;
+use blocktrain_node::coordinator::{Coordinator, RunInfo};
+use blocktrain_node::{now_ms, server};
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::wire::{DataShard, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+
+fn tiny() -> RunConfig {
+    let mut c = RunConfig {
+        blocks: 1,
+        model: ModelConfig {
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            mlp_ratio: 2,
+            window: 16,
+            causal: false,
+            t_cond: false,
+        },
+        ..Default::default()
+    };
+    c.training.workers_per_block = 4;
+    c.training.local_steps = 40;
+    c.training.round_seconds = 2.0;
+    c
+}
+
+fn info(rate: Option<f64>, data: Option<DataShard>) -> WorkerInfo {
+    WorkerInfo {
+        wire_version: WIRE_VERSION,
+        device: "cpu".into(),
+        memory_bytes: 1 << 30,
+        step_rate: rate,
+        data,
+    }
+}
+
+fn lease(c: &mut Client, rate: Option<f64>) -> blocktrain_protocol::wire::Lease {
+    match c
+        .post_json::<_, WorkReply>("/v1/work", &info(rate, None))
+        .unwrap()
+    {
+        WorkReply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn downloads_resume_verify_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::open(&dir.path().join("state"), Some(tiny()), now_ms()).unwrap();
+    let running = server::spawn("127.0.0.1:0".parse().unwrap(), coord).unwrap();
+    let id = Identity::generate();
+    let mut c = Client::new(&running.url(), id.clone()).unwrap();
+    let shard = DataShard {
+        blake3: "ab".repeat(32),
+        bytes: 12345,
+    };
+    let req = RegisterRequest {
+        info: info(None, Some(shard.clone())),
+        join_proof: None,
+    };
+    let _: RunInfo = c.post_json("/v1/register", &req).unwrap();
+    let l = lease(&mut c, None);
+
+    // A partial download from an earlier attempt: only the rest is fetched.
+    let blob = std::fs::read(
+        dir.path()
+            .join(format!("state/blobs/{}.safetensors", l.weights_hash)),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let partial = cache.join(format!(
+        "{}.{}.partial",
+        l.weights_hash,
+        &id.public_hex()[..12]
+    ));
+    std::fs::write(&partial, &blob[..1000]).unwrap();
+    let got = c.checkpoint(&l.weights_hash, &cache).unwrap();
+    assert_eq!(got, blob);
+    assert_eq!(
+        c.bytes_down,
+        (blob.len() - 1000) as u64,
+        "resumed with a Range request"
+    );
+    // Cached now: no bytes move.
+    c.checkpoint(&l.weights_hash, &cache).unwrap();
+    assert_eq!(c.bytes_down, (blob.len() - 1000) as u64);
+    // A corrupt cache entry is detected and replaced.
+    let done = cache.join(format!("{}.safetensors", l.weights_hash));
+    std::fs::write(&done, b"garbage").unwrap();
+    assert_eq!(c.checkpoint(&l.weights_hash, &cache).unwrap(), blob);
+    // A hash the coordinator never committed is not served.
+    let e = c.checkpoint(&"cd".repeat(32), &cache).unwrap_err();
+    assert!(e.to_string().contains("no checkpoint"), "{e}");
+
+    // Data residency: the coordinator knows the shard's blake3 and size, nothing more.
+    let s = running.status().unwrap();
+    assert_eq!(
+        s.workers[0].data_blake3.as_deref(),
+        Some(shard.blake3.as_str())
+    );
+    assert_eq!(s.workers[0].data_bytes, Some(12345));
+    assert_eq!(s.bytes_down, c.bytes_down, "server counted what it served");
+}
+
+#[test]
+fn local_steps_follow_each_workers_measured_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::open(dir.path(), Some(tiny()), now_ms()).unwrap();
+    let running = server::spawn("127.0.0.1:0".parse().unwrap(), coord).unwrap();
+    let mut steps = Vec::new();
+    for rate in [None, Some(5.0), Some(40.0), Some(1000.0)] {
+        let mut c = Client::new(&running.url(), Identity::generate()).unwrap();
+        let req = RegisterRequest {
+            info: info(rate, None),
+            join_proof: None,
+        };
+        let _: RunInfo = c.post_json("/v1/register", &req).unwrap();
+        steps.push(lease(&mut c, rate).steps);
+    }
+    // H = 40 until a rate is known; then rate x 2 s, clamped to [H/4, 4H].
+    assert_eq!(steps, vec![40, 10, 80, 160]);
+}
