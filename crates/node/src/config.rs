@@ -83,6 +83,9 @@ pub enum OuterKind {
 pub struct Wire {
     /// Codec workers use for updates: fp32, fp16, int8[:chunk], topk:fraction.
     pub codec: String,
+    /// Precision of the checkpoints workers download: fp16 (half the bytes; the master copy
+    /// that merges apply to stays fp32) or fp32.
+    pub checkpoint_codec: String,
     /// Reject a delta whose RMS exceeds this multiple of `lr x steps`: AdamW moves a
     /// weight by about lr per step at most, so a larger delta cannot come from the run's
     /// optimizer (a scaled or garbage update).
@@ -158,6 +161,7 @@ impl Default for Wire {
     fn default() -> Self {
         Wire {
             codec: "fp16".into(),
+            checkpoint_codec: "fp16".into(),
             max_delta_ratio: 2.0,
         }
     }
@@ -203,6 +207,12 @@ impl RunConfig {
             return bad("training.round_seconds must be >= 0".into());
         }
         Codec::parse(&self.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
+        if !matches!(self.wire.checkpoint_codec.as_str(), "fp32" | "fp16") {
+            return bad(format!(
+                "wire.checkpoint_codec is fp32 or fp16, not '{}'",
+                self.wire.checkpoint_codec
+            ));
+        }
         if self.wire.max_delta_ratio.is_nan() || self.wire.max_delta_ratio <= 0.0 {
             return bad("wire.max_delta_ratio must be > 0".into());
         }

@@ -147,6 +147,14 @@ fn encode_weights(weights: &Arrays) -> Vec<u8> {
     codec::encode(weights, Codec::Fp32)
 }
 
+/// The copy workers download, in the run's checkpoint codec.
+fn encode_wire(weights: &Arrays, cfg: &RunConfig) -> Vec<u8> {
+    match cfg.wire.checkpoint_codec.as_str() {
+        "fp16" => codec::encode(weights, Codec::Fp16),
+        _ => encode_weights(weights),
+    }
+}
+
 impl Coordinator {
     /// Opens the run in `state_dir`, creating it from `cfg` when the directory is new.
     /// A directory that already holds a run resumes it; `cfg`, if given, must match.
@@ -190,11 +198,11 @@ impl Coordinator {
                 let trainer = model.trainer(block, tch::Device::Cpu)?;
                 let weights = tensors::to_arrays(&trainer.weights())?;
                 let bytes = encode_weights(&weights);
-                let hash = store.put_blob(&bytes)?;
                 let head = BlockHead {
                     block,
                     version: 0,
-                    weights: hash,
+                    weights: store.put_blob(&bytes)?,
+                    wire: store.put_blob(&encode_wire(&weights, &cfg))?,
                     momentum: None,
                     steps: 0,
                 };
@@ -382,7 +390,7 @@ impl Coordinator {
             id: l.id,
             block: l.block,
             version: l.version,
-            weights_hash: head.weights.clone(),
+            weights_hash: head.wire.clone(),
             steps: l.steps,
             batch: t.batch,
             seed: l.seed,
@@ -596,6 +604,7 @@ impl Coordinator {
             block,
             version: head.version + 1,
             weights: self.store.put_blob(&bytes)?,
+            wire: self.store.put_blob(&encode_wire(&weights, &self.cfg))?,
             momentum: if momentum.is_empty() {
                 None
             } else {

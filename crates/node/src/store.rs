@@ -21,10 +21,10 @@ const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
     block INTEGER PRIMARY KEY, version INTEGER NOT NULL, weights TEXT NOT NULL,
-    momentum TEXT, steps INTEGER NOT NULL);
+    wire TEXT NOT NULL, momentum TEXT, steps INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     block INTEGER NOT NULL, version INTEGER NOT NULL, weights TEXT NOT NULL,
-    momentum TEXT, updates INTEGER NOT NULL, steps INTEGER NOT NULL,
+    wire TEXT NOT NULL, momentum TEXT, updates INTEGER NOT NULL, steps INTEGER NOT NULL,
     committed_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
 CREATE TABLE IF NOT EXISTS workers (
     key TEXT PRIMARY KEY, registered_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
@@ -75,8 +75,10 @@ pub struct BlockHead {
     pub block: usize,
     /// Committed version.
     pub version: u64,
-    /// blake3 of its weights blob.
+    /// blake3 of its weights blob (fp32, the master copy merges apply to).
     pub weights: String,
+    /// blake3 of the copy workers download (the run's checkpoint codec; may equal `weights`).
+    pub wire: String,
     /// blake3 of its outer-momentum blob.
     pub momentum: Option<String>,
     /// Local steps merged into it so far (summed over all workers).
@@ -267,6 +269,7 @@ impl Store {
         let mut live: HashSet<String> = HashSet::new();
         for sql in [
             "SELECT weights FROM versions",
+            "SELECT wire FROM versions",
             "SELECT momentum FROM versions WHERE momentum IS NOT NULL",
             "SELECT hash FROM updates WHERE state = 'pending' AND hash IS NOT NULL",
         ] {
@@ -296,15 +299,16 @@ impl Store {
     /// Every block's head, by index.
     pub fn heads(&self) -> Result<Vec<BlockHead>> {
         let mut st = self.conn.prepare(
-            "SELECT block, version, weights, momentum, steps FROM blocks ORDER BY block",
+            "SELECT block, version, weights, wire, momentum, steps FROM blocks ORDER BY block",
         )?;
         let rows = st.query_map([], |r| {
             Ok(BlockHead {
                 block: r.get::<_, i64>(0)? as usize,
                 version: r.get::<_, i64>(1)? as u64,
                 weights: r.get(2)?,
-                momentum: r.get(3)?,
-                steps: r.get(4)?,
+                wire: r.get(3)?,
+                momentum: r.get(4)?,
+                steps: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -315,18 +319,19 @@ impl Store {
     pub fn commit_version(&mut self, head: &BlockHead, updates: &[i64], now: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO blocks (block, version, weights, momentum, steps) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(block) DO UPDATE SET version = excluded.version,
-               weights = excluded.weights, momentum = excluded.momentum, steps = excluded.steps",
-            params![head.block as i64, head.version as i64, head.weights, head.momentum, head.steps],
+            "INSERT INTO blocks (block, version, weights, wire, momentum, steps) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(block) DO UPDATE SET version = excluded.version, weights = excluded.weights,
+               wire = excluded.wire, momentum = excluded.momentum, steps = excluded.steps",
+            params![head.block as i64, head.version as i64, head.weights, head.wire, head.momentum, head.steps],
         )?;
         tx.execute(
-            "INSERT INTO versions (block, version, weights, momentum, updates, steps, committed_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO versions (block, version, weights, wire, momentum, updates, steps, committed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 head.block as i64,
                 head.version as i64,
                 head.weights,
+                head.wire,
                 head.momentum,
                 updates.len() as i64,
                 head.steps,
@@ -368,7 +373,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT block FROM versions WHERE weights = ?1 LIMIT 1",
+                "SELECT block FROM versions WHERE weights = ?1 OR wire = ?1 LIMIT 1",
                 [hash],
                 |r| r.get::<_, i64>(0),
             )

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use blocktrain_model::data::{Split, WindowSampler};
 use blocktrain_model::trainer::Trainer;
-use blocktrain_protocol::codec::{Codec, ErrorFeedback};
+use blocktrain_protocol::codec::{self, Codec, ErrorFeedback};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{
     DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION,
@@ -205,7 +205,18 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
             });
         }
         let cur = current.as_mut().expect("set above");
-        cur.trainer.load_weights(&weights)?;
+        // Served in the run's checkpoint codec; the delta is taken against exactly this base.
+        let base = {
+            let shapes =
+                codec::header_shapes(&weights).map_err(|e| NodeError::Rejected(e.to_string()))?;
+            codec::decode(&weights, &shapes, usize::MAX)
+                .map_err(|e| {
+                    NodeError::Rejected(format!("checkpoint {}: {e}", short(&lease.weights_hash)))
+                })?
+                .0
+        };
+        cur.trainer
+            .load_weights(&codec::encode(&base, Codec::Fp32))?;
         let t0 = Instant::now();
         let Some(loss) = train_lease(
             &mut client,
@@ -226,10 +237,6 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         };
         let secs = t0.elapsed().as_secs_f64();
         info.step_rate = Some(lease.steps as f64 / secs.max(1e-6));
-        let base = {
-            let (t, _) = blocktrain_model::checkpoint::from_bytes(&weights)?;
-            to_arrays(&t)?
-        };
         let d = delta(&to_arrays(&cur.trainer.weights())?, &base);
         let body = cur.feedback.encode(&d, codec);
         summary.steps += lease.steps;

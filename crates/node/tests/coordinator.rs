@@ -27,6 +27,7 @@ fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     c.training.rounds = 3;
     c.training.local_steps = 4;
     c.outer.optimizer = OuterKind::Average;
+    c.wire.checkpoint_codec = "fp32".into(); // exact arithmetic in these tests
     c.faults.lease_secs = 10.0;
     c.faults.round_timeout_secs = 100.0;
     c
@@ -369,4 +370,35 @@ fn join_secret_and_allowlist_admit_only_their_workers() {
         matches!(e, NodeError::Unauthenticated(_)) && e.to_string().contains("register"),
         "{e}"
     );
+}
+
+#[test]
+fn workers_download_fp16_copies_while_merges_stay_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 1);
+    cfg.wire.checkpoint_codec = "fp16".into();
+    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+    join(&mut c, &key(1));
+    let l = lease(&mut c, &key(1), 0);
+    let (path, _) = c.checkpoint_file(&key(1), &l.weights_hash).unwrap();
+    let wire = std::fs::read(path).unwrap();
+    let master = c.status().unwrap().blocks[0].weights.clone();
+    assert_ne!(l.weights_hash, master);
+    let (mpath, _) = c.checkpoint_file(&key(1), &master).unwrap();
+    let master = std::fs::read(mpath).unwrap();
+    assert!(
+        wire.len() * 10 < master.len() * 6,
+        "fp16 copy is about half: {} vs {}",
+        wire.len(),
+        master.len()
+    );
+    let decode =
+        |b: &[u8]| codec::decode(b, &codec::header_shapes(b).unwrap(), usize::MAX).unwrap();
+    let ((w16, c16), (w32, _)) = (decode(&wire), decode(&master));
+    assert_eq!(c16, Codec::Fp16);
+    for (n, a) in &w32 {
+        for (x, y) in a.data.iter().zip(&w16[n].data) {
+            assert!((x - y).abs() <= 1e-3 * x.abs().max(1e-2), "{n}: {x} vs {y}");
+        }
+    }
 }

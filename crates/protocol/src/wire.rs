@@ -64,7 +64,9 @@ pub struct Lease {
     pub block: usize,
     /// Version the delta must be computed against.
     pub version: u64,
-    /// blake3 of that version's weights (download `/v1/blobs/{hash}` and check it).
+    /// blake3 of that version's weights as served (download `/v1/blobs/{hash}` and check
+    /// it): safetensors in the run's checkpoint codec (fp16 or fp32), decoded with
+    /// [`crate::codec::decode`].
     pub weights_hash: String,
     /// Local optimizer steps.
     pub steps: i64,
