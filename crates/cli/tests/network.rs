@@ -37,7 +37,7 @@ fn run_toml(
             "blocks = {blocks}\ndataset = \"shakespeare\"\n{extra}\n\
              [model]\nd_model = 32\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 32\ncausal = false\nt_cond = false\n\
              [training]\nrounds = {rounds}\nlocal_steps = {steps}\nbatch = 8\nworkers_per_block = {per_block}\n\
-             [faults]\nlease_secs = 2.0\n"
+             [faults]\nlease_secs = 2.0\nround_timeout_secs = 3.0\n"
         ),
     )
     .unwrap();

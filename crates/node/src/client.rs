@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use blocktrain_model::checkpoint::content_hash;
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::signed;
-use blocktrain_protocol::wire::{ErrorBody, LOSS_HEADER};
+use blocktrain_protocol::wire::ErrorBody;
 use reqwest::blocking::{Client as Http, Response};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -66,9 +66,11 @@ impl Client {
                 "coordinator URL '{base}' must start with http:// or https://"
             )));
         }
+        // No whole-request timeout on the client: transfers of large blocks over slow
+        // links take long. Each request sets its own (see `attempt`).
         let http = Http::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(600))
+            .timeout(None)
             .build()
             .map_err(|e| NodeError::Network(e.to_string()))?;
         Ok(Client {
@@ -86,7 +88,21 @@ impl Client {
         &self.base
     }
 
-    /// One signed attempt.
+    /// A copy for a heartbeat thread: same key and coordinator, short retry budget.
+    pub fn for_heartbeats(&self, retry_for: Duration) -> Client {
+        Client {
+            base: self.base.clone(),
+            id: self.id.clone(),
+            http: self.http.clone(),
+            retry_for,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    /// One signed attempt. The signature covers the path with its query string. Small
+    /// requests time out after 2 minutes, bodies get 10 s more per MB (100 KB/s),
+    /// downloads an hour.
     fn attempt(
         &self,
         method: &str,
@@ -95,12 +111,18 @@ impl Client {
         extra: &[(&str, String)],
     ) -> reqwest::Result<Response> {
         let auth = signed::sign(&self.id, method, path, now_ms(), body);
+        let timeout = if path.starts_with("/v1/blobs/") {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(120 + body.len() as u64 / 100_000)
+        };
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "GET" => self.http.get(url),
             _ => self.http.post(url).body(body.to_vec()),
         };
         req = req
+            .timeout(timeout)
             .header(signed::KEY_HEADER, auth.key)
             .header(signed::TIME_HEADER, auth.time_ms.to_string())
             .header(signed::NONCE_HEADER, auth.nonce)
@@ -190,8 +212,9 @@ impl Client {
         body: &[u8],
         loss: f64,
     ) -> Result<blocktrain_protocol::wire::UpdateReply> {
-        let path = format!("/v1/updates/{lease}");
-        let r = self.send("POST", &path, body, &[(LOSS_HEADER, format!("{loss}"))])?;
+        // The mean loss rides in the query string, which the signature covers.
+        let path = format!("/v1/updates/{lease}?loss={loss}");
+        let r = self.send("POST", &path, body, &[])?;
         r.json()
             .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
@@ -213,30 +236,41 @@ impl Client {
         let partial: PathBuf =
             cache.join(format!("{hash}.{}.partial", &self.id.public_hex()[..12]));
         let path = format!("/v1/blobs/{hash}");
-        for _ in 0..3 {
+        let mut failures = 0;
+        while failures < 3 {
             let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
             let extra: Vec<(&str, String)> = if have > 0 {
                 vec![("range", format!("bytes={have}-"))]
             } else {
                 vec![]
             };
-            let mut r = self.send("GET", &path, b"", &extra)?;
+            let mut r = match self.send("GET", &path, b"", &extra) {
+                Ok(r) => r,
+                // The partial file is already whole (killed before the rename) or longer
+                // than the blob: start over.
+                Err(NodeError::Rejected(m)) if have > 0 && m.contains("416") => {
+                    let _ = std::fs::remove_file(&partial);
+                    failures += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let resumed = r.status() == StatusCode::PARTIAL_CONTENT;
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
-                .append(r.status() == StatusCode::PARTIAL_CONTENT)
+                .append(resumed)
                 .write(true)
-                .truncate(r.status() != StatusCode::PARTIAL_CONTENT)
+                .truncate(!resumed)
                 .open(&partial)
                 .map_err(io_err(&partial))?;
             let copied = std::io::copy(&mut r, &mut file);
             file.flush().map_err(io_err(&partial))?;
             let got = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-            self.bytes_down += got.saturating_sub(if r.status() == StatusCode::PARTIAL_CONTENT {
-                have
-            } else {
-                0
-            });
+            let fresh = got.saturating_sub(if resumed { have } else { 0 });
+            self.bytes_down += fresh;
             if let Err(e) = copied {
+                // Keep going as long as each attempt makes progress.
+                failures = if fresh > 0 { 0 } else { failures + 1 };
                 eprintln!(
                     "download of {} interrupted at {got} bytes ({e}); resuming",
                     &hash[..12]
@@ -249,13 +283,14 @@ impl Client {
                 return Ok(bytes);
             }
             let _ = std::fs::remove_file(&partial);
+            failures += 1;
             eprintln!(
                 "checkpoint {} failed its blake3 check; downloading again",
                 &hash[..12]
             );
         }
         Err(NodeError::Network(format!(
-            "checkpoint {} could not be downloaded intact in 3 tries",
+            "checkpoint {} could not be downloaded intact (3 failed attempts without progress)",
             &hash[..12]
         )))
     }

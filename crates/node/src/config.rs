@@ -49,6 +49,9 @@ pub struct Training {
     pub batch: i64,
     /// Most workers training one block in one round (its shards are this many slices).
     pub workers_per_block: u32,
+    /// Quorum: a round closes once this many updates are in (0 = workers_per_block), or
+    /// `faults.round_timeout_secs` after its first update, whichever comes first.
+    pub min_updates: u32,
     /// Target seconds per round; with a worker's measured step rate, its H becomes
     /// rate x round_seconds (clamped to [H/4, 4H]) so slow and fast workers finish
     /// together. 0 = every worker trains exactly H steps.
@@ -98,8 +101,11 @@ pub struct Wire {
 pub struct Faults {
     /// A lease lapses this long after its last heartbeat; its slot is then re-leased.
     pub lease_secs: f64,
-    /// A round closes this long after its first update even if leases are still out.
+    /// A round closes this long after its first update even without its quorum.
     pub round_timeout_secs: f64,
+    /// A lease lapses after this long in all, heartbeats or not (a worker that never
+    /// delivers cannot hold a block forever).
+    pub max_lease_secs: f64,
     /// Largest accepted clock difference of a signed request.
     pub max_skew_secs: f64,
 }
@@ -142,6 +148,7 @@ impl Default for Training {
             local_steps: 50,
             batch: 32,
             workers_per_block: 2,
+            min_updates: 0,
             round_seconds: 0.0,
         }
     }
@@ -171,7 +178,8 @@ impl Default for Faults {
     fn default() -> Self {
         Faults {
             lease_secs: 60.0,
-            round_timeout_secs: 600.0,
+            round_timeout_secs: 120.0,
+            max_lease_secs: 3600.0,
             max_skew_secs: 300.0,
         }
     }
@@ -203,6 +211,9 @@ impl RunConfig {
                 "training: rounds, local_steps, batch and workers_per_block must be >= 1".into(),
             );
         }
+        if t.min_updates > t.workers_per_block {
+            return bad("training.min_updates cannot exceed workers_per_block".into());
+        }
         if t.round_seconds.is_nan() || t.round_seconds < 0.0 {
             return bad("training.round_seconds must be >= 0".into());
         }
@@ -223,7 +234,11 @@ impl RunConfig {
             return bad("outer: lr must be > 0 and momentum in [0, 1)".into());
         }
         let f = &self.faults;
-        if !(f.lease_secs > 0.0 && f.round_timeout_secs > 0.0 && f.max_skew_secs > 0.0) {
+        if !(f.lease_secs > 0.0
+            && f.round_timeout_secs > 0.0
+            && f.max_skew_secs > 0.0
+            && f.max_lease_secs > 0.0)
+        {
             return bad("faults: every timeout must be > 0".into());
         }
         for key in &self.auth.allow {
@@ -234,6 +249,14 @@ impl RunConfig {
             }
         }
         self.manifest().map(|_| ())
+    }
+
+    /// Updates that close a round.
+    pub fn quorum(&self) -> u32 {
+        match self.training.min_updates {
+            0 => self.training.workers_per_block,
+            q => q,
+        }
     }
 
     /// Total LR-schedule length of a block: every round's reference H.

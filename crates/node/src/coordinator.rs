@@ -11,23 +11,29 @@
 //!   most `workers_per_block` per round; when all are full the worker is told to wait.
 //! - **Local steps**: H, or with `round_seconds` set and a measured step rate,
 //!   rate x round_seconds clamped to [H/4, 4H].
-//! - **Leases** lapse `lease_secs` after the last heartbeat; a lapsed lease frees its
-//!   slot, so the block is re-leased to the next worker that asks.
-//! - **Round close**: a round (block b at version v) closes once it has at least one
-//!   accepted update and either no active lease remains or `round_timeout_secs` have
-//!   passed since its first update. Its updates are averaged (weighted by steps) and
-//!   the outer optimizer produces v+1; open leases of v are superseded.
+//! - **Leases** lapse `lease_secs` after the last heartbeat (or `max_lease_secs` after
+//!   issue); a lapsed lease frees its slot and shard, so the block is re-leased to the
+//!   next worker that asks. A restarted coordinator gives open leases a fresh
+//!   `lease_secs`, so its downtime is not charged to the workers.
+//! - **Round close**: a round (block b at version v) closes when its quorum of accepted
+//!   updates is in (`min_updates`, default `workers_per_block`), or `round_timeout_secs`
+//!   after its first update with whatever has arrived. Its updates are averaged
+//!   (weighted by steps) and the outer optimizer produces v+1; open leases of v are
+//!   superseded, and their heartbeats tell the workers to stop.
 //! - **Stale rule**: an update is merged only into the version it was computed from.
 //!   One for a version the block has left is rejected as stale (recorded), and the
 //!   worker fetches the new version. A late update whose lease lapsed but whose round
 //!   is still open is accepted: nothing merged is older than its base.
 //! - **Validation** (each rejection recorded with its reason, stored checkpoints
 //!   untouched): lease must exist and belong to the signer; body within the size limit;
-//!   exactly the block's tensor names, shapes and dtypes; every value finite; delta RMS
-//!   at most `max_delta_ratio` x lr x steps (AdamW moves a weight about lr per step).
+//!   exactly the block's tensor names, shapes and dtypes; every value finite; the RMS of
+//!   every tensor of the delta at most `max_delta_ratio` x lr x steps (AdamW moves a
+//!   weight about lr per step). Re-sending an accepted update (a lost reply) returns
+//!   the first reply; an update is never counted twice.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use blocktrain_model::checkpoint::content_hash;
 use blocktrain_model::run::{Manifest, RunDir};
 use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
 use blocktrain_protocol::wire::{
@@ -122,7 +128,6 @@ pub struct Coordinator {
     shapes: Vec<Shapes>,
     current: Vec<Arrays>,
     model: RunDir,
-    nonces: HashMap<String, u64>,
     state_dir: PathBuf,
 }
 
@@ -132,10 +137,11 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
-/// Most bytes a block's update may take: fp32 of every value plus header room.
+/// Most bytes a block's update may take: 6 per value (the costliest codec, top-k at
+/// fraction 1: u32 index + f16 value) plus header room.
 fn update_limit(shapes: &Shapes) -> u64 {
     let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
-    (values as u64) * 4 + (shapes.len() as u64) * 256 + 64 * 1024
+    (values as u64) * 6 + (shapes.len() as u64) * 256 + 64 * 1024
 }
 
 fn seed_of(run_seed: u64, block: usize, version: u64, issued: u32) -> u64 {
@@ -193,8 +199,10 @@ impl Coordinator {
         } else {
             RunDir::create(&model_dir, cfg.manifest()?)?
         };
-        if store.heads()?.is_empty() {
-            for block in 0..cfg.blocks {
+        // Version 0 of every block (also those a kill during first start left out).
+        let present = store.heads()?.len();
+        {
+            for block in present..cfg.blocks {
                 let trainer = model.trainer(block, tch::Device::Cpu)?;
                 let weights = tensors::to_arrays(&trainer.weights())?;
                 let bytes = encode_weights(&weights);
@@ -210,6 +218,7 @@ impl Coordinator {
                 model.save_weights(block, &bytes, 0)?;
             }
         }
+        store.extend_active_leases(now + (cfg.faults.lease_secs * 1000.0) as u64)?;
         let removed = store.collect_garbage()?;
         if removed > 0 {
             tracing::info!("removed {removed} unreferenced blobs (left by an interrupted write)");
@@ -236,7 +245,6 @@ impl Coordinator {
             shapes,
             current,
             model,
-            nonces: HashMap::new(),
             state_dir: state_dir.to_path_buf(),
         })
     }
@@ -265,13 +273,10 @@ impl Coordinator {
         self.shapes.iter().map(update_limit).max().unwrap_or(0)
     }
 
-    /// Remembers a request nonce; false if it was seen within the skew window (a replay).
-    pub fn fresh_nonce(&mut self, key: &str, nonce: &str, now: u64) -> bool {
-        let window = (self.cfg.faults.max_skew_secs * 2000.0) as u64;
-        if self.nonces.len() > 10_000 {
-            self.nonces.retain(|_, t| now.saturating_sub(*t) < window);
-        }
-        self.nonces.insert(format!("{key}/{nonce}"), now).is_none()
+    /// Whether `key` is registered and holds lease `lease` (any state).
+    pub fn lease_owner(&self, key: &str, lease: i64) -> Result<bool> {
+        Ok(self.store.worker(key)?.is_some()
+            && self.store.lease(lease)?.is_some_and(|l| l.worker == key))
     }
 
     /// Whether `key` has registered.
@@ -314,11 +319,15 @@ impl Coordinator {
         Ok(self.run_info())
     }
 
-    /// Expires lapsed leases and closes rounds that are ready.
+    /// Expires lapsed leases and closes rounds that are ready. A block whose merge
+    /// fails is logged and left for the next tick; the other blocks go on.
     pub fn tick(&mut self, now: u64) -> Result<()> {
-        self.store.expire_leases(now)?;
+        let max_lease = (self.cfg.faults.max_lease_secs * 1000.0) as u64;
+        self.store.expire_leases(now, max_lease)?;
         for block in 0..self.cfg.blocks {
-            self.maybe_close(block, now)?;
+            if let Err(e) = self.maybe_close(block, now) {
+                tracing::error!("block {}: round not closed: {e}", block + 1);
+            }
         }
         Ok(())
     }
@@ -370,7 +379,8 @@ impl Coordinator {
                 .clamp((t.local_steps / 4).max(1), t.local_steps * 4),
             _ => t.local_steps,
         };
-        let slot = issued % cap;
+        let used = self.store.used_slots(block, version)?;
+        let slot = (0..cap).find(|s| !used.contains(s)).unwrap_or(issued % cap);
         let seed = seed_of(self.cfg.seed, block, version, issued);
         let expires = now + self.lease_ms();
         let id = self
@@ -398,6 +408,7 @@ impl Coordinator {
             shard_count: t.workers_per_block,
             schedule_step: l.version as i64 * t.local_steps,
             schedule_total: self.cfg.schedule_total(),
+            schedule_span: t.local_steps,
             codec: self.cfg.wire.codec.clone(),
             lease_ms: self.lease_ms(),
         }
@@ -482,10 +493,22 @@ impl Coordinator {
         now: u64,
     ) -> Result<UpdateReply> {
         self.require_registered(key)?;
+        // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
+        if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
+            let lease = self.store.lease(lease_id)?;
+            if lease.as_ref().is_some_and(|l| l.worker == key) && hash == content_hash(body) {
+                let block = lease.expect("checked").block;
+                let block_version = self.store.heads()?[block].version;
+                return Ok(UpdateReply {
+                    update_id: id,
+                    block_version,
+                });
+            }
+        }
         match self.check_update(key, lease_id, body) {
             Ok((lease, _delta)) => {
                 let hash = self.store.put_blob(body)?;
-                let id = self.store.insert_update(
+                let id = self.store.accept_update(
                     &NewUpdate {
                         lease: Some(lease_id),
                         worker: key,
@@ -500,12 +523,10 @@ impl Coordinator {
                     },
                     now,
                 )?;
-                self.store
-                    .set_lease_state(lease_id, lease_state::DELIVERED)?;
-                self.store
-                    .add_traffic(key, lease.block, body.len() as u64, 0)?;
                 self.store.touch_worker(key, None, now)?;
-                self.maybe_close(lease.block, now)?;
+                if let Err(e) = self.maybe_close(lease.block, now) {
+                    tracing::error!("block {}: round not closed: {e}", lease.block + 1);
+                }
                 let block_version = self.store.heads()?[lease.block].version;
                 Ok(UpdateReply {
                     update_id: id,
@@ -557,14 +578,17 @@ impl Coordinator {
         }
         let (delta, _codec) =
             codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
-        let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
-        let rms = merge::norm(&delta) / (values.max(1) as f64).sqrt();
         let bound = self.cfg.wire.max_delta_ratio * self.cfg.optim.lr * lease.steps as f64;
-        if rms > bound {
-            return Err(NodeError::Rejected(format!(
-                "delta RMS {rms:.3e} exceeds {bound:.3e} ({} x lr {} x {} steps): no AdamW run moves weights that far",
-                self.cfg.wire.max_delta_ratio, self.cfg.optim.lr, lease.steps
-            )));
+        for (name, a) in &delta {
+            let rms = (a.data.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+                / (a.data.len().max(1) as f64))
+                .sqrt();
+            if rms > bound {
+                return Err(NodeError::Rejected(format!(
+                    "{name}: delta RMS {rms:.3e} exceeds {bound:.3e} ({} x lr {} x {} steps): no AdamW run moves weights that far",
+                    self.cfg.wire.max_delta_ratio, self.cfg.optim.lr, lease.steps
+                )));
+            }
         }
         Ok((lease, delta))
     }
@@ -575,19 +599,35 @@ impl Coordinator {
         let Some(first) = pending.first() else {
             return Ok(());
         };
-        let (active, _) = self.store.round_leases(block, head.version)?;
         let timeout = (self.cfg.faults.round_timeout_secs * 1000.0) as u64;
-        if active > 0 && now < first.received_ms + timeout {
+        if (pending.len() as u32) < self.cfg.quorum() && now < first.received_ms + timeout {
             return Ok(());
         }
         let shapes = &self.shapes[block];
         let mut deltas = Vec::with_capacity(pending.len());
+        let mut merged = Vec::with_capacity(pending.len());
         for p in &pending {
-            let bytes = self.store.get_blob(&p.hash)?;
-            let (d, _) = codec::decode(&bytes, shapes, usize::MAX)
-                .map_err(|e| NodeError::Config(e.to_string()))?;
-            deltas.push((d, p.steps));
+            // A body that cannot be read back (disk trouble) is rejected, not fatal.
+            let read = self.store.get_blob(&p.hash).and_then(|bytes| {
+                codec::decode(&bytes, shapes, usize::MAX)
+                    .map_err(|e| NodeError::Config(e.to_string()))
+            });
+            match read {
+                Ok((d, _)) => {
+                    deltas.push((d, p.steps));
+                    merged.push(p);
+                }
+                Err(e) => {
+                    tracing::error!("update {} unreadable at merge: {e}", p.id);
+                    self.store
+                        .reject_pending(p.id, &format!("stored body unreadable at merge: {e}"))?;
+                }
+            }
         }
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let pending = merged;
         let mean = merge::weighted_mean(&deltas);
         let momentum = match &head.momentum {
             Some(h) => {
@@ -627,9 +667,11 @@ impl Coordinator {
             ids.len(),
             new_head.steps
         );
-        // Drop the merged update bodies and the superseded momentum; checkpoints stay.
+        // Drop merged update bodies nothing else names (identical bodies share a blob).
         for p in &pending {
-            let _ = std::fs::remove_file(self.store.blob_path(&p.hash));
+            if !self.store.blob_referenced(&p.hash)? {
+                let _ = std::fs::remove_file(self.store.blob_path(&p.hash));
+            }
         }
         Ok(())
     }

@@ -13,19 +13,18 @@
 //! | `POST /v1/updates/{lease}` | a delta (safetensors, codec in its metadata) |
 //! | `GET /v1/status` | blocks, workers, bytes moved, recent updates (JSON) |
 //! | `GET /metrics` | the same in Prometheus text format |
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use blocktrain_protocol::signed::{self, Auth};
-use blocktrain_protocol::wire::{
-    ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo, LOSS_HEADER,
-};
+use blocktrain_protocol::wire::{ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo};
 use tower::ServiceExt;
 
 use crate::coordinator::{short, Coordinator, Status};
@@ -33,6 +32,35 @@ use crate::{now_ms, NodeError};
 
 /// Shared handle on the coordinator.
 pub type Shared = Arc<Mutex<Coordinator>>;
+
+/// What request checks need, kept apart from the coordinator's lock so that async code
+/// never waits on a merge.
+#[derive(Debug)]
+pub struct Gate {
+    skew_ms: u64,
+    started_ms: u64,
+    max_update: usize,
+    nonces: Mutex<HashMap<String, u64>>,
+}
+
+impl Gate {
+    /// Remembers a nonce; false if seen within the skew window (a replay).
+    fn fresh(&self, key: &str, nonce: &str, now: u64) -> bool {
+        let mut n = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        if n.len() > 10_000 {
+            let window = 2 * self.skew_ms;
+            n.retain(|_, t| now.saturating_sub(*t) < window);
+        }
+        n.insert(format!("{key}/{nonce}"), now).is_none()
+    }
+}
+
+/// Router state.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    coord: Shared,
+    gate: Arc<Gate>,
+}
 
 impl IntoResponse for NodeError {
     fn into_response(self) -> Response {
@@ -78,23 +106,26 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Checks a request's signature, age and nonce; returns the signer's key.
-async fn authenticate(
-    coord: &Shared,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Reply<String> {
+/// The signature headers, parsed; the key must be lowercase hex so that one key has one
+/// spelling (the nonce cache and the allowlist compare strings).
+fn auth_headers(headers: &HeaderMap) -> Reply<Auth> {
     let missing = |h: &str| {
         NodeError::Unauthenticated(format!(
             "request is not signed (no {h} header): workers sign every request with their key"
         ))
     };
-    let auth = Auth {
-        key: header(headers, signed::KEY_HEADER)
-            .ok_or_else(|| missing(signed::KEY_HEADER))?
-            .to_string(),
+    let key = header(headers, signed::KEY_HEADER).ok_or_else(|| missing(signed::KEY_HEADER))?;
+    if key.len() != 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(NodeError::Unauthenticated(
+            "x-bt-key must be a public key of 64 lowercase hex digits".into(),
+        ));
+    }
+    Ok(Auth {
+        key: key.to_string(),
         time_ms: header(headers, signed::TIME_HEADER)
             .ok_or_else(|| missing(signed::TIME_HEADER))?
             .parse()
@@ -105,47 +136,62 @@ async fn authenticate(
         sig: header(headers, signed::SIG_HEADER)
             .ok_or_else(|| missing(signed::SIG_HEADER))?
             .to_string(),
-    };
+    })
+}
+
+/// Checks a request's signature (over method, path with query, time, nonce, body), its
+/// age and its nonce; returns the signer's key. Requests signed before this process
+/// started are refused, so a restart does not reopen the replay window (clients re-sign
+/// when they retry).
+fn authenticate(
+    gate: &Gate,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Reply<String> {
+    let auth = auth_headers(headers)?;
     let now = now_ms();
-    let skew = {
-        let c = coord.lock().unwrap_or_else(|p| p.into_inner());
-        (c.config().faults.max_skew_secs * 1000.0) as u64
-    };
-    signed::verify_request(&auth, method.as_str(), path, body, now, skew).map_err(|e| {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    signed::verify_request(&auth, method.as_str(), path, body, now, gate.skew_ms).map_err(|e| {
         NodeError::Unauthenticated(match e {
             blocktrain_protocol::ProtocolError::Unauthenticated(m) => m,
             other => other.to_string(),
         })
     })?;
-    let key = auth.key.clone();
-    let nonce = auth.nonce.clone();
-    let fresh = {
-        let mut c = coord.lock().unwrap_or_else(|p| p.into_inner());
-        c.fresh_nonce(&key, &nonce, now)
-    };
-    if !fresh {
+    if auth.time_ms + 1000 < gate.started_ms {
+        return Err(NodeError::Unauthenticated(
+            "request signed before this coordinator started; sign it again".into(),
+        ));
+    }
+    if !gate.fresh(&auth.key, &auth.nonce, now) {
         return Err(NodeError::Unauthenticated(
             "replayed request (nonce already used)".into(),
         ));
     }
-    Ok(key)
+    Ok(auth.key)
 }
 
 async fn register(
-    State(c): State<Shared>,
+    State(s): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&c, &Method::POST, "/v1/register", &headers, &body).await?;
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     let req: RegisterRequest = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
-    let info = with(&c, move |co| co.register(&key, &req, now_ms())).await?;
+    let info = with(&s.coord, move |co| co.register(&key, &req, now_ms())).await?;
     Ok(Json(info))
 }
 
-async fn run_info(State(c): State<Shared>, headers: HeaderMap) -> Reply<impl IntoResponse> {
-    let key = authenticate(&c, &Method::GET, "/v1/run", &headers, b"").await?;
-    let info = with(&c, move |co| {
+async fn run_info(
+    State(s): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Reply<impl IntoResponse> {
+    let key = authenticate(&s.gate, &Method::GET, &uri, &headers, b"")?;
+    let info = with(&s.coord, move |co| {
         if !co.is_registered(&key)? {
             return Err(NodeError::Unauthenticated(format!(
                 "unknown worker {}: register first",
@@ -159,34 +205,38 @@ async fn run_info(State(c): State<Shared>, headers: HeaderMap) -> Reply<impl Int
 }
 
 async fn work(
-    State(c): State<Shared>,
+    State(s): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&c, &Method::POST, "/v1/work", &headers, &body).await?;
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     let info: WorkerInfo = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
     Ok(Json(
-        with(&c, move |co| co.request_work(&key, &info, now_ms())).await?,
+        with(&s.coord, move |co| co.request_work(&key, &info, now_ms())).await?,
     ))
 }
 
 async fn heartbeat(
-    State(c): State<Shared>,
+    State(s): State<AppState>,
     Path(id): Path<i64>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Reply<impl IntoResponse> {
-    let path = format!("/v1/leases/{id}/heartbeat");
-    let key = authenticate(&c, &Method::POST, &path, &headers, b"").await?;
-    let still_wanted = with(&c, move |co| co.heartbeat(&key, id, now_ms())).await?;
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, b"")?;
+    let still_wanted = with(&s.coord, move |co| co.heartbeat(&key, id, now_ms())).await?;
     Ok(Json(HeartbeatReply { still_wanted }))
 }
 
-async fn blob(State(c): State<Shared>, Path(hash): Path<String>, req: Request) -> Reply<Response> {
-    let path = format!("/v1/blobs/{hash}");
-    let key = authenticate(&c, &Method::GET, &path, req.headers(), b"").await?;
+async fn blob(
+    State(s): State<AppState>,
+    Path(hash): Path<String>,
+    req: Request,
+) -> Reply<Response> {
+    let key = authenticate(&s.gate, &Method::GET, req.uri(), req.headers(), b"")?;
     let k = key.clone();
-    let (file, block) = with(&c, move |co| co.checkpoint_file(&k, &hash)).await?;
+    let (file, block) = with(&s.coord, move |co| co.checkpoint_file(&k, &hash)).await?;
     let resp = tower_http::services::ServeFile::new(file)
         .oneshot(req)
         .await
@@ -197,37 +247,46 @@ async fn blob(State(c): State<Shared>, Path(hash): Path<String>, req: Request) -
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or(0);
-        with(&c, move |co| co.count_download(&key, block, sent)).await?;
+        with(&s.coord, move |co| co.count_download(&key, block, sent)).await?;
     }
     Ok(resp.map(Body::new))
 }
 
+#[derive(serde::Deserialize)]
+struct UpdateQuery {
+    loss: Option<f64>,
+}
+
+/// Uploads are checked in order of cost: signature headers, registration and lease
+/// ownership before the body is read; the size while it streams; the signature over
+/// the bytes; then the coordinator's validation. Refusals are recorded against the
+/// lease when the claimed key is its registered owner (a stranger's noise is not).
 async fn update(
-    State(c): State<Shared>,
+    State(s): State<AppState>,
     Path(lease): Path<i64>,
+    Query(q): Query<UpdateQuery>,
     req: Request,
 ) -> Reply<impl IntoResponse> {
     let (parts, body) = req.into_parts();
-    let claimed = header(&parts.headers, signed::KEY_HEADER)
-        .unwrap_or("(unsigned)")
-        .to_string();
-    let limit = c
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .max_update_bytes() as usize;
-    let declared: Option<u64> =
-        header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
+    let claimed = auth_headers(&parts.headers)?.key;
+    let c = claimed.clone();
+    let owner = with(&s.coord, move |co| co.lease_owner(&c, lease)).await?;
+    let limit = s.gate.max_update;
     let reject = |reason: String, bytes: u64, err: NodeError| {
-        let c = c.clone();
+        let coord = s.coord.clone();
         let claimed = claimed.clone();
         async move {
-            with(&c, move |co| {
-                co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())
-            })
-            .await?;
+            if owner {
+                with(&coord, move |co| {
+                    co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())
+                })
+                .await?;
+            }
             Err::<Json<blocktrain_protocol::wire::UpdateReply>, _>(err)
         }
     };
+    let declared: Option<u64> =
+        header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
     if let Some(n) = declared.filter(|&n| n as usize > limit) {
         let msg = format!("update of {n} bytes exceeds the limit of {limit}");
         return reject(msg.clone(), 0, NodeError::TooLarge(msg)).await;
@@ -239,25 +298,23 @@ async fn update(
             return reject(msg.clone(), 0, NodeError::Rejected(msg)).await;
         }
     };
-    let path = format!("/v1/updates/{lease}");
-    let key = match authenticate(&c, &Method::POST, &path, &parts.headers, &body).await {
+    let key = match authenticate(&s.gate, &Method::POST, &parts.uri, &parts.headers, &body) {
         Ok(k) => k,
         Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
     };
-    let loss: Option<f64> = header(&parts.headers, LOSS_HEADER).and_then(|v| v.parse().ok());
-    let reply = with(&c, move |co| {
-        co.submit_update(&key, lease, &body, loss, now_ms())
+    let reply = with(&s.coord, move |co| {
+        co.submit_update(&key, lease, &body, q.loss, now_ms())
     })
     .await?;
     Ok(Json(reply))
 }
 
-async fn status(State(c): State<Shared>) -> Reply<impl IntoResponse> {
-    Ok(Json(with(&c, |co| co.status()).await?))
+async fn status(State(s): State<AppState>) -> Reply<impl IntoResponse> {
+    Ok(Json(with(&s.coord, |co| co.status()).await?))
 }
 
-async fn metrics(State(c): State<Shared>) -> Reply<impl IntoResponse> {
-    let s = with(&c, |co| co.status()).await?;
+async fn metrics(State(st): State<AppState>) -> Reply<impl IntoResponse> {
+    let s = with(&st.coord, |co| co.status()).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -370,6 +427,15 @@ pub fn prometheus_text(s: &Status) -> String {
 
 /// The router over a coordinator.
 pub fn router(coord: Shared) -> Router {
+    let gate = {
+        let c = coord.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::new(Gate {
+            skew_ms: (c.config().faults.max_skew_secs * 1000.0) as u64,
+            started_ms: now_ms(),
+            max_update: c.max_update_bytes() as usize,
+            nonces: Mutex::new(HashMap::new()),
+        })
+    };
     Router::new()
         .route("/", get(index))
         .route("/v1/register", post(register))
@@ -381,7 +447,7 @@ pub fn router(coord: Shared) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
-        .with_state(coord)
+        .with_state(AppState { coord, gate })
 }
 
 /// Serves `coord` on `listener` until `shutdown` resolves, ticking leases and rounds

@@ -4,8 +4,9 @@
 //! updates.
 //!
 //! Crash safety: a blob is written (temp file, fsync, rename) before any row names it,
-//! and every state change is one transaction, so after `kill -9` the database names
-//! only complete blobs. Blobs no row names are removed at startup.
+//! and every state change that spans rows (accepting an update, committing a version) is
+//! one transaction, so after `kill -9` the database names only complete blobs and an
+//! update is either wholly accepted or absent. Blobs no row names are removed at startup.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS updates (
     version INTEGER, bytes INTEGER NOT NULL, hash TEXT, steps INTEGER, loss REAL,
     state TEXT NOT NULL, reason TEXT, received_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates (block, version, state);
+CREATE UNIQUE INDEX IF NOT EXISTS updates_one_per_lease ON updates (lease) WHERE state != 'rejected';
 CREATE TABLE IF NOT EXISTS traffic (
     worker TEXT NOT NULL, block INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 0,
     down INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (worker, block));
@@ -525,12 +527,33 @@ impl Store {
         Ok(())
     }
 
-    /// Marks active leases past their deadline expired; returns how many.
-    pub fn expire_leases(&self, now: u64) -> Result<usize> {
+    /// Marks active leases past their deadline, or held longer than `max_ms` in all,
+    /// expired; returns how many.
+    pub fn expire_leases(&self, now: u64, max_ms: u64) -> Result<usize> {
         Ok(self.conn.execute(
-            "UPDATE leases SET state = 'expired' WHERE state = 'active' AND expires_ms <= ?1",
-            [now as i64],
+            "UPDATE leases SET state = 'expired'
+             WHERE state = 'active' AND (expires_ms <= ?1 OR issued_ms + ?2 <= ?1)",
+            params![now as i64, max_ms as i64],
         )?)
+    }
+
+    /// Gives every active lease until at least `until` (after a coordinator restart, so
+    /// its downtime is not charged to the workers).
+    pub fn extend_active_leases(&self, until: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE leases SET expires_ms = MAX(expires_ms, ?1) WHERE state = 'active'",
+            [until as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Shard slots held in a round by active leases or delivered updates.
+    pub fn used_slots(&self, block: usize, version: u64) -> Result<Vec<u32>> {
+        let mut st = self.conn.prepare(
+            "SELECT slot FROM leases WHERE block = ?1 AND version = ?2 AND state IN ('active', 'delivered')",
+        )?;
+        let rows = st.query_map(params![block as i64, version as i64], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Active leases and leases issued so far for a block's round.
@@ -576,6 +599,70 @@ impl Store {
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Accepts an update in one transaction: its row (pending), its lease delivered, its
+    /// bytes counted. Returns the update id.
+    pub fn accept_update(&mut self, u: &NewUpdate, now: u64) -> Result<i64> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', NULL, ?9)",
+            params![
+                u.lease,
+                u.worker,
+                u.block.map(|b| b as i64),
+                u.version.map(|v| v as i64),
+                u.bytes as i64,
+                u.hash,
+                u.steps,
+                u.loss,
+                now as i64
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE leases SET state = 'delivered' WHERE id = ?1",
+            [u.lease],
+        )?;
+        tx.execute(
+            "INSERT INTO traffic (worker, block, up, down) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT(worker, block) DO UPDATE SET up = up + ?3",
+            params![u.worker, u.block.map(|b| b as i64), u.bytes as i64],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// The accepted (pending or applied) update of a lease: (id, body hash).
+    pub fn update_of_lease(&self, lease: i64) -> Result<Option<(i64, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, hash FROM updates WHERE lease = ?1 AND state != 'rejected'",
+                [lease],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Marks a pending update rejected (its body could not be read at merge time).
+    pub fn reject_pending(&self, id: i64, reason: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE updates SET state = 'rejected', reason = ?2 WHERE id = ?1 AND state = 'pending'",
+            params![id, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Whether any version or pending update still names blob `hash`.
+    pub fn blob_referenced(&self, hash: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM versions WHERE weights = ?1 OR wire = ?1 OR momentum = ?1)
+                 OR EXISTS (SELECT 1 FROM updates WHERE hash = ?1 AND state = 'pending')",
+            [hash],
+            |r| r.get(0),
+        )?)
     }
 
     /// Pending updates of a block's round, oldest first.

@@ -7,6 +7,8 @@
 //! follows the block's schedule position given in the lease, not the worker's own
 //! step count, so a late joiner trains at the rate the block is at.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blocktrain_model::data::{Split, WindowSampler};
@@ -181,6 +183,11 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
             WorkReply::Lease(l) => l,
         };
         leases += 1;
+        // Heartbeats run for the whole lease: download, training and upload.
+        let beat = Heartbeat::start(
+            client.for_heartbeats(Duration::from_millis(lease.lease_ms / 3)),
+            &lease,
+        );
         let weights = client.checkpoint(&lease.weights_hash, &opts.cache)?;
         if current.as_ref().is_none_or(|c| c.block != lease.block) {
             let part = lease.block;
@@ -218,11 +225,20 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         cur.trainer
             .load_weights(&codec::encode(&base, Codec::Fp32))?;
         let t0 = Instant::now();
+        let shard = match &opts.data {
+            Some(_) => &corpus[..], // own data: all of it
+            None => shard_of(
+                &corpus,
+                lease.shard_index,
+                lease.shard_count,
+                manifest.model.window,
+            ),
+        };
         let Some(loss) = train_lease(
-            &mut client,
+            &beat,
             &mut cur.trainer,
             &lease,
-            &corpus,
+            shard,
             manifest.model.window,
             opts.device,
         )?
@@ -240,7 +256,9 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         let d = delta(&to_arrays(&cur.trainer.weights())?, &base);
         let body = cur.feedback.encode(&d, codec);
         summary.steps += lease.steps;
-        match client.upload(lease.id, &body, loss) {
+        let sent = client.upload(lease.id, &body, loss);
+        drop(beat);
+        match sent {
             Ok(r) => {
                 summary.accepted += 1;
                 refused_in_a_row = 0;
@@ -280,34 +298,82 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
 }
 
 /// Trains one lease; None if the coordinator said (via heartbeat) the round moved on.
+/// Keeps a lease alive from a background thread while it is held (download, training,
+/// upload); `wanted()` turns false once the coordinator says the round moved on.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    wanted: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(mut client: Client, lease: &Lease) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wanted = Arc::new(AtomicBool::new(true));
+        let every = Duration::from_millis(lease.lease_ms / 3).max(Duration::from_millis(100));
+        let path = format!("/v1/leases/{}/heartbeat", lease.id);
+        let (s, w) = (stop.clone(), wanted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() < every {
+                    continue;
+                }
+                last = Instant::now();
+                match client.post_empty::<HeartbeatReply>(&path) {
+                    Ok(r) if !r.still_wanted => {
+                        w.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("heartbeat failed ({e}); the lease may lapse"),
+                }
+            }
+        });
+        Heartbeat {
+            stop,
+            wanted,
+            thread: Some(thread),
+        }
+    }
+
+    fn wanted(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Trains one lease on `shard`; None if the round moved on meanwhile. Step i of H' local
+/// steps sits at `schedule_step + i * span / H'` of the block's LR schedule.
 fn train_lease(
-    client: &mut Client,
+    beat: &Heartbeat,
     trainer: &mut Trainer,
     lease: &Lease,
-    corpus: &[u8],
+    shard: &[u8],
     window: i64,
     device: Device,
 ) -> Result<Option<f64>> {
-    let shard = shard_of(corpus, lease.shard_index, lease.shard_count, window);
     let mut sampler = WindowSampler::new(shard, window, lease.seed, device)?;
-    let beat_every = Duration::from_millis(lease.lease_ms / 3).max(Duration::from_millis(100));
-    let mut last_beat = Instant::now();
     let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
+    let span = lease.schedule_span.max(1);
     for i in 0..lease.steps {
+        if !beat.wanted() {
+            return Ok(None);
+        }
         let x = sampler.next_batch(lease.batch);
-        let lr = trainer
-            .optim
-            .lr_at(lease.schedule_step + i, lease.schedule_total);
+        let pos = lease.schedule_step + i * span / lease.steps.max(1);
+        let lr = trainer.optim.lr_at(pos, lease.schedule_total);
         let noise_seed = (lease.seed as i64).wrapping_add(i);
         loss_sum += trainer.train_step_with(&x, lr, noise_seed);
-        if last_beat.elapsed() >= beat_every {
-            last_beat = Instant::now();
-            let r: HeartbeatReply =
-                client.post_empty(&format!("/v1/leases/{}/heartbeat", lease.id))?;
-            if !r.still_wanted {
-                return Ok(None);
-            }
-        }
     }
     Ok(Some(loss_sum.double_value(&[]) / lease.steps as f64))
 }

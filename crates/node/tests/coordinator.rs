@@ -166,9 +166,9 @@ fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
         c.request_work(&key(2), &info(), 1000).unwrap(),
         WorkReply::Wait { .. }
     ));
-    // No heartbeat for lease_secs: the slot goes to the next worker.
+    // No heartbeat for lease_secs: the slot (and its shard) goes to the next worker.
     let b = lease(&mut c, &key(2), 10_001);
-    assert_eq!((b.block, b.version), (0, 0));
+    assert_eq!((b.block, b.version, b.shard_index), (0, 0, a.shard_index));
     // The first worker was only slow: its update for the still-open round is merged.
     let w0 = weights(&c, &key(1), &a);
     let r = c
@@ -180,8 +180,8 @@ fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
             10_002,
         )
         .unwrap();
-    assert_eq!(r.block_version, 0, "b still holds an active lease");
-    let r = c
+    assert_eq!(r.block_version, 1, "quorum of one");
+    let e = c
         .submit_update(
             &key(2),
             b.id,
@@ -189,12 +189,45 @@ fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
             None,
             10_003,
         )
-        .unwrap();
-    assert_eq!(r.block_version, 1);
+        .unwrap_err();
+    assert!(matches!(e, NodeError::Stale(_)), "{e}");
 }
 
 #[test]
-fn dead_worker_round_closes_on_expiry_and_stale_update_is_refused() {
+fn quorum_waits_for_every_worker_of_the_round_until_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    let a = lease(&mut c, &key(1), 0);
+    let w0 = weights(&c, &key(1), &a);
+    c.submit_update(
+        &key(1),
+        a.id,
+        &codec::encode(&filled(&w0, 0.001), Codec::Fp32),
+        None,
+        5,
+    )
+    .unwrap();
+    // The second worker has not even asked yet: the round waits for it.
+    c.tick(50_000).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 0);
+    let b = lease(&mut c, &key(2), 50_001);
+    assert_ne!(a.shard_index, b.shard_index);
+    c.submit_update(
+        &key(2),
+        b.id,
+        &codec::encode(&filled(&w0, 0.001), Codec::Fp32),
+        None,
+        50_002,
+    )
+    .unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1);
+    assert_eq!(c.status().unwrap().updates["applied"], 2);
+}
+
+#[test]
+fn dead_worker_round_closes_at_its_deadline_and_stale_update_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
     join(&mut c, &key(1));
@@ -209,8 +242,11 @@ fn dead_worker_round_closes_on_expiry_and_stale_update_is_refused() {
         5,
     )
     .unwrap();
-    // Worker 2 died: its lease lapses and the round closes with worker 1's update.
+    // Worker 2 died: its lease lapses, and at the round's deadline the round closes
+    // with worker 1's update alone.
     c.tick(10_001).unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 0);
+    c.tick(100_005).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
     let before = head_hash(&c, 0);
     let e = c
@@ -219,7 +255,7 @@ fn dead_worker_round_closes_on_expiry_and_stale_update_is_refused() {
             b.id,
             &codec::encode(&filled(&w0, 0.01), Codec::Fp32),
             None,
-            10_002,
+            100_006,
         )
         .unwrap_err();
     assert!(matches!(e, NodeError::Stale(_)), "{e}");
@@ -245,11 +281,22 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
     nan.get_mut(first).unwrap().data[0] = f32::NAN;
     let mut missing = filled(&w0, 0.0);
     missing.remove(first);
+    let mut inf = filled(&w0, 0.0);
+    inf.get_mut(first).unwrap().data[0] = f32::INFINITY;
+    // fp16 tensors labelled fp32 (same header length): the dtype check must catch it.
+    let mislabelled: Vec<u8> = {
+        let mut b = codec::encode(&filled(&w0, 0.0), Codec::Fp16);
+        let at = b.windows(4).position(|w| w == b"fp16").unwrap();
+        b[at..at + 4].copy_from_slice(b"fp32");
+        b
+    };
     let huge = filled(&w0, 1e3);
     let good = codec::encode(&filled(&w0, 0.0), Codec::Fp16);
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (codec::encode(&wrong_shape, Codec::Fp32), "shape"),
         (codec::encode(&nan, Codec::Fp32), "NaN"),
+        (codec::encode(&inf, Codec::Fp32), "Inf"),
+        (mislabelled, "dtype"),
         (codec::encode(&missing, Codec::Fp32), "differ"),
         (codec::encode(&huge, Codec::Fp16), "RMS"),
         (good[..good.len() / 2].to_vec(), "safetensors"),
@@ -300,22 +347,31 @@ fn restart_keeps_versions_and_pending_updates() {
     // Reopen without the config: the stored run resumes; its pending update is still there.
     let mut c = Coordinator::open(dir.path(), None, 20_000).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].pending_updates, 1);
-    c.tick(20_000).unwrap();
+    // The worker re-sends (its reply was lost): the same update, not a second one.
+    let body = codec::encode(&filled(&w0, 0.01), Codec::Fp32);
+    let again = c.submit_update(&key(1), a.id, &body, None, 20_001).unwrap();
     assert_eq!(
-        c.status().unwrap().blocks[0].version,
+        c.status().unwrap().blocks[0].pending_updates,
         1,
-        "lapsed lease, round closes"
+        "{again:?}"
     );
     let e = c
         .submit_update(
             &key(1),
             a.id,
-            &codec::encode(&filled(&w0, 0.01), Codec::Fp32),
+            &codec::encode(&filled(&w0, 0.02), Codec::Fp32),
             None,
-            20_001,
+            20_002,
         )
         .unwrap_err();
     assert!(e.to_string().contains("already delivered"), "{e}");
+    c.tick(200_000).unwrap();
+    assert_eq!(
+        c.status().unwrap().blocks[0].version,
+        1,
+        "deadline closes the round"
+    );
+    assert_eq!(c.status().unwrap().updates["applied"], 1);
     drop(c);
     let mut other = cfg.clone();
     other.seed = 9;
@@ -401,4 +457,22 @@ fn workers_download_fp16_copies_while_merges_stay_fp32() {
             assert!((x - y).abs() <= 1e-3 * x.abs().max(1e-2), "{n}: {x} vs {y}");
         }
     }
+}
+
+#[test]
+fn a_kill_during_first_start_is_repaired_on_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Coordinator::open(dir.path(), Some(tiny(3, 1)), 0).unwrap());
+    // As if killed after block 1's version 0 was committed, before blocks 2 and 3.
+    let db = rusqlite::Connection::open(dir.path().join("state.sqlite")).unwrap();
+    db.execute("DELETE FROM blocks WHERE block > 0", [])
+        .unwrap();
+    db.execute("DELETE FROM versions WHERE block > 0", [])
+        .unwrap();
+    drop(db);
+    let mut c = Coordinator::open(dir.path(), None, 1).unwrap();
+    assert_eq!(c.status().unwrap().blocks.len(), 3);
+    join(&mut c, &key(1));
+    c.tick(2).unwrap();
+    assert_eq!(lease(&mut c, &key(1), 3).version, 0);
 }

@@ -251,6 +251,18 @@ pub fn decode(bytes: &[u8], expected: &Shapes, max_bytes: usize) -> Result<(Arra
         .and_then(|m| m.get("codec"))
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or_else(|| ProtocolError::Malformed("update names no known codec".into()))?;
+    // The parameters come from the sender: check them before any arithmetic uses them.
+    match codec {
+        Codec::Int8 { chunk: 0 } => {
+            return Err(ProtocolError::Rejected("int8 update with chunk 0".into()))
+        }
+        Codec::TopK { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
+            return Err(ProtocolError::Rejected(format!(
+                "top-k update with fraction {fraction}"
+            )))
+        }
+        _ => {}
+    }
     let wanted: Vec<String> = expected
         .keys()
         .flat_map(|n| match codec {
@@ -313,7 +325,7 @@ pub fn decode(bytes: &[u8], expected: &Shapes, max_bytes: usize) -> Result<(Arra
                 let s = tensor(&format!("{name}/scale"), Dtype::F32)?;
                 check_shape(
                     s.shape(),
-                    &[numel.div_ceil(chunk.max(1))],
+                    &[numel.div_ceil(chunk)],
                     &format!("{name}/scale"),
                 )?;
                 let scales: Vec<f32> = s
@@ -529,5 +541,41 @@ mod tests {
             Codec::parse("int8:128").unwrap(),
             Codec::Int8 { chunk: 128 }
         );
+    }
+
+    #[test]
+    fn codec_parameters_from_the_sender_are_checked() {
+        let d = delta();
+        let s = shapes_of(&d);
+        for bad in [
+            r#"{"codec":"int8","chunk":0}"#,
+            r#"{"codec":"topk","fraction":0.0}"#,
+            r#"{"codec":"topk","fraction":2.0}"#,
+        ] {
+            // An fp32 body labelled with hostile parameters: rejected, never a panic.
+            let raws: BTreeMap<String, Raw> = d
+                .iter()
+                .map(|(n, a)| {
+                    let bytes = le_bytes(&a.data, f32::to_le_bytes);
+                    (
+                        n.clone(),
+                        Raw {
+                            dtype: Dtype::F32,
+                            shape: a.shape.clone(),
+                            bytes,
+                        },
+                    )
+                })
+                .collect();
+            let meta = HashMap::from([("codec".to_string(), bad.to_string())]);
+            let relabeled =
+                safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), Some(meta))
+                    .unwrap();
+            let e = decode(&relabeled, &s, 1 << 20).unwrap_err();
+            assert!(
+                e.to_string().contains("chunk 0") || e.to_string().contains("fraction"),
+                "{e}"
+            );
+        }
     }
 }

@@ -82,6 +82,10 @@ pub struct Lease {
     pub schedule_step: i64,
     /// Length of the block's LR schedule.
     pub schedule_total: i64,
+    /// Schedule steps this round spans (the reference H): a worker given more or fewer
+    /// local steps spreads them over this span, so every worker of a round follows the
+    /// same part of the schedule.
+    pub schedule_span: i64,
     /// Update codec (`fp32`, `fp16`, `int8[:chunk]`, `topk:fraction`).
     pub codec: String,
     /// The lease lapses unless renewed (`/v1/leases/{id}/heartbeat`) within this time.
@@ -94,11 +98,6 @@ pub struct HeartbeatReply {
     /// False when the round moved on without this lease: stop and ask for new work.
     pub still_wanted: bool,
 }
-
-/// Headers an update upload carries besides the signature.
-pub const STEPS_HEADER: &str = "x-bt-steps";
-/// Mean training loss of the lease's steps.
-pub const LOSS_HEADER: &str = "x-bt-loss";
 
 /// `POST /v1/updates/{lease}` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -93,6 +93,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let mut done_since: Option<std::time::Instant> = None;
+    let grace = Duration::from_secs_f64((c.faults.lease_secs / 3.0 + 2.0).clamp(3.0, 30.0));
     loop {
         let ctrl_c = rt.block_on(async {
             tokio::select! {
@@ -111,8 +112,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             let done = running.status()?.done;
             match (done, done_since) {
                 (true, None) => done_since = Some(std::time::Instant::now()),
-                // Give polling workers a few seconds to hear that the run is done.
-                (true, Some(t)) if t.elapsed() > Duration::from_secs(3) => break,
+                // Give polling workers time to hear that the run is done: a worker still
+                // on a superseded lease learns it at its next heartbeat (lease / 3).
+                (true, Some(t)) if t.elapsed() > grace => break,
                 _ => {}
             }
         }
