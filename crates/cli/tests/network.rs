@@ -149,6 +149,55 @@ fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Every committed (block, version, master hash, wire hash) in a state directory.
+fn versions(state: &Path) -> Vec<(i64, i64, String, String)> {
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut st = db
+        .prepare("SELECT block, version, weights, wire FROM versions ORDER BY block, version")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Every blob the state names exists and hashes to its name; the exported model holds
+/// the head of every block.
+fn check_state(state: &Path) {
+    let all = versions(state);
+    for (_, _, w, x) in &all {
+        for h in [w, x] {
+            let bytes = std::fs::read(state.join(format!("blobs/{h}.safetensors"))).unwrap();
+            assert_eq!(blake3::hash(&bytes).to_hex().as_str(), h.as_str());
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("model/run.json")).unwrap()).unwrap();
+    for part in manifest["parts"].as_array().unwrap() {
+        let block = part["name"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("block-")
+            .parse::<i64>()
+            .unwrap()
+            - 1;
+        let head = all
+            .iter()
+            .filter(|v| v.0 == block)
+            .max_by_key(|v| v.1)
+            .unwrap();
+        assert_eq!(
+            part["weights_hash"].as_str().unwrap(),
+            head.2,
+            "model dir follows the database"
+        );
+    }
+}
+
 fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
@@ -156,7 +205,8 @@ fn read(dir: &Path, name: &str) -> String {
 #[test]
 fn workers_train_every_block_over_http_and_bytes_are_counted() {
     let dir = scratch("happy");
-    let run = run_toml(&dir, 2, 2, 5, 2, "");
+    // int8 updates with error feedback, end to end.
+    let run = run_toml(&dir, 2, 2, 5, 2, "[wire]\ncodec = \"int8\"");
     let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
     let mut ws: Vec<Proc> = (0..3)
         .map(|i| worker(&dir, &url, &format!("w{i}"), &[]))
@@ -259,6 +309,7 @@ fn coordinator_killed_and_restarted_loses_no_version() {
     });
     coord.0.kill().unwrap(); // SIGKILL: no shutdown path runs
     coord.0.wait().unwrap();
+    let committed = versions(&dir.join("state"));
     std::thread::sleep(Duration::from_millis(500));
     // Restart on the same address without --run: the stored run resumes.
     let (_coord2, url2) = coordinator(&dir, port, None);
@@ -276,6 +327,10 @@ fn coordinator_killed_and_restarted_loses_no_version() {
     assert_eq!(s.blocks[0].version, 6);
     let log = read(&dir, "w.log");
     assert!(log.contains("cannot reach coordinator"), "{log}");
+    // Every version committed before the kill is still there, unchanged.
+    let now = versions(&dir.join("state"));
+    assert_eq!(&now[..committed.len()], &committed[..]);
+    check_state(&dir.join("state"));
 }
 
 /// A hand-made signed request: what a hostile or broken worker can send.
@@ -302,13 +357,26 @@ fn signed_post(
         .unwrap()
 }
 
-/// Sends a request head declaring `declared` body bytes, then `body`; returns the reply.
-fn raw_post(url: &str, path: &str, declared: u64, body: &[u8]) -> String {
+/// Sends a request head with `id`'s signature headers (over an empty body) declaring
+/// `declared` body bytes, then `body`; returns the reply.
+fn raw_post(url: &str, id: &Identity, path: &str, declared: u64, body: &[u8]) -> String {
     use std::io::Read;
     let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    let a = signed::sign(id, "POST", path, blocktrain_node::now_ms(), b"");
+    let sig = format!(
+        "{}: {}\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\n",
+        signed::KEY_HEADER,
+        a.key,
+        signed::TIME_HEADER,
+        a.time_ms,
+        signed::NONCE_HEADER,
+        a.nonce,
+        signed::SIG_HEADER,
+        a.sig
+    );
     write!(
         tcp,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {declared}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nhost: x\r\n{sig}content-length: {declared}\r\n\r\n"
     )
     .unwrap();
     tcp.write_all(body).unwrap();
@@ -384,16 +452,19 @@ fn hostile_requests_get_clear_errors_and_leave_checkpoints_intact() {
     let r = signed_post(&url, &id, &path, b"not safetensors", false);
     assert_eq!(r.status(), 422);
     assert_eq!(signed_post(&url, &id, &path, b"x", true).status(), 401);
-    let reply = raw_post(&url, &path, 999_999_999, &[0u8; 16]);
+    let reply = raw_post(&url, &id, &path, 999_999_999, &[0u8; 16]);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    // The uploader dies mid-body: 1000 of 100000 bytes, then the connection closes.
     let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    let a = signed::sign(&id, "POST", &path, blocktrain_node::now_ms(), b"");
     write!(
         tcp,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nhost: x\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\ncontent-length: 100000\r\n\r\n",
+        signed::KEY_HEADER, a.key, signed::TIME_HEADER, a.time_ms, signed::NONCE_HEADER, a.nonce, signed::SIG_HEADER, a.sig
     )
     .unwrap();
     tcp.write_all(&[7u8; 1000]).unwrap();
-    drop(tcp); // the uploader dies mid-body
+    drop(tcp);
 
     let mut reasons = Vec::new();
     wait_for(Duration::from_secs(10), "four recorded rejections", || {

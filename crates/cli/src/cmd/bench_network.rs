@@ -52,9 +52,15 @@ pub struct BenchNetworkArgs {
     /// Update codec.
     #[arg(long, default_value = "fp16")]
     pub codec: String,
-    /// Outer optimizer: nesterov or average.
-    #[arg(long, default_value = "nesterov")]
-    pub outer: String,
+    /// Outer optimizer: nesterov or average (default: the run.toml default).
+    #[arg(long)]
+    pub outer: Option<String>,
+    /// Outer learning rate (nesterov).
+    #[arg(long)]
+    pub outer_lr: Option<f64>,
+    /// Outer momentum (nesterov).
+    #[arg(long)]
+    pub outer_momentum: Option<f64>,
     /// Model and optimizer preset.
     #[arg(long, value_enum, default_value = "demo")]
     pub profile: Profile,
@@ -120,11 +126,14 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     let mut cfg = demo.run_config()?;
     let per_block = cfg.training.workers_per_block as i64;
     cfg.training.rounds = (args.steps_per_block / (args.local_steps * per_block)).max(1) as u64;
-    cfg.outer.optimizer = match args.outer.as_str() {
-        "nesterov" => blocktrain_node::config::OuterKind::Nesterov,
-        "average" => blocktrain_node::config::OuterKind::Average,
-        o => bail!("--outer is nesterov or average, not {o}"),
-    };
+    match args.outer.as_deref() {
+        None => {}
+        Some("nesterov") => cfg.outer.optimizer = blocktrain_node::config::OuterKind::Nesterov,
+        Some("average") => cfg.outer.optimizer = blocktrain_node::config::OuterKind::Average,
+        Some(o) => bail!("--outer is nesterov or average, not {o}"),
+    }
+    cfg.outer.lr = args.outer_lr.unwrap_or(cfg.outer.lr);
+    cfg.outer.momentum = args.outer_momentum.unwrap_or(cfg.outer.momentum);
     cfg.validate()?;
 
     // Hosts and links, checked before anything is trained.
@@ -163,8 +172,8 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
 
     let rounds = cfg.training.rounds;
     println!(
-        "== bench network: {} workers on {} blocks ({} per block), {} rounds x {} local steps, codec {}, outer {:?}; link {}",
-        args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, cfg.outer.optimizer, link_desc
+        "== bench network: {} workers on {} blocks ({} per block), {} rounds x {} local steps, codec {}, outer {:?} (lr {}, momentum {}); link {}",
+        args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum, link_desc
     );
     // Version 0 is written when the coordinator opens the state; evaluate it first.
     drop(blocktrain_node::coordinator::Coordinator::open(
@@ -233,15 +242,19 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     }
     let moved = status.bytes_up + status.bytes_down;
     let drop_ce = start_ce.0 - end_ce.0;
-    println!("\n| workers | per block | rounds x H | codec | link | hosts | CE start | CE end | MB up | MB down | GB moved | MB per 0.1 CE | wall s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| workers | per block | rounds x H | codec | outer | link | hosts | CE start | CE end | MB up | MB down | GB moved | MB per 0.1 CE | wall s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} x {} | {} | {} | {:?} | {:.3} | {:.4} ± {:.4} | {:.1} | {:.1} | {:.4} | {:.1} | {:.0} |",
+        "| {} | {} | {} x {} | {} | {} | {} | {:?} | {:.3} | {:.4} ± {:.4} | {:.1} | {:.1} | {:.4} | {:.1} | {:.0} |",
         args.workers,
         per_block,
         rounds,
         args.local_steps,
         cfg.wire.codec,
+        match cfg.outer.optimizer {
+            blocktrain_node::config::OuterKind::Average => "average".to_string(),
+            _ => format!("nesterov {}/{}", cfg.outer.lr, cfg.outer.momentum),
+        },
         args.link.map_or("-".into(), |l| l.to_string()),
         hosts,
         start_ce.0,
@@ -258,6 +271,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "workers": args.workers, "blocks": args.blocks, "workers_per_block": per_block,
         "rounds": rounds, "local_steps": args.local_steps, "steps_per_block": args.steps_per_block,
         "codec": cfg.wire.codec, "outer": format!("{:?}", cfg.outer.optimizer),
+        "outer_lr": cfg.outer.lr, "outer_momentum": cfg.outer.momentum,
         "profile": format!("{:?}", args.profile), "model": cfg.model,
         "hosts": format!("{hosts:?}"), "link": args.link.map(|l| l.to_string()), "link_setup": link_desc,
         "link_probe": probe.map(|p| json!({"rtt_ms": p.rtt_ms, "mbit_per_s": p.mbit_per_s})),
