@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use blocktrain_node::coordinator::Status;
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::signed;
-use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocktrain");
 
@@ -387,13 +387,7 @@ fn raw_post(url: &str, id: &Identity, path: &str, declared: u64, body: &[u8]) ->
 }
 
 fn info() -> WorkerInfo {
-    WorkerInfo {
-        wire_version: WIRE_VERSION,
-        device: "cpu".into(),
-        memory_bytes: 0,
-        step_rate: None,
-        data: None,
-    }
+    WorkerInfo::new("cpu")
 }
 
 #[test]

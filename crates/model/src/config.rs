@@ -36,6 +36,19 @@ impl ModelConfig {
         }
     }
 
+    /// The smallest useful network (width 16, one layer, window 16): for tests.
+    pub fn tiny_block() -> Self {
+        ModelConfig {
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            mlp_ratio: 2,
+            window: 16,
+            causal: false,
+            t_cond: false,
+        }
+    }
+
     /// Rejects shapes that cannot build.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(ModelError::Config(m.to_string()));

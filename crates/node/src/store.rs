@@ -581,46 +581,14 @@ impl Store {
 
     /// Records an update (accepted or rejected); returns its id.
     pub fn insert_update(&self, u: &NewUpdate, now: u64) -> Result<i64> {
-        self.conn.execute(
-            "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                u.lease,
-                u.worker,
-                u.block.map(|b| b as i64),
-                u.version.map(|v| v as i64),
-                u.bytes as i64,
-                u.hash,
-                u.steps,
-                u.loss,
-                u.state,
-                u.reason,
-                now as i64
-            ],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+        insert_update(&self.conn, u, u.state, now)
     }
 
     /// Accepts an update in one transaction: its row (pending), its lease delivered, its
     /// bytes counted. Returns the update id.
     pub fn accept_update(&mut self, u: &NewUpdate, now: u64) -> Result<i64> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', NULL, ?9)",
-            params![
-                u.lease,
-                u.worker,
-                u.block.map(|b| b as i64),
-                u.version.map(|v| v as i64),
-                u.bytes as i64,
-                u.hash,
-                u.steps,
-                u.loss,
-                now as i64
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
+        let id = insert_update(&tx, u, update_state::PENDING, now)?;
         tx.execute(
             "UPDATE leases SET state = 'delivered' WHERE id = ?1",
             [u.lease],
@@ -738,4 +706,25 @@ impl Store {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+fn insert_update(conn: &Connection, u: &NewUpdate, state: &str, now: u64) -> Result<i64> {
+    conn.execute(
+        "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            u.lease,
+            u.worker,
+            u.block.map(|b| b as i64),
+            u.version.map(|v| v as i64),
+            u.bytes as i64,
+            u.hash,
+            u.steps,
+            u.loss,
+            state,
+            u.reason,
+            now as i64
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
 }

@@ -5,22 +5,12 @@ use blocktrain_node::config::{OuterKind, RunConfig};
 use blocktrain_node::coordinator::Coordinator;
 use blocktrain_node::NodeError;
 use blocktrain_protocol::codec::{self, Array, Arrays, Codec};
-use blocktrain_protocol::wire::{
-    join_proof, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION,
-};
+use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, WorkReply, WorkerInfo};
 
 fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     let mut c = RunConfig {
         blocks,
-        model: ModelConfig {
-            d_model: 16,
-            n_layers: 1,
-            n_heads: 2,
-            mlp_ratio: 2,
-            window: 16,
-            causal: false,
-            t_cond: false,
-        },
+        model: ModelConfig::tiny_block(),
         ..Default::default()
     };
     c.training.workers_per_block = per_block;
@@ -34,13 +24,7 @@ fn tiny(blocks: usize, per_block: u32) -> RunConfig {
 }
 
 fn info() -> WorkerInfo {
-    WorkerInfo {
-        wire_version: WIRE_VERSION,
-        device: "cpu".into(),
-        memory_bytes: 0,
-        step_rate: None,
-        data: None,
-    }
+    WorkerInfo::new("cpu")
 }
 
 fn join(c: &mut Coordinator, key: &str) {
@@ -87,6 +71,20 @@ fn filled(like: &Arrays, v: f32) -> Arrays {
             )
         })
         .collect()
+}
+
+/// Submits `like` filled with `v`, fp32.
+fn submit(
+    c: &mut Coordinator,
+    k: &str,
+    l: &Lease,
+    like: &Arrays,
+    v: f32,
+    now: u64,
+) -> Result<u64, NodeError> {
+    let body = codec::encode(&filled(like, v), Codec::Fp32);
+    c.submit_update(k, l.id, &body, None, now)
+        .map(|r| r.block_version)
 }
 
 fn head_hash(c: &Coordinator, block: usize) -> String {
@@ -201,27 +199,13 @@ fn quorum_waits_for_every_worker_of_the_round_until_the_deadline() {
     join(&mut c, &key(2));
     let a = lease(&mut c, &key(1), 0);
     let w0 = weights(&c, &key(1), &a);
-    c.submit_update(
-        &key(1),
-        a.id,
-        &codec::encode(&filled(&w0, 0.001), Codec::Fp32),
-        None,
-        5,
-    )
-    .unwrap();
+    submit(&mut c, &key(1), &a, &w0, 0.001, 5).unwrap();
     // The second worker has not even asked yet: the round waits for it.
     c.tick(50_000).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 0);
     let b = lease(&mut c, &key(2), 50_001);
     assert_ne!(a.shard_index, b.shard_index);
-    c.submit_update(
-        &key(2),
-        b.id,
-        &codec::encode(&filled(&w0, 0.001), Codec::Fp32),
-        None,
-        50_002,
-    )
-    .unwrap();
+    submit(&mut c, &key(2), &b, &w0, 0.001, 50_002).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
     assert_eq!(c.status().unwrap().updates["applied"], 2);
 }
@@ -234,14 +218,7 @@ fn dead_worker_round_closes_at_its_deadline_and_stale_update_is_refused() {
     join(&mut c, &key(2));
     let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
     let w0 = weights(&c, &key(1), &a);
-    c.submit_update(
-        &key(1),
-        a.id,
-        &codec::encode(&filled(&w0, 0.01), Codec::Fp32),
-        None,
-        5,
-    )
-    .unwrap();
+    submit(&mut c, &key(1), &a, &w0, 0.01, 5).unwrap();
     // Worker 2 died: its lease lapses, and at the round's deadline the round closes
     // with worker 1's update alone.
     c.tick(10_001).unwrap();
@@ -334,14 +311,7 @@ fn restart_keeps_versions_and_pending_updates() {
         let a = lease(&mut c, &key(1), 0);
         let _b = lease(&mut c, &key(2), 0);
         let w0 = weights(&c, &key(1), &a);
-        c.submit_update(
-            &key(1),
-            a.id,
-            &codec::encode(&filled(&w0, 0.01), Codec::Fp32),
-            None,
-            5,
-        )
-        .unwrap();
+        submit(&mut c, &key(1), &a, &w0, 0.01, 5).unwrap();
         (a, w0)
     };
     // Reopen without the config: the stored run resumes; its pending update is still there.

@@ -12,15 +12,7 @@ use blocktrain_protocol::wire::{DataShard, RegisterRequest, WorkReply, WorkerInf
 fn tiny() -> RunConfig {
     let mut c = RunConfig {
         blocks: 1,
-        model: ModelConfig {
-            d_model: 16,
-            n_layers: 1,
-            n_heads: 2,
-            mlp_ratio: 2,
-            window: 16,
-            causal: false,
-            t_cond: false,
-        },
+        model: ModelConfig::tiny_block(),
         ..Default::default()
     };
     c.training.workers_per_block = 4;

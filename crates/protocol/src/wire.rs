@@ -31,6 +31,19 @@ pub struct WorkerInfo {
     pub data: Option<DataShard>,
 }
 
+impl WorkerInfo {
+    /// A worker on `device` that has not measured anything yet and brings no data.
+    pub fn new(device: &str) -> Self {
+        WorkerInfo {
+            wire_version: WIRE_VERSION,
+            device: device.to_string(),
+            memory_bytes: 0,
+            step_rate: None,
+            data: None,
+        }
+    }
+}
+
 /// `POST /v1/register`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
