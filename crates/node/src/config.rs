@@ -62,7 +62,8 @@ pub struct Training {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Outer {
-    /// `nesterov` (DiLoCo) or `average` (plain mean of deltas).
+    /// `average` (plain mean of deltas; the default, best in docs/RESULTS.md at our
+    /// scale) or `nesterov` (DiLoCo).
     pub optimizer: OuterKind,
     /// Outer learning rate (nesterov).
     pub lr: f64,
@@ -157,7 +158,7 @@ impl Default for Training {
 impl Default for Outer {
     fn default() -> Self {
         Outer {
-            optimizer: OuterKind::Nesterov,
+            optimizer: OuterKind::Average,
             lr: 0.7,
             momentum: 0.9,
         }
