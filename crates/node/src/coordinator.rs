@@ -9,6 +9,8 @@
 //!   current round (active leases + delivered updates), preferring the block it had
 //!   last (its checkpoint is cached), then the block furthest behind. A block takes at
 //!   most `workers_per_block` per round; when all are full the worker is told to wait.
+//!   A block whose estimated training memory exceeds what the worker reports free is
+//!   never assigned to it; a worker too small for every block is refused, saying so.
 //! - **Local steps**: H, or with `round_seconds` set and a measured step rate,
 //!   rate x round_seconds clamped to [H/4, 4H].
 //! - **Leases** lapse `lease_secs` after the last heartbeat (or `max_lease_secs` after
@@ -350,8 +352,21 @@ impl Coordinator {
             return Ok(WorkReply::Done);
         }
         let cap = self.cfg.training.workers_per_block;
+        // Blocks this worker can hold in its memory (0 = it did not say).
+        let fits = |b: usize| info.memory_bytes == 0 || self.train_memory(b) <= info.memory_bytes;
+        if !(0..self.cfg.blocks).any(fits) {
+            let need = (0..self.cfg.blocks)
+                .map(|b| self.train_memory(b))
+                .min()
+                .unwrap_or(0);
+            return Err(NodeError::Rejected(format!(
+                "this worker reports {} MB of free memory; training the smallest block needs about {} MB",
+                info.memory_bytes >> 20,
+                need >> 20
+            )));
+        }
         let mut best: Option<(u32, bool, u64, usize, u32)> = None;
-        for h in heads.iter().filter(|h| h.version < rounds) {
+        for h in heads.iter().filter(|h| h.version < rounds && fits(h.block)) {
             let (active, issued) = self.store.round_leases(h.block, h.version)?;
             let pending = self.store.pending(h.block, h.version)?.len() as u32;
             let busy = active + pending;
@@ -388,6 +403,21 @@ impl Coordinator {
             .insert_lease(key, block, version, slot, steps, seed, now, expires)?;
         let lease = self.store.lease(id)?.expect("just inserted");
         Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[block])))
+    }
+
+    /// Rough memory to train block `b`: weights, gradients and two AdamW moments (16 B
+    /// per parameter), activations kept for backward (~40 B per width x layer x token of
+    /// a batch, plus the logits), and the corpus and runtime (~256 MB).
+    fn train_memory(&self, b: usize) -> u64 {
+        let params: usize = self.shapes[b]
+            .values()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        let m = self.model.manifest.part_model(b);
+        let tokens = (self.cfg.training.batch * m.window) as u64;
+        16 * params as u64
+            + tokens * (40 * (m.d_model * m.n_layers) as u64 + 3 * 4 * 257)
+            + (256 << 20)
     }
 
     fn lease_ms(&self) -> u64 {

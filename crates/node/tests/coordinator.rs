@@ -446,3 +446,24 @@ fn a_kill_during_first_start_is_repaired_on_the_next() {
     c.tick(2).unwrap();
     assert_eq!(lease(&mut c, &key(1), 3).version, 0);
 }
+
+#[test]
+fn a_worker_without_the_memory_for_any_block_is_told_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
+    join(&mut c, &key(1));
+    let small = WorkerInfo {
+        memory_bytes: 64 << 20,
+        ..info()
+    };
+    let e = c.request_work(&key(1), &small, 0).unwrap_err();
+    assert!(e.to_string().contains("free memory"), "{e}");
+    let big = WorkerInfo {
+        memory_bytes: 8 << 30,
+        ..info()
+    };
+    assert!(matches!(
+        c.request_work(&key(1), &big, 0).unwrap(),
+        WorkReply::Lease(_)
+    ));
+}

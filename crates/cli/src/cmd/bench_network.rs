@@ -95,6 +95,16 @@ fn ce(model: &Path, split: Split, windows: usize, device: tch::Device) -> Result
     Ok((r.nats, r.se))
 }
 
+fn outer_name(cfg: &blocktrain_node::config::RunConfig) -> String {
+    match cfg.outer.optimizer {
+        blocktrain_node::config::OuterKind::Average => "average".to_string(),
+        _ => format!(
+            "nesterov lr {} momentum {}",
+            cfg.outer.lr, cfg.outer.momentum
+        ),
+    }
+}
+
 /// Runs `blocktrain bench network`.
 pub fn run(args: BenchNetworkArgs) -> Result<()> {
     crate::cmd::coordinator::init_logging_quiet();
@@ -172,8 +182,8 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
 
     let rounds = cfg.training.rounds;
     println!(
-        "== bench network: {} workers on {} blocks ({} per block), {} rounds x {} local steps, codec {}, outer {:?} (lr {}, momentum {}); link {}",
-        args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum, link_desc
+        "== bench network: {} workers on {} blocks ({} per block), {} rounds x {} local steps, codec {}, outer {}; link {}",
+        args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, outer_name(&cfg), link_desc
     );
     // Version 0 is written when the coordinator opens the state; evaluate it first.
     drop(blocktrain_node::coordinator::Coordinator::open(
@@ -251,10 +261,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         rounds,
         args.local_steps,
         cfg.wire.codec,
-        match cfg.outer.optimizer {
-            blocktrain_node::config::OuterKind::Average => "average".to_string(),
-            _ => format!("nesterov {}/{}", cfg.outer.lr, cfg.outer.momentum),
-        },
+        outer_name(&cfg),
         args.link.map_or("-".into(), |l| l.to_string()),
         hosts,
         start_ce.0,
