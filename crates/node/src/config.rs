@@ -87,8 +87,9 @@ pub enum OuterKind {
 pub struct Wire {
     /// Codec workers use for updates: fp32, fp16, int8[:chunk], topk:fraction.
     pub codec: String,
-    /// Precision of the checkpoints workers download: fp16 (half the bytes; the master copy
-    /// that merges apply to stays fp32) or fp32.
+    /// Precision of the checkpoints workers download: fp16 (half the bytes), int8 (per-chunk
+    /// scales, a quarter) or fp32. The master copy that merges apply to stays fp32, and a
+    /// worker's delta is taken against the copy it trained from.
     pub checkpoint_codec: String,
     /// Reject a delta whose RMS exceeds this multiple of `lr x steps`: AdamW moves a
     /// weight by about lr per step at most, so a larger delta cannot come from the run's
@@ -219,9 +220,12 @@ impl RunConfig {
             return bad("training.round_seconds must be >= 0".into());
         }
         Codec::parse(&self.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
-        if !matches!(self.wire.checkpoint_codec.as_str(), "fp32" | "fp16") {
+        if !matches!(
+            self.wire.checkpoint_codec.as_str(),
+            "fp32" | "fp16" | "int8"
+        ) {
             return bad(format!(
-                "wire.checkpoint_codec is fp32 or fp16, not '{}'",
+                "wire.checkpoint_codec is fp32, fp16 or int8, not '{}'",
                 self.wire.checkpoint_codec
             ));
         }

@@ -159,6 +159,7 @@ fn encode_weights(weights: &Arrays) -> Vec<u8> {
 fn encode_wire(weights: &Arrays, cfg: &RunConfig) -> Vec<u8> {
     match cfg.wire.checkpoint_codec.as_str() {
         "fp16" => codec::encode(weights, Codec::Fp16),
+        "int8" => codec::encode(weights, Codec::Int8 { chunk: 256 }),
         _ => encode_weights(weights),
     }
 }

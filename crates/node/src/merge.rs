@@ -109,7 +109,11 @@ mod tests {
 
     #[test]
     fn nesterov_matches_the_hand_computed_steps() {
-        let cfg = Outer::default(); // lr 0.7, mu 0.9
+        let cfg = Outer {
+            optimizer: OuterKind::Nesterov,
+            lr: 0.7,
+            momentum: 0.9,
+        };
         let mut w = one(&[0.0]);
         // Round 1: g = -1, m = -1, step = -0.7*(-1 + 0.9*-1) = +1.33.
         let m = outer_step(&mut w, &one(&[1.0]), Arrays::new(), &cfg);

@@ -399,32 +399,37 @@ fn join_secret_and_allowlist_admit_only_their_workers() {
 }
 
 #[test]
-fn workers_download_fp16_copies_while_merges_stay_fp32() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny(1, 1);
-    cfg.wire.checkpoint_codec = "fp16".into();
-    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
-    join(&mut c, &key(1));
-    let l = lease(&mut c, &key(1), 0);
-    let (path, _) = c.checkpoint_file(&key(1), &l.weights_hash).unwrap();
-    let wire = std::fs::read(path).unwrap();
-    let master = c.status().unwrap().blocks[0].weights.clone();
-    assert_ne!(l.weights_hash, master);
-    let (mpath, _) = c.checkpoint_file(&key(1), &master).unwrap();
-    let master = std::fs::read(mpath).unwrap();
-    assert!(
-        wire.len() * 10 < master.len() * 6,
-        "fp16 copy is about half: {} vs {}",
-        wire.len(),
-        master.len()
-    );
-    let decode =
-        |b: &[u8]| codec::decode(b, &codec::header_shapes(b).unwrap(), usize::MAX).unwrap();
-    let ((w16, c16), (w32, _)) = (decode(&wire), decode(&master));
-    assert_eq!(c16, Codec::Fp16);
-    for (n, a) in &w32 {
-        for (x, y) in a.data.iter().zip(&w16[n].data) {
-            assert!((x - y).abs() <= 1e-3 * x.abs().max(1e-2), "{n}: {x} vs {y}");
+fn workers_download_compressed_copies_while_merges_stay_fp32() {
+    // (codec, size vs fp32 at most, error bound relative to the tensor's largest value)
+    for (name, codec, size, tol) in [
+        ("fp16", Codec::Fp16, 0.6, 1e-3),
+        ("int8", Codec::Int8 { chunk: 256 }, 0.35, 1.0 / 127.0),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny(1, 1);
+        cfg.wire.checkpoint_codec = name.into();
+        let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+        join(&mut c, &key(1));
+        let l = lease(&mut c, &key(1), 0);
+        let read = |h: &str| std::fs::read(c.checkpoint_file(&key(1), h).unwrap().0).unwrap();
+        let master_hash = c.status().unwrap().blocks[0].weights.clone();
+        assert_ne!(l.weights_hash, master_hash);
+        let (wire, master) = (read(&l.weights_hash), read(&master_hash));
+        assert!(
+            (wire.len() as f64) < size * master.len() as f64,
+            "{name}: {} vs {}",
+            wire.len(),
+            master.len()
+        );
+        let decode =
+            |b: &[u8]| codec::decode(b, &codec::header_shapes(b).unwrap(), usize::MAX).unwrap();
+        let ((wq, cq), (w32, _)) = (decode(&wire), decode(&master));
+        assert_eq!(cq, codec);
+        for (n, a) in &w32 {
+            let top = a.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (x, y) in a.data.iter().zip(&wq[n].data) {
+                assert!((x - y).abs() <= tol * top, "{name} {n}: {x} vs {y}");
+            }
         }
     }
 }

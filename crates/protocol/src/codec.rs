@@ -87,14 +87,31 @@ pub fn shapes_of(arrays: &Arrays) -> Shapes {
         .collect()
 }
 
-/// The names and shapes an update or checkpoint's header declares (for the receiver's
-/// own files; a peer's bytes are decoded against the shapes the receiver expects).
+/// The names and shapes of the dense tensors a body encodes, read from its own header
+/// (for the receiver's own files and for checkpoints, whose shapes the worker learns from
+/// them; a peer's update is decoded against the shapes the receiver expects). int8
+/// bodies list each tensor once, without its `/scale`; top-k bodies are sparse and
+/// declare no dense shapes.
 pub fn header_shapes(bytes: &[u8]) -> Result<Shapes> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ProtocolError::Malformed(format!("not safetensors: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| ProtocolError::Malformed(format!("not safetensors: {e}")))?;
+    let codec: Option<Codec> = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("codec"))
+        .and_then(|c| serde_json::from_str(c).ok());
+    if let Some(Codec::TopK { .. }) = codec {
+        return Err(ProtocolError::Rejected(
+            "a top-k body declares no dense shapes".into(),
+        ));
+    }
+    let int8 = matches!(codec, Some(Codec::Int8 { .. }));
     Ok(st
         .tensors()
         .into_iter()
+        .filter(|(name, _)| !(int8 && name.ends_with("/scale")))
         .map(|(name, view)| (name, view.shape().to_vec()))
         .collect())
 }

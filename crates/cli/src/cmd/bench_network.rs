@@ -52,6 +52,9 @@ pub struct BenchNetworkArgs {
     /// Update codec.
     #[arg(long, default_value = "fp16")]
     pub codec: String,
+    /// Codec of the checkpoint copies workers download: fp16, int8 or fp32.
+    #[arg(long, default_value = "fp16")]
+    pub checkpoint_codec: String,
     /// Outer optimizer: nesterov or average (default: the run.toml default).
     #[arg(long)]
     pub outer: Option<String>,
@@ -142,6 +145,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         Some("average") => cfg.outer.optimizer = blocktrain_node::config::OuterKind::Average,
         Some(o) => bail!("--outer is nesterov or average, not {o}"),
     }
+    cfg.wire.checkpoint_codec = args.checkpoint_codec.clone();
     cfg.outer.lr = args.outer_lr.unwrap_or(cfg.outer.lr);
     cfg.outer.momentum = args.outer_momentum.unwrap_or(cfg.outer.momentum);
     cfg.validate()?;
@@ -277,7 +281,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "bench": "network",
         "workers": args.workers, "blocks": args.blocks, "workers_per_block": per_block,
         "rounds": rounds, "local_steps": args.local_steps, "steps_per_block": args.steps_per_block,
-        "codec": cfg.wire.codec, "outer": format!("{:?}", cfg.outer.optimizer),
+        "codec": cfg.wire.codec, "checkpoint_codec": cfg.wire.checkpoint_codec, "outer": format!("{:?}", cfg.outer.optimizer),
         "outer_lr": cfg.outer.lr, "outer_momentum": cfg.outer.momentum,
         "profile": format!("{:?}", args.profile), "model": cfg.model,
         "hosts": format!("{hosts:?}"), "link": args.link.map(|l| l.to_string()), "link_setup": link_desc,
