@@ -39,6 +39,14 @@ fn join(c: &mut Coordinator, key: &str) {
     .unwrap();
 }
 
+/// A new run in `dir` with workers key(1) and key(2) registered.
+fn with_two_workers(dir: &std::path::Path, cfg: RunConfig) -> Coordinator {
+    let mut c = Coordinator::open(dir, Some(cfg), 0).unwrap();
+    join(&mut c, &key(1));
+    join(&mut c, &key(2));
+    c
+}
+
 fn lease(c: &mut Coordinator, key: &str, now: u64) -> Lease {
     match c.request_work(key, &info(), now).unwrap() {
         WorkReply::Lease(l) => l,
@@ -82,7 +90,20 @@ fn submit(
     v: f32,
     now: u64,
 ) -> Result<u64, NodeError> {
-    let body = codec::encode(&filled(like, v), Codec::Fp32);
+    submit_as(c, k, l, like, v, Codec::Fp32, now)
+}
+
+/// Submits `like` filled with `v` in `codec`; returns the block's version after it.
+fn submit_as(
+    c: &mut Coordinator,
+    k: &str,
+    l: &Lease,
+    like: &Arrays,
+    v: f32,
+    codec: Codec,
+    now: u64,
+) -> Result<u64, NodeError> {
+    let body = codec::encode(&filled(like, v), codec);
     c.submit_update(k, l.id, &body, None, now)
         .map(|r| r.block_version)
 }
@@ -117,9 +138,7 @@ fn assignment_fills_the_emptiest_block_then_waits() {
 #[test]
 fn round_closes_with_the_mean_of_its_updates() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
-    join(&mut c, &key(1));
-    join(&mut c, &key(2));
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
     let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
     let w0 = weights(&c, &key(1), &a);
     let r = c
@@ -156,9 +175,7 @@ fn round_closes_with_the_mean_of_its_updates() {
 #[test]
 fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
-    join(&mut c, &key(1));
-    join(&mut c, &key(2));
+    let mut c = with_two_workers(dir.path(), tiny(1, 1));
     let a = lease(&mut c, &key(1), 0);
     assert!(matches!(
         c.request_work(&key(2), &info(), 1000).unwrap(),
@@ -169,34 +186,16 @@ fn lapsed_lease_frees_its_slot_and_a_late_update_still_counts() {
     assert_eq!((b.block, b.version, b.shard_index), (0, 0, a.shard_index));
     // The first worker was only slow: its update for the still-open round is merged.
     let w0 = weights(&c, &key(1), &a);
-    let r = c
-        .submit_update(
-            &key(1),
-            a.id,
-            &codec::encode(&filled(&w0, 0.01), Codec::Fp16),
-            None,
-            10_002,
-        )
-        .unwrap();
-    assert_eq!(r.block_version, 1, "quorum of one");
-    let e = c
-        .submit_update(
-            &key(2),
-            b.id,
-            &codec::encode(&filled(&w0, 0.01), Codec::Fp16),
-            None,
-            10_003,
-        )
-        .unwrap_err();
+    let r = submit_as(&mut c, &key(1), &a, &w0, 0.01, Codec::Fp16, 10_002).unwrap();
+    assert_eq!(r, 1, "quorum of one");
+    let e = submit_as(&mut c, &key(2), &b, &w0, 0.01, Codec::Fp16, 10_003).unwrap_err();
     assert!(matches!(e, NodeError::Stale(_)), "{e}");
 }
 
 #[test]
 fn quorum_waits_for_every_worker_of_the_round_until_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
-    join(&mut c, &key(1));
-    join(&mut c, &key(2));
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
     let a = lease(&mut c, &key(1), 0);
     let w0 = weights(&c, &key(1), &a);
     submit(&mut c, &key(1), &a, &w0, 0.001, 5).unwrap();
@@ -213,9 +212,7 @@ fn quorum_waits_for_every_worker_of_the_round_until_the_deadline() {
 #[test]
 fn dead_worker_round_closes_at_its_deadline_and_stale_update_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 2)), 0).unwrap();
-    join(&mut c, &key(1));
-    join(&mut c, &key(2));
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
     let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
     let w0 = weights(&c, &key(1), &a);
     submit(&mut c, &key(1), &a, &w0, 0.01, 5).unwrap();
@@ -226,15 +223,7 @@ fn dead_worker_round_closes_at_its_deadline_and_stale_update_is_refused() {
     c.tick(100_005).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
     let before = head_hash(&c, 0);
-    let e = c
-        .submit_update(
-            &key(2),
-            b.id,
-            &codec::encode(&filled(&w0, 0.01), Codec::Fp32),
-            None,
-            100_006,
-        )
-        .unwrap_err();
+    let e = submit_as(&mut c, &key(2), &b, &w0, 0.01, Codec::Fp32, 100_006).unwrap_err();
     assert!(matches!(e, NodeError::Stale(_)), "{e}");
     assert!(e.to_string().contains("version 1"), "{e}");
     assert_eq!(head_hash(&c, 0), before);
@@ -245,9 +234,7 @@ fn dead_worker_round_closes_at_its_deadline_and_stale_update_is_refused() {
 #[test]
 fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Coordinator::open(dir.path(), Some(tiny(1, 1)), 0).unwrap();
-    join(&mut c, &key(1));
-    join(&mut c, &key(2));
+    let mut c = with_two_workers(dir.path(), tiny(1, 1));
     let a = lease(&mut c, &key(1), 0);
     let w0 = weights(&c, &key(1), &a);
     let before = head_hash(&c, 0);
@@ -325,15 +312,7 @@ fn restart_keeps_versions_and_pending_updates() {
         1,
         "{again:?}"
     );
-    let e = c
-        .submit_update(
-            &key(1),
-            a.id,
-            &codec::encode(&filled(&w0, 0.02), Codec::Fp32),
-            None,
-            20_002,
-        )
-        .unwrap_err();
+    let e = submit_as(&mut c, &key(1), &a, &w0, 0.02, Codec::Fp32, 20_002).unwrap_err();
     assert!(e.to_string().contains("already delivered"), "{e}");
     c.tick(200_000).unwrap();
     assert_eq!(
@@ -357,11 +336,13 @@ fn run_is_done_after_its_rounds() {
     for round in 0..3 {
         let l = lease(&mut c, &key(1), round * 10);
         let w = weights(&c, &key(1), &l);
-        c.submit_update(
+        submit_as(
+            &mut c,
             &key(1),
-            l.id,
-            &codec::encode(&filled(&w, 0.001), Codec::Int8 { chunk: 64 }),
-            None,
+            &l,
+            &w,
+            0.001,
+            Codec::Int8 { chunk: 64 },
             round * 10 + 1,
         )
         .unwrap();
