@@ -434,6 +434,23 @@ fn hostile_requests_get_clear_errors_and_leave_checkpoints_intact() {
         .status()
         .is_success());
 
+    // The same signed request sent twice: the copy is a replay.
+    let replay = |auth: &signed::Auth| {
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/work"))
+            .header(signed::KEY_HEADER, &auth.key)
+            .header(signed::TIME_HEADER, auth.time_ms.to_string())
+            .header(signed::NONCE_HEADER, &auth.nonce)
+            .header(signed::SIG_HEADER, &auth.sig)
+            .body(body.clone())
+            .send()
+            .unwrap()
+    };
+    let once = signed::sign(&id, "POST", "/v1/work", blocktrain_node::now_ms(), &body);
+    assert!(replay(&once).status().is_success());
+    let r = replay(&once);
+    assert_eq!(r.status(), 401);
+    assert!(r.text().unwrap().contains("replayed"));
     let lease: Lease = match signed_post(&url, &id, "/v1/work", &body, false)
         .json()
         .unwrap()
