@@ -151,13 +151,24 @@ fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
 
 /// Every committed (block, version, master hash, wire hash) in a state directory.
 fn versions(state: &Path) -> Vec<(i64, i64, String, String)> {
+    versions_where(state, "1")
+}
+
+/// The versions whose files are kept (`[faults] keep_versions`).
+fn kept_versions(state: &Path) -> Vec<(i64, i64, String, String)> {
+    versions_where(state, "pruned = 0")
+}
+
+fn versions_where(state: &Path, cond: &str) -> Vec<(i64, i64, String, String)> {
     let db = rusqlite::Connection::open_with_flags(
         state.join("state.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
     let mut st = db
-        .prepare("SELECT block, version, weights, wire FROM versions ORDER BY block, version")
+        .prepare(&format!(
+            "SELECT block, version, weights, wire FROM versions WHERE {cond} ORDER BY block, version"
+        ))
         .unwrap();
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .unwrap()
@@ -165,10 +176,10 @@ fn versions(state: &Path) -> Vec<(i64, i64, String, String)> {
         .collect()
 }
 
-/// Every blob the state names exists and hashes to its name; the exported model holds
+/// Every blob the state keeps exists and hashes to its name; the exported model holds
 /// the head of every block.
 fn check_state(state: &Path) {
-    let all = versions(state);
+    let all = kept_versions(state);
     for (_, _, w, x) in &all {
         for h in [w, x] {
             let bytes = std::fs::read(state.join(format!("blobs/{h}.safetensors"))).unwrap();

@@ -110,6 +110,9 @@ pub struct Faults {
     pub max_lease_secs: f64,
     /// Largest accepted clock difference of a signed request.
     pub max_skew_secs: f64,
+    /// Checkpoint files kept per block: the newest N versions (0 = all). Older versions
+    /// stay in the history with their hashes; only their files go.
+    pub keep_versions: u64,
 }
 
 /// Who may join a run. With neither field set the run is open to any key.
@@ -183,6 +186,7 @@ impl Default for Faults {
             round_timeout_secs: 120.0,
             max_lease_secs: 3600.0,
             max_skew_secs: 300.0,
+            keep_versions: 4,
         }
     }
 }

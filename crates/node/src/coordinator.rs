@@ -698,6 +698,11 @@ impl Coordinator {
             ids.len(),
             new_head.steps
         );
+        let keep = self.cfg.faults.keep_versions;
+        if keep > 0 && new_head.version >= keep {
+            self.store
+                .prune_versions(block, new_head.version + 1 - keep)?;
+        }
         // Drop merged update bodies nothing else names (identical bodies share a blob).
         for p in &pending {
             if !self.store.blob_referenced(&p.hash)? {

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS blocks (
 CREATE TABLE IF NOT EXISTS versions (
     block INTEGER NOT NULL, version INTEGER NOT NULL, weights TEXT NOT NULL,
     wire TEXT NOT NULL, momentum TEXT, updates INTEGER NOT NULL, steps INTEGER NOT NULL,
-    committed_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
+    committed_ms INTEGER NOT NULL, pruned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (block, version));
 CREATE TABLE IF NOT EXISTS workers (
     key TEXT PRIMARY KEY, registered_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
     device TEXT NOT NULL, memory_bytes INTEGER NOT NULL, step_rate REAL,
@@ -270,9 +271,9 @@ impl Store {
     pub fn collect_garbage(&self) -> Result<usize> {
         let mut live: HashSet<String> = HashSet::new();
         for sql in [
-            "SELECT weights FROM versions",
-            "SELECT wire FROM versions",
-            "SELECT momentum FROM versions WHERE momentum IS NOT NULL",
+            "SELECT weights FROM versions WHERE pruned = 0",
+            "SELECT wire FROM versions WHERE pruned = 0",
+            "SELECT momentum FROM versions WHERE momentum IS NOT NULL AND pruned = 0",
             "SELECT hash FROM updates WHERE state = 'pending' AND hash IS NOT NULL",
         ] {
             let mut st = self.conn.prepare(sql)?;
@@ -375,7 +376,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT block FROM versions WHERE weights = ?1 OR wire = ?1 LIMIT 1",
+                "SELECT block FROM versions WHERE (weights = ?1 OR wire = ?1) AND pruned = 0 LIMIT 1",
                 [hash],
                 |r| r.get::<_, i64>(0),
             )
@@ -623,10 +624,36 @@ impl Store {
         Ok(())
     }
 
-    /// Whether any version or pending update still names blob `hash`.
+    /// Removes the files of `block`'s versions older than `keep_from` (their rows stay,
+    /// marked pruned); returns how many files went.
+    pub fn prune_versions(&self, block: usize, keep_from: u64) -> Result<usize> {
+        let mut st = self.conn.prepare(
+            "SELECT weights, wire, momentum FROM versions WHERE block = ?1 AND version < ?2 AND pruned = 0",
+        )?;
+        let rows: Vec<(String, String, Option<String>)> = st
+            .query_map(params![block as i64, keep_from as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        self.conn.execute(
+            "UPDATE versions SET pruned = 1 WHERE block = ?1 AND version < ?2",
+            params![block as i64, keep_from as i64],
+        )?;
+        let mut removed = 0;
+        for (w, x, m) in rows {
+            for h in [Some(w), Some(x), m].into_iter().flatten() {
+                if !self.blob_referenced(&h)? && std::fs::remove_file(self.blob_path(&h)).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether any kept version or pending update still names blob `hash`.
     pub fn blob_referenced(&self, hash: &str) -> Result<bool> {
         Ok(self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM versions WHERE weights = ?1 OR wire = ?1 OR momentum = ?1)
+            "SELECT EXISTS (SELECT 1 FROM versions WHERE pruned = 0 AND (weights = ?1 OR wire = ?1 OR momentum = ?1))
                  OR EXISTS (SELECT 1 FROM updates WHERE hash = ?1 AND state = 'pending')",
             [hash],
             |r| r.get(0),

@@ -453,3 +453,30 @@ fn a_worker_without_the_memory_for_any_block_is_told_so() {
         WorkReply::Lease(_)
     ));
 }
+
+#[test]
+fn old_checkpoint_files_are_pruned_but_history_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 1);
+    cfg.training.rounds = 5;
+    cfg.faults.keep_versions = 2;
+    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+    join(&mut c, &key(1));
+    let mut wires = Vec::new();
+    for round in 0..4u64 {
+        let l = lease(&mut c, &key(1), round * 10);
+        wires.push(l.weights_hash.clone());
+        let w = weights(&c, &key(1), &l);
+        submit(&mut c, &key(1), &l, &w, 0.001, round * 10 + 1).unwrap();
+    }
+    // Version 4 is the head: versions 3 and 4 keep their files, 0..=2 do not.
+    assert_eq!(c.history(0).unwrap().len(), 5);
+    for (v, h) in wires.iter().enumerate() {
+        let found = c.checkpoint_file(&key(1), h);
+        assert_eq!(found.is_ok(), v >= 3, "version {v}");
+    }
+    let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+    // tiny(): fp32 copies (the wire copy is the master file) and no momentum (averaging):
+    // one file per kept version.
+    assert_eq!(blobs, 2);
+}
