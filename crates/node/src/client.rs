@@ -280,6 +280,7 @@ impl Client {
             let bytes = std::fs::read(&partial).map_err(io_err(&partial))?;
             if content_hash(&bytes) == hash {
                 std::fs::rename(&partial, &done).map_err(io_err(&done))?;
+                prune_cache(cache, CACHE_KEEP);
                 return Ok(bytes);
             }
             let _ = std::fs::remove_file(&partial);
@@ -293,6 +294,27 @@ impl Client {
             "checkpoint {} could not be downloaded intact (3 failed attempts without progress)",
             &hash[..12]
         )))
+    }
+}
+
+/// Checkpoints a worker's cache keeps (the newest by modification time).
+pub const CACHE_KEEP: usize = 4;
+
+/// Removes all but the `keep` newest finished checkpoints in `cache` (best effort: a
+/// file another worker sharing the cache still reads is re-downloaded if needed).
+pub fn prune_cache(cache: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (_, p) in files.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(p);
     }
 }
 

@@ -119,3 +119,29 @@ fn local_steps_follow_each_workers_measured_rate() {
     // H = 40 until a rate is known; then rate x 2 s, clamped to [H/4, 4H].
     assert_eq!(steps, vec![40, 10, 80, 160]);
 }
+
+#[test]
+fn the_checkpoint_cache_keeps_only_the_newest_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..7 {
+        std::fs::write(dir.path().join(format!("{i}.safetensors")), [i as u8]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(dir.path().join("x.partial"), b"in progress").unwrap();
+    blocktrain_node::client::prune_cache(dir.path(), 4);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "3.safetensors",
+            "4.safetensors",
+            "5.safetensors",
+            "6.safetensors",
+            "x.partial"
+        ]
+    );
+}
