@@ -56,8 +56,6 @@ pub struct RunInfo {
     pub manifest: Manifest,
     /// Update codec.
     pub codec: String,
-    /// Largest update body accepted, per block.
-    pub max_update_bytes: Vec<u64>,
 }
 
 /// One block in `/v1/status`.
@@ -267,7 +265,6 @@ impl Coordinator {
         RunInfo {
             manifest: self.model.manifest.clone(),
             codec: self.cfg.wire.codec.clone(),
-            max_update_bytes: self.shapes.iter().map(update_limit).collect(),
         }
     }
 
@@ -278,8 +275,21 @@ impl Coordinator {
 
     /// Whether `key` is registered and holds lease `lease` (any state).
     pub fn lease_owner(&self, key: &str, lease: i64) -> Result<bool> {
-        Ok(self.store.worker(key)?.is_some()
-            && self.store.lease(lease)?.is_some_and(|l| l.worker == key))
+        Ok(self.store.worker(key)?.is_some() && self.owned_lease(key, lease).is_ok())
+    }
+
+    /// Lease `id`, if it exists and belongs to `key`.
+    fn owned_lease(&self, key: &str, id: i64) -> Result<crate::store::LeaseRow> {
+        let lease = self
+            .store
+            .lease(id)?
+            .ok_or_else(|| NodeError::NotFound(format!("lease {id}")))?;
+        if lease.worker != key {
+            return Err(NodeError::Forbidden(format!(
+                "lease {id} belongs to another worker"
+            )));
+        }
+        Ok(lease)
     }
 
     /// Whether `key` has registered.
@@ -448,15 +458,7 @@ impl Coordinator {
     /// Renews a lease; false when its round has moved on (the worker should stop).
     pub fn heartbeat(&mut self, key: &str, lease: i64, now: u64) -> Result<bool> {
         self.require_registered(key)?;
-        let l = self
-            .store
-            .lease(lease)?
-            .ok_or_else(|| NodeError::NotFound(format!("lease {lease}")))?;
-        if l.worker != key {
-            return Err(NodeError::Forbidden(format!(
-                "lease {lease} belongs to another worker"
-            )));
-        }
+        let l = self.owned_lease(key, lease)?;
         self.store.touch_worker(key, None, now)?;
         let head_version = self.store.heads()?[l.block].version;
         let open = l.version == head_version
@@ -537,7 +539,7 @@ impl Coordinator {
             }
         }
         match self.check_update(key, lease_id, body) {
-            Ok((lease, _delta)) => {
+            Ok(lease) => {
                 let hash = self.store.put_blob(body)?;
                 let id = self.store.accept_update(
                     &NewUpdate {
@@ -576,16 +578,8 @@ impl Coordinator {
         key: &str,
         lease_id: i64,
         body: &[u8],
-    ) -> Result<(crate::store::LeaseRow, Arrays)> {
-        let lease = self
-            .store
-            .lease(lease_id)?
-            .ok_or_else(|| NodeError::NotFound(format!("lease {lease_id}")))?;
-        if lease.worker != key {
-            return Err(NodeError::Forbidden(format!(
-                "lease {lease_id} belongs to another worker"
-            )));
-        }
+    ) -> Result<crate::store::LeaseRow> {
+        let lease = self.owned_lease(key, lease_id)?;
         if lease.state == lease_state::DELIVERED {
             return Err(NodeError::Rejected(format!(
                 "lease {lease_id} already delivered its update"
@@ -611,9 +605,7 @@ impl Coordinator {
             codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
         let bound = self.cfg.wire.max_delta_ratio * self.cfg.optim.lr * lease.steps as f64;
         for (name, a) in &delta {
-            let rms = (a.data.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
-                / (a.data.len().max(1) as f64))
-                .sqrt();
+            let rms = merge::rms(a);
             if rms > bound {
                 return Err(NodeError::Rejected(format!(
                     "{name}: delta RMS {rms:.3e} exceeds {bound:.3e} ({} x lr {} x {} steps): no AdamW run moves weights that far",
@@ -621,7 +613,7 @@ impl Coordinator {
                 )));
             }
         }
-        Ok((lease, delta))
+        Ok(lease)
     }
 
     fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
@@ -777,12 +769,7 @@ impl Coordinator {
 
     /// Version history of a block (for invariant checks): (version, weights hash).
     pub fn history(&self, block: usize) -> Result<Vec<(u64, String)>> {
-        Ok(self
-            .store
-            .history(block)?
-            .into_iter()
-            .map(|(v, h, ..)| (v, h))
-            .collect())
+        self.store.history(block)
     }
 }
 

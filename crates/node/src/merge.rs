@@ -66,13 +66,10 @@ pub fn outer_step(
     }
 }
 
-/// L2 norm over all arrays.
-pub fn norm(a: &Arrays) -> f64 {
-    a.values()
-        .flat_map(|x| x.data.iter())
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt()
+/// Root mean square of one array's values.
+pub fn rms(a: &Array) -> f64 {
+    let sum: f64 = a.data.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    (sum / a.data.len().max(1) as f64).sqrt()
 }
 
 #[cfg(test)]

@@ -355,18 +355,13 @@ impl Store {
         Ok(())
     }
 
-    /// Version history of a block: (version, weights hash, updates merged, committed_ms).
-    pub fn history(&self, block: usize) -> Result<Vec<(u64, String, i64, u64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT version, weights, updates, committed_ms FROM versions WHERE block = ?1 ORDER BY version",
-        )?;
+    /// Version history of a block: (version, weights hash), oldest first.
+    pub fn history(&self, block: usize) -> Result<Vec<(u64, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT version, weights FROM versions WHERE block = ?1 ORDER BY version")?;
         let rows = st.query_map([block as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get(1)?,
-                r.get(2)?,
-                r.get::<_, i64>(3)? as u64,
-            ))
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
