@@ -281,14 +281,15 @@ fn workers_train_every_block_over_http_and_bytes_are_counted() {
 #[test]
 fn killed_worker_lease_lapses_and_the_round_completes_without_it() {
     let dir = scratch("killworker");
-    // One block, two workers per round; training takes long enough to kill one mid-way.
-    let run = run_toml(&dir, 1, 1, 1500, 2, "");
+    // One block, two workers per round; training takes long enough (seconds, even on a
+    // fast machine) to kill one mid-way.
+    let run = run_toml(&dir, 1, 1, 6000, 2, "");
     let (_coord, url) = coordinator(&dir, free_port(), Some(&run));
     let mut doomed = worker(&dir, &url, "doomed", &[]);
     wait_for(Duration::from_secs(30), "a lease", || {
         status(&url).is_some_and(|s| s.blocks[0].active_leases == 1)
     });
-    std::thread::sleep(Duration::from_millis(300)); // mid-training
+    std::thread::sleep(Duration::from_millis(100)); // mid-training
     doomed.0.kill().unwrap();
     doomed.0.wait().unwrap();
     let _survivor = worker(&dir, &url, "survivor", &[]);
