@@ -13,6 +13,7 @@
 //!   isolation between blocks holds by construction, not by discipline.
 //! - [`checkpoint`]: strict safetensors (de)serialisation, safe on untrusted bytes.
 //! - [`sampler`]: one block's local denoising steps; [`eval`]: held-out ELBO ± SE.
+//! - [`logical`]: randomly initialised large shapes (f32/f16/bf16) for serving benchmarks.
 //!
 //! This crate never touches the network: the node crate moves its bytes.
 #![deny(missing_docs)]
@@ -24,6 +25,7 @@ pub mod device;
 pub mod diffusion;
 pub mod eval;
 pub mod flops;
+pub mod logical;
 pub mod optim;
 pub mod run;
 pub mod sampler;

@@ -3,6 +3,8 @@
 //! The same code builds the bidirectional denoiser of a block, the end-to-end (E2E)
 //! reference, and (with `causal`) the autoregressive reference. Variable names under
 //! the `nn::Path` are checkpoint keys: keep them stable.
+use std::ops::Range;
+
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -49,7 +51,8 @@ impl Module for RmsNorm {
     }
 }
 
-/// Rotary position tables (GPT-NeoX half-split form), built once per length and device.
+/// Rotary position tables (GPT-NeoX half-split form), kept in f32 so angles stay exact;
+/// each forward takes a slice cast to the activations' dtype.
 #[derive(Debug)]
 pub struct Rope {
     cos: Tensor, // (T, D/2)
@@ -76,16 +79,39 @@ impl Rope {
         self.cos.size()[0]
     }
 
-    /// Rotates `x` of shape (N, H, T, D) by position.
+    /// Positions `start..start + len` in `kind`, so rotation never promotes bf16/f16
+    /// activations to f32.
+    fn view(&self, start: i64, len: i64, kind: Kind) -> Rope {
+        Rope {
+            cos: self.cos.narrow(0, start, len).to_kind(kind),
+            sin: self.sin.narrow(0, start, len).to_kind(kind),
+        }
+    }
+
+    /// Rotates `x` of shape (N, H, T, D); the table holds exactly T positions.
     fn apply(&self, x: &Tensor) -> Tensor {
-        let t = x.size()[2];
         let half = x.size()[3] / 2;
-        let cos = self.cos.narrow(0, 0, t); // (T, D/2)
-        let sin = self.sin.narrow(0, 0, t);
         let x1 = x.narrow(-1, 0, half);
         let x2 = x.narrow(-1, half, half);
-        Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1)
+        Tensor::cat(
+            &[
+                &x1 * &self.cos - &x2 * &self.sin,
+                &x2 * &self.cos + &x1 * &self.sin,
+            ],
+            -1,
+        )
     }
+}
+
+/// How new positions attend.
+enum AttnMask<'a> {
+    /// Every position sees every position (bidirectional), or a lone new token sees
+    /// its whole cache.
+    None,
+    /// Causal with queries and keys starting at the same position (SDPA's `is_causal`).
+    Causal,
+    /// Explicit (T_new, T_total) boolean mask: new tokens after a non-empty cache.
+    Explicit(&'a Tensor),
 }
 
 /// Multi-head self-attention through libtorch's scaled-dot-product kernel.
@@ -94,7 +120,6 @@ pub struct Attention {
     qkv: nn::Linear,
     proj: nn::Linear,
     n_heads: i64,
-    causal: bool,
 }
 
 impl Attention {
@@ -105,11 +130,17 @@ impl Attention {
             qkv: linear(&p / "qkv", d, 3 * d, INIT_STD),
             proj: linear(&p / "proj", d, d, proj_std),
             n_heads: cfg.n_heads,
-            causal: cfg.causal,
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope) -> Tensor {
+    /// `past`: this layer's cached keys/values, extended in place with the new ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &AttnMask,
+    ) -> Tensor {
         let (n, t, d) = x.size3().unwrap();
         let hd = d / self.n_heads;
         let qkv = self
@@ -118,18 +149,23 @@ impl Attention {
             .view([n, t, 3, self.n_heads, hd])
             .permute([2, 0, 3, 1, 4]); // (3, N, H, T, hd)
         let q = rope.apply(&qkv.get(0));
-        let k = rope.apply(&qkv.get(1));
-        let v = qkv.get(2);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            self.causal,
-            None,
-            false,
-        ); // (N, H, T, hd)
+        let mut k = rope.apply(&qkv.get(1));
+        let mut v = qkv.get(2);
+        if let Some(past) = past {
+            if let Some((pk, pv)) = past.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *past = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let (explicit, is_causal) = match mask {
+            AttnMask::None => (None, false),
+            AttnMask::Causal => (None, true),
+            AttnMask::Explicit(m) => (Some(m.shallow_clone()), false),
+        };
+        // (N, H, T, hd)
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, explicit, 0.0, is_causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([n, t, d]); // (N, T, d)
         self.proj.forward(&y)
     }
@@ -178,9 +214,64 @@ impl Layer {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x), rope);
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &AttnMask,
+    ) -> Tensor {
+        let x = x + self.attn.forward(&self.norm1.forward(x), rope, past, mask);
         &x + self.mlp.forward(&self.norm2.forward(&x))
+    }
+}
+
+/// Keys and values of past positions for the layers one pipeline stage runs.
+///
+/// A cache belongs to one sequence batch and one layer range: use it with the same
+/// `layers` on every call. Clones are cheap (tensors are shared, never written in place).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    /// The layer range this cache serves, fixed by its first use.
+    layers: Option<Range<usize>>,
+    /// Per layer of the range: keys and values (N, H, positions, hd).
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    positions: i64,
+    /// Rotary table for positions past the network's own (grown by doubling).
+    rope: Option<Rope>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let kv = self
+            .kv
+            .iter()
+            .map(|e| {
+                e.as_ref()
+                    .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+            })
+            .collect();
+        KvCache {
+            layers: self.layers.clone(),
+            kv,
+            positions: self.positions,
+            rope: self.rope.as_ref().map(|r| Rope {
+                cos: r.cos.shallow_clone(),
+                sin: r.sin.shallow_clone(),
+            }),
+        }
+    }
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached so far.
+    pub fn positions(&self) -> i64 {
+        self.positions
     }
 }
 
@@ -230,22 +321,106 @@ impl Denoiser {
     /// returns logits (N, T, 256). Sequences longer than the training window get
     /// fresh rotary tables (extrapolation: quality may drop).
     pub fn forward(&self, tokens: &Tensor, t: Option<&Tensor>) -> Tensor {
-        let len = tokens.size()[1];
-        let long_rope;
-        let rope = if len <= self.rope.len() {
-            &self.rope
-        } else {
-            long_rope = Rope::new(len, self.cfg.head_dim(), tokens.device());
-            &long_rope
-        };
-        let mut x = self.tok_emb.forward(tokens); // (N, T, d)
+        let mut x = self.embed(tokens); // (N, T, d)
         if let (Some(proj), Some(t)) = (&self.t_proj, t) {
-            x += proj.forward(&t_features(t)).unsqueeze(1); // (N, 1, d) broadcast over T
+            // (N, 1, d) broadcast over T, in the net's dtype.
+            x += proj.forward(&t_features(t).to_kind(x.kind())).unsqueeze(1);
         }
-        for layer in &self.layers {
-            x = layer.forward(&x, rope);
+        self.head_logits(&self.forward_layers(0..self.layers.len(), &x))
+    }
+
+    /// Token embeddings (N, T) int64 -> (N, T, d) in the network's dtype.
+    pub fn embed(&self, tokens: &Tensor) -> Tensor {
+        self.tok_emb.forward(tokens)
+    }
+
+    /// Runs layers `layers` on `x` (N, T, d) without a cache: the network's own attention
+    /// (causal or bidirectional) over positions `0..T`.
+    pub fn forward_layers(&self, layers: Range<usize>, x: &Tensor) -> Tensor {
+        let len = x.size()[1];
+        let rope = if len <= self.rope.len() {
+            self.rope.view(0, len, x.kind())
+        } else {
+            Rope::new(len, self.cfg.head_dim(), x.device()).view(0, len, x.kind())
+        };
+        let mask = if self.cfg.causal {
+            AttnMask::Causal
+        } else {
+            AttnMask::None
+        };
+        let mut x = x.shallow_clone();
+        for layer in &self.layers[layers] {
+            x = layer.forward(&x, &rope, None, &mask);
         }
-        self.head.forward(&self.norm_f.forward(&x))
+        x
+    }
+
+    /// Runs layers `layers` (indices into this network's layers) on `x` (N, T_new, d),
+    /// which holds the positions after those already in `cache`; causal attention over
+    /// cached + new positions; appends the new keys/values. Only for causal networks.
+    pub fn forward_layers_cached(
+        &self,
+        layers: Range<usize>,
+        x: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        assert!(self.cfg.causal, "a KV cache needs a causal network");
+        assert!(
+            layers.end <= self.layers.len(),
+            "layer range {layers:?} out of bounds"
+        );
+        match &cache.layers {
+            None => {
+                cache.layers = Some(layers.clone());
+                cache.kv = (0..layers.len()).map(|_| None).collect();
+            }
+            Some(r) => assert_eq!(*r, layers, "a KV cache serves one layer range"),
+        }
+        let t_new = x.size()[1];
+        let offset = cache.positions;
+        let end = offset + t_new;
+        let rope = if end <= self.rope.len() {
+            self.rope.view(offset, t_new, x.kind())
+        } else {
+            if cache.rope.as_ref().is_none_or(|r| r.len() < end) {
+                let len = end.max(
+                    2 * self
+                        .rope
+                        .len()
+                        .max(cache.rope.as_ref().map_or(0, Rope::len)),
+                );
+                cache.rope = Some(Rope::new(len, self.cfg.head_dim(), x.device()));
+            }
+            cache.rope.as_ref().unwrap().view(offset, t_new, x.kind())
+        };
+        // SDPA's is_causal aligns top-left: right only when queries start at key 0.
+        let explicit;
+        let mask = if t_new == 1 {
+            AttnMask::None
+        } else if offset == 0 {
+            AttnMask::Causal
+        } else {
+            let keys = Tensor::arange(end, (Kind::Int64, x.device())).unsqueeze(0);
+            let queries = Tensor::arange_start(offset, end, (Kind::Int64, x.device())).unsqueeze(1);
+            explicit = keys.le_tensor(&queries); // (T_new, T_total)
+            AttnMask::Explicit(&explicit)
+        };
+        let mut x = x.shallow_clone();
+        for (layer, past) in self.layers[layers].iter().zip(cache.kv.iter_mut()) {
+            x = layer.forward(&x, &rope, Some(past), &mask);
+        }
+        cache.positions = end;
+        x
+    }
+
+    /// Final norm + head: (N, T, d) -> logits (N, T, 256).
+    pub fn head_logits(&self, x: &Tensor) -> Tensor {
+        self.head.forward(&self.norm_f.forward(x))
+    }
+
+    /// Number of layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 }
 

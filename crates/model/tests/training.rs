@@ -3,7 +3,7 @@ use blocktrain_model::config::{ModelConfig, Schedule};
 use blocktrain_model::data::{Dataset, WindowSampler};
 use blocktrain_model::optim::OptimConfig;
 use blocktrain_model::run::{Family, Manifest, RunDir, TrainPlan};
-use blocktrain_model::sampler::{self, SampleSettings};
+use blocktrain_model::sampler::{self, SampleRng, SampleSettings};
 use blocktrain_model::trainer::{Objective, Trainer};
 use blocktrain_model::MASK_ID;
 use tch::{Device, Tensor};
@@ -18,6 +18,13 @@ fn tiny() -> ModelConfig {
         causal: false,
         t_cond: true,
     }
+}
+
+/// Trainers seed and draw from libtorch's process-global generator: tests that train
+/// must not interleave, or "same seed, same result" races.
+fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn corpus() -> Vec<u8> {
@@ -69,6 +76,7 @@ fn params_equal(a: &Trainer, b: &Trainer) -> bool {
 
 #[test]
 fn training_is_deterministic_under_a_seed() {
+    let _rng = global_rng();
     let obj = Objective::Interval { lo: 0.25, hi: 0.75 };
     let run = |seed| {
         let mut t = Trainer::new(&tiny(), obj, OptimConfig::default(), Device::Cpu, seed).unwrap();
@@ -87,6 +95,7 @@ fn training_is_deterministic_under_a_seed() {
 /// Stopping, saving and resuming gives exactly the run that never stopped.
 #[test]
 fn resume_from_checkpoint_matches_uninterrupted_training() {
+    let _rng = global_rng();
     let (dir, mut run) = new_run("resume", Family::Block, 2, 6, 5);
     assert!(
         RunDir::create(&dir, run.manifest.clone()).is_err(),
@@ -117,6 +126,7 @@ fn resume_from_checkpoint_matches_uninterrupted_training() {
 
 #[test]
 fn corrupt_checkpoint_files_are_reported_not_loaded() {
+    let _rng = global_rng();
     let (dir, mut run) = new_run("corrupt", Family::E2e, 2, 1, 5);
     let t = run.trainer(0, Device::Cpu).unwrap();
     run.save(0, &t, None, 0.0).unwrap();
@@ -149,6 +159,7 @@ fn corrupt_checkpoint_files_are_reported_not_loaded() {
 
 #[test]
 fn generation_keeps_the_prompt_fills_every_mask_and_is_seeded() {
+    let _rng = global_rng();
     let t = Trainer::new(
         &tiny(),
         Objective::Interval { lo: 0.0, hi: 1.0 },
@@ -178,19 +189,22 @@ fn generation_keeps_the_prompt_fills_every_mask_and_is_seeded() {
         .chain(std::iter::repeat_n(MASK_ID, 28))
         .collect();
     let tokens = Tensor::from_slice(&ids).view([1, 32]);
-    let out = sampler::denoise_interval(&t.net, &tokens, 0.5, 1.0, &settings);
+    let mut rng = SampleRng::for_block(7, 1);
+    let out = sampler::denoise_interval(&t.net, &tokens, 0.5, 1.0, &settings, &mut rng);
     assert!(out.narrow(1, 0, 4).equal(&tokens.narrow(1, 0, 4)));
     let masked_after = out.eq(MASK_ID).sum(tch::Kind::Int64).int64_value(&[]);
     assert!(
         masked_after > 0 && masked_after < 28,
         "half the interval should reveal some, not all: {masked_after}"
     );
-    let done = sampler::denoise_interval(&t.net, &out, 0.0, 0.5, &settings);
+    let mut rng = SampleRng::for_block(7, 0);
+    let done = sampler::denoise_interval(&t.net, &out, 0.0, 0.5, &settings, &mut rng);
     assert_eq!(done.eq(MASK_ID).sum(tch::Kind::Int64).int64_value(&[]), 0);
 }
 
 #[test]
 fn one_writer_per_run_and_bad_manifests_or_weights_are_refused() {
+    let _rng = global_rng();
     let (dir, mut run) = new_run("guard", Family::Block, 2, 2, 1);
     let err = RunDir::open_writer(&dir).unwrap_err().to_string();
     assert!(err.contains("in use"), "{err}");

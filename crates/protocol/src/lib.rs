@@ -6,12 +6,15 @@
 //! - [`codec`]: block updates (deltas) as safetensors bytes, compressed to fp16, int8 with
 //!   per-chunk scales (and error feedback), or top-k; decoding checks every name, shape
 //!   and size against what the receiver expects before allocating.
+//! - [`frame`]: inference frames between block servers and clients over TCP
+//!   (length-prefixed, versioned, size-capped; tokens as bytes + a mask bitmap).
 //!
 //! This crate does no I/O and knows no tensors library: tensors cross it as bytes and
 //! `f32` slices, so it builds and fuzzes in seconds.
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod frame;
 pub mod identity;
 pub mod signed;
 pub mod wire;

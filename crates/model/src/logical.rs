@@ -1,0 +1,291 @@
+//! Logical large shapes: randomly initialised networks of a chosen size and precision,
+//! for measuring serving cost at scale without trained weights.
+//!
+//! On CPU, bf16 is the fast low precision. Measured on the 2-core AVX512-BF16 dev host
+//! (libtorch 2.13, one layer, T = 256, d 2048): a denoising step ran at ~380 GFLOP/s in
+//! bf16, ~130 in f32 and ~40 in f16; f16 linear layers take a slow path (and a plain
+//! non-transposed f16 matmul a reference kernel at ~0.6 GFLOP/s). f16 works (finite,
+//! stays f16) but belongs on GPUs.
+use std::fmt;
+use std::str::FromStr;
+
+use tch::{nn, Device, Kind};
+
+use crate::config::ModelConfig;
+use crate::transformer::Denoiser;
+use crate::{ModelError, INPUT_VOCAB, OUTPUT_VOCAB};
+
+/// Element type of a network's weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Precision {
+    /// The libtorch element kind.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::F16 => Kind::Half,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> i64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 | Precision::Bf16 => 2,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = ModelError;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(ModelError::Config(format!(
+                "unknown dtype '{other}' (use f32, f16 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A transformer shape with a precision, written `d=8192,layers=32,heads=64,dtype=f16`
+/// (optional `mlp=4`, `window=1024`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogicalShape {
+    /// Width of the residual stream.
+    pub d_model: i64,
+    /// Transformer layers.
+    pub n_layers: i64,
+    /// Attention heads.
+    pub n_heads: i64,
+    /// MLP hidden width as a multiple of `d_model`.
+    pub mlp_ratio: i64,
+    /// Element type.
+    pub precision: Precision,
+    /// Rotary table length (longer sequences still work).
+    pub window: i64,
+}
+
+impl FromStr for LogicalShape {
+    type Err = ModelError;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let bad = |m: String| ModelError::Config(format!("logical shape '{s}': {m}"));
+        let (mut d, mut layers, mut heads, mut precision) = (None, None, None, None);
+        let (mut mlp, mut window) = (None, None);
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{item}' is not key=value")))?;
+            let (key, value) = (key.trim(), value.trim());
+            let int = |slot: &mut Option<i64>| -> crate::Result<()> {
+                if slot.is_some() {
+                    return Err(bad(format!("`{key}` given twice")));
+                }
+                let v = value
+                    .parse::<i64>()
+                    .map_err(|e| bad(format!("bad value for `{key}`: '{value}' ({e})")))?;
+                *slot = Some(v);
+                Ok(())
+            };
+            match key {
+                "d" => int(&mut d)?,
+                "layers" => int(&mut layers)?,
+                "heads" => int(&mut heads)?,
+                "mlp" => int(&mut mlp)?,
+                "window" => int(&mut window)?,
+                "dtype" => {
+                    if precision.is_some() {
+                        return Err(bad("`dtype` given twice".into()));
+                    }
+                    precision = Some(value.parse::<Precision>().map_err(|e| bad(e.to_string()))?);
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown key `{other}` (use d, layers, heads, dtype, mlp, window)"
+                    )))
+                }
+            }
+        }
+        let need = |v: Option<i64>, key: &str| v.ok_or_else(|| bad(format!("missing `{key}`")));
+        let shape = LogicalShape {
+            d_model: need(d, "d")?,
+            n_layers: need(layers, "layers")?,
+            n_heads: need(heads, "heads")?,
+            mlp_ratio: mlp.unwrap_or(4),
+            precision: precision.ok_or_else(|| bad("missing `dtype`".into()))?,
+            window: window.unwrap_or(1024),
+        };
+        shape
+            .model_config()
+            .validate()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(shape)
+    }
+}
+
+impl fmt::Display for LogicalShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "d={},layers={},heads={},mlp={},dtype={},window={}",
+            self.d_model, self.n_layers, self.n_heads, self.mlp_ratio, self.precision, self.window
+        )
+    }
+}
+
+impl LogicalShape {
+    /// Parameters of one layer: qkv (3d²), attention proj (d²), MLP fc and proj
+    /// (2·mlp·d²), two RMSNorm gains (2d).
+    pub fn params_per_layer(&self) -> i64 {
+        let d = self.d_model;
+        4 * d * d + 2 * self.mlp_ratio * d * d + 2 * d
+    }
+
+    /// Whole network: layers, input embeddings (257 x d), head (d x 256), final norm.
+    pub fn params(&self) -> i64 {
+        let d = self.d_model;
+        self.n_layers * self.params_per_layer() + INPUT_VOCAB * d + d * OUTPUT_VOCAB + d
+    }
+
+    /// Weight bytes in this precision.
+    pub fn bytes(&self) -> i64 {
+        self.params() * self.precision.size()
+    }
+
+    /// The network shape (bidirectional, no t-conditioning).
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            mlp_ratio: self.mlp_ratio,
+            window: self.window,
+            causal: false,
+            t_cond: false,
+        }
+    }
+
+    /// Builds the network with random weights (seeded) in the requested precision;
+    /// returns its VarStore and Denoiser. Weights are created directly in that precision
+    /// (no f32 copy) and frozen. Seeds libtorch's global generator, like `Trainer::new`.
+    pub fn build(&self, device: Device, seed: i64, causal: bool) -> (nn::VarStore, Denoiser) {
+        let mut cfg = self.model_config();
+        cfg.causal = causal;
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(self.precision.kind()); // empty store: sets the kind new variables get
+        tch::manual_seed(seed);
+        let net = Denoiser::new(&vs.root(), &cfg);
+        vs.freeze();
+        (vs, net)
+    }
+
+    /// Smallest number of layers (same d/heads/mlp) whose params() reach `target` params.
+    pub fn layers_for(&self, target_params: f64) -> i64 {
+        let fixed = LogicalShape {
+            n_layers: 0,
+            ..self.clone()
+        }
+        .params() as f64;
+        (((target_params - fixed) / self.params_per_layer() as f64).ceil() as i64).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    fn small(precision: Precision) -> LogicalShape {
+        LogicalShape {
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 2,
+            mlp_ratio: 3,
+            precision,
+            window: 16,
+        }
+    }
+
+    #[test]
+    fn params_match_the_built_network() {
+        for p in [Precision::F32, Precision::Bf16] {
+            let shape = small(p);
+            let (vs, _) = shape.build(Device::Cpu, 0, false);
+            let real: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+            assert_eq!(shape.params(), real);
+            assert!(vs.variables().values().all(|t| t.kind() == p.kind()));
+            assert_eq!(shape.bytes(), real * p.size());
+        }
+        let shape = small(Precision::F32);
+        let l = shape.layers_for(shape.params() as f64 + 1.0);
+        assert_eq!(l, 3);
+        assert_eq!(shape.layers_for(shape.params() as f64), 2);
+    }
+
+    #[test]
+    fn parses_displays_and_names_bad_keys() {
+        let s: LogicalShape = "d=8192,layers=32,heads=64,dtype=f16".parse().unwrap();
+        assert_eq!(
+            (s.mlp_ratio, s.window, s.precision),
+            (4, 1024, Precision::F16)
+        );
+        assert_eq!(s.to_string().parse::<LogicalShape>().unwrap(), s);
+        let err = |t: &str| t.parse::<LogicalShape>().unwrap_err().to_string();
+        assert!(err("d=64,layers=2,heads=2,dtype=f8").contains("f8"));
+        assert!(err("d=64,layers=x,heads=2,dtype=f32").contains("`layers`"));
+        assert!(err("d=64,layers=2,heads=2,dtype=f32,depth=3").contains("`depth`"));
+        assert!(err("d=64,layers=2,dtype=f32").contains("`heads`"));
+        assert!(err("d=64,layers=2,heads=3,dtype=f32").contains("heads"));
+        assert!(err("d=64,d=64,layers=2,heads=2,dtype=f32").contains("twice"));
+    }
+
+    #[test]
+    fn low_precision_forward_stays_in_its_dtype_and_is_finite() {
+        let tokens = Tensor::from_slice(&[1i64, 2, 3, 256, 5, 6]).view([1, 6]);
+        for p in [Precision::F16, Precision::Bf16] {
+            for causal in [false, true] {
+                let (_vs, net) = small(p).build(Device::Cpu, 1, causal);
+                let logits = tch::no_grad(|| net.forward(&tokens, None));
+                assert_eq!(logits.kind(), p.kind(), "{p} promoted");
+                let finite = logits.to_kind(Kind::Float).isfinite().all();
+                assert!(bool::try_from(finite).unwrap(), "{p}: non-finite logits");
+                if causal {
+                    // The cached path (prefill, then a chunk under an explicit mask) too.
+                    let mut cache = crate::transformer::KvCache::new();
+                    let chunks = [tokens.narrow(1, 0, 3), tokens.narrow(1, 3, 3)];
+                    let h: Vec<Tensor> = tch::no_grad(|| {
+                        chunks
+                            .iter()
+                            .map(|c| net.forward_layers_cached(0..2, &net.embed(c), &mut cache))
+                            .collect()
+                    });
+                    let cached = net.head_logits(&Tensor::cat(&h, 1));
+                    assert_eq!(cached.kind(), p.kind());
+                    let (a, b) = (cached.to_kind(Kind::Float), logits.to_kind(Kind::Float));
+                    assert!(a.allclose(&b, 0.05, 0.02, false), "{p}: cached != full");
+                }
+            }
+        }
+    }
+}
