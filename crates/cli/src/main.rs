@@ -35,8 +35,13 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Held-out ELBO (or exact NLL for AR) on WikiText-2 valid/test, with standard errors.
     Eval(cmd::eval::EvalArgs),
-    /// Sample bytes from a trained model: one pass through the block stack.
+    /// Sample bytes from a trained model: one pass through the block stack, locally
+    /// (--checkpoint) or across block servers (--route).
     Generate(cmd::generate::GenerateArgs),
+    /// Serve some blocks of a model to clients and other block servers over TCP.
+    Serve(cmd::serve::ServeArgs),
+    /// OpenAI-style HTTP entry point (POST /v1/completions) in front of block servers.
+    Gateway(cmd::gateway::GatewayArgs),
     /// Equal-ELBO-share interval boundaries from a trained pilot run.
     Boundaries(cmd::boundaries::BoundariesArgs),
     /// Benchmarks that print a table and write JSON.
@@ -54,6 +59,8 @@ fn main() {
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Gateway(a) => cmd::gateway::run(a),
         Command::Boundaries(a) => cmd::boundaries::run(a),
         Command::Bench(c) => cmd::bench::run(c),
     };

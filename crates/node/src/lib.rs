@@ -7,6 +7,8 @@
 //!   `/v1/status`, `/metrics`.
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
+//! - [`inference`]: block servers over TCP and their client (one-traversal
+//!   diffusion generation; the AR pipeline baseline).
 //! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
 //!   arrays.
 //!
@@ -16,6 +18,7 @@
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod inference;
 pub mod merge;
 pub mod server;
 pub mod store;

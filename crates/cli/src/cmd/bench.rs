@@ -24,6 +24,12 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// A training run over HTTP (loopback or emulated WAN hosts): CE start/end, bytes moved.
     Network(crate::cmd::bench_network::BenchNetworkArgs),
+    /// Latency per output and bytes per traversal: one-traversal diffusion vs an AR
+    /// pipeline over three hosts behind emulated WAN links.
+    Inference(crate::cmd::bench_inference::BenchInferenceArgs),
+    /// Per-layer serving cost (denoise step, cached AR step) of large logical shapes,
+    /// extrapolated to a target size over several hosts.
+    Layers(crate::cmd::bench_layers::BenchLayersArgs),
     /// One configuration, in a child process (used by `bench train`).
     #[command(hide = true)]
     TrainOne(TrainOneArgs),
@@ -76,6 +82,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Network(a) => crate::cmd::bench_network::run(a),
+        BenchCommand::Inference(a) => crate::cmd::bench_inference::run(a),
+        BenchCommand::Layers(a) => crate::cmd::bench_layers::run(a),
         BenchCommand::TrainOne(a) => train_one(a),
     }
 }

@@ -247,7 +247,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     println!("== 3/3 sample: one pass through blocks {}..1", args.blocks);
     let gen = generate::GenerateArgs {
-        checkpoint: model.clone(),
+        checkpoint: Some(model.clone()),
+        route: None,
+        stall_timeout: 30.0,
         prompt: args.prompt.clone(),
         len: args.len,
         steps_per_block: 32,

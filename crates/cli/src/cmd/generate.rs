@@ -1,11 +1,14 @@
 //! `blocktrain generate`: one pass through the block stack (diffusion) or byte-by-byte
-//! sampling (AR reference).
+//! sampling (AR reference), on this machine (`--checkpoint`) or across block servers
+//! (`--route`).
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use blocktrain_model::run::{Family, RunDir};
 use blocktrain_model::sampler::{self, SampleSettings};
+use blocktrain_node::inference::client::{self, Request};
+use blocktrain_protocol::frame::Sampling;
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -13,9 +16,16 @@ use crate::args::DeviceArgs;
 /// Flags of `blocktrain generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Run directory written by `blocktrain train`.
+    /// Run directory written by `blocktrain train` (generate on this machine).
+    #[arg(long, required_unless_present = "route", conflicts_with = "route")]
+    pub checkpoint: Option<PathBuf>,
+    /// Block servers to generate on instead: a file with one host:port per line, or a
+    /// comma-separated list. What each hosts is asked over the wire.
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub route: Option<String>,
+    /// With --route: seconds of silence after which a server is given up on.
+    #[arg(long, default_value_t = 30.0)]
+    pub stall_timeout: f64,
     /// Prompt bytes (kept unmasked; the output follows them).
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -68,7 +78,7 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
             args.prompt.as_bytes(),
             args.len,
             &settings,
-            args.seed,
+            args.seed as u64,
             device,
         )
     } else {
@@ -81,17 +91,83 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
             args.prompt.as_bytes(),
             args.len,
             &settings,
-            args.seed,
+            args.seed as u64,
             device,
         )
     })
 }
 
+/// Generates across block servers; reports the route and timing on stderr.
+fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
+    if args.temperature <= 0.0 {
+        bail!("--temperature must be positive");
+    }
+    let limits = crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?;
+    let servers = client::load_route(route)?;
+    let request = Request {
+        prompt: args.prompt.as_bytes().to_vec(),
+        len: args.len,
+        sampling: Sampling {
+            steps_per_block: args.steps_per_block.try_into()?,
+            temperature: args.temperature,
+            top_k: args.top_k.max(0).try_into()?,
+        },
+        seed: args.seed as u64,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (plan, out) = rt.block_on(async {
+        let plan = client::discover(&servers, &limits).await?;
+        let out = client::generate(&plan, &request, &limits).await?;
+        Ok::<_, blocktrain_node::NodeError>((plan, out))
+    })?;
+    for u in &plan.unreachable {
+        eprintln!("note: left out of the route (did not answer): {u}");
+    }
+    let traversals = match out.traversals {
+        1 => "1 traversal".to_string(),
+        n => format!("{n} traversals"),
+    };
+    eprintln!(
+        "{} bytes in {:.3} s, {traversals} of {} stages:",
+        out.output.len(),
+        out.seconds,
+        plan.stages.len()
+    );
+    for h in &out.hops {
+        let failover = match h.failovers {
+            0 => String::new(),
+            n => format!(", after {n} replica(s) of the next stage failed"),
+        };
+        eprintln!(
+            "  {} {} on {}: {:.1} ms compute{failover}",
+            if plan.family == "ar" {
+                "layers"
+            } else {
+                "blocks"
+            },
+            h.blocks,
+            h.server,
+            h.compute_ms
+        );
+    }
+    Ok(out.output)
+}
+
 /// Runs `blocktrain generate`: prints prompt + output (invalid UTF-8 shown lossily).
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = args.device.setup()?;
-    let run = RunDir::open(&args.checkpoint)?;
-    let out = sample(&run, &args, device)?;
+    if args.len == 0 {
+        bail!("--len must be at least 1");
+    }
+    let out = match (&args.route, &args.checkpoint) {
+        (Some(route), _) => sample_route(route, &args)?,
+        (None, Some(dir)) => {
+            let device = args.device.setup()?;
+            sample(&RunDir::open(dir)?, &args, device)?
+        }
+        (None, None) => bail!("give --checkpoint DIR or --route SERVERS"),
+    };
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{}{}", args.prompt, String::from_utf8_lossy(&out))?;
     Ok(())

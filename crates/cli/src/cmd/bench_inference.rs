@@ -1,0 +1,420 @@
+//! `blocktrain bench inference`: latency per full output and bytes per traversal,
+//! BlockTrain's one-traversal diffusion vs an autoregressive pipeline, both over the
+//! same hosts, links and framing.
+//!
+//! Three hosts (one per block; the AR reference's layers split evenly over the same
+//! three). With `--hosts netns` each server runs in its own network namespace
+//! (`scripts/wan-hosts`: tbf at the link's rate on both ends of each host's veth) and
+//! every hop crosses a user-space link that adds the one-way delay (this kernel has no
+//! netem). With `--hosts loopback` the links do delay and rate on loopback. Either way
+//! the hops are: client -> host 3 -> host 2 -> host 1, and the answer comes back the same
+//! way, so one traversal costs 6 one-way delays plus compute.
+//!
+//! Weights: random ones of `--shape` by default (serving cost does not depend on their
+//! values), or trained runs with `--checkpoint` / `--ar-checkpoint`.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use blocktrain_model::logical::LogicalShape;
+use blocktrain_node::inference::client::{self, Plan, Request};
+use blocktrain_node::inference::hop::HopLimits;
+use blocktrain_protocol::frame::Sampling;
+use blocktrain_wanlink::{spawn_link_thread, LinkSpec, ThreadLink};
+use clap::Args;
+use serde_json::json;
+
+use crate::args::DeviceArgs;
+use crate::cmd::bench_network::Hosts;
+
+const HOSTS: u32 = 3;
+
+/// Flags of `blocktrain bench inference`.
+#[derive(Args, Debug)]
+pub struct BenchInferenceArgs {
+    /// Where the three servers run (netns needs root; falls back to loopback and says so).
+    #[arg(long, value_enum, default_value = "netns")]
+    pub hosts: Hosts,
+    /// Each hop's emulated link, DELAY[,RATE] each way.
+    #[arg(long, default_value = "25ms,100mbit")]
+    pub link: LinkSpec,
+    /// Output lengths in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub lens: Vec<usize>,
+    /// Shape of one diffusion block (random weights); the AR reference gets 3x its layers.
+    #[arg(long, default_value = "d=128,layers=2,heads=4,dtype=f32,window=128")]
+    pub shape: LogicalShape,
+    /// Trained block run (3 blocks) to serve instead of random weights.
+    #[arg(long, requires = "ar_checkpoint")]
+    pub checkpoint: Option<PathBuf>,
+    /// Trained AR run (layers divisible by 3) to serve instead of random weights.
+    #[arg(long, requires = "checkpoint")]
+    pub ar_checkpoint: Option<PathBuf>,
+    /// Denoising steps each block takes.
+    #[arg(long, default_value_t = 32)]
+    pub steps_per_block: u32,
+    /// Timed requests per length and system (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    /// Skip the AR pipeline at lengths above this (it costs one WAN round trip per byte).
+    #[arg(long, default_value_t = 4096)]
+    pub ar_max_len: usize,
+    /// Prompt bytes.
+    #[arg(long, default_value = "The ")]
+    pub prompt: String,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-inference.json")]
+    pub json: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// A server process, killed on drop.
+struct ServerProc(Child);
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `blocktrain serve` (in namespace `ns` if given); returns it and its address.
+fn start_server(
+    ns: Option<&str>,
+    listen: &str,
+    source: &[String],
+    device: &DeviceArgs,
+) -> Result<(ServerProc, SocketAddr)> {
+    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.arg("serve")
+        .args(source)
+        .args([
+            "--listen",
+            listen,
+            "--device",
+            &device.device,
+            "--max-tokens",
+            "8192",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = device.threads {
+        cmd.args(["--threads", &t.to_string()]);
+    }
+    let mut child = cmd.spawn().context("starting a block server")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .context("reading the server's address")?;
+    let proc = ServerProc(child);
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|_| line.starts_with("serving"))
+        .with_context(|| format!("block server did not start (it printed {line:?})"))?
+        .parse()?;
+    Ok((proc, addr))
+}
+
+/// One system (diffusion or AR) on the three hosts, behind its links.
+struct Deployment {
+    _servers: Vec<ServerProc>,
+    links: Vec<ThreadLink>,
+    plan: Plan,
+}
+
+impl Deployment {
+    fn link_bytes(&self) -> u64 {
+        self.links
+            .iter()
+            .map(|l| l.bytes_up() + l.bytes_down())
+            .sum()
+    }
+}
+
+/// Host k (1..=3) serves `sources[k-1]`; hops go client -> host 3 -> host 2 -> host 1.
+fn deploy(
+    hosts: Hosts,
+    link: LinkSpec,
+    sources: &[Vec<String>],
+    device: &DeviceArgs,
+    limits: &HopLimits,
+) -> Result<Deployment> {
+    let mut servers = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let k = i + 1;
+        let (ns, listen) = match hosts {
+            Hosts::Netns => (Some(format!("bt-h{k}")), format!("10.77.{k}.2:0")),
+            Hosts::Loopback => (None, "127.0.0.1:0".to_string()),
+        };
+        let (p, a) = start_server(ns.as_deref(), &listen, src, device)?;
+        servers.push(p);
+        addrs.push(a);
+    }
+    // The link into host k listens where its caller is: the client (root namespace)
+    // for host 3, host k+1's side of its veth for the others.
+    let spec = match hosts {
+        Hosts::Netns => LinkSpec {
+            delay_ms: link.delay_ms,
+            rate_bits_per_s: None,
+        },
+        Hosts::Loopback => link,
+    };
+    let mut links = Vec::new();
+    let mut route = Vec::new();
+    for k in (1..=HOSTS as usize).rev() {
+        let listen = match (hosts, k) {
+            (Hosts::Netns, k) if k < HOSTS as usize => format!("10.77.{}.1:0", k + 1),
+            _ => "127.0.0.1:0".to_string(),
+        };
+        let l = spawn_link_thread(listen.parse()?, addrs[k - 1], spec)?;
+        route.push(l.local_addr().to_string());
+        links.push(l);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let plan = rt.block_on(client::discover(&route, limits))?;
+    if !plan.unreachable.is_empty() {
+        bail!("servers did not answer: {}", plan.unreachable.join("; "));
+    }
+    Ok(Deployment {
+        _servers: servers,
+        links,
+        plan,
+    })
+}
+
+struct Measured {
+    seconds: f64,
+    bytes: u64,
+    traversals: usize,
+    compute_s: f64,
+}
+
+fn measure(d: &Deployment, req: &Request, reps: usize, limits: &HopLimits) -> Result<Measured> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut runs = Vec::new();
+    for _ in 0..reps.max(1) {
+        let before = d.link_bytes();
+        let g = rt.block_on(client::generate(&d.plan, req, limits))?;
+        // Link counters are updated as chunks are delivered; the reply has been read, so
+        // every byte of this request has passed.
+        let bytes = d.link_bytes() - before;
+        runs.push(Measured {
+            seconds: g.seconds,
+            bytes,
+            traversals: g.traversals,
+            compute_s: g.hops.iter().map(|h| h.compute_ms).sum::<f64>() / 1e3,
+        });
+    }
+    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    Ok(runs.swap_remove(runs.len() / 2))
+}
+
+/// Runs the benchmark.
+pub fn run(args: BenchInferenceArgs) -> Result<()> {
+    if args.lens.is_empty() || args.lens.contains(&0) {
+        bail!("--lens must list positive lengths");
+    }
+    let mut hosts = args.hosts;
+    if hosts == Hosts::Netns {
+        let rate = args
+            .link
+            .rate_bits_per_s
+            .map_or("10gbit".to_string(), |r| format!("{}kbit", r / 1000));
+        let up = Command::new("scripts/wan-hosts")
+            .args(["up", &HOSTS.to_string(), &rate])
+            .status();
+        if !matches!(up, Ok(s) if s.success()) {
+            println!("note: network namespaces are not available here; running on loopback behind user-space links (delay and rate)");
+            hosts = Hosts::Loopback;
+        }
+    }
+    let setup = match hosts {
+        Hosts::Netns => format!("3 netns hosts; {}: delay from a user-space link per hop, rate from tbf on each host's veth (both directions)", args.link),
+        Hosts::Loopback => format!("3 servers on loopback; {} per hop from user-space links (delay and rate)", args.link),
+    };
+    let result = bench(&args, hosts, &setup);
+    if hosts == Hosts::Netns {
+        let _ = Command::new("scripts/wan-hosts")
+            .args(["down", &HOSTS.to_string()])
+            .status();
+    }
+    result
+}
+
+/// `serve` arguments of each host (host k at index k-1), diffusion and AR, and a
+/// description of the weights.
+struct Sources {
+    diffusion: Vec<Vec<String>>,
+    ar: Vec<Vec<String>>,
+    weights: String,
+}
+
+fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    if let (Some(bt), Some(ar)) = (&args.checkpoint, &args.ar_checkpoint) {
+        let ar_run = blocktrain_model::run::RunDir::open(ar)?;
+        let layers = ar_run.manifest.model.n_layers;
+        if layers % HOSTS as i64 != 0 {
+            bail!("--ar-checkpoint has {layers} layers; the bench splits them evenly over 3 hosts");
+        }
+        let per = layers / HOSTS as i64;
+        let diffusion = (1..=HOSTS)
+            .map(|k| {
+                s(&[
+                    "--checkpoint",
+                    &bt.to_string_lossy(),
+                    "--blocks",
+                    &k.to_string(),
+                ])
+            })
+            .collect();
+        // Host k holds the layers of the (4-k)-th stage: host 3 embeds, host 1 samples.
+        let arv = (1..=HOSTS as i64)
+            .map(|k| {
+                let stage = HOSTS as i64 - k;
+                let r = format!("{}..{}", stage * per + 1, (stage + 1) * per);
+                s(&["--checkpoint", &ar.to_string_lossy(), "--blocks", &r])
+            })
+            .collect();
+        return Ok(Sources {
+            diffusion,
+            ar: arv,
+            weights: format!("trained: {} and {}", bt.display(), ar.display()),
+        });
+    }
+    let shape = args.shape.to_string();
+    let per = args.shape.n_layers;
+    let total_layers = (per * HOSTS as i64).to_string();
+    let diffusion = (1..=HOSTS)
+        .map(|k| {
+            s(&[
+                "--logical-shape",
+                &shape,
+                "--total",
+                "3",
+                "--blocks",
+                &k.to_string(),
+            ])
+        })
+        .collect();
+    let arv = (1..=HOSTS as i64)
+        .map(|k| {
+            let stage = HOSTS as i64 - k;
+            let r = format!("{}..{}", stage * per + 1, (stage + 1) * per);
+            s(&[
+                "--logical-shape",
+                &shape,
+                "--ar",
+                "--total",
+                &total_layers,
+                "--blocks",
+                &r,
+            ])
+        })
+        .collect();
+    Ok(Sources {
+        diffusion,
+        ar: arv,
+        weights: format!("random weights, block shape {shape}; AR: {total_layers} layers of it"),
+    })
+}
+
+fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
+    let limits = HopLimits {
+        stall_timeout: std::time::Duration::from_secs(120),
+        ..HopLimits::default()
+    };
+    let Sources {
+        diffusion: diff_src,
+        ar: ar_src,
+        weights,
+    } = sources(args)?;
+    println!(
+        "== bench inference: {setup}\n   weights: {weights}; {} steps per block",
+        args.steps_per_block
+    );
+    let diffusion = deploy(hosts, args.link, &diff_src, &args.device, &limits)?;
+    let ar = deploy(hosts, args.link, &ar_src, &args.device, &limits)?;
+    let request = |len: usize| Request {
+        prompt: args.prompt.as_bytes().to_vec(),
+        len,
+        sampling: Sampling {
+            steps_per_block: args.steps_per_block,
+            temperature: 1.0,
+            top_k: 0,
+        },
+        seed: 0,
+    };
+    // Warm both paths (first-touch allocations, TCP slow start) before timing.
+    measure(&diffusion, &request(8), 1, &limits)?;
+    measure(&ar, &request(4), 1, &limits)?;
+    let mut rows = Vec::new();
+    println!("\n| output bytes | BlockTrain s | AR pipeline s | speedup | BlockTrain bytes/traversal | AR bytes/traversal | traversals BT / AR | compute s BT / AR |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &len in &args.lens {
+        let bt = measure(&diffusion, &request(len), args.reps, &limits)?;
+        let arm = if len <= args.ar_max_len {
+            Some(measure(&ar, &request(len), args.reps, &limits)?)
+        } else {
+            None
+        };
+        let per = |m: &Measured| m.bytes as f64 / m.traversals as f64;
+        println!(
+            "| {len} | {:.3} | {} | {} | {:.0} | {} | 1 / {} | {:.3} / {} |",
+            bt.seconds,
+            arm.as_ref()
+                .map_or("-".into(), |m| format!("{:.2}", m.seconds)),
+            arm.as_ref()
+                .map_or("-".into(), |m| format!("{:.1}x", m.seconds / bt.seconds)),
+            per(&bt),
+            arm.as_ref()
+                .map_or("-".into(), |m| format!("{:.0}", per(m))),
+            arm.as_ref()
+                .map_or("-".into(), |m| m.traversals.to_string()),
+            bt.compute_s,
+            arm.as_ref()
+                .map_or("-".into(), |m| format!("{:.3}", m.compute_s)),
+        );
+        rows.push(json!({
+            "len": len,
+            "blocktrain": {"seconds": bt.seconds, "bytes": bt.bytes, "traversals": bt.traversals, "bytes_per_traversal": per(&bt), "compute_seconds": bt.compute_s},
+            "ar": arm.as_ref().map(|m| json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s})),
+            "speedup": arm.as_ref().map(|m| m.seconds / bt.seconds),
+        }));
+    }
+    let one_way = args.link.delay_ms as f64 / 1e3;
+    println!(
+        "\nOne traversal crosses 6 one-way delays ({:.0} ms); the AR pipeline pays that per byte.",
+        6.0 * one_way * 1e3
+    );
+    let out = json!({
+        "bench": "inference",
+        "hosts": format!("{hosts:?}"),
+        "setup": setup,
+        "link": args.link.to_string(),
+        "weights": weights,
+        "steps_per_block": args.steps_per_block,
+        "reps": args.reps,
+        "prompt": args.prompt,
+        "rows": rows,
+    });
+    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    println!("wrote {}", args.json.display());
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `blocktrain gateway`: an OpenAI-style HTTP entry point (`POST /v1/completions`) in
+//! front of a route of block servers.
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use blocktrain_node::inference::{client, openai};
+use clap::Args;
+
+/// Flags of `blocktrain gateway`.
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Block servers: a file with one host:port per line, or a comma-separated list.
+    #[arg(long)]
+    pub route: String,
+    /// HTTP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Denoising steps per block when a request does not say.
+    #[arg(long, default_value_t = 32)]
+    pub steps_per_block: u32,
+    /// Seconds of silence after which a server is given up on.
+    #[arg(long, default_value_t = 10.0)]
+    pub stall_timeout: f64,
+}
+
+/// Runs the gateway until Ctrl-C.
+pub fn run(args: GatewayArgs) -> Result<()> {
+    crate::cmd::coordinator::init_logging();
+    let limits = crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?;
+    let servers = client::load_route(&args.route)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let plan = client::discover(&servers, &limits).await?;
+        for u in &plan.unreachable {
+            eprintln!("warning: left out of the route: {u}");
+        }
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        println!(
+            "gateway for model {} ({} stages) on http://{}/v1/completions",
+            plan.model_id,
+            plan.stages.len(),
+            listener.local_addr()?
+        );
+        let app = openai::router(plan, limits, args.steps_per_block);
+        tokio::select! {
+            r = axum::serve(listener, app) => r?,
+            _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,119 @@
+//! `blocktrain serve`: a block server hosting some blocks of a trained run (or of a
+//! random logical shape), reached by clients and other servers over TCP.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use blocktrain_model::logical::LogicalShape;
+use blocktrain_node::inference::hop::HopLimits;
+use blocktrain_node::inference::hosted::{Hosted, Source};
+use blocktrain_node::inference::server::{serve, ServeOptions};
+use blocktrain_protocol::frame::BlockRange;
+use clap::Args;
+
+use crate::args::DeviceArgs;
+
+/// Flags of `blocktrain serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Run directory to serve (a `train` run, or a coordinator's STATE/model).
+    #[arg(long, required_unless_present = "logical_shape")]
+    pub checkpoint: Option<PathBuf>,
+    /// Blocks to host, 1-based and inclusive: `3..4` is blocks 3 and 4, `2` is block 2.
+    /// For an AR checkpoint (the baseline) these are its layers.
+    #[arg(long)]
+    pub blocks: BlockRange,
+    /// Address to listen on (port 0 picks one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+    /// Name in hop reports and logs (default: the listen address).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Instead of a checkpoint: random weights of this shape per block, e.g.
+    /// `d=4096,layers=8,heads=32,dtype=bf16` (for measuring serving cost at scale).
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub logical_shape: Option<LogicalShape>,
+    /// With --logical-shape: blocks (or AR layers) in the whole logical model.
+    #[arg(long, default_value_t = 3)]
+    pub total: u32,
+    /// With --logical-shape: serve AR layers (the baseline) instead of diffusion blocks.
+    #[arg(long)]
+    pub ar: bool,
+    /// With --logical-shape: seed of the random weights (all servers of a route must agree).
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Longest prompt + output accepted, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: u32,
+    /// Largest frame accepted, MiB.
+    #[arg(long, default_value_t = 16)]
+    pub max_frame_mb: u32,
+    /// Seconds of silence after which the next stage's replica is given up on.
+    #[arg(long, default_value_t = 10.0)]
+    pub stall_timeout: f64,
+    /// Seconds to wait for a TCP connection to the next stage.
+    #[arg(long, default_value_t = 5.0)]
+    pub connect_timeout: f64,
+    /// Milliseconds between keepalives sent upstream while a request is in progress.
+    #[arg(long, default_value_t = 1000)]
+    pub keepalive_ms: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Limits from the shared timeout flags.
+pub fn limits(stall: f64, connect: f64, max_frame_mb: u32) -> Result<HopLimits> {
+    if !(stall > 0.0 && connect > 0.0) {
+        bail!("timeouts must be positive");
+    }
+    Ok(HopLimits {
+        connect_timeout: Duration::from_secs_f64(connect),
+        stall_timeout: Duration::from_secs_f64(stall),
+        max_frame: max_frame_mb.saturating_mul(1 << 20),
+    })
+}
+
+/// Runs `blocktrain serve` until Ctrl-C.
+pub fn run(args: ServeArgs) -> Result<()> {
+    crate::cmd::coordinator::init_logging();
+    let device = args.device.setup()?;
+    let source = match (&args.checkpoint, &args.logical_shape) {
+        (Some(dir), _) => Source::Checkpoint(dir),
+        (None, Some(shape)) => Source::Logical {
+            shape,
+            ar: args.ar,
+            total: args.total,
+            seed: args.seed,
+        },
+        (None, None) => bail!("give --checkpoint DIR or --logical-shape SHAPE"),
+    };
+    let hosted = Hosted::load(source, args.blocks, device, args.max_tokens)?;
+    let opts = ServeOptions {
+        limits: limits(args.stall_timeout, args.connect_timeout, args.max_frame_mb)?,
+        keepalive: Duration::from_millis(args.keepalive_ms.max(10)),
+        name: args.name.clone().unwrap_or_default(),
+        ..ServeOptions::default()
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let i = &hosted.info;
+        println!(
+            "serving {} {} {} of {} (model {}) on {addr}",
+            i.family,
+            if i.family == "ar" { "layers" } else { "blocks" },
+            i.blocks,
+            i.total,
+            i.model_id
+        );
+        tokio::select! {
+            _ = serve(listener, hosted, opts) => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
+        }
+        Ok(())
+    })
+}

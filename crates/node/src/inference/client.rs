@@ -1,0 +1,369 @@
+//! The inference client: find out what each server hosts, build the route, send one
+//! request down it.
+//!
+//! A route file lists servers, one `host:port` per line (`#` comments); what each one
+//! hosts is asked over the wire ([`discover`]), so the file cannot disagree with the
+//! servers. Servers hosting the same blocks are replicas of one stage.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use blocktrain_protocol::frame::{
+    ArPayload, ArSetup, ArStepMeta, DenoiseMeta, HopStat, Message, Sampling, ServerInfo, Stage,
+    MASK_TOKEN,
+};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::framed::{read_message, write_message};
+use super::hop::{call_stage, HopLimits};
+use crate::NodeError;
+
+/// Servers named by `--route`: a file of `host:port` lines, or a comma-separated list.
+pub fn load_route(arg: &str) -> Result<Vec<String>, NodeError> {
+    let path = std::path::Path::new(arg);
+    let text = if path.is_file() {
+        std::fs::read_to_string(path).map_err(crate::io_err(path))?
+    } else {
+        arg.replace(',', "\n")
+    };
+    let servers: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
+        .collect();
+    if servers.is_empty() {
+        return Err(NodeError::Config(format!(
+            "--route {arg}: no servers (give a file with one host:port per line, or a comma-separated list)"
+        )));
+    }
+    Ok(servers)
+}
+
+/// A route built from the servers' own descriptions.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// What every stage hosts the same of.
+    pub model_id: String,
+    /// `block` or `ar`.
+    pub family: String,
+    /// Blocks (or AR layers) in the model.
+    pub total: u32,
+    /// Stages in traversal order (diffusion: highest blocks first; AR: layer 1 first).
+    pub stages: Vec<Stage>,
+    /// Smallest token limit of any server.
+    pub max_tokens: u32,
+    /// Servers that did not answer, with why (left out of the plan).
+    pub unreachable: Vec<String>,
+}
+
+async fn ask_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> {
+    let io = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        write_message(&mut s, &Message::Info)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_message(&mut s, limits.max_frame).await {
+            Ok(Message::ServerInfo(i)) => Ok(i),
+            Ok(other) => Err(format!(
+                "answered with a {} frame",
+                super::kind_name(&other)
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    timeout(limits.connect_timeout + limits.stall_timeout, io)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()))
+}
+
+/// Asks every server what it hosts (in parallel) and builds the route.
+pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, NodeError> {
+    let answers = futures_join_all(servers.iter().map(|a| {
+        let (a, limits) = (a.clone(), limits.clone());
+        async move {
+            let info = ask_info(&a, &limits).await;
+            (a, info)
+        }
+    }))
+    .await;
+    let mut infos = Vec::new();
+    let mut unreachable = Vec::new();
+    for (addr, answer) in answers {
+        match answer {
+            Ok(info) => infos.push((addr, info)),
+            Err(why) => unreachable.push(format!("{addr}: {why}")),
+        }
+    }
+    let Some((_, first)) = infos.first() else {
+        return Err(NodeError::Network(format!(
+            "no server of the route answered: {}",
+            unreachable.join("; ")
+        )));
+    };
+    let (model_id, family, total) = (first.model_id.clone(), first.family.clone(), first.total);
+    if let Some((addr, i)) = infos
+        .iter()
+        .find(|(_, i)| i.model_id != model_id || i.family != family || i.total != total)
+    {
+        return Err(NodeError::Config(format!(
+            "{addr} serves {} model {} of {} parts, others serve {family} model {model_id} of {total}",
+            i.family, i.model_id, i.total
+        )));
+    }
+    let mut by_range: BTreeMap<(u32, u32), Vec<String>> = BTreeMap::new();
+    for (addr, i) in &infos {
+        by_range
+            .entry((i.blocks.first, i.blocks.last))
+            .or_default()
+            .push(addr.clone());
+    }
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut next = 1;
+    for ((first, last), replicas) in &by_range {
+        if *first > next {
+            return Err(NodeError::Config(format!(
+                "no server hosts blocks {next}..{}: the route's servers host {}",
+                first - 1,
+                describe(&by_range)
+            )));
+        }
+        if *first < next {
+            return Err(NodeError::Config(format!(
+                "servers overlap at blocks {first}..{}: the route's servers host {} (replicas must host the same blocks)",
+                next - 1,
+                describe(&by_range)
+            )));
+        }
+        stages.push(Stage {
+            blocks: blocktrain_protocol::frame::BlockRange {
+                first: *first,
+                last: *last,
+            },
+            replicas: replicas.clone(),
+        });
+        next = last + 1;
+    }
+    if next != total + 1 {
+        return Err(NodeError::Config(format!(
+            "no server hosts blocks {next}..{total}: the route's servers host {}",
+            describe(&by_range)
+        )));
+    }
+    if family != "ar" {
+        stages.reverse(); // diffusion runs from the top block (fully masked) down
+    }
+    Ok(Plan {
+        model_id,
+        family,
+        total,
+        stages,
+        max_tokens: infos.iter().map(|(_, i)| i.max_tokens).min().unwrap_or(0),
+        unreachable,
+    })
+}
+
+fn describe(by_range: &BTreeMap<(u32, u32), Vec<String>>) -> String {
+    by_range
+        .iter()
+        .map(|((a, b), s)| format!("{a}..{b} ({})", s.join(", ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the futures concurrently (as tasks) and collects their outputs in order.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("info task"));
+    }
+    out
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Prompt bytes (never changed).
+    pub prompt: Vec<u8>,
+    /// Output bytes.
+    pub len: usize,
+    /// Sampling settings.
+    pub sampling: Sampling,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// A finished generation.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// The output bytes (prompt excluded).
+    pub output: Vec<u8>,
+    /// Per-stage reports (AR: summed over steps).
+    pub hops: Vec<HopStat>,
+    /// Seconds from sending the request to the last byte.
+    pub seconds: f64,
+    /// Traversals of the stack (1 for diffusion, one per byte for AR).
+    pub traversals: usize,
+}
+
+fn check_request(plan: &Plan, req: &Request) -> Result<(), NodeError> {
+    let total = req.prompt.len() + req.len + usize::from(plan.family == "ar");
+    if req.len == 0 || total > plan.max_tokens as usize {
+        return Err(NodeError::Config(format!(
+            "prompt + output = {total} tokens: the route's servers take 1..={}",
+            plan.max_tokens
+        )));
+    }
+    Ok(())
+}
+
+/// One traversal: the request goes to the top stage, each stage forwards the partially
+/// unmasked bytes, the last stage's result comes back.
+pub async fn generate(
+    plan: &Plan,
+    req: &Request,
+    limits: &HopLimits,
+) -> Result<Generation, NodeError> {
+    if plan.family == "ar" {
+        return generate_ar(plan, req, limits).await;
+    }
+    check_request(plan, req)?;
+    let tokens: Vec<u16> = req
+        .prompt
+        .iter()
+        .map(|&b| b as u16)
+        .chain(std::iter::repeat_n(MASK_TOKEN, req.len))
+        .collect();
+    let request_id = rand::random::<u64>();
+    let meta = DenoiseMeta {
+        request_id,
+        model_id: plan.model_id.clone(),
+        sampling: req.sampling.clone(),
+        seed: req.seed,
+        route: plan.stages.clone(),
+        hop: 0,
+        hops: Vec::new(),
+    };
+    let started = Instant::now();
+    let answer = call_stage(&plan.stages[0], request_id, limits, |_| {
+        Message::Denoise(meta.clone(), tokens.clone()).encode()
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    match answer.message {
+        Message::Result(meta, bytes) if bytes.len() == tokens.len() => Ok(Generation {
+            output: bytes[req.prompt.len()..].to_vec(),
+            hops: meta.hops,
+            seconds,
+            traversals: 1,
+        }),
+        Message::Result(_, bytes) => Err(NodeError::Network(format!(
+            "the route returned {} bytes for a {}-byte sequence",
+            bytes.len(),
+            tokens.len()
+        ))),
+        Message::Error(e) => Err(NodeError::Network(format!(
+            "generation failed at blocks {}: {}",
+            e.blocks.map_or("?".into(), |b| b.to_string()),
+            e.message
+        ))),
+        other => Err(NodeError::Network(format!(
+            "unexpected {} frame",
+            super::kind_name(&other)
+        ))),
+    }
+}
+
+/// The AR baseline: one traversal of the layer stack per output byte, over one
+/// persistent connection per hop (the KV caches live with the connections).
+pub async fn generate_ar(
+    plan: &Plan,
+    req: &Request,
+    limits: &HopLimits,
+) -> Result<Generation, NodeError> {
+    check_request(plan, req)?;
+    let first = &plan.stages[0];
+    let addr = first.replicas[0].clone();
+    let net = |m: String| NodeError::Network(format!("AR stage {}: {m}", first.blocks));
+    let mut stream = timeout(limits.connect_timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| net(format!("{addr}: connect timed out")))?
+        .map_err(|e| net(format!("{addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let session = rand::random::<u64>();
+    // The AR network reads MASK as its start-of-text token, then the prompt.
+    let mut pending: Vec<u16> = std::iter::once(MASK_TOKEN)
+        .chain(req.prompt.iter().map(|&b| b as u16))
+        .collect();
+    let mut output = Vec::with_capacity(req.len);
+    let mut hops: Vec<HopStat> = Vec::new();
+    let started = Instant::now();
+    for i in 0..req.len {
+        let meta = ArStepMeta {
+            session,
+            output_index: i as u64,
+            hidden: None,
+            setup: (i == 0).then(|| ArSetup {
+                model_id: plan.model_id.clone(),
+                sampling: req.sampling.clone(),
+                seed: req.seed,
+                route: plan.stages.clone(),
+                hop: 0,
+            }),
+        };
+        let step = Message::ArStep(meta, ArPayload::Tokens(std::mem::take(&mut pending)));
+        write_message(&mut stream, &step)
+            .await
+            .map_err(|e| net(format!("{addr}: {e}")))?;
+        let reply = loop {
+            match timeout(
+                limits.stall_timeout,
+                read_message(&mut stream, limits.max_frame),
+            )
+            .await
+            {
+                Err(_) => return Err(net(format!("{addr} stalled"))),
+                Ok(Err(e)) => return Err(net(format!("{addr}: {e}"))),
+                Ok(Ok(Message::Keepalive)) => continue,
+                Ok(Ok(m)) => break m,
+            }
+        };
+        match reply {
+            Message::ArOutput(o) => {
+                output.push(o.byte);
+                pending.push(o.byte as u16);
+                if hops.is_empty() {
+                    hops = o.hops;
+                } else {
+                    for (sum, h) in hops.iter_mut().zip(&o.hops) {
+                        sum.compute_ms += h.compute_ms;
+                    }
+                }
+            }
+            Message::Error(e) => {
+                return Err(NodeError::Network(format!(
+                    "AR step {i} failed at layers {}: {}",
+                    e.blocks.map_or("?".into(), |b| b.to_string()),
+                    e.message
+                )))
+            }
+            other => {
+                return Err(net(format!(
+                    "unexpected {} frame",
+                    super::kind_name(&other)
+                )))
+            }
+        }
+    }
+    Ok(Generation {
+        output,
+        hops,
+        seconds: started.elapsed().as_secs_f64(),
+        traversals: req.len,
+    })
+}

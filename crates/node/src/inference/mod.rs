@@ -1,0 +1,30 @@
+//! Inference across hosts: block servers and their client.
+//!
+//! - [`hosted`]: the model side of a server (its blocks, or AR layers + KV cache).
+//! - [`server`]: TCP server; runs its blocks and forwards bytes to the next stage.
+//! - [`hop`]: calling a stage, replica after replica, with connect and stall timeouts.
+//! - [`client`]: discovers what servers host, builds the route, sends requests.
+//! - [`openai`]: an OpenAI-style `POST /v1/completions` in front of a route.
+//! - [`framed`]: frames ([`blocktrain_protocol::frame`]) on async streams.
+use blocktrain_protocol::frame::Message;
+
+pub mod client;
+pub mod framed;
+pub mod hop;
+pub mod hosted;
+pub mod openai;
+pub mod server;
+
+/// A frame's kind in words, for error messages.
+pub(crate) fn kind_name(m: &Message) -> &'static str {
+    match m {
+        Message::Info => "Info",
+        Message::ServerInfo(_) => "ServerInfo",
+        Message::Denoise(..) => "Denoise",
+        Message::Keepalive => "Keepalive",
+        Message::Result(..) => "Result",
+        Message::Error(_) => "Error",
+        Message::ArStep(..) => "ArStep",
+        Message::ArOutput(_) => "ArOutput",
+    }
+}
