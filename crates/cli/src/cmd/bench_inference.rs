@@ -55,9 +55,20 @@ pub struct BenchInferenceArgs {
     /// Denoising steps each block takes.
     #[arg(long, default_value_t = 32)]
     pub steps_per_block: u32,
-    /// Timed requests per length and system (the median is reported).
-    #[arg(long, default_value_t = 1)]
+    /// Timed BlockTrain requests per length (the median is reported).
+    #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Timed AR generations per length (each already averages over one traversal per byte).
+    #[arg(long, default_value_t = 1)]
+    pub ar_reps: usize,
+    /// Systems to measure (deploying only these saves memory at large shapes).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "blocktrain,ar"
+    )]
+    pub systems: Vec<System>,
     /// Skip the AR pipeline at lengths above this (it costs one WAN round trip per byte).
     #[arg(long, default_value_t = 4096)]
     pub ar_max_len: usize,
@@ -69,6 +80,15 @@ pub struct BenchInferenceArgs {
     pub json: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    /// One-traversal block diffusion.
+    Blocktrain,
+    /// The autoregressive pipeline baseline.
+    Ar,
 }
 
 /// A server process, killed on drop.
@@ -348,8 +368,16 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "== bench inference: {setup}\n   weights: {weights}; {} steps per block",
         args.steps_per_block
     );
-    let diffusion = deploy(hosts, args.link, &diff_src, &args.device, &limits)?;
-    let ar = deploy(hosts, args.link, &ar_src, &args.device, &limits)?;
+    let wants_ar =
+        args.systems.contains(&System::Ar) && args.lens.iter().any(|&l| l <= args.ar_max_len);
+    let diffusion = match args.systems.contains(&System::Blocktrain) {
+        true => Some(deploy(hosts, args.link, &diff_src, &args.device, &limits)?),
+        false => None,
+    };
+    let ar = match wants_ar {
+        true => Some(deploy(hosts, args.link, &ar_src, &args.device, &limits)?),
+        false => None,
+    };
     let request = |len: usize| Request {
         prompt: args.prompt.as_bytes().to_vec(),
         len,
@@ -361,40 +389,52 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         seed: 0,
     };
     // Warm both paths (first-touch allocations, TCP slow start) before timing.
-    measure(&diffusion, &request(8), 1, &limits)?;
-    measure(&ar, &request(4), 1, &limits)?;
+    if let Some(d) = &diffusion {
+        measure(d, &request(8), 1, &limits)?;
+    }
+    if let Some(d) = &ar {
+        measure(d, &request(4), 1, &limits)?;
+    }
     let mut rows = Vec::new();
     println!("\n| output bytes | BlockTrain s | AR pipeline s | speedup | BlockTrain bytes/traversal | AR bytes/traversal | traversals BT / AR | compute s BT / AR |");
     println!("|---|---|---|---|---|---|---|---|");
+    let per = |m: &Measured| m.bytes as f64 / m.traversals as f64;
+    let cell = |m: &Option<Measured>, f: &dyn Fn(&Measured) -> String| {
+        m.as_ref().map_or("-".to_string(), f)
+    };
     for &len in &args.lens {
-        let bt = measure(&diffusion, &request(len), args.reps, &limits)?;
-        let arm = if len <= args.ar_max_len {
-            Some(measure(&ar, &request(len), args.reps, &limits)?)
-        } else {
-            None
+        let bt = match &diffusion {
+            Some(d) => Some(measure(d, &request(len), args.reps, &limits)?),
+            None => None,
         };
-        let per = |m: &Measured| m.bytes as f64 / m.traversals as f64;
+        let arm = match &ar {
+            Some(d) if len <= args.ar_max_len => {
+                Some(measure(d, &request(len), args.ar_reps, &limits)?)
+            }
+            _ => None,
+        };
+        let speedup = bt
+            .as_ref()
+            .zip(arm.as_ref())
+            .map(|(b, a)| a.seconds / b.seconds);
         println!(
-            "| {len} | {:.3} | {} | {} | {:.0} | {} | 1 / {} | {:.3} / {} |",
-            bt.seconds,
-            arm.as_ref()
-                .map_or("-".into(), |m| format!("{:.2}", m.seconds)),
-            arm.as_ref()
-                .map_or("-".into(), |m| format!("{:.1}x", m.seconds / bt.seconds)),
-            per(&bt),
-            arm.as_ref()
-                .map_or("-".into(), |m| format!("{:.0}", per(m))),
-            arm.as_ref()
-                .map_or("-".into(), |m| m.traversals.to_string()),
-            bt.compute_s,
-            arm.as_ref()
-                .map_or("-".into(), |m| format!("{:.3}", m.compute_s)),
+            "| {len} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            cell(&bt, &|m| format!("{:.3}", m.seconds)),
+            cell(&arm, &|m| format!("{:.2}", m.seconds)),
+            speedup.map_or("-".into(), |x| format!("{x:.1}x")),
+            cell(&bt, &|m| format!("{:.0}", per(m))),
+            cell(&arm, &|m| format!("{:.0}", per(m))),
+            cell(&bt, &|m| m.traversals.to_string()),
+            cell(&arm, &|m| m.traversals.to_string()),
+            cell(&bt, &|m| format!("{:.3}", m.compute_s)),
+            cell(&arm, &|m| format!("{:.3}", m.compute_s)),
         );
+        let js = |m: &Measured| json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s});
         rows.push(json!({
             "len": len,
-            "blocktrain": {"seconds": bt.seconds, "bytes": bt.bytes, "traversals": bt.traversals, "bytes_per_traversal": per(&bt), "compute_seconds": bt.compute_s},
-            "ar": arm.as_ref().map(|m| json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s})),
-            "speedup": arm.as_ref().map(|m| m.seconds / bt.seconds),
+            "blocktrain": bt.as_ref().map(js),
+            "ar": arm.as_ref().map(js),
+            "speedup": speedup,
         }));
     }
     let one_way = args.link.delay_ms as f64 / 1e3;
@@ -409,7 +449,9 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "link": args.link.to_string(),
         "weights": weights,
         "steps_per_block": args.steps_per_block,
+        "shape": args.shape.to_string(),
         "reps": args.reps,
+        "ar_reps": args.ar_reps,
         "prompt": args.prompt,
         "rows": rows,
     });
