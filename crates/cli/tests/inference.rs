@@ -432,6 +432,15 @@ fn ar_pipeline_over_three_servers_matches_local_greedy_generation() {
     assert_eq!(ok(&out), local);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("16 traversals"), "{err}");
+
+    // The AR baseline keeps its KV caches on the servers, so it cannot fail over: a dead
+    // middle stage is a clear error naming its layers.
+    servers[1].signal("-KILL");
+    std::thread::sleep(Duration::from_millis(200));
+    let out = generate_route(&route, &greedy);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2..2"), "{err}");
 }
 
 #[test]
