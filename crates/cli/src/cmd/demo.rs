@@ -12,11 +12,16 @@ use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
 use blocktrain_node::config::RunConfig;
 use blocktrain_node::coordinator::{Coordinator, Status};
+use blocktrain_node::inference::client;
+use blocktrain_node::inference::hop::HopLimits;
+use blocktrain_node::inference::hosted::{Hosted, Source};
+use blocktrain_node::inference::server::{self as block_server, ServeOptions};
 use blocktrain_node::{now_ms, server};
+use blocktrain_protocol::frame::{BlockRange, Sampling};
 use clap::Args;
 
 use crate::args::DeviceArgs;
-use crate::cmd::{eval, generate};
+use crate::cmd::eval;
 use crate::profile::Profile;
 use crate::progress;
 
@@ -227,6 +232,47 @@ pub fn serve_until_done(
     Ok(s)
 }
 
+/// Serves each block from its own in-process block server on loopback and generates
+/// across them: the same frames and hops as servers on separate hosts.
+fn sample_over_servers(
+    model: &Path,
+    args: &DemoArgs,
+    device: tch::Device,
+) -> Result<(client::Generation, String)> {
+    let mut route = Vec::new();
+    for b in 1..=args.blocks as u32 {
+        let blocks = BlockRange::new(b, b)?;
+        let hosted = Hosted::load(Source::Checkpoint(model), blocks, device, 4096)?;
+        let addr = block_server::spawn("127.0.0.1:0".parse()?, hosted, ServeOptions::default())?;
+        route.push(addr.to_string());
+    }
+    let request = client::Request {
+        prompt: args.prompt.as_bytes().to_vec(),
+        len: args.len,
+        sampling: Sampling {
+            steps_per_block: 32,
+            temperature: 0.8,
+            top_k: 0,
+        },
+        seed: args.seed,
+    };
+    let limits = HopLimits::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        let plan = client::discover(&route, &limits).await?;
+        client::generate(&plan, &request, &limits).await
+    })?;
+    let hops = out
+        .hops
+        .iter()
+        .map(|h| format!("block {} {:.0} ms", h.blocks.first, h.compute_ms))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((out, hops))
+}
+
 /// Runs `blocktrain demo`.
 pub fn run(args: DemoArgs) -> Result<()> {
     crate::cmd::coordinator::init_logging_quiet();
@@ -245,21 +291,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let report = eval::evaluate(&run, Split::Valid, 1, windows, 64, 1234, device)?;
     eval::print_report(&run, Split::Valid, &report);
 
-    println!("== 3/3 sample: one pass through blocks {}..1", args.blocks);
-    let gen = generate::GenerateArgs {
-        checkpoint: Some(model.clone()),
-        route: None,
-        stall_timeout: 30.0,
-        prompt: args.prompt.clone(),
-        len: args.len,
-        steps_per_block: 32,
-        temperature: 0.8,
-        top_k: 0,
-        seed: args.seed as i64,
-        device: args.device.clone(),
-    };
-    let out = generate::sample(&run, &gen, device)?;
-    println!("{}{}", args.prompt, String::from_utf8_lossy(&out));
+    println!(
+        "== 3/3 sample: one traversal of {} block servers on loopback (blocks {}..1)",
+        args.blocks, args.blocks
+    );
+    let (out, hops) = sample_over_servers(&model, &args, device)?;
+    println!("{}{}", args.prompt, String::from_utf8_lossy(&out.output));
+    println!(
+        "({} bytes in {:.2} s; {hops}; `blocktrain serve` puts each block on its own host)",
+        out.output.len(),
+        out.seconds
+    );
     println!(
         "\nmerged model: {} (try `blocktrain eval --checkpoint {}`)",
         model.display(),
