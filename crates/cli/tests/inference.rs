@@ -515,3 +515,41 @@ fn openai_style_completions_go_through_the_gateway() {
         "{v}"
     );
 }
+
+#[test]
+fn a_replica_killed_mid_request_is_replaced_and_the_request_completes() {
+    let dir = scratch("midkill");
+    let ckpt = train(&dir, "block");
+    let top = serve(&dir, &ckpt, "3..4");
+    let a = serve(&dir, &ckpt, "1..2");
+    let b = serve(&dir, &ckpt, "1..2");
+    let limits = HopLimits::default();
+    let servers = vec![top.addr.clone(), a.addr.clone(), b.addr.clone()];
+    let rt = rt();
+    let plan = rt.block_on(client::discover(&servers, &limits)).unwrap();
+    // A long output and many steps, so that blocks 1..2 compute for a while (a step
+    // that reveals nothing is skipped, hence both).
+    let mut req = request();
+    req.len = 600;
+    req.sampling.steps_per_block = 600;
+    let expected = rt.block_on(client::generate(&plan, &req, &limits)).unwrap();
+    let busy = if plan.stages[1].replicas[0] == a.addr {
+        &a
+    } else {
+        &b
+    };
+    let worker = std::thread::spawn({
+        let (plan, req, limits) = (plan.clone(), req.clone(), limits.clone());
+        move || rt.block_on(client::generate(&plan, &req, &limits))
+    });
+    // Wait until the request has reached blocks 1..2 (top's share is done), then kill.
+    // Killed a little early instead (still computing the top), the replica is refused at
+    // connect: a failover either way. Blocks 1..2 take ~0.5 s, so it is never too late.
+    std::thread::sleep(Duration::from_secs_f64(
+        expected.hops[0].compute_ms / 1e3 + 0.3,
+    ));
+    busy.signal("-KILL");
+    let g = worker.join().unwrap().unwrap();
+    assert_eq!(g.output, expected.output);
+    assert_eq!(g.hops[0].failovers, 1, "{:?}", g.hops);
+}
