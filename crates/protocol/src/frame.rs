@@ -127,8 +127,18 @@ pub fn parse_header(bytes: &[u8; HEADER_LEN], max_frame: u32) -> Result<Header> 
     })
 }
 
+/// Most stages a route may have.
+pub const MAX_STAGES: usize = 64;
+/// Most replicas a route may list per stage.
+pub const MAX_REPLICAS: usize = 16;
+/// Highest block (or layer) number a range may name.
+pub const MAX_BLOCK: u32 = 1 << 20;
+
 /// A contiguous range of 1-based blocks (or layers), inclusive: `3..4` is blocks 3 and 4.
+/// Deserialising goes through [`BlockRange::new`], so a peer cannot send an empty,
+/// inverted or out-of-range one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawRange")]
 pub struct BlockRange {
     /// First block, 1-based.
     pub first: u32,
@@ -136,12 +146,26 @@ pub struct BlockRange {
     pub last: u32,
 }
 
+#[derive(Deserialize)]
+struct RawRange {
+    first: u32,
+    last: u32,
+}
+
+impl TryFrom<RawRange> for BlockRange {
+    type Error = ProtocolError;
+
+    fn try_from(r: RawRange) -> Result<Self> {
+        BlockRange::new(r.first, r.last)
+    }
+}
+
 impl BlockRange {
-    /// `first..=last`, checked.
+    /// `first..=last`, checked: 1 <= first <= last <= [`MAX_BLOCK`].
     pub fn new(first: u32, last: u32) -> Result<Self> {
-        if first == 0 || first > last {
+        if first == 0 || first > last || last > MAX_BLOCK {
             return Err(ProtocolError::Rejected(format!(
-                "block range {first}..{last}: blocks are numbered from 1 and the range must not be empty"
+                "block range {first}..{last}: blocks are numbered from 1 to {MAX_BLOCK} and the range must not be empty"
             )));
         }
         Ok(BlockRange { first, last })
@@ -239,6 +263,8 @@ pub struct ServerInfo {
     pub max_tokens: u32,
     /// Width of the residual stream (AR hidden states).
     pub d_model: u32,
+    /// Positions the model was trained on (the AR pipeline keeps its context within it).
+    pub window: u32,
 }
 
 /// Metadata of a [`Message::Denoise`].
@@ -546,8 +572,14 @@ impl Message {
     }
 }
 
-/// A route must name its receiver and give every stage at least one replica.
+/// A route must name its receiver, give every stage one to [`MAX_REPLICAS`] servers,
+/// and have at most [`MAX_STAGES`] stages (a server dials what a route names).
 fn check_route(route: &[Stage], hop: u32) -> Result<()> {
+    if route.len() > MAX_STAGES || route.iter().any(|s| s.replicas.len() > MAX_REPLICAS) {
+        return Err(ProtocolError::Rejected(format!(
+            "a route may have {MAX_STAGES} stages of {MAX_REPLICAS} replicas at most"
+        )));
+    }
     if hop as usize >= route.len() {
         return Err(ProtocolError::Malformed(format!(
             "hop {hop} of a {}-stage route",
@@ -620,6 +652,7 @@ mod tests {
                 total: 4,
                 max_tokens: 4096,
                 d_model: 128,
+                window: 128,
             }),
             Message::Denoise(
                 DenoiseMeta {
@@ -759,8 +792,20 @@ mod tests {
         let bytes = Message::Denoise(m.clone(), vec![1]).encode();
         assert!(decode_frame(&bytes, DEFAULT_MAX_FRAME).is_err());
         m.hop = 0;
-        m.route[1].replicas.clear();
-        let bytes = Message::Denoise(m, vec![1]).encode();
+        let mut empty = m.clone();
+        empty.route[1].replicas.clear();
+        let bytes = Message::Denoise(empty, vec![1]).encode();
+        assert!(decode_frame(&bytes, DEFAULT_MAX_FRAME).is_err());
+        // A route that would make a server dial hundreds of addresses is refused.
+        let mut many = m.clone();
+        many.route[1].replicas = (0..=MAX_REPLICAS)
+            .map(|i| format!("10.0.0.{i}:1"))
+            .collect();
+        let bytes = Message::Denoise(many, vec![1]).encode();
+        assert!(decode_frame(&bytes, DEFAULT_MAX_FRAME).is_err());
+        let mut long = m;
+        long.route = vec![long.route[0].clone(); MAX_STAGES + 1];
+        let bytes = Message::Denoise(long, vec![1]).encode();
         assert!(decode_frame(&bytes, DEFAULT_MAX_FRAME).is_err());
     }
 
@@ -771,8 +816,20 @@ mod tests {
         assert!(r.contains(3) && r.contains(4) && !r.contains(2));
         assert_eq!("2".parse::<BlockRange>().unwrap().len(), 1);
         assert_eq!(r.to_string().parse::<BlockRange>().unwrap(), r);
-        for bad in ["0..2", "4..3", "a..b", "", "1..", "-1"] {
+        for bad in ["0..2", "4..3", "a..b", "", "1..", "-1", "1..4294967295"] {
             assert!(bad.parse::<BlockRange>().is_err(), "{bad}");
         }
+        // The same checks hold for ranges arriving in frame metadata.
+        for bad in [
+            r#"{"first":3,"last":1}"#,
+            r#"{"first":0,"last":1}"#,
+            r#"{"first":1,"last":4294967295}"#,
+        ] {
+            assert!(serde_json::from_str::<BlockRange>(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            serde_json::from_str::<BlockRange>(r#"{"first":3,"last":4}"#).unwrap(),
+            r
+        );
     }
 }

@@ -99,7 +99,7 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
 
 /// Generates across block servers; reports the route and timing on stderr.
 fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
-    if args.temperature <= 0.0 {
+    if !(args.temperature.is_finite() && args.temperature > 0.0) {
         bail!("--temperature must be positive");
     }
     let limits = crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?;
@@ -135,6 +135,12 @@ fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
         out.seconds,
         plan.stages.len()
     );
+    if out.entry_failovers > 0 {
+        eprintln!(
+            "  (gave up on {} server(s) of the first stage)",
+            out.entry_failovers
+        );
+    }
     for h in &out.hops {
         let failover = match h.failovers {
             0 => String::new(),

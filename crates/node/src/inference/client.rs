@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use blocktrain_protocol::frame::{
-    ArPayload, ArSetup, ArStepMeta, DenoiseMeta, HopStat, Message, Sampling, ServerInfo, Stage,
-    MASK_TOKEN,
+    ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, HopError, HopStat, Message, Sampling,
+    ServerInfo, Stage, MASK_TOKEN,
 };
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -53,6 +53,8 @@ pub struct Plan {
     pub stages: Vec<Stage>,
     /// Smallest token limit of any server.
     pub max_tokens: u32,
+    /// Smallest trained window of any server.
+    pub window: u32,
     /// Servers that did not answer, with why (left out of the plan).
     pub unreachable: Vec<String>,
 }
@@ -79,7 +81,14 @@ async fn ask_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> 
 
 /// Asks every server what it hosts (in parallel) and builds the route.
 pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, NodeError> {
-    let answers = futures_join_all(servers.iter().map(|a| {
+    // A server listed twice would be tried twice when it is down.
+    let mut unique: Vec<&String> = Vec::new();
+    for s in servers {
+        if !unique.contains(&s) {
+            unique.push(s);
+        }
+    }
+    let answers = futures_join_all(unique.into_iter().map(|a| {
         let (a, limits) = (a.clone(), limits.clone());
         async move {
             let info = ask_info(&a, &limits).await;
@@ -142,9 +151,9 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
             },
             replicas: replicas.clone(),
         });
-        next = last + 1;
+        next = last.saturating_add(1);
     }
-    if next != total + 1 {
+    if next != total.saturating_add(1) {
         return Err(NodeError::Config(format!(
             "no server hosts blocks {next}..{total}: the route's servers host {}",
             describe(&by_range)
@@ -159,6 +168,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
         total,
         stages,
         max_tokens: infos.iter().map(|(_, i)| i.max_tokens).min().unwrap_or(0),
+        window: infos.iter().map(|(_, i)| i.window).min().unwrap_or(0),
         unreachable,
     })
 }
@@ -209,17 +219,54 @@ pub struct Generation {
     pub seconds: f64,
     /// Traversals of the stack (1 for diffusion, one per byte for AR).
     pub traversals: usize,
+    /// Replicas of the first stage the client gave up on (later stages' failovers are
+    /// in `hops`).
+    pub entry_failovers: u32,
 }
 
 fn check_request(plan: &Plan, req: &Request) -> Result<(), NodeError> {
-    let total = req.prompt.len() + req.len + usize::from(plan.family == "ar");
-    if req.len == 0 || total > plan.max_tokens as usize {
-        return Err(NodeError::Config(format!(
-            "prompt + output = {total} tokens: the route's servers take 1..={}",
+    let bad = |m: String| Err(NodeError::Config(m));
+    if req.len == 0 {
+        return bad("the output length must be at least 1 byte".into());
+    }
+    if !(req.sampling.temperature.is_finite() && req.sampling.temperature > 0.0) {
+        return bad(format!(
+            "temperature must be positive, got {}",
+            req.sampling.temperature
+        ));
+    }
+    if plan.family == "ar" {
+        // The AR pipeline keeps its context inside the trained window (see generate_ar).
+        if plan.window as usize > plan.max_tokens as usize || plan.window < 2 {
+            return bad(format!(
+                "the route's servers take {} positions, less than the model's window of {}",
+                plan.max_tokens, plan.window
+            ));
+        }
+        return Ok(());
+    }
+    let total = req.prompt.len().checked_add(req.len);
+    if total.is_none_or(|t| t > plan.max_tokens as usize) {
+        return bad(format!(
+            "prompt ({} bytes) + output ({} bytes) exceeds the {} positions the route's servers take",
+            req.prompt.len(),
+            req.len,
             plan.max_tokens
-        )));
+        ));
     }
     Ok(())
+}
+
+/// A stage's error as the caller's error: a request the servers refused is the
+/// caller's to fix (a `Config` error: HTTP 400 at the gateway), anything else is the
+/// network's.
+fn stage_error(what: String, e: &HopError) -> NodeError {
+    let at = e.blocks.map_or("?".into(), |b| b.to_string());
+    let m = format!("{what} failed at {at}: {}", e.message);
+    match e.code {
+        ErrorCode::BadRequest => NodeError::Config(m),
+        _ => NodeError::Network(m),
+    }
 }
 
 /// One traversal: the request goes to the top stage, each stage forwards the partially
@@ -261,17 +308,14 @@ pub async fn generate(
             hops: meta.hops,
             seconds,
             traversals: 1,
+            entry_failovers: answer.failovers,
         }),
         Message::Result(_, bytes) => Err(NodeError::Network(format!(
             "the route returned {} bytes for a {}-byte sequence",
             bytes.len(),
             tokens.len()
         ))),
-        Message::Error(e) => Err(NodeError::Network(format!(
-            "generation failed at blocks {}: {}",
-            e.blocks.map_or("?".into(), |b| b.to_string()),
-            e.message
-        ))),
+        Message::Error(e) => Err(stage_error("generation".into(), &e)),
         other => Err(NodeError::Network(format!(
             "unexpected {} frame",
             super::kind_name(&other)
@@ -281,34 +325,57 @@ pub async fn generate(
 
 /// The AR baseline: one traversal of the layer stack per output byte, over one
 /// persistent connection per hop (the KV caches live with the connections).
+///
+/// Samples what [`blocktrain_model::sampler::generate_ar`] samples on one host: the
+/// context starts as MASK + prompt cut to the model's window, and when it would outgrow
+/// the window the session restarts (new connections, empty caches) from the last
+/// `window / 2` ids, so positions stay inside what the model was trained on.
 pub async fn generate_ar(
     plan: &Plan,
     req: &Request,
     limits: &HopLimits,
 ) -> Result<Generation, NodeError> {
     check_request(plan, req)?;
+    let window = plan.window as usize;
     let first = &plan.stages[0];
     let addr = first.replicas[0].clone();
     let net = |m: String| NodeError::Network(format!("AR stage {}: {m}", first.blocks));
-    let mut stream = timeout(limits.connect_timeout, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| net(format!("{addr}: connect timed out")))?
-        .map_err(|e| net(format!("{addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    let session = rand::random::<u64>();
     // The AR network reads MASK as its start-of-text token, then the prompt.
-    let mut pending: Vec<u16> = std::iter::once(MASK_TOKEN)
+    let mut ids: Vec<u16> = std::iter::once(MASK_TOKEN)
         .chain(req.prompt.iter().map(|&b| b as u16))
         .collect();
+    let mut start = ids.len().saturating_sub(window); // id at the caches' position 0
+    let mut cached = 0; // positions the servers' caches hold in this session
+    let mut stream: Option<TcpStream> = None;
+    let mut session = 0;
     let mut output = Vec::with_capacity(req.len);
     let mut hops: Vec<HopStat> = Vec::new();
     let started = Instant::now();
     for i in 0..req.len {
+        if ids.len() - start > window {
+            start = ids.len() - window / 2;
+            stream = None; // closing the connections ends the session and its caches
+        }
+        let s = match &mut stream {
+            Some(s) => s,
+            None => {
+                let s = timeout(limits.connect_timeout, TcpStream::connect(&addr))
+                    .await
+                    .map_err(|_| net(format!("{addr}: connect timed out")))?
+                    .map_err(|e| net(format!("{addr}: {e}")))?;
+                let _ = s.set_nodelay(true);
+                session = rand::random::<u64>();
+                cached = 0;
+                stream.insert(s)
+            }
+        };
+        let fresh = ids[start + cached..].to_vec();
+        cached += fresh.len();
         let meta = ArStepMeta {
             session,
             output_index: i as u64,
             hidden: None,
-            setup: (i == 0).then(|| ArSetup {
+            setup: (cached == fresh.len()).then(|| ArSetup {
                 model_id: plan.model_id.clone(),
                 sampling: req.sampling.clone(),
                 seed: req.seed,
@@ -316,17 +383,13 @@ pub async fn generate_ar(
                 hop: 0,
             }),
         };
-        let step = Message::ArStep(meta, ArPayload::Tokens(std::mem::take(&mut pending)));
-        write_message(&mut stream, &step)
+        let step = Message::ArStep(meta, ArPayload::Tokens(fresh));
+        timeout(limits.stall_timeout, write_message(s, &step))
             .await
+            .map_err(|_| net(format!("{addr} stopped reading")))?
             .map_err(|e| net(format!("{addr}: {e}")))?;
         let reply = loop {
-            match timeout(
-                limits.stall_timeout,
-                read_message(&mut stream, limits.max_frame),
-            )
-            .await
-            {
+            match timeout(limits.stall_timeout, read_message(s, limits.max_frame)).await {
                 Err(_) => return Err(net(format!("{addr} stalled"))),
                 Ok(Err(e)) => return Err(net(format!("{addr}: {e}"))),
                 Ok(Ok(Message::Keepalive)) => continue,
@@ -336,7 +399,7 @@ pub async fn generate_ar(
         match reply {
             Message::ArOutput(o) => {
                 output.push(o.byte);
-                pending.push(o.byte as u16);
+                ids.push(o.byte as u16);
                 if hops.is_empty() {
                     hops = o.hops;
                 } else {
@@ -345,13 +408,7 @@ pub async fn generate_ar(
                     }
                 }
             }
-            Message::Error(e) => {
-                return Err(NodeError::Network(format!(
-                    "AR step {i} failed at layers {}: {}",
-                    e.blocks.map_or("?".into(), |b| b.to_string()),
-                    e.message
-                )))
-            }
+            Message::Error(e) => return Err(stage_error(format!("AR step {i}"), &e)),
             other => {
                 return Err(net(format!(
                     "unexpected {} frame",
@@ -365,5 +422,6 @@ pub async fn generate_ar(
         hops,
         seconds: started.elapsed().as_secs_f64(),
         traversals: req.len,
+        entry_failovers: 0,
     })
 }

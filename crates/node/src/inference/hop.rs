@@ -99,9 +99,11 @@ async fn call_replica(addr: &str, frame: &[u8], limits: &HopLimits) -> Result<Me
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    write_bytes(&mut stream, frame)
-        .await
-        .map_err(|e| retry(format!("sending the request: {e}")))?;
+    match timeout(limits.stall_timeout, write_bytes(&mut stream, frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(retry(format!("sending the request: {e}"))),
+        Err(_) => return Err(retry("stopped reading the request".into())),
+    }
     loop {
         let msg = match timeout(
             limits.stall_timeout,

@@ -157,6 +157,7 @@ impl Hosted {
                 total,
                 max_tokens,
                 d_model: m.model.d_model as u32,
+                window: m.model.window as u32,
             },
             role: Role::Blocks {
                 nets,
@@ -208,6 +209,7 @@ impl Hosted {
                 total,
                 max_tokens,
                 d_model: shape.d_model as u32,
+                window: shape.window as u32,
             },
             role: Role::Blocks {
                 nets,
@@ -251,6 +253,7 @@ impl Hosted {
                 total,
                 max_tokens,
                 d_model: net.net.config().d_model as u32,
+                window: net.net.config().window as u32,
             },
             role: Role::Ar {
                 net: Box::new(net),
@@ -292,10 +295,12 @@ impl Hosted {
 
     /// One AR step of this stage: embeds (first stage) or takes hidden states, runs its
     /// layers against `cache`, and hands on hidden states or samples the byte.
+    /// `hidden` is the (rows, width) the frame declared for hidden states.
     pub fn ar_step(
         &self,
         cache: &mut KvCache,
         payload: &ArPayload,
+        hidden: Option<(u32, u32)>,
         sampling: &Sampling,
         seed: u64,
         output_index: u64,
@@ -322,6 +327,12 @@ impl Hosted {
                         .view([1, -1])
                         .to_device(self.device),
                 )
+            }
+            (ArPayload::Hidden(_), false) if hidden.is_none_or(|(_, w)| w as i64 != d) => {
+                return Err(bad(format!(
+                    "hidden states of width {:?}: this model's width is {d}",
+                    hidden.map(|(_, w)| w)
+                )))
             }
             (ArPayload::Hidden(h), false) => Tensor::from_slice(h)
                 .view([1, -1, d])

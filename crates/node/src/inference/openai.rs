@@ -17,7 +17,7 @@ use serde_json::json;
 use super::client::{generate, Plan, Request};
 use super::hop::HopLimits;
 
-/// Largest `max_tokens` accepted when the route allows more.
+/// Output bytes when a request gives no `max_tokens`.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
 /// The body of `POST /v1/completions` (the fields BlockTrain uses; others are ignored).

@@ -77,8 +77,14 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
         opts,
     });
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(handle(stream, peer, shared.clone()));
@@ -104,7 +110,24 @@ pub fn spawn(addr: SocketAddr, hosted: Hosted, opts: ServeOptions) -> std::io::R
     Ok(local)
 }
 
+/// Writes a frame upstream, giving up on a caller that stops reading (a full socket
+/// buffer would otherwise hold this handler, and its KV cache, forever).
+async fn send_up(up: &Upstream, message: &Message, limit: Duration) -> bool {
+    let write = async { write_message(&mut *up.lock().await, message).await };
+    matches!(timeout(limit, write).await, Ok(Ok(_)))
+}
+
 fn error(request_id: u64, code: ErrorCode, message: String, shared: &Shared) -> Message {
+    // Keep errors readable: libtorch messages carry whole backtraces after the first line.
+    let mut message = message.lines().next().unwrap_or("").to_string();
+    if message.len() > 500 {
+        let cut = (0..=500)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push('…');
+    }
     Message::Error(HopError {
         request_id,
         code,
@@ -128,18 +151,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             Ok(Err(ReadError::Protocol(e))) => {
                 tracing::warn!(%peer, "bad frame: {e}");
                 let reply = error(0, ErrorCode::BadRequest, format!("bad frame: {e}"), &shared);
-                let _ = write_message(&mut *up.lock().await, &reply).await;
+                send_up(&up, &reply, shared.opts.limits.stall_timeout).await;
                 return; // the stream may be out of step: close it
             }
             Ok(Ok(m)) => m,
         };
         let ok = match msg {
-            Message::Info => write_message(
-                &mut *up.lock().await,
-                &Message::ServerInfo(shared.info.clone()),
-            )
-            .await
-            .is_ok(),
+            Message::Info => {
+                let info = Message::ServerInfo(shared.info.clone());
+                send_up(&up, &info, shared.opts.limits.stall_timeout).await
+            }
             Message::Denoise(meta, tokens) => denoise(&up, meta, tokens, &shared).await,
             Message::ArStep(meta, payload) => {
                 let s = session.get_or_insert_with(ArSession::default);
@@ -150,11 +171,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     "a block server does not accept {} frames",
                     super::kind_name(&other)
                 );
-                let _ = write_message(
-                    &mut *up.lock().await,
-                    &error(0, ErrorCode::BadRequest, m, &shared),
-                )
-                .await;
+                let reply = error(0, ErrorCode::BadRequest, m, &shared);
+                send_up(&up, &reply, shared.opts.limits.stall_timeout).await;
                 false
             }
         };
@@ -172,7 +190,7 @@ struct Keepalive {
 }
 
 impl Keepalive {
-    fn start(up: &Upstream, every: Duration) -> Keepalive {
+    fn start(up: &Upstream, every: Duration, write_limit: Duration) -> Keepalive {
         let (stop, mut stopped) = watch::channel(false);
         let up = up.clone();
         let task = tokio::spawn(async move {
@@ -181,10 +199,7 @@ impl Keepalive {
                     _ = tokio::time::sleep(every) => {}
                     _ = stopped.changed() => return,
                 }
-                if write_message(&mut *up.lock().await, &Message::Keepalive)
-                    .await
-                    .is_err()
-                {
+                if !send_up(&up, &Message::Keepalive, write_limit).await {
                     return;
                 }
             }
@@ -233,7 +248,9 @@ fn check_route(
     }
     let covers = ranges.first().is_some_and(|r| r.first == 1)
         && ranges.last().is_some_and(|r| r.last == info.total)
-        && ranges.windows(2).all(|w| w[1].first == w[0].last + 1);
+        && ranges
+            .windows(2)
+            .all(|w| w[0].last.checked_add(1) == Some(w[1].first));
     if !covers {
         let listed: Vec<String> = route.iter().map(|s| s.blocks.to_string()).collect();
         return Err((
@@ -270,7 +287,7 @@ async fn denoise(up: &Upstream, meta: DenoiseMeta, tokens: Vec<u16>, shared: &Ar
         Ok(m) => m,
         Err((code, message)) => error(id, code, message, shared),
     };
-    write_message(&mut *up.lock().await, &reply).await.is_ok()
+    send_up(up, &reply, shared.opts.limits.stall_timeout).await
 }
 
 async fn run_denoise(
@@ -291,7 +308,7 @@ async fn run_denoise(
             ),
         ));
     }
-    let keepalive = Keepalive::start(up, shared.opts.keepalive);
+    let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
     let started = Instant::now();
     let work = {
         let shared = shared.clone();
@@ -369,12 +386,16 @@ async fn ar_step(
     shared: &Arc<Shared>,
 ) -> bool {
     let id = meta.session;
+    // Keepalives while this stage and those after it work, as for diffusion requests:
+    // a long prefill is slow, not stalled.
+    let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
     let reply = match run_ar_step(session, meta, payload, shared).await {
         Ok(m) => m,
         Err((code, message)) => error(id, code, message, shared),
     };
+    keepalive.finish().await;
     let failed = matches!(reply, Message::Error(_));
-    write_message(&mut *up.lock().await, &reply).await.is_ok() && !failed
+    send_up(up, &reply, shared.opts.limits.stall_timeout).await && !failed
 }
 
 async fn run_ar_step(
@@ -405,9 +426,10 @@ async fn run_ar_step(
     let work = {
         let shared = shared.clone();
         let (sampling, seed, index) = (setup.sampling.clone(), setup.seed, meta.output_index);
+        let hidden = meta.hidden;
         tokio::task::spawn_blocking(move || {
             let hosted = shared.hosted.lock().unwrap_or_else(|p| p.into_inner());
-            let out = hosted.ar_step(&mut cache, &payload, &sampling, seed, index);
+            let out = hosted.ar_step(&mut cache, &payload, hidden, &sampling, seed, index);
             (out, cache)
         })
     };
@@ -476,8 +498,10 @@ async fn run_ar_step(
     // broken connection is never reused.
     let (mut rd, mut wr, addr) = session.next.take().expect("connected above");
     let frame = Message::ArStep(meta, ArPayload::Hidden(hidden)).encode();
-    if let Err(e) = write_bytes(&mut wr, &frame).await {
-        return Err(unavailable(format!("sending: {e}")));
+    match timeout(limits.stall_timeout, write_bytes(&mut wr, &frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(unavailable(format!("sending: {e}"))),
+        Err(_) => return Err(unavailable(format!("{addr} stopped reading"))),
     }
     loop {
         let reply = match timeout(
