@@ -44,6 +44,10 @@ enum Command {
     Gateway(cmd::gateway::GatewayArgs),
     /// Equal-ELBO-share interval boundaries from a trained pilot run.
     Boundaries(cmd::boundaries::BoundariesArgs),
+    /// Training receipts, offline: verify a coordinator's ledger, prove and check one
+    /// receipt's inclusion, export them, total them per worker for payouts.
+    #[command(subcommand)]
+    Ledger(cmd::ledger::LedgerCommand),
     /// Benchmarks that print a table and write JSON.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -62,6 +66,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Gateway(a) => cmd::gateway::run(a),
         Command::Boundaries(a) => cmd::boundaries::run(a),
+        Command::Ledger(c) => cmd::ledger::run(c),
         Command::Bench(c) => cmd::bench::run(c),
     };
     if let Err(e) = result {

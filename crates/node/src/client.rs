@@ -219,6 +219,38 @@ impl Client {
             .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
+    /// Uploads an update with this worker's signed claim about it (what goes into the
+    /// coordinator's ledger as its side of the receipt).
+    pub fn upload_claimed(
+        &mut self,
+        lease: &blocktrain_protocol::wire::Lease,
+        body: &[u8],
+        loss: f64,
+        data_bytes: u64,
+    ) -> Result<blocktrain_protocol::wire::UpdateReply> {
+        let claim = blocktrain_protocol::receipt::Claim {
+            version: blocktrain_protocol::receipt::RECEIPT_VERSION,
+            worker: self.id.public_hex(),
+            lease: lease.id,
+            block: lease.block as u32,
+            base_version: lease.version,
+            update_blake3: content_hash(body),
+            steps: lease.steps,
+            data_bytes,
+            local_loss: loss.is_finite().then_some(loss),
+        };
+        let sig = claim.sign(&self.id);
+        let json = serde_json::to_vec(&claim).expect("claims serialise");
+        let path = format!("/v1/updates/{}?loss={loss}", lease.id);
+        let extra = [
+            ("x-blocktrain-claim", hex::encode(json)),
+            ("x-blocktrain-claim-sig", sig),
+        ];
+        let r = self.send("POST", &path, body, &extra)?;
+        r.json()
+            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
+    }
+
     /// The checkpoint with blake3 `hash`: from `cache` if there, else downloaded into
     /// `cache/<hash>.partial` (resuming a previous partial download with an HTTP Range
     /// request), checked, and renamed into place.

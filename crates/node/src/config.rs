@@ -8,6 +8,7 @@ use blocktrain_model::run::{Family, Manifest, TrainPlan};
 use blocktrain_protocol::codec::Codec;
 use serde::{Deserialize, Serialize};
 
+use crate::merge::MergeRule;
 use crate::{NodeError, Result};
 
 /// A whole run.
@@ -35,6 +36,24 @@ pub struct RunConfig {
     pub faults: Faults,
     /// Who may join.
     pub auth: AuthConfig,
+    /// Checks on what workers upload (screening, spot checks).
+    pub trust: Trust,
+}
+
+/// Checks on updates beyond their shape ([`crate::trust`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Trust {
+    /// Held-out windows (valid split, fixed masks) each update is screened on; 0 turns
+    /// screening off (and the held-out CE history with it).
+    pub screen_windows: usize,
+    /// Refuse an update whose block's held-out loss after it exceeds the loss before by
+    /// more than this (nats/byte).
+    pub screen_threshold: f64,
+    /// Fraction of updates recomputed from the same inputs and compared (0..=1). Each
+    /// costs the coordinator one lease of training; workers with their own data are
+    /// never sampled (their data is not here).
+    pub spot_check_fraction: f64,
 }
 
 /// Rounds and local steps.
@@ -69,6 +88,11 @@ pub struct Outer {
     pub lr: f64,
     /// Outer momentum (nesterov).
     pub momentum: f64,
+    /// How a round's deltas combine before the outer step: `mean` (step-weighted; the
+    /// default), `median` or `trimmed:F` (coordinate-wise, unweighted; F in [0, 0.5) is
+    /// the fraction dropped from each end). The robust rules bound what a few bad
+    /// updates can do, at some cost in noise with honest ones.
+    pub merge: String,
 }
 
 /// Outer optimizer kinds.
@@ -85,7 +109,7 @@ pub enum OuterKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Wire {
-    /// Codec workers use for updates: fp32, fp16, int8[:chunk], topk:fraction.
+    /// Codec workers use for updates: `fp32`, `fp16`, `int8[:chunk]`, `topk:fraction`.
     pub codec: String,
     /// Precision of the checkpoints workers download: fp16 (half the bytes), int8 (per-chunk
     /// scales, a quarter) or fp32. The master copy that merges apply to stays fp32, and a
@@ -142,6 +166,17 @@ impl Default for RunConfig {
             wire: Wire::default(),
             faults: Faults::default(),
             auth: AuthConfig::default(),
+            trust: Trust::default(),
+        }
+    }
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust {
+            screen_windows: 32,
+            screen_threshold: 0.05,
+            spot_check_fraction: 0.05,
         }
     }
 }
@@ -165,6 +200,7 @@ impl Default for Outer {
             optimizer: OuterKind::Average,
             lr: 0.7,
             momentum: 0.9,
+            merge: "mean".into(),
         }
     }
 }
@@ -191,6 +227,13 @@ impl Default for Faults {
     }
 }
 
+impl Outer {
+    /// The parsed `merge` setting.
+    pub fn merge_rule(&self) -> Result<MergeRule> {
+        MergeRule::parse(&self.merge)
+    }
+}
+
 impl RunConfig {
     /// Parses a `run.toml`.
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -208,6 +251,16 @@ impl RunConfig {
     /// Rejects settings that cannot run.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(NodeError::Config(m));
+        let tr = &self.trust;
+        let trust_ok = (0.0..=1.0).contains(&tr.spot_check_fraction)
+            && tr.screen_threshold.is_finite()
+            && tr.screen_threshold >= 0.0;
+        if !trust_ok {
+            return bad(format!(
+                "trust: spot_check_fraction must be in [0, 1] and screen_threshold >= 0 (got {} and {})",
+                tr.spot_check_fraction, tr.screen_threshold
+            ));
+        }
         let t = &self.training;
         if self.blocks == 0 {
             return bad("blocks must be at least 1".into());
@@ -242,6 +295,7 @@ impl RunConfig {
         {
             return bad("outer: lr must be > 0 and momentum in [0, 1)".into());
         }
+        self.outer.merge_rule()?;
         let f = &self.faults;
         if !(f.lease_secs > 0.0
             && f.round_timeout_secs > 0.0
@@ -312,5 +366,18 @@ mod tests {
         assert!(e.to_string().contains("abc"), "{e}");
         let e = RunConfig::from_toml("[training]\nrounds = 0").unwrap_err();
         assert!(e.to_string().contains("rounds"), "{e}");
+        let e = RunConfig::from_toml("[outer]\nmerge = \"trimmed:0.6\"").unwrap_err();
+        assert!(e.to_string().contains("trimmed:0.6"), "{e}");
+    }
+
+    #[test]
+    fn merge_rule_round_trips() {
+        let cfg = RunConfig::from_toml("[outer]\nmerge = \"trimmed:0.25\"").unwrap();
+        assert_eq!(cfg.outer.merge_rule().unwrap(), MergeRule::Trimmed(0.25));
+        assert_eq!(RunConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(
+            RunConfig::default().outer.merge_rule().unwrap(),
+            MergeRule::Mean
+        );
     }
 }

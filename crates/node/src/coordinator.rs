@@ -43,10 +43,15 @@ use blocktrain_protocol::wire::{
 };
 use serde::{Deserialize, Serialize};
 
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::receipt::{Claim, Decision, Receipt};
+
 use crate::config::RunConfig;
+use crate::ledger::Ledger;
 use crate::merge;
 use crate::store::{lease_state, update_state, BlockHead, NewUpdate, Store, Traffic, UpdateRecord};
 use crate::tensors;
+use crate::trust;
 use crate::{NodeError, Result};
 
 /// What a worker needs to build a block's network (`GET /v1/run`).
@@ -124,6 +129,10 @@ pub struct Status {
 /// The coordinator of one run.
 pub struct Coordinator {
     store: Store,
+    /// The transparency log of receipts (its tables live in the store's database).
+    ledger: Ledger,
+    /// Signs receipts and tree heads; its public key identifies this coordinator.
+    identity: Identity,
     cfg: RunConfig,
     shapes: Vec<Shapes>,
     current: Vec<Arrays>,
@@ -135,6 +144,12 @@ impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Coordinator({})", self.state_dir.display())
     }
+}
+
+/// What vetting an update found out (recorded with it, and in its receipt).
+struct Verdict {
+    /// Held-out loss of the block before and after applying the update alone.
+    heldout: Option<(f64, f64)>,
 }
 
 /// Most bytes a block's update may take: 6 per value (the costliest codec, top-k at
@@ -240,8 +255,12 @@ impl Coordinator {
             shapes.push(s);
             current.push(w);
         }
+        let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
+        let ledger = Ledger::open(store.conn(), identity.clone())?;
         Ok(Coordinator {
             store,
+            ledger,
+            identity,
             cfg,
             shapes,
             current,
@@ -488,11 +507,27 @@ impl Coordinator {
     /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
     /// signature, interrupted, oversized); counted against the lease's block if known.
     pub fn record_rejection(
-        &self,
+        &mut self,
         claimed_key: &str,
         lease: Option<i64>,
         bytes: u64,
         reason: &str,
+        now: u64,
+    ) -> Result<i64> {
+        self.reject(claimed_key, lease, bytes, reason, None, None, now)
+    }
+
+    /// Records a refused upload: an update row with its reason and a receipt in the
+    /// ledger, carrying the worker's signed claim when it had a valid one.
+    #[allow(clippy::too_many_arguments)]
+    fn reject(
+        &mut self,
+        claimed_key: &str,
+        lease: Option<i64>,
+        bytes: u64,
+        reason: &str,
+        body_hash: Option<&str>,
+        claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<i64> {
         let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
@@ -509,27 +544,75 @@ impl Coordinator {
             },
             now,
         )?;
-        if let Some(l) = row.filter(|l| l.worker == claimed_key) {
+        if let Some(l) = row.as_ref().filter(|l| l.worker == claimed_key) {
             self.store.add_traffic(claimed_key, l.block, bytes, 0)?;
         }
+        let (claim, sig) = match claim {
+            Some((c, s)) => (c, Some(s)),
+            None => (
+                trust::unsigned_claim(claimed_key, row.as_ref(), body_hash, None),
+                None,
+            ),
+        };
+        let decision = Decision {
+            accepted: false,
+            reason: Some(reason.to_string()),
+            resulting_version: None,
+            heldout_before: None,
+            heldout_after: None,
+            time_ms: now,
+        };
+        self.issue_receipt(claim, sig, decision, now)?;
         Ok(id)
     }
 
+    /// Signs a receipt, appends it to the ledger and signs the new tree head.
+    fn issue_receipt(
+        &mut self,
+        claim: Claim,
+        sig: Option<String>,
+        decision: Decision,
+        now: u64,
+    ) -> Result<u64> {
+        let receipt = Receipt::issue(claim, sig, decision, &self.identity);
+        let index = self.ledger.append(self.store.conn(), &receipt)?;
+        self.ledger.sign_head(self.store.conn(), now)?;
+        Ok(index)
+    }
+
+    /// The ledger (receipts, tree heads, proofs).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The database connection, for ledger reads.
+    pub fn conn(&self) -> &rusqlite::Connection {
+        self.store.conn()
+    }
+
+    /// This coordinator's public key (receipts and tree heads are signed with it).
+    pub fn public_key(&self) -> String {
+        self.identity.public_hex()
+    }
+
     /// Validates and stores an update; may close its round. Every refusal is recorded
-    /// with its reason before the error is returned.
+    /// with its reason, and gets a receipt in the ledger, before the error is returned.
+    /// `claim` is the worker's signed claim (JSON-decoded) and its signature.
     pub fn submit_update(
         &mut self,
         key: &str,
         lease_id: i64,
         body: &[u8],
         loss: Option<f64>,
+        claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<UpdateReply> {
         self.require_registered(key)?;
+        let body_hash = content_hash(body);
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
             let lease = self.store.lease(lease_id)?;
-            if lease.as_ref().is_some_and(|l| l.worker == key) && hash == content_hash(body) {
+            if lease.as_ref().is_some_and(|l| l.worker == key) && hash == body_hash {
                 let block = lease.expect("checked").block;
                 let block_version = self.store.heads()?[block].version;
                 return Ok(UpdateReply {
@@ -538,8 +621,14 @@ impl Coordinator {
                 });
             }
         }
-        match self.check_update(key, lease_id, body) {
-            Ok(lease) => {
+        let checked = self.check_update(key, lease_id, body).and_then(|lease| {
+            let verdict = self
+                .vet(key, &lease, body, &body_hash, claim.as_ref())
+                .map_err(NodeError::Rejected)?;
+            Ok((lease, verdict))
+        });
+        match checked {
+            Ok((lease, verdict)) => {
                 let hash = self.store.put_blob(body)?;
                 let id = self.store.accept_update(
                     &NewUpdate {
@@ -556,6 +645,12 @@ impl Coordinator {
                     },
                     now,
                 )?;
+                let (c, sig) = claim.expect("vetted updates carry a claim");
+                let json = serde_json::to_string(&c).expect("claims serialise");
+                self.store.put_claim(id, &json, Some(&sig))?;
+                if let Some((before, after)) = verdict.heldout {
+                    self.store.put_screening(id, before, after)?;
+                }
                 self.store.touch_worker(key, None, now)?;
                 if let Err(e) = self.maybe_close(lease.block, now) {
                     tracing::error!("block {}: round not closed: {e}", lease.block + 1);
@@ -567,10 +662,55 @@ impl Coordinator {
                 })
             }
             Err(e) => {
-                self.record_rejection(key, Some(lease_id), body.len() as u64, &e.to_string(), now)?;
+                // The claim rides along only if it is the worker's own, valid one.
+                let lease = self.store.lease(lease_id)?;
+                let valid = claim.filter(|(c, sig)| {
+                    lease
+                        .as_ref()
+                        .is_some_and(|l| trust::check_claim(c, sig, key, l, &body_hash).is_ok())
+                });
+                self.reject(
+                    key,
+                    Some(lease_id),
+                    body.len() as u64,
+                    &e.to_string(),
+                    Some(&body_hash),
+                    valid,
+                    now,
+                )?;
                 Err(e)
             }
         }
+    }
+
+    /// The checks beyond shape and size ([`crate::trust`]): the worker's claim, replays,
+    /// held-out screening, spot checks. Returns what to record; Err is the reason to
+    /// reject.
+    fn vet(
+        &mut self,
+        key: &str,
+        lease: &crate::store::LeaseRow,
+        _body: &[u8],
+        body_hash: &str,
+        claim: Option<&(Claim, String)>,
+    ) -> std::result::Result<Verdict, String> {
+        let Some((c, sig)) = claim else {
+            return Err(
+                "no signed claim came with the update (workers must sign what they upload)".into(),
+            );
+        };
+        trust::check_claim(c, sig, key, lease, body_hash)?;
+        if let Some((id, worker)) = self
+            .store
+            .accepted_with_hash(body_hash)
+            .map_err(|e| e.to_string())?
+        {
+            return Err(format!(
+                "replay: these exact bytes were already accepted as update {id} from worker {}",
+                short(&worker)
+            ));
+        }
+        Ok(Verdict { heldout: None })
     }
 
     fn check_update(
@@ -626,7 +766,8 @@ impl Coordinator {
         if (pending.len() as u32) < self.cfg.quorum() && now < first.received_ms + timeout {
             return Ok(());
         }
-        let shapes = &self.shapes[block];
+        let shapes = self.shapes[block].clone();
+        let shapes = &shapes;
         let mut deltas = Vec::with_capacity(pending.len());
         let mut merged = Vec::with_capacity(pending.len());
         for p in &pending {
@@ -642,8 +783,11 @@ impl Coordinator {
                 }
                 Err(e) => {
                     tracing::error!("update {} unreadable at merge: {e}", p.id);
-                    self.store
-                        .reject_pending(p.id, &format!("stored body unreadable at merge: {e}"))?;
+                    let reason = format!("stored body unreadable at merge: {e}");
+                    self.store.reject_pending(p.id, &reason)?;
+                    self.merge_receipt(p.id, None, now)
+                        .map_err(|r| tracing::error!("update {}: no receipt: {r}", p.id))
+                        .ok();
                 }
             }
         }
@@ -680,6 +824,9 @@ impl Coordinator {
         };
         let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
         self.store.commit_version(&new_head, &ids, now)?;
+        for &id in &ids {
+            self.merge_receipt(id, Some(new_head.version), now)?;
+        }
         self.current[block] = weights;
         self.model.save_weights(block, &bytes, new_head.steps)?;
         tracing::info!(
@@ -702,6 +849,37 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// The receipt of an update decided at merge time: merged into `version`, or (None)
+    /// rejected there. Its claim and screening numbers were stored when it arrived.
+    fn merge_receipt(&mut self, update: i64, version: Option<u64>, now: u64) -> Result<u64> {
+        let (json, sig) = self
+            .store
+            .claim(update)?
+            .ok_or_else(|| NodeError::Config(format!("update {update} has no stored claim")))?;
+        let claim: Claim = serde_json::from_str(&json)
+            .map_err(|e| NodeError::Config(format!("update {update}: stored claim: {e}")))?;
+        let screening = self.store.screening(update)?;
+        let decision = Decision {
+            accepted: version.is_some(),
+            reason: match version {
+                Some(_) => None,
+                None => Some("stored body unreadable at merge".into()),
+            },
+            resulting_version: version,
+            heldout_before: screening.map(|s| s.0),
+            heldout_after: screening.map(|s| s.1),
+            time_ms: now,
+        };
+        self.issue_receipt(claim, sig, decision, now)
+    }
+
+    /// Held-out loss of every evaluated version, per block: (version, time_ms, loss).
+    pub fn heldout_history(&self) -> Result<Vec<Vec<(u64, u64, f64)>>> {
+        (0..self.cfg.blocks)
+            .map(|b| self.store.version_losses(b))
+            .collect()
     }
 
     /// The run's status (blocks, workers, bytes moved, recent updates).

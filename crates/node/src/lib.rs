@@ -5,12 +5,16 @@
 //!   beyond that, so it is unit-tested with an explicit clock.
 //! - [`server`]: the coordinator's HTTP API (axum): signature checks, body limits,
 //!   `/v1/status`, `/metrics`.
+//! - [`dashboard`]: the web page the server shows at `/` (blocks, held-out CE chart,
+//!   bytes moved, receipts), polling the JSON API; self-contained, works offline.
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
 //! - [`inference`]: block servers over TCP and their client (one-traversal
 //!   diffusion generation; the AR pipeline baseline).
 //! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
-//!   arrays.
+//!   arrays, with robust (median, trimmed-mean) merge rules.
+//! - [`verify`]: checks of an update before it is merged: a deterministic recompute
+//!   (spot check) and a held-out screen on fixed draws.
 //!
 //! Compute comes from `blocktrain-model`, wire formats from `blocktrain-protocol`.
 #![deny(missing_docs)]
@@ -18,11 +22,15 @@
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod dashboard;
 pub mod inference;
+pub mod ledger;
 pub mod merge;
 pub mod server;
 pub mod store;
 pub mod tensors;
+pub mod trust;
+pub mod verify;
 pub mod worker;
 
 /// Errors of a node, each mapped to one HTTP status by the server.

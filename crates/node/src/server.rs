@@ -23,6 +23,9 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use blocktrain_protocol::receipt::{Claim, ReceiptProof};
+
+use crate::ledger::Ledger;
 use blocktrain_protocol::signed::{self, Auth};
 use blocktrain_protocol::wire::{ErrorBody, HeartbeatReply, RegisterRequest, WorkerInfo};
 use tower::ServiceExt;
@@ -302,11 +305,135 @@ async fn update(
         Ok(k) => k,
         Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
     };
+    let claim = claim_headers(&parts.headers);
     let reply = with(&s.coord, move |co| {
-        co.submit_update(&key, lease, &body, q.loss, now_ms())
+        co.submit_update(&key, lease, &body, q.loss, claim, now_ms())
     })
     .await?;
     Ok(Json(reply))
+}
+
+/// The worker's signed claim about its upload: `x-blocktrain-claim` (hex of the
+/// claim's JSON) and `x-blocktrain-claim-sig`. Absent or unreadable: None (the
+/// coordinator then refuses the update, with a receipt saying why).
+fn claim_headers(h: &axum::http::HeaderMap) -> Option<(Claim, String)> {
+    let json = hex::decode(header(h, "x-blocktrain-claim")?).ok()?;
+    let claim = serde_json::from_slice(&json).ok()?;
+    Some((claim, header(h, "x-blocktrain-claim-sig")?.to_string()))
+}
+
+/// `GET /v1/history`: held-out loss per block and version (the dashboard's chart).
+async fn history(State(s): State<AppState>) -> Reply<impl IntoResponse> {
+    let h = with(&s.coord, |co| co.heldout_history()).await?;
+    let blocks: Vec<_> = h
+        .into_iter()
+        .enumerate()
+        .map(|(b, pts)| {
+            let points: Vec<_> = pts
+                .into_iter()
+                .map(|(v, t, l)| serde_json::json!({"version": v, "time_ms": t, "heldout": l}))
+                .collect();
+            serde_json::json!({"block": b, "points": points})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "blocks": blocks })))
+}
+
+/// `GET /v1/ledger/head`: the latest signed tree head.
+async fn ledger_head(State(s): State<AppState>) -> Reply<impl IntoResponse> {
+    let head = with(&s.coord, |co| Ledger::latest_head(co.conn())).await?;
+    head.map(Json)
+        .ok_or_else(|| NodeError::NotFound("the ledger is empty".into()))
+}
+
+#[derive(serde::Deserialize)]
+struct ReceiptsQuery {
+    worker: Option<String>,
+    recent: Option<usize>,
+}
+
+/// `GET /v1/ledger/receipts?worker=KEY` (all of that worker's) or `?recent=N` (newest
+/// first, default 20): one summary line per receipt, with its index.
+async fn ledger_receipts(
+    State(s): State<AppState>,
+    Query(q): Query<ReceiptsQuery>,
+) -> Reply<impl IntoResponse> {
+    let rows = with(&s.coord, move |co| match &q.worker {
+        Some(w) => Ledger::receipts_of(co.conn(), w),
+        None => {
+            let mut all = Ledger::entries(co.conn())?;
+            all.reverse();
+            all.truncate(q.recent.unwrap_or(20).min(1000));
+            Ok(all)
+        }
+    })
+    .await?;
+    let receipts: Vec<_> = rows
+        .iter()
+        .map(|(i, r)| {
+            serde_json::json!({
+                "index": i, "worker": r.claim.worker, "block": r.claim.block,
+                "base_version": r.claim.base_version, "steps": r.claim.steps,
+                "accepted": r.decision.accepted, "reason": r.decision.reason,
+                "resulting_version": r.decision.resulting_version,
+                "heldout_before": r.decision.heldout_before,
+                "heldout_after": r.decision.heldout_after,
+                "time_ms": r.decision.time_ms, "worker_signed": r.claim_sig.is_some(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "receipts": receipts })))
+}
+
+/// `GET /v1/ledger/receipts/{index}`: the receipt, the latest signed tree head and the
+/// inclusion proof against it (`blocktrain ledger check-proof` reads this JSON).
+async fn ledger_receipt(
+    State(s): State<AppState>,
+    Path(index): Path<u64>,
+) -> Reply<impl IntoResponse> {
+    let proof = with(&s.coord, move |co| {
+        let receipt = Ledger::receipt(co.conn(), index)?
+            .ok_or_else(|| NodeError::NotFound(format!("no receipt {index}")))?;
+        let head = Ledger::latest_head(co.conn())?
+            .ok_or_else(|| NodeError::NotFound("no signed tree head yet".into()))?;
+        let proof = co.ledger().prove_inclusion(index, head.size)?;
+        Ok(ReceiptProof {
+            receipt,
+            head,
+            proof,
+        })
+    })
+    .await?;
+    Ok(Json(proof))
+}
+
+#[derive(serde::Deserialize)]
+struct ConsistencyQuery {
+    from: u64,
+    to: Option<u64>,
+}
+
+/// `GET /v1/ledger/consistency?from=A[&to=B]`: proof that the log of size B (default:
+/// the latest head) extends the log of size A.
+async fn ledger_consistency(
+    State(s): State<AppState>,
+    Query(q): Query<ConsistencyQuery>,
+) -> Reply<impl IntoResponse> {
+    let proof = with(&s.coord, move |co| {
+        let to = match q.to {
+            Some(t) => t,
+            None => Ledger::latest_head(co.conn())?.map_or(0, |h| h.size),
+        };
+        if q.from > to {
+            return Err(NodeError::Rejected(format!(
+                "from {} is past the log's size {to}",
+                q.from
+            )));
+        }
+        co.ledger().prove_consistency(q.from, to)
+    })
+    .await?;
+    Ok(Json(proof))
 }
 
 async fn status(State(s): State<AppState>) -> Reply<impl IntoResponse> {
@@ -324,8 +451,9 @@ async fn metrics(State(st): State<AppState>) -> Reply<impl IntoResponse> {
     ))
 }
 
-async fn index() -> &'static str {
-    "BlockTrain coordinator. JSON status: /v1/status, Prometheus: /metrics\n"
+/// The dashboard page ([`crate::dashboard`]); it polls `/v1/status` and friends.
+async fn index() -> axum::response::Html<&'static str> {
+    axum::response::Html(crate::dashboard::PAGE)
 }
 
 /// Renders the status in the Prometheus text exposition format.
@@ -445,6 +573,11 @@ pub fn router(coord: Shared) -> Router {
         .route("/v1/blobs/{hash}", get(blob))
         .route("/v1/updates/{lease}", post(update))
         .route("/v1/status", get(status))
+        .route("/v1/history", get(history))
+        .route("/v1/ledger/head", get(ledger_head))
+        .route("/v1/ledger/receipts", get(ledger_receipts))
+        .route("/v1/ledger/receipts/{index}", get(ledger_receipt))
+        .route("/v1/ledger/consistency", get(ledger_consistency))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(AppState { coord, gate })

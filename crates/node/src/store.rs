@@ -47,6 +47,15 @@ CREATE UNIQUE INDEX IF NOT EXISTS updates_one_per_lease ON updates (lease) WHERE
 CREATE TABLE IF NOT EXISTS traffic (
     worker TEXT NOT NULL, block INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 0,
     down INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (worker, block));
+CREATE TABLE IF NOT EXISTS claims (
+    update_id INTEGER PRIMARY KEY, claim TEXT NOT NULL, sig TEXT);
+CREATE TABLE IF NOT EXISTS screening (
+    update_id INTEGER PRIMARY KEY, before REAL NOT NULL, after REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS version_loss (
+    block INTEGER NOT NULL, version INTEGER NOT NULL, heldout REAL NOT NULL,
+    time_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
+CREATE TABLE IF NOT EXISTS flags (
+    worker TEXT PRIMARY KEY, failed_checks INTEGER NOT NULL, last_reason TEXT NOT NULL);
 ";
 
 /// Lease states.
@@ -217,6 +226,110 @@ impl Store {
             }
         }
         Ok(store)
+    }
+
+    /// The database connection (the ledger keeps its tables in the same file).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    // ---- trust: claims, screening, held-out history, flagged workers ----
+
+    /// Stores the worker's claim (JSON) and its signature for an update.
+    pub fn put_claim(&self, update: i64, claim: &str, sig: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO claims (update_id, claim, sig) VALUES (?1, ?2, ?3)",
+            params![update, claim, sig],
+        )?;
+        Ok(())
+    }
+
+    /// The claim stored for an update.
+    pub fn claim(&self, update: i64) -> Result<Option<(String, Option<String>)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT claim, sig FROM claims WHERE update_id = ?1",
+                [update],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Records an update's held-out loss before and after applying it.
+    pub fn put_screening(&self, update: i64, before: f64, after: f64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO screening (update_id, before, after) VALUES (?1, ?2, ?3)",
+            params![update, before, after],
+        )?;
+        Ok(())
+    }
+
+    /// An update's held-out loss before and after.
+    pub fn screening(&self, update: i64) -> Result<Option<(f64, f64)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT before, after FROM screening WHERE update_id = ?1",
+                [update],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Records a version's held-out loss.
+    pub fn put_version_loss(&self, block: usize, version: u64, loss: f64, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO version_loss (block, version, heldout, time_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![block as i64, version as i64, loss, now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Held-out loss of every evaluated version of a block: (version, time_ms, loss).
+    pub fn version_losses(&self, block: usize) -> Result<Vec<(u64, u64, f64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT version, time_ms, heldout FROM version_loss WHERE block = ?1 ORDER BY version",
+        )?;
+        let rows = st.query_map([block as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Counts a failed check against a worker.
+    pub fn flag_worker(&self, worker: &str, reason: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO flags (worker, failed_checks, last_reason) VALUES (?1, 1, ?2)
+             ON CONFLICT(worker) DO UPDATE SET failed_checks = failed_checks + 1, last_reason = excluded.last_reason",
+            params![worker, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Workers with failed checks: (key, count, last reason).
+    pub fn flagged(&self) -> Result<Vec<(String, i64, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT worker, failed_checks, last_reason FROM flags ORDER BY worker")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// An accepted (pending or applied) update with this body hash, if any: its id and worker.
+    pub fn accepted_with_hash(&self, hash: &str) -> Result<Option<(i64, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, worker FROM updates WHERE hash = ?1 AND state != 'rejected' LIMIT 1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     /// A meta value.

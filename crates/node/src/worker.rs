@@ -2,18 +2,22 @@
 //! (cached, resumable, blake3-checked), train H local steps on this worker's shard, and
 //! upload the delta (new - old) through the run's codec with error feedback.
 //!
-//! The inner AdamW state stays with the worker while it keeps the same block (DiLoCo's
-//! practice); moving to another block starts a fresh optimizer. The learning rate
-//! follows the block's schedule position given in the lease, not the worker's own
-//! step count, so a late joiner trains at the rate the block is at.
+//! Every lease trains from fresh AdamW moments ([`train_delta`]): the update is then a
+//! function of public inputs only (checkpoint, shard, lease), so the coordinator can
+//! recompute a sampled one and compare (`verify`). DiLoCo keeps the moments across
+//! rounds; we give that up for checkability. The learning rate follows the block's
+//! schedule position given in the lease, not the worker's own step count, so a late
+//! joiner trains at the rate the block is at. The codec's error-feedback residual does
+//! stay with the worker while it keeps the same block.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blocktrain_model::data::{Split, WindowSampler};
+use blocktrain_model::run::Manifest;
 use blocktrain_model::trainer::Trainer;
-use blocktrain_protocol::codec::{self, Codec, ErrorFeedback};
+use blocktrain_protocol::codec::{self, Arrays, Codec, ErrorFeedback};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{
     DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION,
@@ -44,6 +48,70 @@ pub struct WorkerOptions {
     pub max_leases: Option<usize>,
     /// Give up on an unreachable coordinator after this long.
     pub retry_for: Duration,
+    /// Test only: tamper with every update before sending it (a malicious worker).
+    pub malice: Option<Malice>,
+}
+
+/// How a malicious test worker tampers with its updates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Malice {
+    /// Sends -delta.
+    Flip,
+    /// Sends k x delta.
+    Scale(f32),
+    /// Sends Gaussian noise with each tensor's RMS.
+    Random,
+}
+
+impl std::str::FromStr for Malice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flip" => Ok(Malice::Flip),
+            "random" => Ok(Malice::Random),
+            _ => s
+                .strip_prefix("scale:")
+                .and_then(|k| k.parse().ok())
+                .map(Malice::Scale)
+                .ok_or_else(|| format!("malice must be flip, random or scale:K, got {s:?}")),
+        }
+    }
+}
+
+impl Malice {
+    /// The tampered version of `delta`.
+    pub fn apply(self, delta: &Arrays, seed: u64) -> Arrays {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        delta
+            .iter()
+            .map(|(name, a)| {
+                let rms = crate::merge::rms(a) as f32;
+                let data = a
+                    .data
+                    .iter()
+                    .map(|&v| match self {
+                        Malice::Flip => -v,
+                        Malice::Scale(k) => k * v,
+                        Malice::Random => {
+                            // Box-Muller: a normal draw scaled to the tensor's RMS.
+                            let (u1, u2): (f32, f32) =
+                                (rng.random::<f32>().max(1e-9), rng.random());
+                            rms * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                        }
+                    })
+                    .collect();
+                (
+                    name.clone(),
+                    blocktrain_protocol::codec::Array {
+                        shape: a.shape.clone(),
+                        data,
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 /// What a worker did.
@@ -102,10 +170,9 @@ fn available_memory() -> u64 {
         .unwrap_or(0)
 }
 
-/// The block this worker trains now.
+/// The block this worker trains now and the codec residual it carries for it.
 struct Current {
     block: usize,
-    trainer: Trainer,
     feedback: ErrorFeedback,
 }
 
@@ -190,40 +257,16 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         );
         let weights = client.checkpoint(&lease.weights_hash, &opts.cache)?;
         if current.as_ref().is_none_or(|c| c.block != lease.block) {
-            let part = lease.block;
-            let state = manifest.parts.get(part).ok_or_else(|| {
-                NodeError::Rejected(format!(
-                    "lease names block {} of {}",
-                    part + 1,
-                    manifest.parts.len()
-                ))
-            })?;
-            let trainer = Trainer::new(
-                &manifest.part_model(part),
-                state.objective,
-                manifest.optim.clone(),
-                opts.device,
-                lease.seed as i64,
-            )?;
             current = Some(Current {
-                block: part,
-                trainer,
+                block: lease.block,
                 feedback: ErrorFeedback::default(),
             });
         }
         let cur = current.as_mut().expect("set above");
         // Served in the run's checkpoint codec; the delta is taken against exactly this base.
-        let base = {
-            let shapes =
-                codec::header_shapes(&weights).map_err(|e| NodeError::Rejected(e.to_string()))?;
-            codec::decode(&weights, &shapes, usize::MAX)
-                .map_err(|e| {
-                    NodeError::Rejected(format!("checkpoint {}: {e}", short(&lease.weights_hash)))
-                })?
-                .0
-        };
-        cur.trainer
-            .load_weights(&codec::encode(&base, Codec::Fp32))?;
+        let base = decode_checkpoint(&weights).map_err(|e| {
+            NodeError::Rejected(format!("checkpoint {}: {e}", short(&lease.weights_hash)))
+        })?;
         let t0 = Instant::now();
         let shard = match &opts.data {
             Some(_) => &corpus[..], // own data: all of it
@@ -234,15 +277,14 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
                 manifest.model.window,
             ),
         };
-        let Some(loss) = train_lease(
-            &beat,
-            &mut cur.trainer,
-            &lease,
+        let job = LocalJob {
+            manifest: &manifest,
+            block: lease.block,
+            base: &base,
+            lease: &lease,
             shard,
-            manifest.model.window,
-            opts.device,
-        )?
-        else {
+        };
+        let Some((d, loss)) = train_delta(&job, opts.device, &|| beat.wanted())? else {
             eprintln!(
                 "[worker {me}] block {} moved past version {}; dropping this lease",
                 lease.block + 1,
@@ -253,10 +295,13 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         };
         let secs = t0.elapsed().as_secs_f64();
         info.step_rate = Some(lease.steps as f64 / secs.max(1e-6));
-        let d = delta(&to_arrays(&cur.trainer.weights())?, &base);
+        let d = match opts.malice {
+            Some(m) => m.apply(&d, lease.seed),
+            None => d,
+        };
         let body = cur.feedback.encode(&d, codec);
         summary.steps += lease.steps;
-        let sent = client.upload(lease.id, &body, loss);
+        let sent = client.upload_claimed(&lease, &body, loss, shard.len() as u64);
         drop(beat);
         match sent {
             Ok(r) => {
@@ -297,7 +342,6 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
     Ok(summary)
 }
 
-/// Trains one lease; None if the coordinator said (via heartbeat) the round moved on.
 /// Keeps a lease alive from a background thread while it is held (download, training,
 /// upload); `wanted()` turns false once the coordinator says the round moved on.
 struct Heartbeat {
@@ -352,34 +396,100 @@ impl Drop for Heartbeat {
     }
 }
 
-/// Trains one lease on `shard`; None if the round moved on meanwhile. Step i of H' local
-/// steps sits at `schedule_step + i * span / H'` of the block's LR schedule.
-fn train_lease(
-    beat: &Heartbeat,
-    trainer: &mut Trainer,
-    lease: &Lease,
-    shard: &[u8],
-    window: i64,
+/// Everything a lease's local training depends on: the worker and a checking
+/// coordinator build the same job and get the same update.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalJob<'a> {
+    /// The run (block shapes, objectives, inner optimizer).
+    pub manifest: &'a Manifest,
+    /// Block index, 0-based.
+    pub block: usize,
+    /// Start weights: the checkpoint exactly as the worker decoded it
+    /// ([`decode_checkpoint`] of the served bytes), not the coordinator's fp32 master.
+    pub base: &'a Arrays,
+    /// Steps, batch, seed and schedule position.
+    pub lease: &'a Lease,
+    /// The bytes windows are drawn from ([`shard_of`] of the run's train split, or a
+    /// worker's own data).
+    pub shard: &'a [u8],
+}
+
+/// Trains `job` from fresh AdamW moments and returns (delta = trained - base, mean
+/// training loss), or None once `keep_going()` turns false (checked before each step).
+///
+/// Step i of H' local steps sits at `schedule_step + i * span / H'` of the block's LR
+/// schedule; windows come from a sampler seeded by the lease seed and the masks of step
+/// i from `seed + i`, so nothing depends on the caller's history. Bit-identical results
+/// need the same inputs on the same device type, libtorch build and intra-op thread
+/// count (CPU reductions split by thread); across thread counts the results differ
+/// by float rounding only (see `verify`). Holds [`torch_rng`] around every draw.
+pub fn train_delta(
+    job: &LocalJob,
     device: Device,
-) -> Result<Option<f64>> {
-    let mut sampler = WindowSampler::new(shard, window, lease.seed, device)?;
+    keep_going: &dyn Fn() -> bool,
+) -> Result<Option<(Arrays, f64)>> {
+    let LocalJob {
+        manifest,
+        block,
+        base,
+        lease,
+        shard,
+    } = *job;
+    let state = manifest.parts.get(block).ok_or_else(|| {
+        NodeError::Rejected(format!(
+            "lease names block {} of {}",
+            block + 1,
+            manifest.parts.len()
+        ))
+    })?;
+    let mut trainer = {
+        let _rng = torch_rng(); // Trainer::new seeds the global generator
+        Trainer::new(
+            &manifest.part_model(block),
+            state.objective,
+            manifest.optim.clone(),
+            device,
+            lease.seed as i64,
+        )?
+    };
+    trainer.load_weights(&codec::encode(base, Codec::Fp32))?;
+    let mut sampler = WindowSampler::new(shard, manifest.model.window, lease.seed, device)?;
     let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
     let span = lease.schedule_span.max(1);
     for i in 0..lease.steps {
-        if !beat.wanted() {
+        if !keep_going() {
             return Ok(None);
         }
         let x = sampler.next_batch(lease.batch);
         let pos = lease.schedule_step + i * span / lease.steps.max(1);
         let lr = trainer.optim.lr_at(pos, lease.schedule_total);
         let noise_seed = (lease.seed as i64).wrapping_add(i);
+        let _rng = torch_rng();
         loss_sum += trainer.train_step_with(&x, lr, noise_seed);
     }
-    Ok(Some(loss_sum.double_value(&[]) / lease.steps as f64))
+    let loss = loss_sum.double_value(&[]) / lease.steps.max(1) as f64;
+    Ok(Some((delta(&to_arrays(&trainer.weights())?, base), loss)))
 }
 
-/// Slice `index` of `count` equal slices (at least two windows long).
-fn shard_of(corpus: &[u8], index: u32, count: u32, window: i64) -> &[u8] {
+/// A served checkpoint's weights (safetensors in the run's checkpoint codec), decoded
+/// against the shapes its own header declares.
+pub fn decode_checkpoint(bytes: &[u8]) -> blocktrain_protocol::Result<Arrays> {
+    let shapes = codec::header_shapes(bytes)?;
+    Ok(codec::decode(bytes, &shapes, usize::MAX)?.0)
+}
+
+/// Serialises use of libtorch's process-wide random generator: a step seeds it and then
+/// draws its masks, and another thread seeding in between (a second trainer, a
+/// coordinator's check) would change those draws. Everything in this crate that seeds
+/// libtorch holds this while it seeds and draws.
+pub fn torch_rng() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Slice `index` of `count` equal slices of `corpus` (the whole corpus when a slice
+/// would be two windows or less): the bytes a lease's shard fields name.
+pub fn shard_of(corpus: &[u8], index: u32, count: u32, window: i64) -> &[u8] {
     let count = count.max(1) as usize;
     let len = corpus.len() / count;
     if len <= 2 * window as usize {

@@ -5,6 +5,8 @@ use blocktrain_node::config::{OuterKind, RunConfig};
 use blocktrain_node::coordinator::Coordinator;
 use blocktrain_node::NodeError;
 use blocktrain_protocol::codec::{self, Array, Arrays, Codec};
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::receipt::{Claim, RECEIPT_VERSION};
 use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, WorkReply, WorkerInfo};
 
 fn tiny(blocks: usize, per_block: u32) -> RunConfig {
@@ -55,7 +57,28 @@ fn lease(c: &mut Coordinator, key: &str, now: u64) -> Lease {
 }
 
 fn key(i: u8) -> String {
-    format!("{i:02x}").repeat(32)
+    Identity::from_secret(&[i; 32]).unwrap().public_hex()
+}
+
+/// The worker's signed claim for uploading `body` on lease `l` (what a real worker sends).
+fn claim(k: &str, l: &Lease, body: &[u8]) -> Option<(Claim, String)> {
+    let id = (0..=255u8)
+        .map(|i| Identity::from_secret(&[i; 32]).unwrap())
+        .find(|id| id.public_hex() == k)
+        .expect("a test key");
+    let c = Claim {
+        version: RECEIPT_VERSION,
+        worker: k.to_string(),
+        lease: l.id,
+        block: l.block as u32,
+        base_version: l.version,
+        update_blake3: blake3::hash(body).to_hex().to_string(),
+        steps: l.steps,
+        data_bytes: 0,
+        local_loss: None,
+    };
+    let sig = c.sign(&id);
+    Some((c, sig))
 }
 
 /// The weights of a lease's checkpoint, as arrays.
@@ -104,7 +127,7 @@ fn submit_as(
     now: u64,
 ) -> Result<u64, NodeError> {
     let body = codec::encode(&filled(like, v), codec);
-    c.submit_update(k, l.id, &body, None, now)
+    c.submit_update(k, l.id, &body, None, claim(k, l, &body), now)
         .map(|r| r.block_version)
 }
 
@@ -141,22 +164,26 @@ fn round_closes_with_the_mean_of_its_updates() {
     let mut c = with_two_workers(dir.path(), tiny(1, 2));
     let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
     let w0 = weights(&c, &key(1), &a);
+    let body = codec::encode(&filled(&w0, 0.001), Codec::Fp32);
     let r = c
         .submit_update(
             &key(1),
             a.id,
-            &codec::encode(&filled(&w0, 0.001), Codec::Fp32),
+            &body,
             Some(1.0),
+            claim(&key(1), &a, &body),
             5,
         )
         .unwrap();
     assert_eq!(r.block_version, 0, "waits for the second lease");
+    let body = codec::encode(&filled(&w0, 0.003), Codec::Fp32);
     let r = c
         .submit_update(
             &key(2),
             b.id,
-            &codec::encode(&filled(&w0, 0.003), Codec::Fp32),
+            &body,
             Some(1.0),
+            claim(&key(2), &b, &body),
             6,
         )
         .unwrap();
@@ -204,7 +231,8 @@ fn quorum_waits_for_every_worker_of_the_round_until_the_deadline() {
     assert_eq!(c.status().unwrap().blocks[0].version, 0);
     let b = lease(&mut c, &key(2), 50_001);
     assert_ne!(a.shard_index, b.shard_index);
-    submit(&mut c, &key(2), &b, &w0, 0.001, 50_002).unwrap();
+    // (Not byte-identical to the first: identical bytes would be refused as a replay.)
+    submit(&mut c, &key(2), &b, &w0, 0.002, 50_002).unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
     assert_eq!(c.status().unwrap().updates["applied"], 2);
 }
@@ -267,14 +295,19 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
         (vec![0u8; 1 << 24], "limit"),
     ];
     for (body, why) in &cases {
-        let e = c.submit_update(&key(1), a.id, body, None, 1).unwrap_err();
+        let e = c
+            .submit_update(&key(1), a.id, body, None, claim(&key(1), &a, body), 1)
+            .unwrap_err();
         assert!(e.to_string().contains(why), "expected '{why}' in: {e}");
     }
     // Someone else's lease, and a lease that does not exist.
-    let e = c.submit_update(&key(2), a.id, &good, None, 1).unwrap_err();
+    let e = c
+        .submit_update(&key(2), a.id, &good, None, claim(&key(2), &a, &good), 1)
+        .unwrap_err();
     assert!(matches!(e, NodeError::Forbidden(_)), "{e}");
     assert!(matches!(
-        c.submit_update(&key(1), 999, &good, None, 1).unwrap_err(),
+        c.submit_update(&key(1), 999, &good, None, claim(&key(1), &a, &good), 1)
+            .unwrap_err(),
         NodeError::NotFound(_)
     ));
     let s = c.status().unwrap();
@@ -283,7 +316,8 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
     assert_eq!(head_hash(&c, 0), before);
     assert_eq!(s.blocks[0].version, 0);
     // The lease is still usable for a good update.
-    c.submit_update(&key(1), a.id, &good, None, 2).unwrap();
+    c.submit_update(&key(1), a.id, &good, None, claim(&key(1), &a, &good), 2)
+        .unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
 }
 
@@ -306,7 +340,16 @@ fn restart_keeps_versions_and_pending_updates() {
     assert_eq!(c.status().unwrap().blocks[0].pending_updates, 1);
     // The worker re-sends (its reply was lost): the same update, not a second one.
     let body = codec::encode(&filled(&w0, 0.01), Codec::Fp32);
-    let again = c.submit_update(&key(1), a.id, &body, None, 20_001).unwrap();
+    let again = c
+        .submit_update(
+            &key(1),
+            a.id,
+            &body,
+            None,
+            claim(&key(1), &a, &body),
+            20_001,
+        )
+        .unwrap();
     assert_eq!(
         c.status().unwrap().blocks[0].pending_updates,
         1,
@@ -341,7 +384,7 @@ fn run_is_done_after_its_rounds() {
             &key(1),
             &l,
             &w,
-            0.001,
+            0.001 * (1.0 + round as f32), // distinct bodies: identical ones are replays
             Codec::Int8 { chunk: 64 },
             round * 10 + 1,
         )
@@ -467,7 +510,8 @@ fn old_checkpoint_files_are_pruned_but_history_stays() {
         let l = lease(&mut c, &key(1), round * 10);
         wires.push(l.weights_hash.clone());
         let w = weights(&c, &key(1), &l);
-        submit(&mut c, &key(1), &l, &w, 0.001, round * 10 + 1).unwrap();
+        let v = 0.001 * (1.0 + round as f32); // distinct bodies: identical ones are replays
+        submit(&mut c, &key(1), &l, &w, v, round * 10 + 1).unwrap();
     }
     // Version 4 is the head: versions 3 and 4 keep their files, 0..=2 do not.
     assert_eq!(c.history(0).unwrap().len(), 5);
@@ -479,4 +523,69 @@ fn old_checkpoint_files_are_pruned_but_history_stays() {
     // tiny(): fp32 copies (the wire copy is the master file) and no momentum (averaging):
     // one file per kept version.
     assert_eq!(blobs, 2);
+}
+
+#[test]
+fn every_decision_gets_a_signed_receipt_and_replays_and_unsigned_updates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
+    let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
+    let w0 = weights(&c, &key(1), &a);
+    let body = codec::encode(&filled(&w0, 0.001), Codec::Fp32);
+    // No claim, and a claim signed by somebody else: refused, each with a receipt.
+    let e = c
+        .submit_update(&key(1), a.id, &body, None, None, 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("claim"), "{e}");
+    let forged = claim(&key(2), &a, &body).map(|(mut cl, sig)| {
+        cl.worker = key(1);
+        (cl, sig)
+    });
+    let e = c
+        .submit_update(&key(1), a.id, &body, None, forged, 2)
+        .unwrap_err();
+    assert!(e.to_string().contains("claim signature"), "{e}");
+    // The honest upload, then the same bytes replayed by the other worker on its lease.
+    c.submit_update(&key(1), a.id, &body, None, claim(&key(1), &a, &body), 3)
+        .unwrap();
+    let e = c
+        .submit_update(&key(2), b.id, &body, None, claim(&key(2), &b, &body), 4)
+        .unwrap_err();
+    assert!(e.to_string().contains("replay"), "{e}");
+    let other = codec::encode(&filled(&w0, 0.002), Codec::Fp32);
+    c.submit_update(&key(2), b.id, &other, None, claim(&key(2), &b, &other), 5)
+        .unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1);
+
+    // 3 rejections + 2 accepted (receipted at the merge), all signed, in one log.
+    let report = blocktrain_node::ledger::verify_all(c.conn()).unwrap();
+    assert_eq!(report.receipts, 5);
+    assert_eq!(report.coordinator.as_deref(), Some(c.public_key().as_str()));
+    let entries = blocktrain_node::ledger::Ledger::entries(c.conn()).unwrap();
+    let accepted: Vec<_> = entries
+        .iter()
+        .filter(|(_, r)| r.decision.accepted)
+        .collect();
+    assert_eq!(accepted.len(), 2);
+    assert!(accepted
+        .iter()
+        .all(|(_, r)| r.decision.resulting_version == Some(1) && r.claim_sig.is_some()));
+    let reasons: Vec<String> = entries
+        .iter()
+        .filter_map(|(_, r)| r.decision.reason.clone())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("replay")));
+    // The replay's receipt carries the replaying worker's own signed claim.
+    let replay = entries
+        .iter()
+        .find(|(_, r)| {
+            r.decision
+                .reason
+                .as_deref()
+                .is_some_and(|x| x.contains("replay"))
+        })
+        .unwrap();
+    assert_eq!(replay.1.claim.worker, key(2));
+    assert!(replay.1.claim_sig.is_some());
 }

@@ -6,6 +6,9 @@
 //! - [`codec`]: block updates (deltas) as safetensors bytes, compressed to fp16, int8 with
 //!   per-chunk scales (and error feedback), or top-k; decoding checks every name, shape
 //!   and size against what the receiver expects before allocating.
+//! - [`receipt`]: training receipts (a worker's signed claim, the coordinator's signed
+//!   decision) and the signed heads, inclusion and consistency proofs of their
+//!   append-only Merkle log (RFC 6962 via `ct-merkle`).
 //! - [`frame`]: inference frames between block servers and clients over TCP
 //!   (length-prefixed, versioned, size-capped; tokens as bytes + a mask bitmap).
 //!
@@ -16,6 +19,7 @@
 pub mod codec;
 pub mod frame;
 pub mod identity;
+pub mod receipt;
 pub mod signed;
 pub mod wire;
 

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod eval;
 pub mod gateway;
 pub mod generate;
+pub mod ledger;
 pub mod link;
 pub mod serve;
 pub mod train;

@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// Seconds to keep retrying an unreachable coordinator before giving up.
     #[arg(long, default_value_t = 600)]
     pub retry_for: u64,
+    /// Testing the coordinator's defences only: tamper with every update (flip,
+    /// scale:K, random) as a malicious worker would.
+    #[arg(long, hide = true)]
+    pub malice: Option<blocktrain_node::worker::Malice>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -57,6 +61,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         join_secret: args.join_secret.clone(),
         max_leases: args.max_leases,
         retry_for: Duration::from_secs(args.retry_for),
+        malice: args.malice,
     })?;
     println!(
         "worker finished: {} updates accepted, {} refused, {} local steps, {:.2} MB up, {:.2} MB down",

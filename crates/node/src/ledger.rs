@@ -1,0 +1,552 @@
+//! The coordinator's receipt ledger: every accepted or rejected update's [`Receipt`] in
+//! an append-only Merkle log (RFC 6962 via `ct-merkle`), durable in SQLite, with signed
+//! tree heads and the inclusion and consistency proofs workers check them with.
+//!
+//! Tables (created by [`Ledger::open`], never updated or deleted from):
+//! `ledger(idx INTEGER PRIMARY KEY, receipt TEXT NOT NULL)` holds each receipt's JSON at
+//! its log index, `tree_heads(size INTEGER PRIMARY KEY, head TEXT NOT NULL)` the first
+//! signed head of each log size.
+//!
+//! The tree is ct-merkle's `MemoryBackedTree`, rebuilt from the table at open, so it
+//! holds every leaf's bytes in memory (about a kilobyte a receipt; one receipt per
+//! upload). That tree proves only against its current size, so a proof against an older
+//! head rebuilds that prefix as a fresh `MemoryBackedTree` (O(size) hashing) rather than
+//! doing any proof arithmetic here; proofs against the latest size, the common case, use
+//! the live tree.
+//!
+//! [`Ledger::append`] is one INSERT of its own. A caller that appends inside a
+//! transaction it later rolls back must reopen the ledger: the next append notices a
+//! tree out of step with the table and refuses.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::receipt::{
+    verify_consistency, ConsistencyProof, InclusionProof, LogHash, Receipt, TreeHead,
+};
+use blocktrain_protocol::ProtocolError;
+use ct_merkle::mem_backed_tree::MemoryBackedTree;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+use crate::{NodeError, Result};
+
+type Tree = MemoryBackedTree<LogHash, Vec<u8>>;
+
+const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS ledger (idx INTEGER PRIMARY KEY, receipt TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tree_heads (size INTEGER PRIMARY KEY, head TEXT NOT NULL);
+";
+
+fn bad(what: String) -> NodeError {
+    NodeError::Rejected(what)
+}
+
+/// A protocol error's message without its kind (the ledger error says what failed).
+fn detail(e: ProtocolError) -> String {
+    match e {
+        ProtocolError::Malformed(m)
+        | ProtocolError::Rejected(m)
+        | ProtocolError::Unauthenticated(m) => m,
+    }
+}
+
+fn parse_receipt(idx: u64, text: &str) -> Result<Receipt> {
+    serde_json::from_str(text).map_err(|e| bad(format!("ledger entry {idx}: does not parse: {e}")))
+}
+
+fn parse_head(size: u64, text: &str) -> Result<TreeHead> {
+    serde_json::from_str(text)
+        .map_err(|e| bad(format!("tree head of size {size}: does not parse: {e}")))
+}
+
+/// Every stored receipt in index order, each with its index; a gap or an entry that does
+/// not parse is an error naming the index.
+fn read_entries(
+    conn: &Connection,
+    mut each: impl FnMut(u64, Receipt) -> Result<()>,
+) -> Result<u64> {
+    let mut stmt = conn.prepare("SELECT idx, receipt FROM ledger ORDER BY idx")?;
+    let mut rows = stmt.query([])?;
+    let mut expected = 0u64;
+    while let Some(row) = rows.next()? {
+        let idx = row.get::<_, i64>(0)? as u64;
+        if idx != expected {
+            return Err(bad(format!(
+                "ledger entry {expected}: missing (the next stored entry is {idx})"
+            )));
+        }
+        each(idx, parse_receipt(idx, &row.get::<_, String>(1)?)?)?;
+        expected += 1;
+    }
+    Ok(expected)
+}
+
+fn read_heads(conn: &Connection) -> Result<Vec<TreeHead>> {
+    let mut stmt = conn.prepare("SELECT size, head FROM tree_heads ORDER BY size")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+    })?;
+    let mut heads = Vec::new();
+    for row in rows {
+        let (size, text) = row?;
+        let head = parse_head(size, &text)?;
+        if head.size != size {
+            return Err(bad(format!(
+                "tree head of size {size}: stored under size {size} but says {}",
+                head.size
+            )));
+        }
+        heads.push(head);
+    }
+    Ok(heads)
+}
+
+fn prefix(tree: &Tree, size: u64) -> Tree {
+    let mut t = Tree::new();
+    for leaf in &tree.items()[..size as usize] {
+        t.push(leaf.clone());
+    }
+    t
+}
+
+/// The receipts' Merkle tree, read from the database: proofs only, no key (what a
+/// read-only tool needs; the coordinator's [`Ledger`] wraps one).
+#[derive(Debug)]
+pub struct Log {
+    tree: Tree,
+}
+
+impl Log {
+    /// Loads every stored receipt into the tree; refuses, naming the index, at a gap or
+    /// an entry that does not parse (their signatures are [`verify_all`]'s to check).
+    pub fn load(conn: &Connection) -> Result<Log> {
+        let mut tree = Tree::new();
+        read_entries(conn, |_, r| {
+            tree.push(r.leaf_bytes());
+            Ok(())
+        })?;
+        Ok(Log { tree })
+    }
+
+    /// Receipts in the log.
+    pub fn len(&self) -> u64 {
+        self.tree.len()
+    }
+
+    /// Whether the log holds no receipt.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// The tree hash of the whole log.
+    pub fn root(&self) -> Vec<u8> {
+        self.tree.root().as_bytes().to_vec()
+    }
+
+    fn sized(&self, size: u64) -> Result<std::borrow::Cow<'_, Tree>> {
+        match size {
+            s if s > self.len() => Err(NodeError::NotFound(format!(
+                "no log of {s} receipts: the ledger holds {}",
+                self.len()
+            ))),
+            s if s == self.len() => Ok(std::borrow::Cow::Borrowed(&self.tree)),
+            s => Ok(std::borrow::Cow::Owned(prefix(&self.tree, s))),
+        }
+    }
+
+    /// Proof that receipt `index` is in the log of the first `size` receipts.
+    pub fn prove_inclusion(&self, index: u64, size: u64) -> Result<InclusionProof> {
+        if index >= size {
+            return Err(NodeError::NotFound(format!(
+                "receipt {index} is not in a log of {size} receipts"
+            )));
+        }
+        let tree = self.sized(size)?;
+        Ok(InclusionProof {
+            index,
+            size,
+            hashes: hex::encode(tree.prove_inclusion(index as usize).as_bytes()),
+        })
+    }
+
+    /// Proof that the log of `old_size` receipts is a prefix of that of `new_size`.
+    pub fn prove_consistency(&self, old_size: u64, new_size: u64) -> Result<ConsistencyProof> {
+        if old_size > new_size {
+            return Err(NodeError::Rejected(format!(
+                "no consistency proof from {old_size} receipts back to {new_size}"
+            )));
+        }
+        let tree = self.sized(new_size)?;
+        // ct-merkle has no proof from the empty log; the empty proof stands for it.
+        let hashes = match old_size {
+            0 => String::new(),
+            _ => hex::encode(
+                tree.prove_consistency((new_size - old_size) as usize)
+                    .as_bytes(),
+            ),
+        };
+        Ok(ConsistencyProof {
+            old_size,
+            new_size,
+            hashes,
+        })
+    }
+}
+
+/// The coordinator's ledger: the log, and the key that signs its heads.
+#[derive(Debug)]
+pub struct Ledger {
+    log: Log,
+    id: Identity,
+}
+
+impl Ledger {
+    /// Creates the tables if absent and loads every receipt into the tree (refusing to
+    /// open, with the index, if a stored receipt does not parse).
+    pub fn open(conn: &Connection, coordinator: Identity) -> Result<Ledger> {
+        conn.execute_batch(TABLES)?;
+        let log = Log::load(conn)?;
+        if let Some(head) = Self::latest_head(conn)? {
+            if head.coordinator != coordinator.public_hex() {
+                // A new key cannot extend the old key's heads: workers holding them will
+                // see a different coordinator. Loud, but not fatal (a lost key file).
+                tracing::warn!(
+                    old = %head.coordinator,
+                    new = %coordinator.public_hex(),
+                    "the ledger's tree heads were signed by another coordinator key"
+                );
+            }
+        }
+        Ok(Ledger {
+            log,
+            id: coordinator,
+        })
+    }
+
+    /// The log (proofs, size, root).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Receipts in the log.
+    pub fn len(&self) -> u64 {
+        self.log.len()
+    }
+
+    /// Whether the log holds no receipt.
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+
+    /// Appends a receipt this coordinator issued; returns its index.
+    pub fn append(&mut self, conn: &Connection, receipt: &Receipt) -> Result<u64> {
+        receipt
+            .verify()
+            .map_err(|e| bad(format!("receipt to append: {}", detail(e))))?;
+        if receipt.coordinator != self.id.public_hex() {
+            return Err(bad(
+                "receipt to append was signed by another coordinator".into()
+            ));
+        }
+        let idx = self.len();
+        let stored: i64 =
+            conn.query_row("SELECT COALESCE(MAX(idx) + 1, 0) FROM ledger", [], |r| {
+                r.get(0)
+            })?;
+        if stored as u64 != idx {
+            return Err(NodeError::Config(format!(
+                "receipt ledger out of step: {idx} receipts in memory, {stored} stored; reopen it"
+            )));
+        }
+        let json = serde_json::to_string(receipt).expect("receipts serialize");
+        conn.execute(
+            "INSERT INTO ledger (idx, receipt) VALUES (?1, ?2)",
+            params![idx as i64, json],
+        )?;
+        self.log.tree.push(receipt.leaf_bytes());
+        Ok(idx)
+    }
+
+    /// Signs and stores a head of the log as it is now. One head per size: when the log
+    /// has not grown since the last one, that head comes back unchanged (its time is when
+    /// the log first reached this size).
+    pub fn sign_head(&self, conn: &Connection, now_ms: u64) -> Result<TreeHead> {
+        let size = self.len();
+        if let Some(head) = Self::head(conn, size)? {
+            return Ok(head);
+        }
+        let head = TreeHead::sign(size, &self.log.root(), now_ms, &self.id);
+        let json = serde_json::to_string(&head).expect("tree heads serialize");
+        conn.execute(
+            "INSERT INTO tree_heads (size, head) VALUES (?1, ?2)",
+            params![size as i64, json],
+        )?;
+        Ok(head)
+    }
+
+    /// The stored head of the largest log, if any head was signed.
+    pub fn latest_head(conn: &Connection) -> Result<Option<TreeHead>> {
+        let row: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT size, head FROM tree_heads ORDER BY size DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(size, text)| parse_head(size as u64, &text))
+            .transpose()
+    }
+
+    /// The stored head of the log of `size` receipts.
+    pub fn head(conn: &Connection, size: u64) -> Result<Option<TreeHead>> {
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT head FROM tree_heads WHERE size = ?1",
+                [size as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| parse_head(size, &t)).transpose()
+    }
+
+    /// Proof that receipt `index` is in the log of the head of `size`.
+    pub fn prove_inclusion(&self, index: u64, size: u64) -> Result<InclusionProof> {
+        self.log.prove_inclusion(index, size)
+    }
+
+    /// Proof that the log of `old_size` receipts is a prefix of that of `new_size`.
+    pub fn prove_consistency(&self, old_size: u64, new_size: u64) -> Result<ConsistencyProof> {
+        self.log.prove_consistency(old_size, new_size)
+    }
+
+    /// The receipt at `index`.
+    pub fn receipt(conn: &Connection, index: u64) -> Result<Option<Receipt>> {
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT receipt FROM ledger WHERE idx = ?1",
+                [index as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| parse_receipt(index, &t)).transpose()
+    }
+
+    /// Every receipt whose claim names `worker` (public key hex), in log order.
+    pub fn receipts_of(conn: &Connection, worker: &str) -> Result<Vec<(u64, Receipt)>> {
+        let mut stmt = conn.prepare(
+            "SELECT idx, receipt FROM ledger WHERE json_extract(receipt, '$.claim.worker') = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map([worker], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        rows.map(|row| {
+            let (idx, text) = row?;
+            Ok((idx, parse_receipt(idx, &text)?))
+        })
+        .collect()
+    }
+
+    /// Every receipt in log order, each with its index.
+    pub fn entries(conn: &Connection) -> Result<Vec<(u64, Receipt)>> {
+        let mut out = Vec::new();
+        read_entries(conn, |idx, r| {
+            out.push((idx, r));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Opens `DIR/state.sqlite` read-only, for offline tools; errors say what is missing.
+pub fn open_read_only(state_dir: &Path) -> Result<Connection> {
+    if !state_dir.is_dir() {
+        return Err(NodeError::Config(format!(
+            "{}: no such state directory",
+            state_dir.display()
+        )));
+    }
+    let db = state_dir.join("state.sqlite");
+    if !db.is_file() {
+        return Err(NodeError::Config(format!(
+            "{}: no coordinator database (is this a coordinator's --state directory?)",
+            db.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        &db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let tables: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('ledger', 'tree_heads')",
+        [],
+        |r| r.get(0),
+    )?;
+    if tables != 2 {
+        return Err(NodeError::Config(format!(
+            "{}: no receipt ledger (written by a coordinator that keeps none?)",
+            db.display()
+        )));
+    }
+    Ok(conn)
+}
+
+/// What [`verify_all`] checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Receipts, all signatures valid.
+    pub receipts: u64,
+    /// Tree heads, each signed, matching the receipts and extending the one before.
+    pub heads: u64,
+    /// The coordinator that signed them (None for an empty ledger with no head).
+    pub coordinator: Option<String>,
+}
+
+/// Checks one coordinator signed everything, adopting the first key seen.
+fn same_coordinator(seen: &mut Option<String>, key: &str, what: &str) -> Result<()> {
+    match seen {
+        Some(k) if k != key => Err(bad(format!(
+            "{what}: signed by coordinator {key}, the log's is {k}"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            *seen = Some(key.to_string());
+            Ok(())
+        }
+    }
+}
+
+/// Checks one stored head against the tree of the first `head.size` receipts and the
+/// head before it.
+fn check_head(
+    head: &TreeHead,
+    tree: &Tree,
+    prev: Option<&TreeHead>,
+    coordinator: &mut Option<String>,
+) -> Result<()> {
+    let what = format!("tree head of size {}", head.size);
+    head.verify()
+        .map_err(|e| bad(format!("{what}: {}", detail(e))))?;
+    same_coordinator(coordinator, &head.coordinator, &what)?;
+    if head.root != hex::encode(tree.root().as_bytes()) {
+        let from = prev.map_or(0, |p| p.size);
+        return Err(bad(match head.size {
+            0 => format!("{what}: root is not the empty log's"),
+            s => format!(
+                "ledger entries {from}..={}: changed, moved or replaced since {what} \
+                 was signed (its root does not match)",
+                s - 1
+            ),
+        }));
+    }
+    let Some(p) = prev else { return Ok(()) };
+    let hashes = match p.size {
+        0 => String::new(),
+        _ => hex::encode(
+            tree.prove_consistency((head.size - p.size) as usize)
+                .as_bytes(),
+        ),
+    };
+    let proof = ConsistencyProof {
+        old_size: p.size,
+        new_size: head.size,
+        hashes,
+    };
+    verify_consistency(p, head, &proof).map_err(|e| {
+        let size = p.size;
+        bad(format!(
+            "{what}: not an extension of the head of size {size}: {}",
+            detail(e)
+        ))
+    })
+}
+
+/// Offline check of a whole ledger: every receipt's signatures, every stored tree head's
+/// signature and root (recomputed from the receipts), and consistency of each head with
+/// the previous one. Errors name the first bad entry (index, and which check failed).
+///
+/// Receipts are checked one by one, so a changed field names its entry; a receipt moved
+/// or replaced by another validly signed one shows only in the roots, so the error names
+/// the entries between the last matching head and the first one that does not match
+/// (one entry when the coordinator signs a head after every append).
+pub fn verify_all(conn: &Connection) -> Result<VerifyReport> {
+    let heads = read_heads(conn)?;
+    let mut pending = heads.iter().peekable();
+    let mut tree = Tree::new();
+    let mut coordinator = None;
+    let mut prev: Option<&TreeHead> = None;
+    let mut check_heads = |tree: &Tree, coordinator: &mut Option<String>| -> Result<()> {
+        while let Some(head) = pending.next_if(|h| h.size == tree.len()) {
+            check_head(head, tree, prev, coordinator)?;
+            prev = Some(head);
+        }
+        Ok(())
+    };
+    check_heads(&tree, &mut coordinator)?;
+    let receipts = read_entries(conn, |idx, r| {
+        let what = format!("ledger entry {idx}");
+        r.verify()
+            .map_err(|e| bad(format!("{what}: {}", detail(e))))?;
+        same_coordinator(&mut coordinator, &r.coordinator, &what)?;
+        tree.push(r.leaf_bytes());
+        check_heads(&tree, &mut coordinator)
+    })?;
+    if let Some(head) = heads.iter().find(|h| h.size > receipts) {
+        return Err(bad(format!(
+            "ledger entry {receipts}: missing (the tree head of size {} covers it, \
+             the ledger ends before it)",
+            head.size
+        )));
+    }
+    Ok(VerifyReport {
+        receipts,
+        heads: heads.len() as u64,
+        coordinator,
+    })
+}
+
+/// One worker's totals for payouts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WorkerTotals {
+    /// The worker's public key, hex.
+    pub worker: String,
+    /// Accepted updates.
+    pub accepted: u64,
+    /// Rejected updates.
+    pub rejected: u64,
+    /// Local steps of accepted updates.
+    pub accepted_steps: i64,
+    /// Training data bytes of accepted updates.
+    pub accepted_data_bytes: u64,
+    /// Sum of held-out improvement (before - after) over accepted updates that have both.
+    pub heldout_gain: f64,
+}
+
+/// Per-worker totals over the whole ledger, by worker key. Each receipt's signatures are
+/// checked first (an error names the entry): payouts count only what both sides signed.
+pub fn totals(conn: &Connection) -> Result<Vec<WorkerTotals>> {
+    let mut by_worker: BTreeMap<String, WorkerTotals> = BTreeMap::new();
+    read_entries(conn, |idx, r| {
+        r.verify()
+            .map_err(|e| bad(format!("ledger entry {idx}: {}", detail(e))))?;
+        let t = by_worker
+            .entry(r.claim.worker.clone())
+            .or_insert_with(|| WorkerTotals {
+                worker: r.claim.worker.clone(),
+                ..WorkerTotals::default()
+            });
+        if !r.decision.accepted {
+            t.rejected += 1;
+            return Ok(());
+        }
+        t.accepted += 1;
+        t.accepted_steps = t.accepted_steps.saturating_add(r.claim.steps);
+        t.accepted_data_bytes = t.accepted_data_bytes.saturating_add(r.claim.data_bytes);
+        if let (Some(before), Some(after)) = (r.decision.heldout_before, r.decision.heldout_after) {
+            t.heldout_gain += before - after;
+        }
+        Ok(())
+    })?;
+    Ok(by_worker.into_values().collect())
+}
