@@ -124,6 +124,20 @@ pub struct Status {
     pub bytes_up: u64,
     /// Total bytes downloaded by workers.
     pub bytes_down: u64,
+    /// Workers whose updates failed a spot check.
+    #[serde(default)]
+    pub flagged: Vec<FlaggedWorker>,
+}
+
+/// A worker whose updates failed spot checks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlaggedWorker {
+    /// Public key.
+    pub key: String,
+    /// Failed checks so far.
+    pub failed_checks: i64,
+    /// The last one's reason.
+    pub last_reason: String,
 }
 
 /// The coordinator of one run.
@@ -134,6 +148,12 @@ pub struct Coordinator {
     /// Signs receipts and tree heads; its public key identifies this coordinator.
     identity: Identity,
     cfg: RunConfig,
+    /// Per block, the fixed held-out draws updates are screened on (empty: screening off).
+    screens: Vec<crate::verify::Screen>,
+    /// Per block, the held-out loss of its current version (with screening on).
+    heldout: Vec<f64>,
+    /// The training corpus, loaded on the first spot check.
+    corpus: Option<Vec<u8>>,
     shapes: Vec<Shapes>,
     current: Vec<Arrays>,
     model: RunDir,
@@ -159,8 +179,8 @@ fn update_limit(shapes: &Shapes) -> u64 {
     (values as u64) * 6 + (shapes.len() as u64) * 256 + 64 * 1024
 }
 
-fn seed_of(run_seed: u64, block: usize, version: u64, issued: u32) -> u64 {
-    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{issued}").as_bytes());
+fn seed_of(run_seed: u64, block: usize, version: u64, slot: u32) -> u64 {
+    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{slot}").as_bytes());
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
@@ -257,11 +277,41 @@ impl Coordinator {
         }
         let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
         let ledger = Ledger::open(store.conn(), identity.clone())?;
+        // Held-out screens (fixed windows and masks) and each current version's loss.
+        let (mut screens, mut heldout) = (Vec::new(), Vec::new());
+        if cfg.trust.screen_windows > 0 {
+            for (b, head) in store.heads()?.iter().enumerate() {
+                let screen = crate::verify::Screen::new(
+                    &model.manifest,
+                    b,
+                    cfg.trust.screen_windows,
+                    cfg.seed ^ 0x5c4e_e2ed,
+                    tch::Device::Cpu,
+                )?;
+                let known = store
+                    .version_losses(b)?
+                    .into_iter()
+                    .find(|(v, _, _)| *v == head.version);
+                let loss = match known {
+                    Some((_, _, l)) => l,
+                    None => {
+                        let l = screen.loss(&current[b])?;
+                        store.put_version_loss(b, head.version, l, now)?;
+                        l
+                    }
+                };
+                screens.push(screen);
+                heldout.push(loss);
+            }
+        }
         Ok(Coordinator {
             store,
             ledger,
             identity,
             cfg,
+            screens,
+            heldout,
+            corpus: None,
             shapes,
             current,
             model,
@@ -426,7 +476,10 @@ impl Coordinator {
         };
         let used = self.store.used_slots(block, version)?;
         let slot = (0..cap).find(|s| !used.contains(s)).unwrap_or(issued % cap);
-        let seed = seed_of(self.cfg.seed, block, version, issued);
+        // A lease's randomness follows its round and slot, not how many leases were
+        // issued: a refused or lapsed lease does not change what the honest worker who
+        // takes the slot next computes (and a spot check can recompute it).
+        let seed = seed_of(self.cfg.seed, block, version, slot);
         let expires = now + self.lease_ms();
         let id = self
             .store
@@ -690,7 +743,7 @@ impl Coordinator {
         &mut self,
         key: &str,
         lease: &crate::store::LeaseRow,
-        _body: &[u8],
+        body: &[u8],
         body_hash: &str,
         claim: Option<&(Claim, String)>,
     ) -> std::result::Result<Verdict, String> {
@@ -710,7 +763,117 @@ impl Coordinator {
                 short(&worker)
             ));
         }
-        Ok(Verdict { heldout: None })
+        let (delta, codec) = codec::decode(body, &self.shapes[lease.block], usize::MAX)
+            .map_err(|e| e.to_string())?;
+        let heldout = self.screen(lease.block, &delta)?;
+        self.spot_check(key, lease, body_hash, &delta, &codec)?;
+        Ok(Verdict { heldout })
+    }
+
+    /// Held-out screening: the block's loss after this update alone, against before.
+    fn screen(
+        &self,
+        block: usize,
+        delta: &Arrays,
+    ) -> std::result::Result<Option<(f64, f64)>, String> {
+        let Some(screen) = self.screens.get(block) else {
+            return Ok(None);
+        };
+        let mut after = self.current[block].clone();
+        for (name, w) in after.iter_mut() {
+            w.data
+                .iter_mut()
+                .zip(&delta[name].data)
+                .for_each(|(w, d)| *w += d);
+        }
+        let before = self.heldout[block];
+        let after = screen.loss(&after).map_err(|e| e.to_string())?;
+        let threshold = self.cfg.trust.screen_threshold;
+        if !after.is_finite() || after - before > threshold {
+            return Err(format!(
+                "held-out screening: this update alone takes block {}'s held-out loss from {before:.4} to {after:.4} (+{:.4} nats/byte; the limit is {threshold})",
+                block + 1,
+                after - before
+            ));
+        }
+        Ok(Some((before, after)))
+    }
+
+    /// Spot check (a keyed sample of updates): recompute the update from the same
+    /// start weights, shard, seed and steps and compare. A mismatch flags the worker.
+    fn spot_check(
+        &mut self,
+        key: &str,
+        lease: &crate::store::LeaseRow,
+        body_hash: &str,
+        delta: &Arrays,
+        codec: &Codec,
+    ) -> std::result::Result<(), String> {
+        let fraction = self.cfg.trust.spot_check_fraction;
+        let secret = self.identity.secret();
+        if !trust::sampled_for_spot_check(&secret, body_hash, fraction)
+            || self.store.has_own_data(key).map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let check = self.recompute(lease, delta, codec).map_err(|e| {
+            // Our own failure to recompute is not the worker's fault: log, accept.
+            tracing::error!("spot check of lease {} could not run: {e}", lease.id);
+            e.to_string()
+        });
+        let Ok(check) = check else { return Ok(()) };
+        if check.passed() {
+            tracing::info!(
+                "spot check of lease {} passed (relative error {:.2e})",
+                lease.id,
+                check.error
+            );
+            return Ok(());
+        }
+        let reason = format!(
+            "spot check: recomputing this update from the same start weights, data, seed and steps gives a different delta (relative error {:.3} > tolerance {:.1e})",
+            check.error, check.tolerance
+        );
+        self.store
+            .flag_worker(key, &reason)
+            .map_err(|e| e.to_string())?;
+        Err(reason)
+    }
+
+    fn recompute(
+        &mut self,
+        lease: &crate::store::LeaseRow,
+        delta: &Arrays,
+        codec: &Codec,
+    ) -> Result<crate::verify::SpotCheck> {
+        if self.corpus.is_none() {
+            self.corpus = Some(
+                self.model
+                    .manifest
+                    .plan
+                    .dataset
+                    .load(blocktrain_model::data::Split::Train)?,
+            );
+        }
+        let head = self.store.heads()?[lease.block].clone();
+        let base = crate::worker::decode_checkpoint(&self.store.get_blob(&head.wire)?)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let reply = self.lease_reply(lease, &head);
+        let corpus = self.corpus.as_deref().expect("loaded above");
+        let shard = crate::worker::shard_of(
+            corpus,
+            reply.shard_index,
+            reply.shard_count,
+            self.model.manifest.model.window,
+        );
+        let job = crate::worker::LocalJob {
+            manifest: &self.model.manifest,
+            block: lease.block,
+            base: &base,
+            lease: &reply,
+            shard,
+        };
+        crate::verify::spot_check(&job, delta, codec, tch::Device::Cpu)
     }
 
     fn check_update(
@@ -795,7 +958,7 @@ impl Coordinator {
             return Ok(());
         }
         let pending = merged;
-        let mean = merge::weighted_mean(&deltas);
+        let mean = merge::merge_deltas(&deltas, &self.cfg.outer.merge_rule()?);
         let momentum = match &head.momentum {
             Some(h) => {
                 codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
@@ -826,6 +989,12 @@ impl Coordinator {
         self.store.commit_version(&new_head, &ids, now)?;
         for &id in &ids {
             self.merge_receipt(id, Some(new_head.version), now)?;
+        }
+        if let Some(screen) = self.screens.get(block) {
+            let loss = screen.loss(&weights)?;
+            self.store
+                .put_version_loss(block, new_head.version, loss, now)?;
+            self.heldout[block] = loss;
         }
         self.current[block] = weights;
         self.model.save_weights(block, &bytes, new_head.steps)?;
@@ -942,6 +1111,16 @@ impl Coordinator {
             recent: self.store.recent_updates(20)?,
             bytes_up: traffic.iter().map(|t| t.up).sum(),
             bytes_down: traffic.iter().map(|t| t.down).sum(),
+            flagged: self
+                .store
+                .flagged()?
+                .into_iter()
+                .map(|(key, failed_checks, last_reason)| FlaggedWorker {
+                    key,
+                    failed_checks,
+                    last_reason,
+                })
+                .collect(),
         })
     }
 

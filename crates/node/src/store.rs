@@ -301,6 +301,19 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// Whether a worker trains on its own data (its shard is not on the coordinator).
+    pub fn has_own_data(&self, worker: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data_hash IS NOT NULL FROM workers WHERE key = ?1",
+                [worker],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
     /// Counts a failed check against a worker.
     pub fn flag_worker(&self, worker: &str, reason: &str) -> Result<()> {
         self.conn.execute(

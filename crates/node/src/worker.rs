@@ -151,7 +151,7 @@ pub fn load_or_create_key(path: &Path) -> Result<Identity> {
     std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes())
         .map_err(io_err(path))?;
     eprintln!(
-        "created worker key {} (public {})",
+        "created key {} (public {})",
         path.display(),
         id.public_hex()
     );
@@ -176,10 +176,106 @@ struct Current {
     feedback: ErrorFeedback,
 }
 
+/// What a worker's own audit of the ledger found.
+pub struct Audit {
+    /// Its receipts whose inclusion proofs verified.
+    pub receipts: usize,
+    /// Of those, accepted.
+    pub accepted: usize,
+    /// Size of the tree head they were proven against.
+    pub size: u64,
+    /// Size of the earlier head this one was shown consistent with (None: first audit).
+    pub consistent_with: Option<u64>,
+}
+
+impl std::fmt::Display for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} receipt(s) of mine ({} accepted) proven in the log of size {}",
+            self.receipts, self.accepted, self.size
+        )?;
+        match self.consistent_with {
+            Some(old) => write!(f, "; the log extends the one of size {old} I saw before"),
+            None => write!(f, "; first head seen, kept for the next check"),
+        }
+    }
+}
+
+/// Checks, without trusting the coordinator, that every receipt it lists for this
+/// worker is in its signed log (inclusion proofs), that the log only grew since the
+/// head this worker last saw (consistency proof), and that the coordinator's key did
+/// not change. The head and key are kept in `cache/ledger-head.json`.
+pub fn audit_receipts(client: &mut Client, me: &str, cache: &Path) -> Result<Audit> {
+    use blocktrain_protocol::receipt::{
+        verify_consistency, ConsistencyProof, ReceiptProof, TreeHead,
+    };
+    let bad = |m: String| NodeError::Rejected(format!("ledger audit failed: {m}"));
+    let listed: serde_json::Value = client.get_json(&format!("/v1/ledger/receipts?worker={me}"))?;
+    let indices: Vec<u64> = listed["receipts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["index"].as_u64()).collect())
+        .unwrap_or_default();
+    let kept_path = cache.join("ledger-head.json");
+    let kept: Option<TreeHead> = std::fs::read(&kept_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let pinned = kept.as_ref().map(|h| h.coordinator.clone());
+    let mut head: Option<TreeHead> = None;
+    let mut accepted = 0;
+    for i in &indices {
+        let p: ReceiptProof = client.get_json(&format!("/v1/ledger/receipts/{i}"))?;
+        p.verify(pinned.as_deref())
+            .map_err(|e| bad(format!("receipt {i}: {e}")))?;
+        if p.receipt.claim.worker != me {
+            return Err(bad(format!("receipt {i} is not this worker's")));
+        }
+        accepted += usize::from(p.receipt.decision.accepted);
+        head = Some(p.head);
+    }
+    let head = match head {
+        Some(h) => h,
+        None => client.get_json("/v1/ledger/head")?,
+    };
+    head.verify().map_err(|e| bad(format!("tree head: {e}")))?;
+    let consistent_with = match &kept {
+        Some(old) if old.size <= head.size => {
+            let proof: ConsistencyProof = client.get_json(&format!(
+                "/v1/ledger/consistency?from={}&to={}",
+                old.size, head.size
+            ))?;
+            verify_consistency(old, &head, &proof).map_err(|e| {
+                bad(format!(
+                    "the log of size {} does not extend the one of size {} seen before: {e}",
+                    head.size, old.size
+                ))
+            })?;
+            Some(old.size)
+        }
+        Some(old) => {
+            return Err(bad(format!(
+                "the log shrank from {} to {} entries",
+                old.size, head.size
+            )))
+        }
+        None => None,
+    };
+    std::fs::create_dir_all(cache).map_err(io_err(cache))?;
+    let json = serde_json::to_vec(&head).expect("heads serialise");
+    blocktrain_model::checkpoint::write_atomic(&kept_path, &json)?;
+    Ok(Audit {
+        receipts: indices.len(),
+        accepted,
+        size: head.size,
+        consistent_with,
+    })
+}
+
 /// Runs a worker until the run is done (or `max_leases`).
 pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
     let id = load_or_create_key(&opts.key)?;
-    let me = short(&id.public_hex()).to_string();
+    let my_key = id.public_hex();
+    let me = short(&my_key).to_string();
     let join_proof = opts
         .join_secret
         .as_ref()
@@ -241,6 +337,13 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         let lease = match client.post_json::<_, WorkReply>("/v1/work", &info)? {
             WorkReply::Done => {
                 eprintln!("[worker {me}] run is done");
+                match audit_receipts(&mut client, &my_key, &opts.cache) {
+                    Ok(a) => eprintln!("[worker {me}] ledger: {a}"),
+                    // A log that fails its proofs is the coordinator's fault, and the
+                    // worker's record of it: say so loudly and fail.
+                    Err(e @ NodeError::Rejected(_)) => return Err(e),
+                    Err(e) => eprintln!("[worker {me}] ledger not checked: {e}"),
+                }
                 break;
             }
             WorkReply::Wait { retry_ms } => {

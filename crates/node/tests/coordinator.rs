@@ -22,6 +22,10 @@ fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     c.wire.checkpoint_codec = "fp32".into(); // exact arithmetic in these tests
     c.faults.lease_secs = 10.0;
     c.faults.round_timeout_secs = 100.0;
+    // These tests send synthetic deltas to test the rules; screening and spot checks
+    // (which would rightly refuse them) have their own tests.
+    c.trust.screen_windows = 0;
+    c.trust.spot_check_fraction = 0.0;
     c
 }
 

@@ -252,6 +252,7 @@ fn canned_status(now: u64) -> Status {
         }],
         bytes_up: 1536,
         bytes_down: 6 << 20,
+        flagged: vec![],
     }
 }
 
