@@ -38,6 +38,9 @@ enum Command {
     /// Sample bytes from a trained model: one pass through the block stack, locally
     /// (--checkpoint) or across block servers (--route).
     Generate(cmd::generate::GenerateArgs),
+    /// Check this node before it joins: memory, disk, the coordinator, clock skew, whether
+    /// its public address is reachable, and its peers.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Serve some blocks of a model to clients and other block servers over TCP.
     Serve(cmd::serve::ServeArgs),
     /// OpenAI-style HTTP entry point (POST /v1/completions) in front of block servers.
@@ -64,6 +67,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Doctor(a) => cmd::doctor::run(a),
         Command::Gateway(a) => cmd::gateway::run(a),
         Command::Boundaries(a) => cmd::boundaries::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),

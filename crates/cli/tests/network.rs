@@ -680,3 +680,39 @@ fn malicious_workers_are_refused_with_receipts_and_do_not_change_the_model() {
         assert!(log.contains("proven in the log of size"), "{log}");
     }
 }
+
+#[test]
+fn doctor_checks_the_coordinator_clock_and_reachability_and_names_failures() {
+    let dir = scratch("doctor");
+    let run = run_toml(&dir, 1, 1, 1, 1, "");
+    let (_coord, url) = coordinator(&dir, free_port(), Some(&run));
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["doctor", "--coordinator", &url, "--dir"])
+        .arg(&dir)
+        .args(["--public-addr", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for check in ["memory", "disk", "coordinator", "clock", "public address"] {
+        assert!(text.contains(&format!("ok    {check}")), "{check}: {text}");
+    }
+    // A coordinator that is not there, and an impossible disk demand: each named, exit 1.
+    let out = Command::new(BIN)
+        .args([
+            "doctor",
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .args(["--min-disk-gb", "1000000"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  coordinator") && text.contains("does not answer"),
+        "{text}"
+    );
+    assert!(text.contains("FAIL  disk"), "{text}");
+}

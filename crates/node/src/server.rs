@@ -188,6 +188,45 @@ async fn register(
     Ok(Json(info))
 }
 
+/// `POST /v1/probe` (signed, body `{"port": P}`): can this coordinator open a TCP
+/// connection to the caller's own IP at port P? Only the address the request came from
+/// is dialled, so the endpoint cannot be used to scan anyone else.
+async fn probe(
+    State(s): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
+    #[derive(serde::Deserialize)]
+    struct ProbeRequest {
+        port: u16,
+    }
+    let req: ProbeRequest = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("probe body: {e}")))?;
+    let target = std::net::SocketAddr::new(peer.ip(), req.port);
+    let t0 = std::time::Instant::now();
+    let dial = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await;
+    let (reachable, error) = match dial {
+        Ok(Ok(_)) => (true, None),
+        Ok(Err(e)) => (false, Some(e.to_string())),
+        Err(_) => (false, Some("no answer within 3 s".to_string())),
+    };
+    Ok(Json(serde_json::json!({
+        "seen_as": peer.ip().to_string(),
+        "target": target.to_string(),
+        "reachable": reachable,
+        "ms": t0.elapsed().as_secs_f64() * 1e3,
+        "error": error,
+        "server_time_ms": now_ms(),
+    })))
+}
+
 async fn run_info(
     State(s): State<AppState>,
     uri: Uri,
@@ -574,6 +613,7 @@ pub fn router(coord: Shared) -> Router {
         .route("/v1/updates/{lease}", post(update))
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
+        .route("/v1/probe", post(probe))
         .route("/v1/ledger/head", get(ledger_head))
         .route("/v1/ledger/receipts", get(ledger_receipts))
         .route("/v1/ledger/receipts/{index}", get(ledger_receipt))
@@ -600,7 +640,9 @@ pub async fn serve(
             }
         }
     });
-    let result = axum::serve(listener, router(coord))
+    // Connect info: `/v1/probe` dials back the caller's own address only.
+    let app = router(coord).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     tick.abort();

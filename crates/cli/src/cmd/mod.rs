@@ -6,6 +6,7 @@ pub mod bench_network;
 pub mod boundaries;
 pub mod coordinator;
 pub mod demo;
+pub mod doctor;
 pub mod eval;
 pub mod gateway;
 pub mod generate;

@@ -1,0 +1,289 @@
+//! `blocktrain doctor`: checks this node before it joins, and says exactly what is wrong.
+//!
+//! - memory and disk free here;
+//! - the coordinator: reachable, how far, and the clock difference (signed requests
+//!   older than `max_skew_secs` are refused);
+//! - `--public-addr`: whether the coordinator can open a connection back to this host
+//!   at that port (it dials only the address the request came from); when nothing
+//!   listens on the port yet, the doctor listens on it for the check;
+//! - `--peer`: block servers this node will forward to, asked what they host.
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use blocktrain_node::client::Client;
+use blocktrain_node::inference::{client as infer, hop::HopLimits};
+use blocktrain_protocol::identity::Identity;
+use clap::Args;
+
+/// Flags of `blocktrain doctor`.
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Coordinator to check (e.g. http://HOST:7700).
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// The address other nodes will use to reach this one (HOST:PORT); the coordinator
+    /// is asked to connect back to it.
+    #[arg(long)]
+    pub public_addr: Option<String>,
+    /// Block servers to check (HOST:PORT; repeat the flag for several).
+    #[arg(long)]
+    pub peer: Vec<String>,
+    /// Directory whose disk is checked (the worker cache or coordinator state).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Least free memory, GiB.
+    #[arg(long, default_value_t = 1.0)]
+    pub min_memory_gb: f64,
+    /// Least free disk, GiB.
+    #[arg(long, default_value_t = 1.0)]
+    pub min_disk_gb: f64,
+    /// Largest clock difference with the coordinator, seconds (its default max_skew_secs).
+    #[arg(long, default_value_t = 300.0)]
+    pub max_skew_secs: f64,
+}
+
+/// Collected results: one line per check.
+#[derive(Default)]
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: String) {
+        println!("ok    {what}: {detail}");
+    }
+
+    fn warn(&mut self, what: &str, detail: String) {
+        println!("warn  {what}: {detail}");
+    }
+
+    fn fail(&mut self, what: &str, detail: String) {
+        self.failed += 1;
+        println!("FAIL  {what}: {detail}");
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn mem_available() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = m
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs every check that its flags ask for; exit status 1 if any failed.
+pub fn run(args: DoctorArgs) -> Result<()> {
+    let mut r = Report::default();
+    match mem_available() {
+        Some(b) if b as f64 / GIB >= args.min_memory_gb => {
+            r.ok("memory", format!("{:.1} GiB available", b as f64 / GIB))
+        }
+        Some(b) => r.fail(
+            "memory",
+            format!(
+                "{:.2} GiB available, less than --min-memory-gb {}: close other programs or pick a smaller block",
+                b as f64 / GIB,
+                args.min_memory_gb
+            ),
+        ),
+        None => r.warn("memory", "cannot read /proc/meminfo".into()),
+    }
+    match fs4::available_space(&args.dir) {
+        Ok(b) if b as f64 / GIB >= args.min_disk_gb => r.ok(
+            "disk",
+            format!("{:.1} GiB free at {}", b as f64 / GIB, args.dir.display()),
+        ),
+        Ok(b) => r.fail(
+            "disk",
+            format!(
+                "{:.2} GiB free at {}, less than --min-disk-gb {}: checkpoints and caches need room",
+                b as f64 / GIB,
+                args.dir.display(),
+                args.min_disk_gb
+            ),
+        ),
+        Err(e) => r.fail("disk", format!("{}: {e}", args.dir.display())),
+    }
+    if let Some(url) = &args.coordinator {
+        check_coordinator(&mut r, url, &args);
+    } else if args.public_addr.is_some() {
+        r.fail(
+            "public address",
+            "needs --coordinator (the coordinator is what connects back)".into(),
+        );
+    }
+    for peer in &args.peer {
+        check_peer(&mut r, peer);
+    }
+    if r.failed > 0 {
+        println!("{} check(s) failed", r.failed);
+        std::process::exit(1);
+    }
+    println!("all checks passed");
+    Ok(())
+}
+
+fn check_coordinator(r: &mut Report, url: &str, args: &DoctorArgs) {
+    let url = url.trim_end_matches('/');
+    let http = match reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return r.fail("coordinator", format!("HTTP client: {e}")),
+    };
+    let t0 = Instant::now();
+    let resp = match http.get(format!("{url}/v1/status")).send() {
+        Ok(resp) => resp,
+        Err(e) => {
+            return r.fail(
+                "coordinator",
+                format!("{url} does not answer ({e}): check the URL, that it runs, and firewalls in between"),
+            )
+        }
+    };
+    let rtt = t0.elapsed();
+    if !resp.status().is_success() {
+        return r.fail(
+            "coordinator",
+            format!(
+                "{url}/v1/status answered {}: is this a BlockTrain coordinator?",
+                resp.status()
+            ),
+        );
+    }
+    r.ok(
+        "coordinator",
+        format!("{url} answers in {:.0} ms", rtt.as_secs_f64() * 1e3),
+    );
+    // Clock: the reply's Date header (1 s resolution; signed requests allow minutes).
+    let date = resp
+        .headers()
+        .get("date")
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok());
+    match date {
+        Some(theirs) => {
+            let now = SystemTime::now();
+            let skew = match now.duration_since(theirs) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            } - rtt.as_secs_f64() / 2.0;
+            if skew.abs() <= args.max_skew_secs {
+                r.ok("clock", format!("{skew:+.0} s from the coordinator's"))
+            } else {
+                r.fail(
+                    "clock",
+                    format!(
+                        "{skew:+.0} s from the coordinator's, more than {} s: signed requests will be refused; sync the clock (NTP)",
+                        args.max_skew_secs
+                    ),
+                )
+            }
+        }
+        None => r.warn("clock", "the coordinator sent no Date header".into()),
+    }
+    if let Some(public) = &args.public_addr {
+        check_public(r, url, public);
+    }
+}
+
+fn check_public(r: &mut Report, url: &str, public: &str) {
+    let addr: Option<SocketAddr> = public.to_socket_addrs().ok().and_then(|mut a| a.next());
+    let Some(addr) = addr else {
+        return r.fail(
+            "public address",
+            format!("{public} is not HOST:PORT or does not resolve"),
+        );
+    };
+    // Nothing serving there yet: listen for the check (the probe only connects).
+    let _listener = TcpListener::bind(("0.0.0.0", addr.port())).ok();
+    let mut client = match Client::new(url, Identity::generate()) {
+        Ok(c) => c,
+        Err(e) => return r.fail("public address", format!("{e}")),
+    };
+    let reply: serde_json::Value =
+        match client.post_json("/v1/probe", &serde_json::json!({ "port": addr.port() })) {
+            Ok(v) => v,
+            Err(e) => return r.fail("public address", format!("probe failed: {e}")),
+        };
+    let seen = reply["seen_as"].as_str().unwrap_or("?").to_string();
+    if reply["reachable"].as_bool() == Some(true) {
+        r.ok(
+            "public address",
+            format!(
+                "the coordinator reached {} in {:.0} ms",
+                reply["target"].as_str().unwrap_or("?"),
+                reply["ms"].as_f64().unwrap_or(0.0)
+            ),
+        );
+    } else {
+        r.fail(
+            "public address",
+            format!(
+                "the coordinator cannot connect to {} ({}): open port {} in the firewall, or forward it on your NAT",
+                reply["target"].as_str().unwrap_or("?"),
+                reply["error"].as_str().unwrap_or("?"),
+                addr.port()
+            ),
+        );
+    }
+    if seen != addr.ip().to_string() {
+        r.warn(
+            "public address",
+            format!(
+                "the coordinator sees this host as {seen}, not {}: behind NAT, give other nodes the address they can reach",
+                addr.ip()
+            ),
+        );
+    }
+}
+
+fn check_peer(r: &mut Report, peer: &str) {
+    let limits = HopLimits {
+        connect_timeout: Duration::from_secs(3),
+        stall_timeout: Duration::from_secs(5),
+        ..HopLimits::default()
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return r.fail("peer", e.to_string()),
+    };
+    let t0 = Instant::now();
+    match rt.block_on(infer::discover(&[peer.to_string()], &limits)) {
+        Ok(plan) if plan.unreachable.is_empty() => {
+            let s = &plan.stages[0];
+            r.ok(
+                "peer",
+                format!(
+                    "{peer} serves {} {} of model {} ({:.0} ms)",
+                    if plan.family == "ar" {
+                        "layers"
+                    } else {
+                        "blocks"
+                    },
+                    s.blocks,
+                    plan.model_id,
+                    t0.elapsed().as_secs_f64() * 1e3
+                ),
+            )
+        }
+        // One server alone is a partial route: discover() reports what it hosts.
+        Err(e) if e.to_string().contains("hosts") || e.to_string().contains("host ") => {
+            r.ok("peer", format!("{peer} answers ({e})"))
+        }
+        Ok(plan) => r.fail("peer", plan.unreachable.join("; ")),
+        Err(e) => r.fail("peer", format!("{peer}: {e}")),
+    }
+}
