@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Latency per output and bytes per traversal: one-traversal diffusion vs an AR
     /// pipeline over three hosts behind emulated WAN links.
     Inference(crate::cmd::bench_inference::BenchInferenceArgs),
+    /// Many simulated workers against one coordinator process: requests/s, latency
+    /// percentiles, peak memory.
+    Load(crate::cmd::bench_load::BenchLoadArgs),
     /// Per-layer serving cost (denoise step, cached AR step) of large logical shapes,
     /// extrapolated to a target size over several hosts.
     Layers(crate::cmd::bench_layers::BenchLayersArgs),
@@ -83,6 +86,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Network(a) => crate::cmd::bench_network::run(a),
         BenchCommand::Inference(a) => crate::cmd::bench_inference::run(a),
+        BenchCommand::Load(a) => crate::cmd::bench_load::run(a),
         BenchCommand::Layers(a) => crate::cmd::bench_layers::run(a),
         BenchCommand::TrainOne(a) => train_one(a),
     }
