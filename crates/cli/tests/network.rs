@@ -547,8 +547,9 @@ fn trust_run(name: &str, attackers: &[&str]) -> (PathBuf, f64) {
         "[trust]\nspot_check_fraction = 1.0\nscreen_windows = 32\n[wire]\ncodec = \"fp32\"\n",
     );
     let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
-    // The attackers go first, so each of them is scheduled (and refused, 3 times in a
-    // row, after which a worker gives up); then the honest workers train the run.
+    // The attackers go first, so each of them is scheduled and refused (a failed spot
+    // check bars a worker at once; after 3 other refusals in a row a worker gives up);
+    // then the honest workers train the run.
     for (i, m) in attackers.iter().enumerate() {
         let cache = dir.join(format!("cx{i}"));
         let mut bad = worker(
@@ -670,7 +671,7 @@ fn malicious_workers_are_refused_with_receipts_and_do_not_change_the_model() {
             .matches("update refused")
             .count();
         assert!(
-            *n >= told && told >= 3,
+            *n >= told && told >= 1,
             "attacker-{i}: {n} receipts, {told} refusals it was told of"
         );
     }

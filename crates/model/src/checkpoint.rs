@@ -90,7 +90,10 @@ pub fn to_bytes(tensors: &NamedTensors, metadata: &BTreeMap<String, String>) -> 
     }
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     let views = host.iter().map(|(n, h)| (n.as_str(), h));
-    safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Corrupt(e.to_string()))
+    // No metadata map when empty: safetensors 0.8 writes an unreadable header for an
+    // empty one.
+    let meta = (!meta.is_empty()).then_some(meta);
+    safetensors::serialize(views, meta).map_err(|e| ModelError::Corrupt(e.to_string()))
 }
 
 /// Parses safetensors bytes into CPU tensors plus metadata. Never panics on bad input.

@@ -304,7 +304,7 @@ impl Coordinator {
                 heldout.push(loss);
             }
         }
-        Ok(Coordinator {
+        let mut c = Coordinator {
             store,
             ledger,
             identity,
@@ -316,7 +316,12 @@ impl Coordinator {
             current,
             model,
             state_dir: state_dir.to_path_buf(),
-        })
+        };
+        let issued = c.issue_missing_receipts(now)?;
+        if issued > 0 {
+            tracing::warn!("issued {issued} receipt(s) an interrupted run left out");
+        }
+        Ok(c)
     }
 
     /// The run's settings.
@@ -416,6 +421,12 @@ impl Coordinator {
 
     /// Hands the worker a lease, tells it to wait, or that the run is done.
     pub fn request_work(&mut self, key: &str, info: &WorkerInfo, now: u64) -> Result<WorkReply> {
+        if self.store.is_flagged(key)? {
+            return Err(NodeError::Forbidden(format!(
+                "worker {} failed a spot check: it gets no more work in this run",
+                short(key)
+            )));
+        }
         let (rate, last_block) = self.require_registered(key)?;
         self.store.touch_worker(key, info.step_rate, now)?;
         self.tick(now)?;
@@ -559,28 +570,14 @@ impl Coordinator {
 
     /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
     /// signature, interrupted, oversized); counted against the lease's block if known.
+    /// No receipt: the key is only claimed, and anyone could otherwise write permanent
+    /// receipts in somebody else's name.
     pub fn record_rejection(
         &mut self,
         claimed_key: &str,
         lease: Option<i64>,
         bytes: u64,
         reason: &str,
-        now: u64,
-    ) -> Result<i64> {
-        self.reject(claimed_key, lease, bytes, reason, None, None, now)
-    }
-
-    /// Records a refused upload: an update row with its reason and a receipt in the
-    /// ledger, carrying the worker's signed claim when it had a valid one.
-    #[allow(clippy::too_many_arguments)]
-    fn reject(
-        &mut self,
-        claimed_key: &str,
-        lease: Option<i64>,
-        bytes: u64,
-        reason: &str,
-        body_hash: Option<&str>,
-        claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<i64> {
         let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
@@ -600,13 +597,35 @@ impl Coordinator {
         if let Some(l) = row.as_ref().filter(|l| l.worker == claimed_key) {
             self.store.add_traffic(claimed_key, l.block, bytes, 0)?;
         }
+        Ok(id)
+    }
+
+    /// Records a refused authenticated upload: an update row with its reason, the claim
+    /// (the worker's signed one when valid, else the coordinator's account), and a
+    /// receipt. A failure to write the receipt is logged, not returned: the refusal
+    /// stands, and the receipt is issued at the next start-up.
+    #[allow(clippy::too_many_arguments)]
+    fn reject(
+        &mut self,
+        key: &str,
+        lease: Option<i64>,
+        bytes: u64,
+        reason: &str,
+        body_hash: Option<&str>,
+        claim: Option<(Claim, String)>,
+        now: u64,
+    ) -> Result<i64> {
+        let id = self.record_rejection(key, lease, bytes, reason, now)?;
+        let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
         let (claim, sig) = match claim {
             Some((c, s)) => (c, Some(s)),
             None => (
-                trust::unsigned_claim(claimed_key, row.as_ref(), body_hash, None),
+                trust::unsigned_claim(key, row.as_ref(), body_hash, None),
                 None,
             ),
         };
+        let json = serde_json::to_string(&claim).expect("claims serialise");
+        self.store.put_claim(id, &json, sig.as_deref())?;
         let decision = Decision {
             accepted: false,
             reason: Some(reason.to_string()),
@@ -615,13 +634,17 @@ impl Coordinator {
             heldout_after: None,
             time_ms: now,
         };
-        self.issue_receipt(claim, sig, decision, now)?;
+        if let Err(e) = self.issue_receipt(Some(id), claim, sig, decision, now) {
+            tracing::error!("update {id}: receipt deferred to the next start: {e}");
+        }
         Ok(id)
     }
 
-    /// Signs a receipt, appends it to the ledger and signs the new tree head.
+    /// Signs a receipt, appends it to the ledger, signs the new tree head, and notes
+    /// that `update` (if any) has its receipt.
     fn issue_receipt(
         &mut self,
+        update: Option<i64>,
         claim: Claim,
         sig: Option<String>,
         decision: Decision,
@@ -629,8 +652,27 @@ impl Coordinator {
     ) -> Result<u64> {
         let receipt = Receipt::issue(claim, sig, decision, &self.identity);
         let index = self.ledger.append(self.store.conn(), &receipt)?;
+        if let Some(u) = update {
+            self.store.mark_receipted(u, index)?;
+        }
         self.ledger.sign_head(self.store.conn(), now)?;
         Ok(index)
+    }
+
+    /// Issues the receipts a crash left out: every merged update, and every refused
+    /// authenticated one (its claim is on record), that has no receipt yet.
+    fn issue_missing_receipts(&mut self, now: u64) -> Result<usize> {
+        let missing = self.store.unreceipted()?;
+        for (id, _, _, _, version, _, _, state, reason) in &missing {
+            if state == update_state::APPLIED {
+                let merged_into = version.map(|v| v as u64 + 1);
+                self.merge_receipt(*id, merged_into, None, now)?;
+            } else {
+                let reason = reason.clone().unwrap_or_else(|| "refused".into());
+                self.merge_receipt(*id, None, Some(reason), now)?;
+            }
+        }
+        Ok(missing.len())
     }
 
     /// The ledger (receipts, tree heads, proofs).
@@ -661,6 +703,12 @@ impl Coordinator {
         now: u64,
     ) -> Result<UpdateReply> {
         self.require_registered(key)?;
+        if self.store.is_flagged(key)? {
+            return Err(NodeError::Forbidden(format!(
+                "worker {} failed a spot check: its updates are no longer accepted in this run",
+                short(key)
+            )));
+        }
         let body_hash = content_hash(body);
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
@@ -810,8 +858,11 @@ impl Coordinator {
         codec: &Codec,
     ) -> std::result::Result<(), String> {
         let fraction = self.cfg.trust.spot_check_fraction;
-        let secret = self.identity.secret();
-        if !trust::sampled_for_spot_check(&secret, body_hash, fraction)
+        // Keyed on the lease, not the bytes: re-sending altered bytes on the same lease
+        // does not buy a new draw.
+        let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
+        let _ = body_hash;
+        if !trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
             || self.store.has_own_data(key).map_err(|e| e.to_string())?
         {
             return Ok(());
@@ -834,8 +885,12 @@ impl Coordinator {
             "spot check: recomputing this update from the same start weights, data, seed and steps gives a different delta (relative error {:.3} > tolerance {:.1e})",
             check.error, check.tolerance
         );
+        // Consequences: the lease is void (no retry on it) and the worker gets no more.
         self.store
             .flag_worker(key, &reason)
+            .map_err(|e| e.to_string())?;
+        self.store
+            .set_lease_state(lease.id, crate::store::lease_state::EXPIRED)
             .map_err(|e| e.to_string())?;
         Err(reason)
     }
@@ -904,7 +959,7 @@ impl Coordinator {
                 body.len()
             )));
         }
-        let (delta, _codec) =
+        let (delta, codec) =
             codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
         let bound = self.cfg.wire.max_delta_ratio * self.cfg.optim.lr * lease.steps as f64;
         for (name, a) in &delta {
@@ -915,6 +970,22 @@ impl Coordinator {
                     self.cfg.wire.max_delta_ratio, self.cfg.optim.lr, lease.steps
                 )));
             }
+        }
+        // At least as precise as the run's codec: a worker cannot pick a lossier one
+        // (whose looser spot-check tolerance, or none for top-k, it could hide behind).
+        let rank = |c: &Codec| match c {
+            Codec::Fp32 => 0,
+            Codec::Fp16 => 1,
+            Codec::Int8 { .. } => 2,
+            Codec::TopK { .. } => 3,
+        };
+        let expected =
+            Codec::parse(&self.cfg.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
+        if rank(&codec) > rank(&expected) {
+            return Err(NodeError::Rejected(format!(
+                "update encoded as {codec:?}, lossier than this run's {}",
+                self.cfg.wire.codec
+            )));
         }
         Ok(lease)
     }
@@ -948,9 +1019,9 @@ impl Coordinator {
                     tracing::error!("update {} unreadable at merge: {e}", p.id);
                     let reason = format!("stored body unreadable at merge: {e}");
                     self.store.reject_pending(p.id, &reason)?;
-                    self.merge_receipt(p.id, None, now)
-                        .map_err(|r| tracing::error!("update {}: no receipt: {r}", p.id))
-                        .ok();
+                    if let Err(r) = self.merge_receipt(p.id, None, Some(reason), now) {
+                        tracing::error!("update {}: receipt deferred to the next start: {r}", p.id);
+                    }
                 }
             }
         }
@@ -987,17 +1058,25 @@ impl Coordinator {
         };
         let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
         self.store.commit_version(&new_head, &ids, now)?;
-        for &id in &ids {
-            self.merge_receipt(id, Some(new_head.version), now)?;
-        }
-        if let Some(screen) = self.screens.get(block) {
-            let loss = screen.loss(&weights)?;
-            self.store
-                .put_version_loss(block, new_head.version, loss, now)?;
-            self.heldout[block] = loss;
-        }
+        // The version is committed: memory follows it before any bookkeeping that can
+        // fail (receipts, held-out history), so a failure there never forks the state.
         self.current[block] = weights;
         self.model.save_weights(block, &bytes, new_head.steps)?;
+        for &id in &ids {
+            if let Err(e) = self.merge_receipt(id, Some(new_head.version), None, now) {
+                tracing::error!("update {id}: receipt deferred to the next start: {e}");
+            }
+        }
+        if let Some(screen) = self.screens.get(block) {
+            match screen.loss(&self.current[block]) {
+                Ok(loss) => {
+                    self.store
+                        .put_version_loss(block, new_head.version, loss, now)?;
+                    self.heldout[block] = loss;
+                }
+                Err(e) => tracing::error!("block {}: held-out loss not computed: {e}", block + 1),
+            }
+        }
         tracing::info!(
             "block {}: version {} -> {} from {} update(s), {} local steps in all",
             block + 1,
@@ -1022,26 +1101,46 @@ impl Coordinator {
 
     /// The receipt of an update decided at merge time: merged into `version`, or (None)
     /// rejected there. Its claim and screening numbers were stored when it arrived.
-    fn merge_receipt(&mut self, update: i64, version: Option<u64>, now: u64) -> Result<u64> {
-        let (json, sig) = self
-            .store
-            .claim(update)?
-            .ok_or_else(|| NodeError::Config(format!("update {update} has no stored claim")))?;
-        let claim: Claim = serde_json::from_str(&json)
-            .map_err(|e| NodeError::Config(format!("update {update}: stored claim: {e}")))?;
+    fn merge_receipt(
+        &mut self,
+        update: i64,
+        version: Option<u64>,
+        reason: Option<String>,
+        now: u64,
+    ) -> Result<u64> {
+        let (claim, sig) = match self.store.claim(update)? {
+            Some((json, sig)) => (
+                serde_json::from_str(&json).map_err(|e| {
+                    NodeError::Config(format!("update {update}: stored claim: {e}"))
+                })?,
+                sig,
+            ),
+            // No claim on record (a crash between accepting and storing it): the
+            // coordinator's own account, marked as not signed by the worker.
+            None => {
+                let (worker, lease, hash) = self.store.update_origin(update)?.ok_or_else(|| {
+                    NodeError::Config(format!("update {update} is not on record"))
+                })?;
+                let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
+                (
+                    trust::unsigned_claim(&worker, row.as_ref(), hash.as_deref(), None),
+                    None,
+                )
+            }
+        };
         let screening = self.store.screening(update)?;
         let decision = Decision {
             accepted: version.is_some(),
             reason: match version {
                 Some(_) => None,
-                None => Some("stored body unreadable at merge".into()),
+                None => Some(reason.unwrap_or_else(|| "refused".into())),
             },
             resulting_version: version,
             heldout_before: screening.map(|s| s.0),
             heldout_after: screening.map(|s| s.1),
             time_ms: now,
         };
-        self.issue_receipt(claim, sig, decision, now)
+        self.issue_receipt(Some(update), claim, sig, decision, now)
     }
 
     /// Held-out loss of every evaluated version, per block: (version, time_ms, loss).

@@ -76,7 +76,10 @@ fn read_entries(
                 "ledger entry {expected}: missing (the next stored entry is {idx})"
             )));
         }
-        each(idx, parse_receipt(idx, &row.get::<_, String>(1)?)?)?;
+        let text: String = row
+            .get(1)
+            .map_err(|e| bad(format!("ledger entry {idx}: not text: {e}")))?;
+        each(idx, parse_receipt(idx, &text)?)?;
         expected += 1;
     }
     Ok(expected)
@@ -85,11 +88,12 @@ fn read_entries(
 fn read_heads(conn: &Connection) -> Result<Vec<TreeHead>> {
     let mut stmt = conn.prepare("SELECT size, head FROM tree_heads ORDER BY size")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)))
     })?;
     let mut heads = Vec::new();
     for row in rows {
         let (size, text) = row?;
+        let text = text.map_err(|e| bad(format!("tree head of size {size}: not text: {e}")))?;
         let head = parse_head(size, &text)?;
         if head.size != size {
             return Err(bad(format!(

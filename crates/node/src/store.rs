@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS screening (
 CREATE TABLE IF NOT EXISTS version_loss (
     block INTEGER NOT NULL, version INTEGER NOT NULL, heldout REAL NOT NULL,
     time_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
+CREATE TABLE IF NOT EXISTS receipted (
+    update_id INTEGER PRIMARY KEY, receipt INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS flags (
     worker TEXT PRIMARY KEY, failed_checks INTEGER NOT NULL, last_reason TEXT NOT NULL);
 ";
@@ -312,6 +314,84 @@ impl Store {
             )
             .optional()?
             .unwrap_or(false))
+    }
+
+    /// Notes that an update's decision is in the ledger as receipt `index`.
+    pub fn mark_receipted(&self, update: i64, index: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO receipted (update_id, receipt) VALUES (?1, ?2)",
+            params![update, index as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Decided updates (applied or rejected after authentication) with no receipt yet:
+    /// (id, worker, lease, block, base version, body hash, steps, state, reason). A crash
+    /// between a decision and its receipt leaves these; the coordinator issues them at
+    /// start-up.
+    #[allow(clippy::type_complexity)]
+    pub fn unreceipted(
+        &self,
+    ) -> Result<
+        Vec<(
+            i64,
+            String,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            String,
+            Option<String>,
+        )>,
+    > {
+        let mut st = self.conn.prepare(
+            "SELECT u.id, u.worker, u.lease, u.block, u.version, u.hash, u.steps, u.state, u.reason
+             FROM updates u LEFT JOIN receipted r ON r.update_id = u.id
+             WHERE r.update_id IS NULL AND u.state != 'pending'
+               AND (u.state = 'applied' OR u.id IN (SELECT update_id FROM claims))
+             ORDER BY u.id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// An update's worker, lease and body hash.
+    #[allow(clippy::type_complexity)]
+    pub fn update_origin(&self, id: i64) -> Result<Option<(String, Option<i64>, Option<String>)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT worker, lease, hash FROM updates WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?)
+    }
+
+    /// Whether a worker failed a spot check.
+    pub fn is_flagged(&self, worker: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM flags WHERE worker = ?1",
+                [worker],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// Counts a failed check against a worker.

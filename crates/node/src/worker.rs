@@ -205,7 +205,7 @@ impl std::fmt::Display for Audit {
 /// Checks, without trusting the coordinator, that every receipt it lists for this
 /// worker is in its signed log (inclusion proofs), that the log only grew since the
 /// head this worker last saw (consistency proof), and that the coordinator's key did
-/// not change. The head and key are kept in `cache/ledger-head.json`.
+/// not change. The head is kept in `cache/ledger-head-<coordinator key>.json`.
 pub fn audit_receipts(client: &mut Client, me: &str, cache: &Path) -> Result<Audit> {
     use blocktrain_protocol::receipt::{
         verify_consistency, ConsistencyProof, ReceiptProof, TreeHead,
@@ -216,11 +216,17 @@ pub fn audit_receipts(client: &mut Client, me: &str, cache: &Path) -> Result<Aud
         .as_array()
         .map(|a| a.iter().filter_map(|r| r["index"].as_u64()).collect())
         .unwrap_or_default();
-    let kept_path = cache.join("ledger-head.json");
+    // One kept head per coordinator key, so joining another run starts a new record.
+    let current: TreeHead = client.get_json("/v1/ledger/head")?;
+    current
+        .verify()
+        .map_err(|e| bad(format!("tree head: {e}")))?;
+    let tag: String = current.coordinator.chars().take(16).collect();
+    let kept_path = cache.join(format!("ledger-head-{tag}.json"));
     let kept: Option<TreeHead> = std::fs::read(&kept_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let pinned = kept.as_ref().map(|h| h.coordinator.clone());
+    let pinned = Some(current.coordinator.clone());
     let mut head: Option<TreeHead> = None;
     let mut accepted = 0;
     for i in &indices {
@@ -233,10 +239,7 @@ pub fn audit_receipts(client: &mut Client, me: &str, cache: &Path) -> Result<Aud
         accepted += usize::from(p.receipt.decision.accepted);
         head = Some(p.head);
     }
-    let head = match head {
-        Some(h) => h,
-        None => client.get_json("/v1/ledger/head")?,
-    };
+    let head = head.unwrap_or(current);
     head.verify().map_err(|e| bad(format!("tree head: {e}")))?;
     let consistent_with = match &kept {
         Some(old) if old.size <= head.size => {

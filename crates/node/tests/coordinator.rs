@@ -20,6 +20,7 @@ fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     c.training.local_steps = 4;
     c.outer.optimizer = OuterKind::Average;
     c.wire.checkpoint_codec = "fp32".into(); // exact arithmetic in these tests
+    c.wire.codec = "int8".into(); // updates may come in this codec or a more precise one
     c.faults.lease_secs = 10.0;
     c.faults.round_timeout_secs = 100.0;
     // These tests send synthetic deltas to test the rules; screening and spot checks
@@ -592,4 +593,99 @@ fn every_decision_gets_a_signed_receipt_and_replays_and_unsigned_updates_are_ref
         .unwrap();
     assert_eq!(replay.1.claim.worker, key(2));
     assert!(replay.1.claim_sig.is_some());
+}
+
+#[test]
+fn a_failed_spot_check_voids_the_lease_and_bars_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 2);
+    cfg.dataset = "shakespeare".into();
+    cfg.trust.spot_check_fraction = 1.0;
+    let mut c = with_two_workers(dir.path(), cfg);
+    let a = lease(&mut c, &key(1), 0);
+    let w0 = weights(&c, &key(1), &a);
+    // A made-up delta is not what training from this lease's inputs gives.
+    let e = submit(&mut c, &key(1), &a, &w0, 0.001, 1).unwrap_err();
+    assert!(e.to_string().contains("spot check"), "{e}");
+    // No second try on the same lease with other bytes, and no more work at all.
+    let e = submit(&mut c, &key(1), &a, &w0, 0.0011, 2).unwrap_err();
+    assert!(
+        matches!(e, NodeError::Forbidden(_)),
+        "barred, not checked again: {e}"
+    );
+    let e = c.request_work(&key(1), &info(), 3).unwrap_err();
+    assert!(
+        matches!(e, NodeError::Forbidden(_)) && e.to_string().contains("spot check"),
+        "{e}"
+    );
+    let s = c.status().unwrap();
+    assert_eq!(s.flagged.len(), 1);
+    assert_eq!(s.flagged[0].key, key(1));
+}
+
+#[test]
+fn lossier_codecs_and_unauthenticated_failures_get_no_foothold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
+    let a = lease(&mut c, &key(1), 0);
+    let w0 = weights(&c, &key(1), &a);
+    // The run takes int8: top-k (lossier, and beyond spot checks) is refused.
+    let e = submit_as(
+        &mut c,
+        &key(1),
+        &a,
+        &w0,
+        0.001,
+        Codec::TopK { fraction: 0.5 },
+        1,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("lossier"), "{e}");
+    let receipts = blocktrain_node::ledger::Ledger::entries(c.conn())
+        .unwrap()
+        .len();
+    // Somebody else's bad upload in this worker's name: recorded, but no receipt.
+    c.record_rejection(&key(1), Some(a.id), 10, "bad signature", 2)
+        .unwrap();
+    assert_eq!(
+        blocktrain_node::ledger::Ledger::entries(c.conn())
+            .unwrap()
+            .len(),
+        receipts
+    );
+}
+
+#[test]
+fn receipts_a_crash_left_out_are_issued_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(1, 2);
+    {
+        let mut c = with_two_workers(dir.path(), cfg.clone());
+        let a = lease(&mut c, &key(1), 0);
+        let w0 = weights(&c, &key(1), &a);
+        let e = c
+            .submit_update(&key(1), a.id, &[1, 2, 3], None, None, 1)
+            .unwrap_err();
+        assert!(!e.to_string().is_empty());
+        let _ = w0;
+    }
+    // Roll the ledger back to before that receipt, as a crash right after the
+    // refusal was recorded would leave it.
+    let db = rusqlite::Connection::open(dir.path().join("state.sqlite")).unwrap();
+    let last: i64 = db
+        .query_row("SELECT MAX(idx) FROM ledger", [], |r| r.get(0))
+        .unwrap();
+    db.execute("DELETE FROM ledger WHERE idx = ?1", [last])
+        .unwrap();
+    db.execute("DELETE FROM tree_heads WHERE size > ?1", [last])
+        .unwrap();
+    db.execute("DELETE FROM receipted", []).unwrap();
+    drop(db);
+    let c = Coordinator::open(dir.path(), None, 5).unwrap();
+    let report = blocktrain_node::ledger::verify_all(c.conn()).unwrap();
+    assert_eq!(
+        report.receipts,
+        last as u64 + 1,
+        "the refusal's receipt is back"
+    );
 }

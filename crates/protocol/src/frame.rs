@@ -448,8 +448,10 @@ fn f16_bytes(values: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-fn f16_values(body: &[u8], expect: usize) -> Result<Vec<f32>> {
-    if body.len() != expect * 2 {
+fn f16_values(body: &[u8], rows: u32, d: u32) -> Result<Vec<f32>> {
+    // Dimensions come from the sender: checked arithmetic, never an overflow.
+    let expect = (rows as usize).saturating_mul(d as usize);
+    if expect.checked_mul(2) != Some(body.len()) {
         return Err(ProtocolError::Malformed(format!(
             "hidden states: {} bytes for {expect} f16 values",
             body.len()
@@ -561,9 +563,7 @@ impl Message {
                     check_route(&setup.route, setup.hop)?;
                 }
                 let payload = match m.hidden {
-                    Some((rows, d)) => {
-                        ArPayload::Hidden(f16_values(body, rows as usize * d as usize)?)
-                    }
+                    Some((rows, d)) => ArPayload::Hidden(f16_values(body, rows, d)?),
                     None => ArPayload::Tokens(decode_tokens(body)?),
                 };
                 Message::ArStep(m, payload)

@@ -104,7 +104,11 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let addr = std::fs::read_to_string(&addr_file)?.trim().to_string();
-    let url = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
+    let url = if addr.starts_with("http") {
+        addr
+    } else {
+        format!("http://{addr}")
+    };
     println!(
         "== bench load: {} simulated workers, {} s, {} ms between a worker's requests, coordinator at {url}",
         args.workers, args.seconds, args.think_ms
@@ -115,7 +119,12 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
     let stop_at = Arc::new(Mutex::new(None::<Instant>));
     let mut threads = Vec::new();
     for _ in 0..args.workers {
-        let (url, tally, gate, stop_at) = (url.clone(), tally.clone(), start_gate.clone(), stop_at.clone());
+        let (url, tally, gate, stop_at) = (
+            url.clone(),
+            tally.clone(),
+            start_gate.clone(),
+            stop_at.clone(),
+        );
         let think = Duration::from_millis(args.think_ms);
         threads.push(std::thread::spawn(move || {
             let mut client = Client::new(&url, Identity::generate()).ok();
@@ -123,7 +132,10 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
             let registered = client.as_mut().is_some_and(|c| {
                 c.post_json::<_, serde_json::Value>(
                     "/v1/register",
-                    &RegisterRequest { info: info.clone(), join_proof: None },
+                    &RegisterRequest {
+                        info: info.clone(),
+                        join_proof: None,
+                    },
                 )
                 .is_ok()
             });
