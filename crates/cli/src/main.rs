@@ -41,6 +41,9 @@ enum Command {
     /// Check this node before it joins: memory, disk, the coordinator, clock skew, whether
     /// its public address is reachable, and its peers.
     Doctor(cmd::doctor::DoctorArgs),
+    /// A local network (coordinator, workers, block servers) that trains and serves under
+    /// seeded fault injection, then checks its invariants.
+    Testnet(cmd::testnet::TestnetArgs),
     /// Serve some blocks of a model to clients and other block servers over TCP.
     Serve(cmd::serve::ServeArgs),
     /// OpenAI-style HTTP entry point (POST /v1/completions) in front of block servers.
@@ -68,6 +71,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Doctor(a) => cmd::doctor::run(a),
+        Command::Testnet(a) => cmd::testnet::run(a),
         Command::Gateway(a) => cmd::gateway::run(a),
         Command::Boundaries(a) => cmd::boundaries::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),

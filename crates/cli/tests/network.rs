@@ -717,3 +717,46 @@ fn doctor_checks_the_coordinator_clock_and_reachability_and_names_failures() {
     );
     assert!(text.contains("FAIL  disk"), "{text}");
 }
+
+#[test]
+fn testnet_trains_and_serves_under_seeded_faults_and_its_invariants_hold() {
+    let dir = scratch("testnet");
+    let json = dir.join("testnet.json");
+    let out = Command::new(BIN)
+        .args([
+            "testnet",
+            "--seed",
+            "3",
+            "--rounds",
+            "3",
+            "--requests",
+            "6",
+            "--device",
+            "cpu",
+        ])
+        .arg("--out")
+        .arg(dir.join("net"))
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("all invariants hold"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert!(events.len() >= 3, "faults were injected: {events:?}");
+    assert_eq!(v["inference"]["failed_unnamed"], 0);
+    // Loss cannot be emulated here: refused up front, saying why.
+    let out = Command::new(BIN)
+        .args(["testnet", "--faults", "loss"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("netem"));
+}

@@ -14,5 +14,6 @@ pub mod generate;
 pub mod ledger;
 pub mod link;
 pub mod serve;
+pub mod testnet;
 pub mod train;
 pub mod worker;
