@@ -752,11 +752,10 @@ fn testnet_trains_and_serves_under_seeded_faults_and_its_invariants_hold() {
     let events = v["events"].as_array().unwrap();
     assert!(events.len() >= 3, "faults were injected: {events:?}");
     assert_eq!(v["inference"]["failed_unnamed"], 0);
-    // Loss cannot be emulated here: refused up front, saying why.
-    let out = Command::new(BIN)
-        .args(["testnet", "--faults", "loss"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("netem"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("connections were cut")),
+        "{events:?}"
+    );
 }

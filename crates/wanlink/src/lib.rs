@@ -34,9 +34,9 @@ mod probe;
 mod spec;
 mod thread;
 
-pub use link::{spawn_link, LinkHandle};
+pub use link::{spawn_link, spawn_link_with_cuts, Cuts, LinkHandle};
 pub use probe::{
     bulk_bytes_for, measure, measure_blocking, probe, probe_blocking, spawn_echo, EchoHandle, Probe,
 };
 pub use spec::{LinkSpec, ParseLinkSpecError};
-pub use thread::{spawn_link_thread, wait_for_ctrl_c, ThreadLink};
+pub use thread::{spawn_link_thread, spawn_link_thread_with_cuts, wait_for_ctrl_c, ThreadLink};

@@ -33,6 +33,21 @@ pub(crate) struct Counters {
     pub(crate) up: AtomicU64,
     pub(crate) down: AtomicU64,
     pub(crate) connections: AtomicU64,
+    pub(crate) cut: AtomicU64,
+}
+
+/// Connection loss: the closest a TCP proxy comes to packet loss (it cannot drop packets;
+/// TCP would retransmit them anyway). Each connection is, with probability `fraction`,
+/// cut (both sockets closed) at a uniformly drawn moment within `within` of opening, as
+/// a peer sees a link that drops out. Seeded, so a schedule replays.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cuts {
+    /// Fraction of connections cut, 0..=1.
+    pub fraction: f64,
+    /// A cut comes at most this long after the connection opened.
+    pub within: Duration,
+    /// Seeds which connections are cut and when.
+    pub seed: u64,
 }
 
 /// A running link; dropping it (or [`LinkHandle::shutdown`]) closes the listener and every
@@ -98,12 +113,28 @@ pub async fn spawn_link(
     upstream: SocketAddr,
     spec: LinkSpec,
 ) -> anyhow::Result<LinkHandle> {
+    spawn_link_with_cuts(listen, upstream, spec, None).await
+}
+
+/// [`spawn_link`] that also cuts connections ([`Cuts`]).
+pub async fn spawn_link_with_cuts(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    spec: LinkSpec,
+    cuts: Option<Cuts>,
+) -> anyhow::Result<LinkHandle> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("link: cannot listen on {listen}"))?;
     let local_addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
-    let task = tokio::spawn(accept_loop(listener, upstream, spec, counters.clone()));
+    let task = tokio::spawn(accept_loop(
+        listener,
+        upstream,
+        spec,
+        cuts,
+        counters.clone(),
+    ));
     Ok(LinkHandle {
         local_addr,
         upstream,
@@ -117,16 +148,29 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     spec: LinkSpec,
+    cuts: Option<Cuts>,
     counters: Arc<Counters>,
 ) {
     // Aborting this task drops the set, which aborts every connection.
     let mut conns = JoinSet::new();
+    // splitmix64: a seeded stream of cut decisions without another dependency.
+    let mut state = cuts.map_or(0, |c| c.seed);
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
                     counters.connections.fetch_add(1, Ordering::Relaxed);
-                    conns.spawn(connection(client, upstream, spec, counters.clone()));
+                    let cut_after = cuts
+                        .filter(|c| next() < c.fraction)
+                        .map(|c| c.within.mul_f64(next()));
+                    conns.spawn(connection(client, upstream, spec, cut_after, counters.clone()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: transient, keep serving.
@@ -139,7 +183,13 @@ async fn accept_loop(
     }
 }
 
-async fn connection(client: TcpStream, upstream: SocketAddr, spec: LinkSpec, c: Arc<Counters>) {
+async fn connection(
+    client: TcpStream,
+    upstream: SocketAddr,
+    spec: LinkSpec,
+    cut_after: Option<Duration>,
+    c: Arc<Counters>,
+) {
     let server = match TcpStream::connect(upstream).await {
         Ok(s) => s,
         Err(e) => {
@@ -154,10 +204,22 @@ async fn connection(client: TcpStream, upstream: SocketAddr, spec: LinkSpec, c: 
     let (server_r, server_w) = server.into_split();
     // Any error (reset, broken pipe) ends the whole connection: try_join drops every half,
     // which closes both sockets. Clean EOFs just half-close and wait for the other way.
-    let _ = tokio::try_join!(
-        direction(client_r, server_w, spec, &c.up),
-        direction(server_r, client_w, spec, &c.down),
-    );
+    let both = async {
+        let _ = tokio::try_join!(
+            direction(client_r, server_w, spec, &c.up),
+            direction(server_r, client_w, spec, &c.down),
+        );
+    };
+    match cut_after {
+        None => both.await,
+        // Returning drops every half: both sockets close mid-stream.
+        Some(after) => tokio::select! {
+            _ = both => {}
+            _ = tokio::time::sleep(after) => {
+                c.cut.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+    }
 }
 
 enum Msg {

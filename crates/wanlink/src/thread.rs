@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::sync::oneshot;
 
 use crate::link::Counters;
-use crate::{spawn_link, LinkSpec};
+use crate::LinkSpec;
 
 /// A link running on its own thread and tokio runtime. Dropping it (or
 /// [`ThreadLink::shutdown`]) stops the proxy and joins the thread.
@@ -21,11 +21,21 @@ pub struct ThreadLink {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Blocking [`spawn_link`]: returns once the proxy listens.
+/// Blocking [`crate::spawn_link`]: returns once the proxy listens.
 pub fn spawn_link_thread(
     listen: SocketAddr,
     upstream: SocketAddr,
     spec: LinkSpec,
+) -> anyhow::Result<ThreadLink> {
+    spawn_link_thread_with_cuts(listen, upstream, spec, None)
+}
+
+/// Blocking [`crate::spawn_link_with_cuts`].
+pub fn spawn_link_thread_with_cuts(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    spec: LinkSpec,
+    cuts: Option<crate::Cuts>,
 ) -> anyhow::Result<ThreadLink> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (stop, stop_rx) = oneshot::channel::<()>();
@@ -37,7 +47,7 @@ pub fn spawn_link_thread(
                 Err(e) => return drop(ready_tx.send(Err(e))),
             };
             rt.block_on(async move {
-                match spawn_link(listen, upstream, spec).await {
+                match crate::spawn_link_with_cuts(listen, upstream, spec, cuts).await {
                     Ok(link) => {
                         let _ = ready_tx.send(Ok((link.local_addr(), link.counters())));
                         let _ = stop_rx.await; // sender dropped or fired: stop
@@ -70,6 +80,11 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 impl ThreadLink {
+    /// Connections cut so far ([`crate::Cuts`]).
+    pub fn cut_connections(&self) -> u64 {
+        self.counters.cut.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Where clients connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -138,3 +138,42 @@ fn blocking_thread_link() {
     link.shutdown();
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_close_a_seeded_share_of_connections_mid_stream() {
+    let echo = spawn_echo(any()).await.unwrap();
+    let cuts = blocktrain_wanlink::Cuts {
+        fraction: 0.5,
+        within: Duration::from_millis(50),
+        seed: 7,
+    };
+    let link =
+        blocktrain_wanlink::spawn_link_with_cuts(any(), echo.local_addr(), spec("0ms"), Some(cuts))
+            .await
+            .unwrap();
+    let mut cut = 0;
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(link.local_addr()).await.unwrap();
+        c.write_all(b"E").await.unwrap(); // the echo server's echo mode
+                                          // Keep talking for 200 ms: a cut connection ends (EOF or error) before that.
+        let mut alive = true;
+        for _ in 0..20 {
+            let mut b = [0u8; 1];
+            let ok = c.write_all(b"x").await.is_ok()
+                && matches!(
+                    tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await,
+                    Ok(Ok(1))
+                );
+            if !ok {
+                alive = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cut += usize::from(!alive);
+    }
+    assert!(
+        (4..=16).contains(&cut),
+        "about half of 20 connections cut, got {cut}"
+    );
+}

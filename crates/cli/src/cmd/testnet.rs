@@ -5,8 +5,9 @@
 //! Faults: `kill` (SIGKILL a worker or block server, restart workers), `pause`
 //! (SIGSTOP for a while, then SIGCONT), `corrupt` (hostile uploads: garbage bodies
 //! with forged signatures), `delay` (workers reach the coordinator through an emulated
-//! 30 ms link). `loss` is refused with the reason: this kernel has no netem and a TCP
-//! proxy cannot drop packets.
+//! 30 ms link), `loss` (that link drops a seeded fifth of connections mid-stream: this
+//! kernel has no netem, and a TCP proxy cannot drop packets, so loss is what an
+//! application sees of a bad link: connections that die).
 //!
 //! Invariants checked: every block's version history rises by one from 0 and every
 //! committed checkpoint loads; every accepted update was merged into exactly one
@@ -25,7 +26,7 @@ use blocktrain_node::inference::client::{self as infer, Request};
 use blocktrain_node::inference::hop::HopLimits;
 use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::frame::Sampling;
-use blocktrain_wanlink::{spawn_link_thread, LinkSpec};
+use blocktrain_wanlink::{spawn_link_thread_with_cuts, Cuts, LinkSpec};
 use clap::{Args, ValueEnum};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -42,7 +43,7 @@ pub enum Fault {
     Pause,
     /// Emulated 30 ms link between workers and the coordinator.
     Delay,
-    /// Packet loss (not available here; refused with the reason).
+    /// Connections dropped mid-stream on the workers' link (no netem here for packet loss).
     Loss,
     /// Hostile uploads: garbage bodies with forged signatures.
     Corrupt,
@@ -62,7 +63,7 @@ pub struct TestnetArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kill,pause,corrupt,delay"
+        default_value = "kill,pause,corrupt,delay,loss"
     )]
     pub faults: Vec<Fault>,
     /// Seeds the fault schedule (and the run).
@@ -121,9 +122,6 @@ fn peak_rss_mb() -> u64 {
 
 /// Runs the testnet; exit status 1 if an invariant fails.
 pub fn run(args: TestnetArgs) -> Result<()> {
-    if args.faults.contains(&Fault::Loss) {
-        bail!("--faults loss: packet loss cannot be emulated here (the kernel has no netem, and a user-space TCP proxy cannot drop packets); use kill, pause, delay, corrupt");
-    }
     if args.workers == 0 || args.servers == 0 {
         bail!("--workers and --servers must be at least 1");
     }
@@ -163,17 +161,32 @@ pub fn run(args: TestnetArgs) -> Result<()> {
     let coord = Coordinator::open(&state, Some(cfg.clone()), now_ms())?;
     let running = server::spawn("127.0.0.1:0".parse()?, coord)?;
     let mut url = running.url();
-    let _link = if args.faults.contains(&Fault::Delay) {
-        let l = spawn_link_thread(
-            "127.0.0.1:0".parse()?,
-            running.addr,
-            LinkSpec::parse("30ms")?,
-        )?;
+    let (delay, loss) = (
+        args.faults.contains(&Fault::Delay),
+        args.faults.contains(&Fault::Loss),
+    );
+    let link = if delay || loss {
+        let spec = LinkSpec::parse(if delay { "30ms" } else { "0ms" })?;
+        // Loss as a TCP proxy can emulate it: a fifth of connections dropped mid-stream.
+        let cuts = loss.then_some(Cuts {
+            fraction: 0.2,
+            within: Duration::from_secs(2),
+            seed: args.seed,
+        });
+        let l = spawn_link_thread_with_cuts("127.0.0.1:0".parse()?, running.addr, spec, cuts)?;
         url = format!("http://{}", l.local_addr());
-        log(
-            &mut events,
-            format!("delay: workers reach the coordinator over a 30 ms link ({url})"),
-        );
+        if delay {
+            log(
+                &mut events,
+                format!("delay: workers reach the coordinator over a 30 ms link ({url})"),
+            );
+        }
+        if loss {
+            log(
+                &mut events,
+                "loss: the workers' link drops 20% of connections mid-stream (seeded)".into(),
+            );
+        }
         Some(l)
     } else {
         None
@@ -256,6 +269,18 @@ pub fn run(args: TestnetArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let train_secs = started.elapsed().as_secs_f64();
+    if let Some(l) = &link {
+        if loss {
+            log(
+                &mut events,
+                format!(
+                    "loss: {} of {} worker connections were cut",
+                    l.cut_connections(),
+                    l.connections()
+                ),
+            );
+        }
+    }
     drop(workers);
     let mut failures: Vec<String> = Vec::new();
     check_training(&state, &args, &mut failures)?;
