@@ -12,7 +12,6 @@
 //!
 //! Weights: random ones of `--shape` by default (serving cost does not depend on their
 //! values), or trained runs with `--checkpoint` / `--ar-checkpoint`.
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -108,45 +107,22 @@ fn start_server(
     source: &[String],
     device: &DeviceArgs,
 ) -> Result<(ServerProc, SocketAddr)> {
-    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
-    cmd.arg("serve")
-        .args(source)
-        .args([
-            "--listen",
-            listen,
-            "--device",
-            &device.device,
-            "--max-tokens",
-            "8192",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(t) = device.threads {
-        cmd.args(["--threads", &t.to_string()]);
+    let mut args = source.to_vec();
+    for a in [
+        "--listen",
+        listen,
+        "--device",
+        &device.device,
+        "--max-tokens",
+        "8192",
+    ] {
+        args.push(a.to_string());
     }
-    let mut child = cmd.spawn().context("starting a block server")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .context("reading the server's address")?;
-    let proc = ServerProc(child);
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|_| line.starts_with("serving"))
-        .with_context(|| format!("block server did not start (it printed {line:?})"))?
-        .parse()?;
-    Ok((proc, addr))
+    if let Some(t) = device.threads {
+        args.extend(["--threads".to_string(), t.to_string()]);
+    }
+    let (child, addr) = crate::cmd::serve::spawn_process(ns, &args, Stdio::inherit())?;
+    Ok((ServerProc(child), addr.parse()?))
 }
 
 /// One system (diffusion or AR) on the three hosts, behind its links.

@@ -62,6 +62,50 @@ pub struct ServeArgs {
     pub device: DeviceArgs,
 }
 
+/// Starts `blocktrain serve ARGS` as a child process (inside network namespace `ns` when
+/// given) and waits for the line announcing its address. The child's stdout is consumed;
+/// its stderr goes to `stderr`. Kill the child when done.
+pub fn spawn_process(
+    ns: Option<&str>,
+    args: &[String],
+    stderr: std::process::Stdio,
+) -> Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().context("locating the blocktrain binary")?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&exe);
+            c
+        }
+        None => std::process::Command::new(&exe),
+    };
+    let mut child = cmd
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .context("starting a block server")?;
+    let mut line = String::new();
+    let read = std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line);
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|_| line.starts_with("serving"))
+        .map(str::to_string);
+    match (read, addr) {
+        (Ok(_), Some(addr)) => Ok((child, addr)),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("block server did not start (it printed {line:?})")
+        }
+    }
+}
+
 /// Limits from the shared timeout flags.
 pub fn limits(stall: f64, connect: f64, max_frame_mb: u32) -> Result<HopLimits> {
     if !(stall > 0.0 && connect > 0.0) {

@@ -439,41 +439,27 @@ fn corrupt_upload(url: &str, lease: i64, junk: u64) -> String {
 }
 
 fn start_server(model: &Path, block: u32) -> Result<(Proc, String)> {
-    use std::io::BufRead;
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args([
-            "serve",
-            "--blocks",
-            &block.to_string(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--threads",
-            "1",
-            "--keepalive-ms",
-            "200",
-            "--stall-timeout",
-            "2",
-        ])
-        .arg("--checkpoint")
-        .arg(model)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    let p = Proc(child);
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|_| line.starts_with("serving"))
-        .with_context(|| format!("block server did not start: {line:?}"))?
-        .to_string();
-    Ok((p, addr))
+    let args: Vec<String> = [
+        "--blocks",
+        &block.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ]
+    .into_iter()
+    .chain([
+        "--keepalive-ms",
+        "200",
+        "--stall-timeout",
+        "2",
+        "--checkpoint",
+    ])
+    .map(str::to_string)
+    .chain([model.display().to_string()])
+    .collect();
+    let (child, addr) = crate::cmd::serve::spawn_process(None, &args, Stdio::null())?;
+    Ok((Proc(child), addr))
 }
 
 /// The training invariants, checked on the state the coordinator left.
