@@ -277,29 +277,25 @@ impl Coordinator {
         }
         let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
         let ledger = Ledger::open(store.conn(), identity.clone())?;
-        // Held-out screens (fixed windows and masks) and each current version's loss.
+        // Held-out screens (fixed windows and masks) and each current version's loss. The
+        // draws are seeded from the coordinator's secret, not the run's public seed, so a
+        // worker cannot tune an update against them.
         let (mut screens, mut heldout) = (Vec::new(), Vec::new());
         if cfg.trust.screen_windows > 0 {
+            let key = blake3::derive_key("blocktrain held-out screen", &identity.secret());
+            let seed = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
             for (b, head) in store.heads()?.iter().enumerate() {
                 let screen = crate::verify::Screen::new(
                     &model.manifest,
                     b,
                     cfg.trust.screen_windows,
-                    cfg.seed ^ 0x5c4e_e2ed,
+                    seed,
                     tch::Device::Cpu,
                 )?;
-                let known = store
-                    .version_losses(b)?
-                    .into_iter()
-                    .find(|(v, _, _)| *v == head.version);
-                let loss = match known {
-                    Some((_, _, l)) => l,
-                    None => {
-                        let l = screen.loss(&current[b])?;
-                        store.put_version_loss(b, head.version, l, now)?;
-                        l
-                    }
-                };
+                // Recomputed at every start (one forward pass per block), so the loss an
+                // update is compared with always comes from these very draws.
+                let loss = screen.loss(&current[b])?;
+                store.put_version_loss(b, head.version, loss, now)?;
                 screens.push(screen);
                 heldout.push(loss);
             }
