@@ -205,20 +205,6 @@ impl Client {
             .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
     }
 
-    /// Uploads an update body for `lease`.
-    pub fn upload(
-        &mut self,
-        lease: i64,
-        body: &[u8],
-        loss: f64,
-    ) -> Result<blocktrain_protocol::wire::UpdateReply> {
-        // The mean loss rides in the query string, which the signature covers.
-        let path = format!("/v1/updates/{lease}?loss={loss}");
-        let r = self.send("POST", &path, body, &[])?;
-        r.json()
-            .map_err(|e| NodeError::Network(format!("{path}: bad reply: {e}")))
-    }
-
     /// Uploads an update with this worker's signed claim about it (what goes into the
     /// coordinator's ledger as its side of the receipt).
     pub fn upload_claimed(

@@ -659,7 +659,7 @@ impl Coordinator {
     /// authenticated one (its claim is on record), that has no receipt yet.
     fn issue_missing_receipts(&mut self, now: u64) -> Result<usize> {
         let missing = self.store.unreceipted()?;
-        for (id, _, _, _, version, _, _, state, reason) in &missing {
+        for (id, version, state, reason) in &missing {
             if state == update_state::APPLIED {
                 let merged_into = version.map(|v| v as u64 + 1);
                 self.merge_receipt(*id, merged_into, None, now)?;
@@ -810,7 +810,7 @@ impl Coordinator {
         let (delta, codec) = codec::decode(body, &self.shapes[lease.block], usize::MAX)
             .map_err(|e| e.to_string())?;
         let heldout = self.screen(lease.block, &delta)?;
-        self.spot_check(key, lease, body_hash, &delta, &codec)?;
+        self.spot_check(key, lease, &delta, &codec)?;
         Ok(Verdict { heldout })
     }
 
@@ -849,7 +849,6 @@ impl Coordinator {
         &mut self,
         key: &str,
         lease: &crate::store::LeaseRow,
-        body_hash: &str,
         delta: &Arrays,
         codec: &Codec,
     ) -> std::result::Result<(), String> {
@@ -857,7 +856,6 @@ impl Coordinator {
         // Keyed on the lease, not the bytes: re-sending altered bytes on the same lease
         // does not buy a new draw.
         let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
-        let _ = body_hash;
         if !trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
             || self.store.has_own_data(key).map_err(|e| e.to_string())?
         {

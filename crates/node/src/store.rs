@@ -325,46 +325,19 @@ impl Store {
         Ok(())
     }
 
-    /// Decided updates (applied or rejected after authentication) with no receipt yet:
-    /// (id, worker, lease, block, base version, body hash, steps, state, reason). A crash
-    /// between a decision and its receipt leaves these; the coordinator issues them at
-    /// start-up.
+    /// Decided updates (applied, or refused after authentication: their claim is on
+    /// record) with no receipt yet: (id, base version, state, reason). A crash between a
+    /// decision and its receipt leaves these; the coordinator issues them at start-up.
     #[allow(clippy::type_complexity)]
-    pub fn unreceipted(
-        &self,
-    ) -> Result<
-        Vec<(
-            i64,
-            String,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-            Option<i64>,
-            String,
-            Option<String>,
-        )>,
-    > {
+    pub fn unreceipted(&self) -> Result<Vec<(i64, Option<i64>, String, Option<String>)>> {
         let mut st = self.conn.prepare(
-            "SELECT u.id, u.worker, u.lease, u.block, u.version, u.hash, u.steps, u.state, u.reason
+            "SELECT u.id, u.version, u.state, u.reason
              FROM updates u LEFT JOIN receipted r ON r.update_id = u.id
              WHERE r.update_id IS NULL AND u.state != 'pending'
                AND (u.state = 'applied' OR u.id IN (SELECT update_id FROM claims))
              ORDER BY u.id",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-            ))
-        })?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 

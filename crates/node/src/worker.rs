@@ -158,7 +158,8 @@ pub fn load_or_create_key(path: &Path) -> Result<Identity> {
     Ok(id)
 }
 
-fn available_memory() -> u64 {
+/// MemAvailable from /proc/meminfo, bytes (0 when unknown).
+pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

@@ -260,6 +260,13 @@ struct Sources {
     weights: String,
 }
 
+/// The AR layers host k (1..=3) serves, `per` per host: host 3 holds the first
+/// (it embeds), host 1 the last (it samples), so AR hops go 3 -> 2 -> 1 like diffusion's.
+fn ar_layers_of_host(k: i64, per: i64) -> String {
+    let stage = HOSTS as i64 - k;
+    format!("{}..{}", stage * per + 1, (stage + 1) * per)
+}
+
 fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     if let (Some(bt), Some(ar)) = (&args.checkpoint, &args.ar_checkpoint) {
@@ -279,11 +286,9 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
                 ])
             })
             .collect();
-        // Host k holds the layers of the (4-k)-th stage: host 3 embeds, host 1 samples.
         let arv = (1..=HOSTS as i64)
             .map(|k| {
-                let stage = HOSTS as i64 - k;
-                let r = format!("{}..{}", stage * per + 1, (stage + 1) * per);
+                let r = ar_layers_of_host(k, per);
                 s(&["--checkpoint", &ar.to_string_lossy(), "--blocks", &r])
             })
             .collect();
@@ -310,8 +315,7 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
         .collect();
     let arv = (1..=HOSTS as i64)
         .map(|k| {
-            let stage = HOSTS as i64 - k;
-            let r = format!("{}..{}", stage * per + 1, (stage + 1) * per);
+            let r = ar_layers_of_host(k, per);
             s(&[
                 "--logical-shape",
                 &shape,

@@ -67,22 +67,10 @@ impl Report {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-fn mem_available() -> Option<u64> {
-    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = m
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 /// Runs every check that its flags ask for; exit status 1 if any failed.
 pub fn run(args: DoctorArgs) -> Result<()> {
     let mut r = Report::default();
-    match mem_available() {
+    match Some(blocktrain_node::worker::available_memory()).filter(|&b| b > 0) {
         Some(b) if b as f64 / GIB >= args.min_memory_gb => {
             r.ok("memory", format!("{:.1} GiB available", b as f64 / GIB))
         }
