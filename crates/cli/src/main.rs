@@ -48,6 +48,9 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// OpenAI-style HTTP entry point (POST /v1/completions) in front of block servers.
     Gateway(cmd::gateway::GatewayArgs),
+    /// Sample quality under one AR judge: each generator's samples scored by their NLL
+    /// per byte, with their byte-unigram entropy, beside real held-out text.
+    Judge(cmd::judge::JudgeArgs),
     /// Equal-ELBO-share interval boundaries from a trained pilot run.
     Boundaries(cmd::boundaries::BoundariesArgs),
     /// Training receipts, offline: verify a coordinator's ledger, prove and check one
@@ -73,6 +76,7 @@ fn main() {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Testnet(a) => cmd::testnet::run(a),
         Command::Gateway(a) => cmd::gateway::run(a),
+        Command::Judge(a) => cmd::judge::run(a),
         Command::Boundaries(a) => cmd::boundaries::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),
         Command::Bench(c) => cmd::bench::run(c),

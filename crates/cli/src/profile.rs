@@ -12,6 +12,10 @@ pub enum Profile {
     Demo,
     /// Tens of minutes per model on 2 cores: the comparison in docs/RESULTS.md.
     Quality,
+    /// The sample-quality judge (`blocktrain judge`): a wider AR network over 256-byte
+    /// windows, trained once and kept out of every comparison. Train it with
+    /// `--objective ar --blocks 1` (about 1.5 hours on 2 cores).
+    Judge,
 }
 
 /// Everything a profile fixes.
@@ -41,6 +45,7 @@ impl Profile {
                     window: 32,
                     causal: false,
                     t_cond: false,
+                    edm: None,
                 },
                 steps: 20,
                 batch: 8,
@@ -61,6 +66,26 @@ impl Profile {
                     ..Default::default()
                 },
                 eval_windows: 800,
+            },
+            Profile::Judge => Preset {
+                block: ModelConfig {
+                    d_model: 256,
+                    n_layers: 6,
+                    n_heads: 8,
+                    mlp_ratio: 4,
+                    window: 256,
+                    causal: true,
+                    t_cond: false,
+                    edm: None,
+                },
+                steps: 3000,
+                batch: 16,
+                optim: OptimConfig {
+                    lr: 1e-3,
+                    warmup: 100,
+                    ..Default::default()
+                },
+                eval_windows: 0,
             },
             Profile::Quality => Preset {
                 block: ModelConfig::small_block(),

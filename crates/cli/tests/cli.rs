@@ -84,7 +84,7 @@ fn train_eval_generate_round_trip() {
     ok(&o);
     let t = text(&o);
     assert!(
-        t.contains("interval 2 [0.500, 1.000]") && t.contains("total ELBO"),
+        t.contains("block 2 t [0.500, 1.000]") && t.contains("total ELBO"),
         "{t}"
     );
     let json: serde_json::Value =

@@ -41,11 +41,11 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Trains a tiny model: `objective` block (4 blocks) or ar (3 layers).
+/// Trains a tiny model: `objective` block or edm (4 blocks), or ar (3 layers).
 fn train(dir: &Path, objective: &str) -> PathBuf {
     let out = dir.join(objective);
     let blocks = if objective == "ar" { "3" } else { "4" };
-    ok(&bt(&[
+    let mut args = vec![
         "train",
         "--profile",
         "tiny",
@@ -61,8 +61,23 @@ fn train(dir: &Path, objective: &str) -> PathBuf {
         out.to_str().unwrap(),
         "--threads",
         "1",
-    ]));
+    ];
+    if objective == "edm" {
+        args.extend(["--embed-dim", EMBED_DIM_ARG]);
+    }
+    ok(&bt(&args));
     out
+}
+
+/// The tiny embedding-diffusion models' latent width.
+const EMBED_DIM: usize = 16;
+const EMBED_DIM_ARG: &str = "16";
+
+/// Passes a server has computed, as it reports them.
+fn served(addr: &str) -> u64 {
+    rt().block_on(client::server_info(addr, &HopLimits::default()))
+        .unwrap()
+        .served
 }
 
 struct Server {
@@ -189,12 +204,98 @@ fn one_traversal_over_two_servers_matches_local_generation() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("1 traversal"), "{err}");
     assert!(err.contains("3..4") && err.contains("1..2"), "{err}");
+    // Counted by the servers: each computed once for that request. What crossed the one
+    // hop between them was a byte per position plus the mask bitmap.
+    assert_eq!((served(&top.addr), served(&bottom.addr)), (1, 1));
+    let g = rt()
+        .block_on(async {
+            let limits = HopLimits::default();
+            let plan = client::discover(&[top.addr.clone(), bottom.addr.clone()], &limits).await?;
+            client::generate(&plan, &request(), &limits).await
+        })
+        .unwrap();
+    assert_eq!(g.traversals, 1);
+    assert_eq!((served(&top.addr), served(&bottom.addr)), (2, 2));
+    let n: usize = 7 + 24;
+    assert_eq!(g.hops[0].bytes_out, (n + n.div_ceil(8)) as u64);
+    assert_eq!(g.hops[1].bytes_out, 0, "the last stage sends nothing on");
 
     // A route that misses blocks is refused before anything is sent, naming them.
     let out = generate_route(&top.addr, &GEN);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no server hosts blocks 1..2"), "{err}");
+}
+
+/// The paper's family across servers: the latent z crosses the hop as f16 (T x e values
+/// at the boundary's sigma), one host and the route sample the same bytes, the servers
+/// count one pass each, and the gateway serves it too.
+#[test]
+fn edm_blocks_across_two_servers_hand_on_the_latent_once() {
+    let dir = scratch("edm");
+    let ckpt = train(&dir, "edm");
+    let top = serve(&dir, &ckpt, "3..4");
+    let bottom = serve(&dir, &ckpt, "1..2");
+    let route = format!("{},{}", bottom.addr, top.addr);
+    let local = generate_local(&ckpt, &GEN);
+    let out = generate_route(&route, &GEN);
+    assert_eq!(ok(&out), local, "the route samples what one host samples");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 traversal"), "{err}");
+    let heun: Vec<&str> = GEN.iter().copied().chain(["--heun"]).collect();
+    assert_eq!(
+        ok(&generate_route(&route, &heun)),
+        generate_local(&ckpt, &heun)
+    );
+    assert_eq!((served(&top.addr), served(&bottom.addr)), (2, 2));
+    let g = rt()
+        .block_on(async {
+            let limits = HopLimits::default();
+            let plan = client::discover(&[top.addr.clone(), bottom.addr.clone()], &limits).await?;
+            assert_eq!(plan.family, "edm");
+            client::generate(&plan, &request(), &limits).await
+        })
+        .unwrap();
+    assert_eq!(g.output.len(), 24);
+    assert_eq!(g.traversals, 1);
+    let n: usize = 7 + 24;
+    assert_eq!(
+        g.hops[0].bytes_out,
+        (n + n.div_ceil(8) + 2 * n * EMBED_DIM) as u64,
+        "tokens + mask + an f16 latent of {n} x {EMBED_DIM}"
+    );
+    // A latent sent to the top stage, or none to a lower one, is refused.
+    let info = match raw(&bottom.addr, &Message::Info.encode()) {
+        Message::ServerInfo(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(info.family, "edm");
+    let tokens: Vec<u16> = b"Hi"
+        .iter()
+        .map(|&b| b as u16)
+        .chain([MASK_TOKEN; 6])
+        .collect();
+    let mut m = meta(&info.model_id, "1..2", &bottom.addr);
+    m.route.insert(
+        0,
+        Stage {
+            blocks: "3..4".parse().unwrap(),
+            replicas: vec![top.addr.clone()],
+        },
+    );
+    m.hop = 1;
+    expect_error(
+        raw(&bottom.addr, &Message::Denoise(m, tokens).encode()),
+        ErrorCode::BadRequest,
+        "continue from a latent",
+    );
+    let gateway = start_gateway(&route);
+    let http = reqwest::blocking::Client::new();
+    let body = serde_json::json!({"prompt": "ROMEO: ", "max_tokens": 10, "seed": 3});
+    let r = http.post(&gateway.addr).json(&body).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 10);
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -212,6 +313,7 @@ fn request() -> Request {
             steps_per_block: 6,
             temperature: 1.0,
             top_k: 0,
+            heun: false,
         },
         seed: 7,
     }
@@ -441,6 +543,7 @@ fn meta(model: &str, blocks: &str, addr: &str) -> DenoiseMeta {
             steps_per_block: 2,
             temperature: 1.0,
             top_k: 0,
+            heun: false,
         },
         seed: 0,
         route: vec![Stage {
@@ -470,6 +573,9 @@ fn ar_pipeline_over_three_servers_matches_local_greedy_generation() {
     assert_eq!(ok(&out), local);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("48 traversals"), "{err}");
+    for s in &servers {
+        assert_eq!(served(&s.addr), 48, "one pass of every stage per byte");
+    }
 
     // The AR baseline keeps its KV caches on the servers, so it cannot fail over: a dead
     // middle stage is a clear error naming its layers.
@@ -481,18 +587,14 @@ fn ar_pipeline_over_three_servers_matches_local_greedy_generation() {
     assert!(err.contains("2..2"), "{err}");
 }
 
-#[test]
-fn openai_style_completions_go_through_the_gateway() {
-    let dir = scratch("gateway");
-    let ckpt = train(&dir, "block");
-    let top = serve(&dir, &ckpt, "3..4");
-    let bottom = serve(&dir, &ckpt, "1..2");
-    let route = format!("{},{}", top.addr, bottom.addr);
+/// `blocktrain gateway` in front of `route`, 4 steps per block; its address is the
+/// completions URL it prints.
+fn start_gateway(route: &str) -> Server {
     let mut child = Command::new(BIN)
         .args([
             "gateway",
             "--route",
-            &route,
+            route,
             "--listen",
             "127.0.0.1:0",
             "--steps-per-block",
@@ -512,6 +614,17 @@ fn openai_style_completions_go_through_the_gateway() {
         child,
     };
     assert!(gateway.addr.ends_with("/v1/completions"), "{line}");
+    gateway
+}
+
+#[test]
+fn openai_style_completions_go_through_the_gateway() {
+    let dir = scratch("gateway");
+    let ckpt = train(&dir, "block");
+    let top = serve(&dir, &ckpt, "3..4");
+    let bottom = serve(&dir, &ckpt, "1..2");
+    let route = format!("{},{}", top.addr, bottom.addr);
+    let gateway = start_gateway(&route);
     let http = reqwest::blocking::Client::new();
     let body =
         serde_json::json!({"prompt": "ROMEO: ", "max_tokens": 12, "temperature": 0.8, "seed": 3});

@@ -70,7 +70,8 @@ impl fmt::Display for Precision {
 }
 
 /// A transformer shape with a precision, written `d=8192,layers=32,heads=64,dtype=f16`
-/// (optional `mlp=4`, `window=1024`).
+/// (optional `mlp=4`, `window=1024`, and `embed=E`: an embedding-diffusion network
+/// reading an E-wide latent, with the default EDM settings otherwise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogicalShape {
     /// Width of the residual stream.
@@ -85,6 +86,8 @@ pub struct LogicalShape {
     pub precision: Precision,
     /// Rotary table length (longer sequences still work).
     pub window: i64,
+    /// Embedding diffusion: the latent's width (None: byte-id input).
+    pub embed: Option<i64>,
 }
 
 impl FromStr for LogicalShape {
@@ -92,7 +95,7 @@ impl FromStr for LogicalShape {
     fn from_str(s: &str) -> crate::Result<Self> {
         let bad = |m: String| ModelError::Config(format!("logical shape '{s}': {m}"));
         let (mut d, mut layers, mut heads, mut precision) = (None, None, None, None);
-        let (mut mlp, mut window) = (None, None);
+        let (mut mlp, mut window, mut embed) = (None, None, None);
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item
                 .split_once('=')
@@ -114,6 +117,7 @@ impl FromStr for LogicalShape {
                 "heads" => int(&mut heads)?,
                 "mlp" => int(&mut mlp)?,
                 "window" => int(&mut window)?,
+                "embed" => int(&mut embed)?,
                 "dtype" => {
                     if precision.is_some() {
                         return Err(bad("`dtype` given twice".into()));
@@ -122,7 +126,7 @@ impl FromStr for LogicalShape {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unknown key `{other}` (use d, layers, heads, dtype, mlp, window)"
+                        "unknown key `{other}` (use d, layers, heads, dtype, mlp, window, embed)"
                     )))
                 }
             }
@@ -135,6 +139,7 @@ impl FromStr for LogicalShape {
             mlp_ratio: mlp.unwrap_or(4),
             precision: precision.ok_or_else(|| bad("missing `dtype`".into()))?,
             window: window.unwrap_or(1024),
+            embed,
         };
         shape
             .model_config()
@@ -150,7 +155,11 @@ impl fmt::Display for LogicalShape {
             f,
             "d={},layers={},heads={},mlp={},dtype={},window={}",
             self.d_model, self.n_layers, self.n_heads, self.mlp_ratio, self.precision, self.window
-        )
+        )?;
+        match self.embed {
+            Some(e) => write!(f, ",embed={e}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -183,6 +192,10 @@ impl LogicalShape {
             window: self.window,
             causal: false,
             t_cond: false,
+            edm: self.embed.map(|embed_dim| crate::config::EdmConfig {
+                embed_dim,
+                ..Default::default()
+            }),
         }
     }
 
@@ -224,6 +237,7 @@ mod tests {
             mlp_ratio: 3,
             precision,
             window: 16,
+            embed: None,
         }
     }
 

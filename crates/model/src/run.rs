@@ -30,6 +30,35 @@ pub enum Family {
     E2e,
     /// One causal next-byte network.
     Ar,
+    /// B block-local embedding-diffusion networks, one per sigma interval of equal
+    /// lognormal mass (the BlockTrain paper's family).
+    Edm,
+    /// One embedding-diffusion network trained end-to-end on `[sigma_min, sigma_max]`.
+    #[serde(rename = "edm-e2e")]
+    EdmE2e,
+}
+
+impl Family {
+    /// Whether the family is embedding diffusion.
+    pub fn is_edm(self) -> bool {
+        matches!(self, Family::Edm | Family::EdmE2e)
+    }
+
+    /// Whether the family trains one network per block.
+    pub fn is_blocks(self) -> bool {
+        matches!(self, Family::Block | Family::Edm)
+    }
+
+    /// How tables name a run of this family.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Family::Block => "masked diffusion, block-local",
+            Family::E2e => "masked diffusion, E2E reference",
+            Family::Ar => "AR reference",
+            Family::Edm => "embedding diffusion (EDM), block-local",
+            Family::EdmE2e => "embedding diffusion (EDM), E2E reference",
+        }
+    }
 }
 
 /// Data and budget of a run (identical across families for a fair comparison).
@@ -81,7 +110,7 @@ pub struct Manifest {
     pub plan: TrainPlan,
     /// One entry per network.
     pub parts: Vec<PartState>,
-    /// Block family only: layers of each block (overrides `model.n_layers` per block),
+    /// Block families only: layers of each block (overrides `model.n_layers` per block),
     /// so capacity can follow where the loss is hard. None: every block has `model.n_layers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_layers: Option<Vec<i64>>,
@@ -101,7 +130,19 @@ impl Manifest {
         if model.causal {
             model.t_cond = false;
         }
+        if !family.is_edm() {
+            model.edm = None;
+        }
         model.validate()?;
+        let edm = match (&model.edm, family.is_edm()) {
+            (Some(edm), true) => Some(edm.clone()),
+            (None, true) => {
+                return Err(ModelError::Config(
+                    "an edm run needs the model's edm settings".into(),
+                ))
+            }
+            _ => None,
+        };
         let part = |name: String, objective| PartState {
             name,
             objective,
@@ -120,6 +161,27 @@ impl Manifest {
                 .collect(),
             Family::E2e => vec![part("e2e".into(), Objective::Interval { lo: 0.0, hi: 1.0 })],
             Family::Ar => vec![part("ar".into(), Objective::Autoregressive)],
+            Family::Edm => {
+                let edm = edm.as_ref().expect("checked above");
+                (0..schedule.blocks())
+                    .map(|i| {
+                        let (u_lo, u_hi) = schedule.interval(i);
+                        let objective = Objective::Edm {
+                            lo: edm.sigma_at(u_lo),
+                            hi: edm.sigma_at(u_hi),
+                        };
+                        part(format!("block-{}", i + 1), objective)
+                    })
+                    .collect()
+            }
+            Family::EdmE2e => {
+                let edm = edm.as_ref().expect("checked above");
+                let objective = Objective::Edm {
+                    lo: edm.sigma_min,
+                    hi: edm.sigma_max,
+                };
+                vec![part("e2e".into(), objective)]
+            }
         };
         Ok(Manifest {
             format: FORMAT,
@@ -144,7 +206,7 @@ impl Manifest {
 
     /// Gives each block its own layer count (block family, one positive count per block).
     pub fn with_block_layers(mut self, layers: Vec<i64>) -> Result<Self> {
-        if self.family != Family::Block
+        if !self.family.is_blocks()
             || layers.len() != self.parts.len()
             || layers.iter().any(|&l| l < 1)
         {
@@ -159,9 +221,10 @@ impl Manifest {
 
     /// The part whose network covers report interval `idx` (diffusion families).
     pub fn part_for_interval(&self, idx: usize) -> usize {
-        match self.family {
-            Family::Block => idx,
-            Family::E2e | Family::Ar => 0,
+        if self.family.is_blocks() {
+            idx
+        } else {
+            0
         }
     }
 }
@@ -216,12 +279,15 @@ impl Manifest {
             Some(layers) => expected.with_block_layers(layers.clone())?,
             None => expected,
         };
-        let shape = |p: &PartState| (p.name.clone(), p.objective);
-        if self
-            .parts
-            .iter()
-            .map(shape)
-            .ne(expected.parts.iter().map(shape))
+        let same = |a: &PartState, b: &PartState| {
+            a.name == b.name && same_objective(a.objective, b.objective)
+        };
+        if self.parts.len() != expected.parts.len()
+            || !self
+                .parts
+                .iter()
+                .zip(&expected.parts)
+                .all(|(a, b)| same(a, b))
             || self.model != expected.model
         {
             return Err(ModelError::Corrupt(
@@ -247,6 +313,20 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+}
+
+/// Objectives agree up to float rounding: sigma bounds are recomputed from the schedule
+/// through `exp` and `ln`, whose last bit may differ between platforms' maths libraries.
+fn same_objective(a: Objective, b: Objective) -> bool {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0);
+    match (a, b) {
+        (Objective::Interval { lo, hi }, Objective::Interval { lo: l2, hi: h2 })
+        | (Objective::Edm { lo, hi }, Objective::Edm { lo: l2, hi: h2 }) => {
+            close(lo, l2) && close(hi, h2)
+        }
+        (Objective::Autoregressive, Objective::Autoregressive) => true,
+        _ => false,
     }
 }
 

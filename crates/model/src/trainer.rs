@@ -9,7 +9,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, NamedTensors};
 use crate::config::ModelConfig;
-use crate::diffusion;
+use crate::objective::{ar, edm, masked};
 use crate::optim::{AdamW, OptimConfig};
 use crate::transformer::Denoiser;
 use crate::{ModelError, Result};
@@ -27,6 +27,14 @@ pub enum Objective {
     },
     /// Next-byte prediction with causal attention (the AR reference).
     Autoregressive,
+    /// Embedding diffusion on the sigma interval `[lo, hi]` (a block of the paper's
+    /// family; its E2E reference is `[sigma_min, sigma_max]`): EDM-weighted CE.
+    Edm {
+        /// Lowest noise level of the interval.
+        lo: f64,
+        /// Highest.
+        hi: f64,
+    },
 }
 
 /// A network, its variables and its optimizer state.
@@ -61,6 +69,11 @@ impl Trainer {
                 "causal attention goes with the autoregressive objective only".into(),
             ));
         }
+        if matches!(objective, Objective::Edm { .. }) != cfg.edm.is_some() {
+            return Err(ModelError::Config(
+                "an edm network shape goes with the edm objective only".into(),
+            ));
+        }
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(device);
         let net = Denoiser::new(&vs.root(), cfg);
@@ -81,8 +94,9 @@ impl Trainer {
     /// Loss of one batch `x` (N, T) under this network's objective (a scalar tensor).
     pub fn loss(&self, x: &Tensor) -> Tensor {
         match self.objective {
-            Objective::Interval { lo, hi } => diffusion::interval_loss(&self.net, x, lo, hi),
-            Objective::Autoregressive => diffusion::ar_nll(&self.net, x).mean(Kind::Float),
+            Objective::Interval { lo, hi } => masked::interval_loss(&self.net, x, lo, hi),
+            Objective::Autoregressive => ar::ar_nll(&self.net, x).mean(Kind::Float),
+            Objective::Edm { lo, hi } => edm::interval_loss(&self.net, x, lo, hi),
         }
     }
 

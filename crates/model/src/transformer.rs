@@ -1,8 +1,10 @@
 //! One block's network: a pre-norm byte transformer with rotary positions.
 //!
 //! The same code builds the bidirectional denoiser of a block, the end-to-end (E2E)
-//! reference, and (with `causal`) the autoregressive reference. Variable names under
-//! the `nn::Path` are checkpoint keys: keep them stable.
+//! reference, (with `causal`) the autoregressive reference, and (with an `edm` config)
+//! the embedding-diffusion network, which reads a noisy latent through `in_proj` and
+//! hands EDM's raw output back through `out_proj`. Variable names under the `nn::Path`
+//! are checkpoint keys: keep them stable.
 use std::ops::Range;
 
 use tch::nn::{self, Module};
@@ -275,13 +277,32 @@ impl KvCache {
     }
 }
 
-/// A byte transformer: 257 input ids (bytes + MASK) to logits over 256 bytes.
+/// What a network reads.
+#[derive(Debug)]
+enum Input {
+    /// Byte ids and MASK through a learned table (masked diffusion, AR).
+    Tokens(nn::Embedding),
+    /// A noisy latent (N, T, embed_dim) mapped into the residual stream (embedding
+    /// diffusion); `out` maps the stream back to the embedding width (EDM's F). `table`
+    /// is the run's fixed byte embedding (256, embed_dim): a plain tensor, not a
+    /// variable, so no block trains it, checkpoints carry it, or deltas move it.
+    Latent {
+        inp: nn::Linear,
+        out: nn::Linear,
+        table: Tensor,
+    },
+}
+
+/// A byte transformer: 257 input ids (bytes + MASK), or a noisy byte-embedding latent,
+/// to logits over 256 bytes.
 #[derive(Debug)]
 pub struct Denoiser {
-    tok_emb: nn::Embedding,
+    input: Input,
     t_proj: Option<nn::Linear>,
     layers: Vec<Layer>,
     norm_f: RmsNorm,
+    /// Byte logits: from the residual stream (tokens), or from the preconditioned
+    /// denoised latent D (latent input), with a bias as a learned byte prior.
     head: nn::Linear,
     rope: Rope,
     cfg: ModelConfig,
@@ -297,16 +318,46 @@ impl Denoiser {
             },
             ..Default::default()
         };
+        let (input, head) = match &cfg.edm {
+            None => (
+                Input::Tokens(nn::embedding(
+                    p / "tok_emb",
+                    INPUT_VOCAB,
+                    cfg.d_model,
+                    emb_cfg,
+                )),
+                linear(p / "head", cfg.d_model, OUTPUT_VOCAB, INIT_STD),
+            ),
+            Some(edm) => {
+                let e = edm.embed_dim;
+                let head_cfg = nn::LinearConfig {
+                    ws_init: nn::Init::Randn {
+                        mean: 0.0,
+                        stdev: INIT_STD,
+                    },
+                    bs_init: Some(nn::Init::Const(0.0)),
+                    bias: true,
+                };
+                (
+                    Input::Latent {
+                        inp: linear(p / "in_proj", e, cfg.d_model, INIT_STD),
+                        out: linear(p / "out_proj", cfg.d_model, e, INIT_STD),
+                        table: crate::objective::edm::byte_table(edm, p.device()),
+                    },
+                    nn::linear(p / "head", e, OUTPUT_VOCAB, head_cfg),
+                )
+            }
+        };
         Denoiser {
-            tok_emb: nn::embedding(p / "tok_emb", INPUT_VOCAB, cfg.d_model, emb_cfg),
-            t_proj: cfg
-                .t_cond
+            input,
+            // Embedding diffusion is always conditioned on its noise level.
+            t_proj: (cfg.t_cond || cfg.edm.is_some())
                 .then(|| linear(p / "t_proj", 2 * T_FEATURES, cfg.d_model, INIT_STD)),
             layers: (0..cfg.n_layers)
                 .map(|i| Layer::new(p / "layers" / i, cfg))
                 .collect(),
             norm_f: RmsNorm::new(p / "norm_f", cfg.d_model),
-            head: linear(p / "head", cfg.d_model, OUTPUT_VOCAB, INIT_STD),
+            head,
             rope: Rope::new(cfg.window, cfg.head_dim(), p.device()),
             cfg: cfg.clone(),
         }
@@ -331,7 +382,45 @@ impl Denoiser {
 
     /// Token embeddings (N, T) int64 -> (N, T, d) in the network's dtype.
     pub fn embed(&self, tokens: &Tensor) -> Tensor {
-        self.tok_emb.forward(tokens)
+        match &self.input {
+            Input::Tokens(emb) => emb.forward(tokens),
+            Input::Latent { .. } => panic!("an embedding-diffusion network reads latents"),
+        }
+    }
+
+    /// Embedding diffusion's raw network F: the scaled latent `c_in * z` (N, T, e) and
+    /// the noise feature `c_noise` (N) to (N, T, e). The EDM preconditioning around it
+    /// lives in `objective::edm`.
+    pub fn forward_latent(&self, z_in: &Tensor, c_noise: &Tensor) -> Tensor {
+        let Input::Latent { inp, out, .. } = &self.input else {
+            panic!("a byte-id network has no latent input");
+        };
+        let mut x = inp.forward(z_in); // (N, T, d)
+        if let Some(proj) = &self.t_proj {
+            x += proj
+                .forward(&t_features(c_noise).to_kind(x.kind()))
+                .unsqueeze(1);
+        }
+        let h = self.forward_layers(0..self.layers.len(), &x);
+        out.forward(&self.norm_f.forward(&h)) // (N, T, e)
+    }
+
+    /// Byte logits (N, T, 256) from a denoised latent D (N, T, e).
+    pub fn head_from_latent(&self, denoised: &Tensor) -> Tensor {
+        self.head.forward(denoised)
+    }
+
+    /// Element type of the weights (f32 unless built in a lower precision).
+    pub fn param_kind(&self) -> Kind {
+        self.norm_f.weight.kind()
+    }
+
+    /// The fixed byte embedding of an embedding-diffusion network.
+    pub fn byte_table(&self) -> Option<&Tensor> {
+        match &self.input {
+            Input::Latent { table, .. } => Some(table),
+            Input::Tokens(_) => None,
+        }
     }
 
     /// Runs layers `layers` on `x` (N, T, d) without a cache: the network's own attention

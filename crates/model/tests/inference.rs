@@ -14,6 +14,7 @@ fn net(causal: bool, t_cond: bool, layers: i64, seed: i64) -> (nn::VarStore, Den
         window: 16,
         causal,
         t_cond,
+        edm: None,
     };
     let vs = nn::VarStore::new(Device::Cpu);
     tch::manual_seed(seed);
@@ -42,6 +43,7 @@ fn sampling_is_seeded_per_block_and_fills_every_mask() {
         steps_per_block: 4,
         temperature: 1.0,
         top_k: 20,
+        heun: false,
     };
     let gen = |seed| sampler::generate(&nets, &schedule, b"Hi", 24, &s, seed, Device::Cpu);
     let a = gen(42);

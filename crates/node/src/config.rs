@@ -1,7 +1,7 @@
 //! `run.toml`: everything a coordinator needs to start a run. Every field has a default,
 //! so an empty file is a valid (small) run; `blocktrain coordinator --print-config`
 //! shows the full file with its defaults.
-use blocktrain_model::config::{ModelConfig, Schedule};
+use blocktrain_model::config::{EdmConfig, ModelConfig, Schedule};
 use blocktrain_model::data::Dataset;
 use blocktrain_model::optim::OptimConfig;
 use blocktrain_model::run::{Family, Manifest, TrainPlan};
@@ -15,8 +15,15 @@ use crate::{NodeError, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    /// Number of blocks (equal masking-rate intervals).
+    /// Number of blocks: equal masking-rate intervals (masked), or intervals of equal
+    /// lognormal sigma mass (edm).
     pub blocks: usize,
+    /// Objective family: `masked` (absorbing-state byte diffusion with an exact ELBO
+    /// split; ours) or `edm` (Gaussian diffusion of byte embeddings with EDM, as the
+    /// BlockTrain paper runs it; settings in `[edm]`).
+    pub objective: ObjectiveFamily,
+    /// Embedding-diffusion settings, read when `objective = "edm"`.
+    pub edm: EdmConfig,
     /// Training corpus: `wikitext2`, `shakespeare` (shipped) or a path on the coordinator
     /// (workers read the same name on their side, or bring `--data`).
     pub dataset: String,
@@ -38,6 +45,16 @@ pub struct RunConfig {
     pub auth: AuthConfig,
     /// Checks on what workers upload (screening, spot checks).
     pub trust: Trust,
+}
+
+/// Which diffusion a run's blocks train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveFamily {
+    /// Masked byte diffusion (blocks own masking-rate intervals).
+    Masked,
+    /// Embedding diffusion with EDM (blocks own sigma intervals).
+    Edm,
 }
 
 /// Checks on updates beyond their shape ([`crate::trust`]).
@@ -153,6 +170,8 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             blocks: 3,
+            objective: ObjectiveFamily::Masked,
+            edm: EdmConfig::default(),
             dataset: "wikitext2".into(),
             seed: 0,
             model: ModelConfig::small_block(),
@@ -261,6 +280,11 @@ impl RunConfig {
                 tr.spot_check_fraction, tr.screen_threshold
             ));
         }
+        if self.model.edm.is_some() {
+            return bad(
+                "model: embedding-diffusion settings go in [edm], with objective = \"edm\"".into(),
+            );
+        }
         let t = &self.training;
         if self.blocks == 0 {
             return bad("blocks must be at least 1".into());
@@ -311,6 +335,7 @@ impl RunConfig {
                 ));
             }
         }
+        self.edm.validate()?;
         self.manifest().map(|_| ())
     }
 
@@ -327,7 +352,8 @@ impl RunConfig {
         self.training.rounds as i64 * self.training.local_steps
     }
 
-    /// The run as a block-family manifest (what `blocktrain eval` and `generate` read).
+    /// The run as a block-local manifest of its family (what `blocktrain eval` and
+    /// `generate` read).
     pub fn manifest(&self) -> Result<Manifest> {
         let plan = TrainPlan {
             steps: self.schedule_total(),
@@ -335,9 +361,17 @@ impl RunConfig {
             seed: self.seed,
             dataset: Dataset::parse(&self.dataset),
         };
+        let mut model = self.model.clone();
+        let family = match self.objective {
+            ObjectiveFamily::Masked => Family::Block,
+            ObjectiveFamily::Edm => {
+                model.edm = Some(self.edm.clone());
+                Family::Edm
+            }
+        };
         Ok(Manifest::new(
-            Family::Block,
-            self.model.clone(),
+            family,
+            model,
             Schedule::equal(self.blocks),
             self.optim.clone(),
             plan,
@@ -368,6 +402,25 @@ mod tests {
         assert!(e.to_string().contains("rounds"), "{e}");
         let e = RunConfig::from_toml("[outer]\nmerge = \"trimmed:0.6\"").unwrap_err();
         assert!(e.to_string().contains("trimmed:0.6"), "{e}");
+    }
+
+    #[test]
+    fn edm_runs_are_configured_in_their_own_table() {
+        let cfg = RunConfig::from_toml("objective = \"edm\"\n[edm]\nembed_dim = 64").unwrap();
+        let m = cfg.manifest().unwrap();
+        assert_eq!(m.family, Family::Edm);
+        assert_eq!(m.model.edm.as_ref().unwrap().embed_dim, 64);
+        assert_eq!(RunConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(
+            RunConfig::default().manifest().unwrap().family,
+            Family::Block
+        );
+        let e = RunConfig::from_toml("[edm]\nsigma_min = 20.0").unwrap_err();
+        assert!(e.to_string().contains("sigma_min"), "{e}");
+        let mut misplaced = RunConfig::default();
+        misplaced.model.edm = Some(EdmConfig::default());
+        let e = RunConfig::from_toml(&misplaced.to_toml()).unwrap_err();
+        assert!(e.to_string().contains("[edm]"), "{e}");
     }
 
     #[test]

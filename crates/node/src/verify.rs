@@ -7,11 +7,13 @@
 //!   measured (numbers with the function) far below what a flipped, scaled or made-up
 //!   update scores. Checkable only where the checker has the shard: a worker training
 //!   on its own data (`worker --data`) cannot be recomputed.
-//! - **Screen**: a block's held-out loss on fixed windows with fixed masks, so the
-//!   versions before and after an update are compared on identical draws.
+//! - **Screen**: a block's held-out loss on fixed windows with fixed masks (masked
+//!   family) or fixed levels and noise (embedding family), so the versions before and
+//!   after an update are compared on identical draws.
 use blocktrain_model::config::ModelConfig;
 use blocktrain_model::data::{heldout_windows, Split};
-use blocktrain_model::diffusion::{self, MaskNoise, TDraw};
+use blocktrain_model::objective::masked::{self, MaskNoise};
+use blocktrain_model::objective::{ar, edm, Draw};
 use blocktrain_model::run::Manifest;
 use blocktrain_model::trainer::Objective;
 use blocktrain_model::transformer::Denoiser;
@@ -124,10 +126,20 @@ pub struct Screen {
     vs: nn::VarStore,
     net: Denoiser,
     objective: Objective,
-    /// (W, T) held-out windows, (W) levels and their noise, all on the device.
+    /// (W, T) held-out windows on the device.
     x: Tensor,
-    t: Tensor,
-    noise: MaskNoise,
+    draws: Draws,
+}
+
+/// The screen's fixed randomness, on the device.
+#[derive(Debug)]
+enum Draws {
+    /// Levels (W) and masks of the masked family.
+    Masked { t: Tensor, noise: MaskNoise },
+    /// Levels (W) and noise (W, T, e) of the embedding family.
+    Latent { sigma: Tensor, eps: Tensor },
+    /// The AR NLL draws nothing.
+    None,
 }
 
 /// Windows per forward pass (bounds activation memory on large screens).
@@ -173,29 +185,42 @@ impl Screen {
             )));
         }
         let vs = nn::VarStore::new(device);
-        let (net, t, noise) = {
+        let (net, draws) = {
             // The draws are made on the CPU so they do not depend on the device; the
             // initial weights are never used (every loss() loads its own).
             let _rng = torch_rng();
             tch::manual_seed(seed as i64);
             let net = Denoiser::new(&vs.root(), &cfg);
-            let (lo, hi) = match state.objective {
-                Objective::Interval { lo, hi } => (lo, hi),
-                Objective::Autoregressive => (0.0, 1.0),
+            let draws = match (state.objective, &cfg.edm) {
+                (Objective::Interval { lo, hi }, _) => {
+                    let t = masked::draw_t(n, lo, hi, Draw::Stratified, Device::Cpu);
+                    let noise = MaskNoise::draw(n, len, Device::Cpu);
+                    Draws::Masked {
+                        t: t.to_device(device),
+                        noise: MaskNoise {
+                            uniforms: noise.uniforms.to_device(device),
+                            forced: noise.forced.to_device(device),
+                        },
+                    }
+                }
+                (Objective::Edm { lo, hi }, Some(edm_cfg)) => {
+                    let sigma = edm::draw_sigma(edm_cfg, n, lo, hi, Draw::Stratified, Device::Cpu);
+                    let eps = edm::draw_eps(&x, edm_cfg.embed_dim);
+                    Draws::Latent {
+                        sigma: sigma.to_device(device),
+                        eps: eps.to_device(device),
+                    }
+                }
+                _ => Draws::None,
             };
-            let t = diffusion::draw_t(n, lo, hi, TDraw::Stratified, Device::Cpu);
-            (net, t, MaskNoise::draw(n, len, Device::Cpu))
+            (net, draws)
         };
         Ok(Screen {
             vs,
             net,
             objective: state.objective,
             x: x.to_device(device),
-            t: t.to_device(device),
-            noise: MaskNoise {
-                uniforms: noise.uniforms.to_device(device),
-                forced: noise.forced.to_device(device),
-            },
+            draws,
         })
     }
 
@@ -205,7 +230,8 @@ impl Screen {
     }
 
     /// Mean held-out loss of `weights` (the block's names and shapes), nats per byte:
-    /// the block's share of the ELBO (interval estimate times width), or the AR NLL.
+    /// the block's share of the ELBO (interval estimate times width), the paper's
+    /// denoising CE on the block's interval (embedding family), or the AR NLL.
     /// Draws no randomness, so equal weights give equal values.
     pub fn loss(&self, weights: &Arrays) -> Result<f64> {
         let device = self.x.device();
@@ -228,16 +254,22 @@ impl Screen {
             while start < n {
                 let k = SCREEN_BATCH.min(n - start);
                 let x = self.x.narrow(0, start, k);
-                let per_row = match self.objective {
-                    Objective::Interval { lo, hi } => {
+                let per_row = match (&self.draws, self.objective) {
+                    (Draws::Masked { t, noise }, Objective::Interval { lo, hi }) => {
                         let noise = MaskNoise {
-                            uniforms: self.noise.uniforms.narrow(0, start, k),
-                            forced: self.noise.forced.narrow(0, start, k),
+                            uniforms: noise.uniforms.narrow(0, start, k),
+                            forced: noise.forced.narrow(0, start, k),
                         };
-                        let t = self.t.narrow(0, start, k);
-                        diffusion::estimate_with(&self.net, &x, &t, &noise, hi - lo)
+                        let t = t.narrow(0, start, k);
+                        masked::estimate_with(&self.net, &x, &t, &noise, hi - lo)
                     }
-                    Objective::Autoregressive => diffusion::ar_nll(&self.net, &x),
+                    (Draws::Latent { sigma, eps }, _) => edm::ce_at(
+                        &self.net,
+                        &x,
+                        &sigma.narrow(0, start, k),
+                        &eps.narrow(0, start, k),
+                    ),
+                    _ => ar::ar_nll(&self.net, &x),
                 };
                 sum += per_row.sum(Kind::Double).double_value(&[]);
                 start += k;

@@ -12,7 +12,9 @@
 //! any byte string gives a [`Message`] or a [`ProtocolError`], never a panic.
 //!
 //! Token sequences travel as bytes, not activations: one byte per position plus a
-//! bitmap of positions still masked ([`encode_tokens`]).
+//! bitmap of positions still masked ([`encode_tokens`]). The embedding family's requests
+//! ([`Message::Latent`]) also carry the latent z between stages: positions x width
+//! values as f16, at the noise level sigma the previous stage stopped at.
 use std::fmt;
 use std::str::FromStr;
 
@@ -53,6 +55,8 @@ pub enum Kind {
     ArStep = 7,
     /// The byte an autoregressive step sampled.
     ArOutput = 8,
+    /// An embedding-diffusion request between stages: tokens plus the latent z.
+    Latent = 9,
 }
 
 impl Kind {
@@ -66,6 +70,7 @@ impl Kind {
             6 => Kind::Error,
             7 => Kind::ArStep,
             8 => Kind::ArOutput,
+            9 => Kind::Latent,
             _ => return None,
         })
     }
@@ -224,6 +229,9 @@ pub struct Sampling {
     pub temperature: f64,
     /// Keep the k most likely bytes (0 = all).
     pub top_k: u32,
+    /// Embedding diffusion: Heun steps instead of Euler's.
+    #[serde(default)]
+    pub heun: bool,
 }
 
 /// One stage of a route: a block range and the servers that host it (tried in order).
@@ -246,6 +254,9 @@ pub struct HopStat {
     pub compute_ms: f64,
     /// Replicas of the NEXT stage this server gave up on before one answered.
     pub failovers: u32,
+    /// Bytes of the frame it sent on down the stack (0 for the last stage), as encoded.
+    #[serde(default)]
+    pub bytes_out: u64,
 }
 
 /// A server's description of itself.
@@ -265,6 +276,11 @@ pub struct ServerInfo {
     pub d_model: u32,
     /// Positions the model was trained on (the AR pipeline keeps its context within it).
     pub window: u32,
+    /// Passes this server has computed since it started: one per diffusion request that
+    /// crossed it, one per AR step. Counted by the server, so a client or test can check
+    /// how many traversals a generation really made.
+    #[serde(default)]
+    pub served: u64,
 }
 
 /// Metadata of a [`Message::Denoise`].
@@ -285,6 +301,26 @@ pub struct DenoiseMeta {
     pub hop: u32,
     /// What the stages before this one did.
     pub hops: Vec<HopStat>,
+}
+
+/// The embedding family's state between stages: the latent z (positions x width,
+/// row-major) at noise level `sigma`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentState {
+    /// Embedding width.
+    pub width: u32,
+    /// Noise level of z.
+    pub sigma: f64,
+    /// The values, f32 here, f16 on the wire.
+    pub values: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LatentMeta {
+    #[serde(flatten)]
+    denoise: DenoiseMeta,
+    width: u32,
+    sigma: f64,
 }
 
 /// Metadata of a [`Message::Result`].
@@ -391,6 +427,9 @@ pub enum Message {
     ArStep(ArStepMeta, ArPayload),
     /// One sampled byte.
     ArOutput(ArOutput),
+    /// An embedding-diffusion request and its current tokens (prompt bytes, MASK at the
+    /// output) with the latent a previous stage handed on.
+    Latent(DenoiseMeta, Vec<u16>, LatentState),
 }
 
 /// Packs tokens as one byte each plus a bitmap of masked positions (LSB first).
@@ -503,6 +542,16 @@ impl Message {
                 frame(Kind::ArStep, &json(m), &f16_bytes(h))
             }
             Message::ArOutput(o) => frame(Kind::ArOutput, &json(o), &[]),
+            Message::Latent(m, t, z) => {
+                let meta = LatentMeta {
+                    denoise: m.clone(),
+                    width: z.width,
+                    sigma: z.sigma,
+                };
+                let mut body = encode_tokens(t);
+                body.extend(f16_bytes(&z.values));
+                frame(Kind::Latent, &json(&meta), &body)
+            }
         }
     }
 
@@ -568,8 +617,43 @@ impl Message {
                 };
                 Message::ArStep(m, payload)
             }
+            Kind::Latent => {
+                let m: LatentMeta = parse(header.kind, meta)?;
+                check_route(&m.denoise.route, m.denoise.hop)?;
+                if !(m.sigma.is_finite() && m.sigma > 0.0) || m.width == 0 {
+                    return Err(ProtocolError::Malformed(format!(
+                        "latent at sigma {} of width {}: sigma must be positive, width at least 1",
+                        m.sigma, m.width
+                    )));
+                }
+                let n = latent_positions(body.len(), m.width)?;
+                let (tokens, values) = body.split_at(n + n.div_ceil(8));
+                let values = f16_values(values, n as u32, m.width)?;
+                let z = LatentState {
+                    width: m.width,
+                    sigma: m.sigma,
+                    values,
+                };
+                Message::Latent(m.denoise, decode_tokens(tokens)?, z)
+            }
         })
     }
+}
+
+/// Positions n of a latent body of `len` bytes: n + ceil(n/8) token bytes, then n x
+/// width f16 values (strictly increasing in n, so at most one n fits).
+fn latent_positions(len: usize, width: u32) -> Result<usize> {
+    let per = 2 * width as u64;
+    let size = |n: u64| n + n.div_ceil(8) + n.saturating_mul(per);
+    let guess = (len as u64).saturating_mul(8) / (9 + 8 * per);
+    (guess.saturating_sub(1)..=guess + 1)
+        .find(|&n| size(n) == len as u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            ProtocolError::Malformed(format!(
+                "latent body of {len} bytes is not n tokens + an n-bit mask + n x {width} f16 values"
+            ))
+        })
 }
 
 /// A route must name its receiver, give every stage one to [`MAX_REPLICAS`] servers,
@@ -614,6 +698,7 @@ mod tests {
             steps_per_block: 8,
             temperature: 1.0,
             top_k: 0,
+            heun: false,
         }
     }
 
@@ -641,6 +726,7 @@ mod tests {
             server: "a:1".into(),
             compute_ms: 1.5,
             failovers: 1,
+            bytes_out: 40,
         };
         vec![
             Message::Info,
@@ -653,6 +739,7 @@ mod tests {
                 max_tokens: 4096,
                 d_model: 128,
                 window: 128,
+                served: 3,
             }),
             Message::Denoise(
                 DenoiseMeta {
@@ -706,9 +793,48 @@ mod tests {
             Message::ArOutput(ArOutput {
                 session: 1,
                 byte: b'x',
-                hops: vec![stat],
+                hops: vec![stat.clone()],
             }),
+            Message::Latent(
+                DenoiseMeta {
+                    request_id: 9,
+                    model_id: "m".into(),
+                    sampling: sampling(),
+                    seed: 3,
+                    route: route(),
+                    hop: 1,
+                    hops: vec![stat],
+                },
+                vec![b'H' as u16, b'i' as u16, MASK_TOKEN],
+                LatentState {
+                    width: 2,
+                    sigma: 2.5,
+                    values: vec![0.5, -1.0, 2.0, 0.0, 0.25, 8.0],
+                },
+            ),
         ]
+    }
+
+    #[test]
+    fn latent_frames_carry_two_bytes_per_value_and_refuse_bad_shapes() {
+        let Message::Latent(m, t, z) = samples().pop().unwrap() else {
+            unreachable!()
+        };
+        let frame = Message::Latent(m.clone(), t.clone(), z.clone()).encode();
+        let meta_len = u32::from_le_bytes(frame[8..12].try_into().unwrap()) as usize;
+        assert_eq!(frame.len() - HEADER_LEN - meta_len, 3 + 1 + 2 * 6);
+        // A body whose values do not fill n x width, and non-finite values, are refused.
+        let mut short = z.clone();
+        short.values.pop();
+        let bad = Message::Latent(m.clone(), t.clone(), short).encode();
+        assert!(decode_frame(&bad, DEFAULT_MAX_FRAME).is_err());
+        let mut inf = z.clone();
+        inf.values[0] = f32::INFINITY;
+        let bad = Message::Latent(m.clone(), t.clone(), inf).encode();
+        assert!(decode_frame(&bad, DEFAULT_MAX_FRAME).is_err());
+        let mut neg = z;
+        neg.sigma = -1.0;
+        assert!(decode_frame(&Message::Latent(m, t, neg).encode(), DEFAULT_MAX_FRAME).is_err());
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 use blocktrain_protocol::codec::{self, Array, Arrays, Codec, Shapes};
 use blocktrain_protocol::frame::{
     self, decode_frame, decode_tokens, encode_tokens, parse_header, ArOutput, ArPayload, ArSetup,
-    ArStepMeta, BlockRange, DenoiseMeta, ErrorCode, Header, HopError, HopStat, Message, ResultMeta,
-    Sampling, ServerInfo, Stage, DEFAULT_MAX_FRAME, HEADER_LEN, MASK_TOKEN, MAX_BLOCK, MAX_META,
+    ArStepMeta, BlockRange, DenoiseMeta, ErrorCode, Header, HopError, HopStat, LatentState,
+    Message, ResultMeta, Sampling, ServerInfo, Stage, DEFAULT_MAX_FRAME, HEADER_LEN, MASK_TOKEN,
+    MAX_BLOCK, MAX_META,
 };
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{
@@ -132,22 +133,24 @@ fn block_range() -> impl Strategy<Value = BlockRange> {
 }
 
 fn sampling() -> impl Strategy<Value = Sampling> {
-    (any::<u32>(), finite(), any::<u32>()).prop_map(|(steps_per_block, temperature, top_k)| {
-        Sampling {
+    (any::<u32>(), finite(), any::<u32>(), any::<bool>()).prop_map(
+        |(steps_per_block, temperature, top_k, heun)| Sampling {
             steps_per_block,
             temperature,
             top_k,
-        }
-    })
+            heun,
+        },
+    )
 }
 
 fn hop_stat() -> impl Strategy<Value = HopStat> {
-    (block_range(), text(), finite(), any::<u32>()).prop_map(
-        |(blocks, server, compute_ms, failovers)| HopStat {
+    (block_range(), text(), finite(), any::<u32>(), any::<u64>()).prop_map(
+        |(blocks, server, compute_ms, failovers, bytes_out)| HopStat {
             blocks,
             server,
             compute_ms,
             failovers,
+            bytes_out,
         },
     )
 }
@@ -235,10 +238,11 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
-            any::<u32>()
+            any::<u32>(),
+            any::<u64>()
         )
             .prop_map(
-                |(model_id, family, blocks, total, max_tokens, d_model, window)| {
+                |(model_id, family, blocks, total, max_tokens, d_model, window, served)| {
                     Message::ServerInfo(ServerInfo {
                         model_id,
                         family,
@@ -247,7 +251,49 @@ fn message() -> impl Strategy<Value = Message> {
                         max_tokens,
                         d_model,
                         window,
+                        served,
                     })
+                }
+            ),
+        (
+            any::<u64>(),
+            sampling(),
+            route(),
+            tokens(),
+            1u32..5,
+            0.01f64..100.0
+        )
+            .prop_flat_map(|(request_id, sampling, (route, hop), t, width, sigma)| {
+                let n = t.len() * width as usize;
+                (
+                    Just((request_id, sampling, route, hop, t, width, sigma)),
+                    vec(-60000.0f32..60000.0, n..=n),
+                )
+            })
+            .prop_map(
+                |((request_id, sampling, route, hop, t, width, sigma), values)| {
+                    // f16 keeps about 3 digits: send values it holds exactly.
+                    let values = values
+                        .into_iter()
+                        .map(|v| half::f16::from_f32(v).to_f32())
+                        .collect();
+                    Message::Latent(
+                        DenoiseMeta {
+                            request_id,
+                            model_id: "m".into(),
+                            sampling,
+                            seed: 1,
+                            route,
+                            hop,
+                            hops: Vec::new(),
+                        },
+                        t,
+                        LatentState {
+                            width,
+                            sigma,
+                            values,
+                        },
+                    )
                 }
             ),
         (

@@ -1,6 +1,7 @@
 //! `blocktrain bench network`: a real training run over HTTP, worker processes on
 //! loopback or on emulated WAN hosts, measured from the first version to the last:
-//! held-out CE (the ELBO, nats/byte) at start and end, bytes moved, wall time.
+//! held-out CE at start and end (masked family: the ELBO, nats/byte; edm: the paper's
+//! denoising CE, not a likelihood), bytes moved, wall time.
 //!
 //! Hosts: with `--hosts netns` each worker runs in its own network namespace
 //! (`scripts/wan-hosts`: veth + tbf at the link's rate, both directions) and reaches the
@@ -42,6 +43,10 @@ pub struct BenchNetworkArgs {
     /// Blocks (workers per block = workers / blocks, rounded up).
     #[arg(long, default_value_t = 3)]
     pub blocks: usize,
+    /// Objective family: masked (CE is the held-out ELBO) or edm (CE is the paper's
+    /// denoising cross-entropy on each block's interval).
+    #[arg(long, value_enum, default_value = "masked")]
+    pub objective: crate::cmd::demo::FamilyArg,
     /// Local steps per block over the whole run, summed over its workers (the
     /// single-worker `train --steps` equivalent at equal tokens).
     #[arg(long, default_value_t = 600)]
@@ -95,7 +100,11 @@ pub struct BenchNetworkArgs {
 fn ce(model: &Path, split: Split, windows: usize, device: tch::Device) -> Result<(f64, f64)> {
     let run = RunDir::open(model)?;
     let r = eval::evaluate(&run, split, 1, windows, 64, 1234, device)?;
-    Ok((r.nats, r.se))
+    // Masked family: the ELBO (its CE over t is the same number); edm: the paper's CE.
+    Ok(match (run.manifest.family.is_edm(), r.ce) {
+        (true, Some(c)) => (c.nats, c.se),
+        _ => (r.nats, r.se),
+    })
 }
 
 fn outer_name(cfg: &blocktrain_node::config::RunConfig) -> String {
@@ -125,11 +134,12 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     }
     let demo = DemoArgs {
         profile: args.profile,
+        objective: args.objective,
         blocks: args.blocks,
         workers: args.workers,
         local_steps: Some(args.local_steps),
         codec: args.codec.clone(),
-        out: args.out.clone(),
+        out: Some(args.out.clone()),
         data: "wikitext2".into(),
         prompt: String::new(),
         len: 0,

@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use blocktrain_model::config::EdmConfig;
 use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
-use blocktrain_node::config::RunConfig;
+use blocktrain_node::config::{ObjectiveFamily, RunConfig};
 use blocktrain_node::coordinator::{Coordinator, Status};
 use blocktrain_node::inference::client;
 use blocktrain_node::inference::hop::HopLimits;
@@ -18,7 +19,7 @@ use blocktrain_node::inference::hosted::{Hosted, Source};
 use blocktrain_node::inference::server::{self as block_server, ServeOptions};
 use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::frame::{BlockRange, Sampling};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::args::DeviceArgs;
 use crate::cmd::eval;
@@ -31,6 +32,10 @@ pub struct DemoArgs {
     /// Size preset (tiny takes seconds, demo a few minutes on 2 cores).
     #[arg(long, value_enum, default_value = "demo")]
     pub profile: Profile,
+    /// Objective family: masked (ours) or edm (the BlockTrain paper's embedding
+    /// diffusion, with the default [edm] settings of run.toml).
+    #[arg(long, value_enum, default_value = "masked")]
+    pub objective: FamilyArg,
     /// Number of blocks.
     #[arg(long, default_value_t = 3)]
     pub blocks: usize,
@@ -44,9 +49,10 @@ pub struct DemoArgs {
     /// Update codec: fp32, fp16, int8[:chunk], topk:fraction.
     #[arg(long, default_value = "fp16")]
     pub codec: String,
-    /// Run directory (coordinator state; the merged model is in OUT/model).
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
+    /// Run directory (coordinator state; the merged model is in OUT/model); default
+    /// runs/demo, or runs/demo-edm with --objective edm.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Training data: wikitext2, shakespeare, or a file path.
     #[arg(long, default_value = "wikitext2")]
     pub data: String,
@@ -63,7 +69,24 @@ pub struct DemoArgs {
     pub device: DeviceArgs,
 }
 
+/// The objective family on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    /// Masked byte diffusion.
+    Masked,
+    /// Embedding diffusion with EDM.
+    Edm,
+}
+
 impl DemoArgs {
+    /// Where the run lives.
+    pub fn out(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| match self.objective {
+            FamilyArg::Masked => PathBuf::from("runs/demo"),
+            FamilyArg::Edm => PathBuf::from("runs/demo-edm"),
+        })
+    }
+
     /// The run: the profile's model and budget, with each block's total local steps
     /// (over all its workers) equal to the profile's steps per part.
     pub fn run_config(&self) -> Result<RunConfig> {
@@ -72,8 +95,17 @@ impl DemoArgs {
         let h = self
             .local_steps
             .unwrap_or(if self.profile == Profile::Tiny { 5 } else { 50 });
+        let objective = match self.objective {
+            FamilyArg::Masked => ObjectiveFamily::Masked,
+            FamilyArg::Edm => ObjectiveFamily::Edm,
+        };
         let mut cfg = RunConfig {
             blocks: self.blocks,
+            objective,
+            edm: EdmConfig {
+                embed_seed: self.seed,
+                ..EdmConfig::default()
+            },
             dataset: self.data.clone(),
             seed: self.seed,
             model: p.block,
@@ -253,6 +285,7 @@ fn sample_over_servers(
             steps_per_block: 32,
             temperature: 0.8,
             top_k: 0,
+            heun: false,
         },
         seed: args.seed,
     };
@@ -282,9 +315,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "== 1/3 train {} blocks on loopback: a coordinator and {} worker processes, {} rounds x {} local steps per block, {} updates ({:?} profile)",
         args.blocks, args.workers, cfg.training.rounds, cfg.training.local_steps, cfg.wire.codec, args.profile
     );
-    train_on_loopback(cfg, &args.out, args.workers, &args.device)?;
+    let out = args.out();
+    train_on_loopback(cfg, &out, args.workers, &args.device)?;
 
-    let model = args.out.join("model");
+    let model = out.join("model");
     let run = RunDir::open(&model)?;
     println!("== 2/3 evaluate the merged model on held-out data");
     let windows = args.profile.preset().eval_windows;

@@ -5,8 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use blocktrain_model::run::{Family, RunDir};
+use blocktrain_model::run::{Family, Manifest, RunDir};
 use blocktrain_model::sampler::{self, SampleSettings};
+use blocktrain_model::transformer::Denoiser;
 use blocktrain_node::inference::client::{self, Request};
 use blocktrain_protocol::frame::Sampling;
 use clap::Args;
@@ -44,6 +45,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// Embedding diffusion: Heun's second-order steps instead of Euler's (twice the
+    /// network evaluations per step).
+    #[arg(long)]
+    pub heun: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -68,33 +73,43 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
         steps_per_block: args.steps_per_block,
         temperature: args.temperature,
         top_k: args.top_k,
+        heun: args.heun,
     };
     let trainers = (0..m.parts.len())
         .map(|p| run.trained(p, device))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(if m.family == Family::Ar {
-        sampler::generate_ar(
-            &trainers[0].net,
-            args.prompt.as_bytes(),
-            args.len,
-            &settings,
-            args.seed as u64,
-            device,
-        )
+    let nets: Vec<_> = trainers.iter().map(|t| &t.net).collect();
+    Ok(local(
+        m,
+        &nets,
+        args.prompt.as_bytes(),
+        args.len,
+        &settings,
+        args.seed as u64,
+        device,
+    ))
+}
+
+/// One sample from a run's networks (`parts[p]` is part p's network), whatever the family.
+pub fn local(
+    m: &Manifest,
+    parts: &[&Denoiser],
+    prompt: &[u8],
+    len: usize,
+    settings: &SampleSettings,
+    seed: u64,
+    device: tch::Device,
+) -> Vec<u8> {
+    let nets: Vec<&Denoiser> = (0..m.schedule.blocks())
+        .map(|i| parts[m.part_for_interval(i)])
+        .collect();
+    if m.family.is_edm() {
+        sampler::edm::generate(&nets, &m.schedule, prompt, len, settings, seed, device)
+    } else if m.family == Family::Ar {
+        sampler::generate_ar(parts[0], prompt, len, settings, seed, device)
     } else {
-        let nets: Vec<_> = (0..m.schedule.blocks())
-            .map(|i| &trainers[m.part_for_interval(i)].net)
-            .collect();
-        sampler::generate(
-            &nets,
-            &m.schedule,
-            args.prompt.as_bytes(),
-            args.len,
-            &settings,
-            args.seed as u64,
-            device,
-        )
-    })
+        sampler::generate(&nets, &m.schedule, prompt, len, settings, seed, device)
+    }
 }
 
 /// Generates across block servers; reports the route and timing on stderr.
@@ -111,6 +126,7 @@ fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
             steps_per_block: args.steps_per_block.try_into()?,
             temperature: args.temperature,
             top_k: args.top_k.max(0).try_into()?,
+            heun: args.heun,
         },
         seed: args.seed as u64,
     };

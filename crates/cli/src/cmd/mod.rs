@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod eval;
 pub mod gateway;
 pub mod generate;
+pub mod judge;
 pub mod ledger;
 pub mod link;
 pub mod serve;

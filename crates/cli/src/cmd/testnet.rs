@@ -147,6 +147,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             window: 32,
             causal: false,
             t_cond: false,
+            edm: None,
         },
         ..Default::default()
     };
@@ -348,6 +349,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
                 steps_per_block: 4,
                 temperature: 1.0,
                 top_k: 0,
+                heun: false,
             },
             seed: i as u64,
         };

@@ -11,19 +11,24 @@ use blocktrain_model::run::{Family, Manifest, RunDir, TrainPlan};
 use clap::{Args, ValueEnum};
 use tch::{Device, Kind, Tensor};
 
-use crate::args::{parse_boundaries, DeviceArgs};
+use crate::args::{parse_boundaries, DeviceArgs, EdmArgs};
 use crate::profile::Profile;
 use crate::progress;
 
 /// Model family on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ObjectiveArg {
-    /// B block-local diffusion networks (the BlockTrain model).
+    /// B block-local masked-diffusion networks (our family).
     Block,
-    /// One diffusion network over all of [0, 1] with B x the layers.
+    /// One masked-diffusion network over all of [0, 1] with B x the layers.
     E2e,
     /// A causal next-byte network with B x the layers.
     Ar,
+    /// B block-local embedding-diffusion networks with EDM (the BlockTrain paper's
+    /// family, after DiffusionBlocks): equal lognormal sigma mass per block.
+    Edm,
+    /// One embedding-diffusion network over all of [sigma_min, sigma_max], B x the layers.
+    EdmE2e,
 }
 
 impl From<ObjectiveArg> for Family {
@@ -32,6 +37,8 @@ impl From<ObjectiveArg> for Family {
             ObjectiveArg::Block => Family::Block,
             ObjectiveArg::E2e => Family::E2e,
             ObjectiveArg::Ar => Family::Ar,
+            ObjectiveArg::Edm => Family::Edm,
+            ObjectiveArg::EdmE2e => Family::EdmE2e,
         }
     }
 }
@@ -48,7 +55,8 @@ pub struct TrainArgs {
     /// Train only block b (1-based): the unit one worker runs.
     #[arg(long)]
     pub block: Option<usize>,
-    /// Interval boundaries, e.g. `0,0.25,0.6,1` (default: equal slices b/B).
+    /// Interval boundaries, e.g. `0,0.25,0.6,1` (default: equal slices b/B): masking
+    /// rates for the masked family, fractions of the lognormal's sigma mass for edm.
     #[arg(long)]
     pub boundaries: Option<String>,
     /// Size preset; the flags below override it.
@@ -97,6 +105,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 250)]
     pub save_every: i64,
     #[command(flatten)]
+    pub edm: EdmArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
 }
 
@@ -113,10 +123,19 @@ impl TrainArgs {
         if self.blocks == 0 {
             bail!("--blocks must be at least 1");
         }
-        model.n_layers = match self.objective {
-            ObjectiveArg::Block => layers,
-            ObjectiveArg::E2e | ObjectiveArg::Ar => layers * self.blocks as i64,
+        let family = Family::from(self.objective);
+        model.n_layers = if family.is_blocks() {
+            layers
+        } else {
+            layers * self.blocks as i64
         };
+        if family.is_edm() {
+            model.edm = Some(self.edm.config(self.seed)?);
+        } else if self.edm.any() {
+            bail!(
+                "--embed-dim, --sigma-* , --p-* and --overlap apply to --objective edm or edm-e2e"
+            );
+        }
         let schedule = match &self.boundaries {
             Some(b) => {
                 let s = Schedule::from_boundaries(parse_boundaries(b)?)?;
@@ -142,7 +161,7 @@ impl TrainArgs {
         if plan.steps <= 0 || plan.batch <= 0 {
             bail!("--steps and --batch must be positive");
         }
-        let manifest = Manifest::new(self.objective.into(), model, schedule, optim, plan)?;
+        let manifest = Manifest::new(family, model, schedule, optim, plan)?;
         Ok(match &self.block_layers {
             Some(list) => {
                 let layers = list
@@ -178,13 +197,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let parts: Vec<usize> = match args.block {
         None => (0..run.manifest.parts.len()).collect(),
         Some(b)
-            if run.manifest.family == Family::Block
-                && (1..=run.manifest.parts.len()).contains(&b) =>
+            if run.manifest.family.is_blocks() && (1..=run.manifest.parts.len()).contains(&b) =>
         {
             vec![b - 1]
         }
         Some(b) => bail!(
-            "--block {b} needs --objective block and 1 <= b <= {}",
+            "--block {b} needs --objective block or edm and 1 <= b <= {}",
             run.manifest.parts.len()
         ),
     };

@@ -45,7 +45,7 @@ pub fn load_route(arg: &str) -> Result<Vec<String>, NodeError> {
 pub struct Plan {
     /// What every stage hosts the same of.
     pub model_id: String,
-    /// `block` or `ar`.
+    /// `block` (masked diffusion), `edm` (embedding diffusion) or `ar`.
     pub family: String,
     /// Blocks (or AR layers) in the model.
     pub total: u32,
@@ -59,7 +59,8 @@ pub struct Plan {
     pub unreachable: Vec<String>,
 }
 
-async fn ask_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> {
+/// Asks one server what it hosts (and how many passes it has computed).
+pub async fn server_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> {
     let io = async {
         let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         write_message(&mut s, &Message::Info)
@@ -91,7 +92,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
     let answers = futures_join_all(unique.into_iter().map(|a| {
         let (a, limits) = (a.clone(), limits.clone());
         async move {
-            let info = ask_info(&a, &limits).await;
+            let info = server_info(&a, &limits).await;
             (a, info)
         }
     }))
@@ -213,11 +214,12 @@ pub struct Request {
 pub struct Generation {
     /// The output bytes (prompt excluded).
     pub output: Vec<u8>,
-    /// Per-stage reports (AR: summed over steps).
+    /// Per-stage reports (AR: compute and bytes summed over steps).
     pub hops: Vec<HopStat>,
     /// Seconds from sending the request to the last byte.
     pub seconds: f64,
-    /// Traversals of the stack (1 for diffusion, one per byte for AR).
+    /// Traversals of the stack, as the servers reported them: how many times the first
+    /// stage computed for this request (1 for diffusion, one per byte for AR).
     pub traversals: usize,
     /// Replicas of the first stage the client gave up on (later stages' failovers are
     /// in `hops`).
@@ -305,9 +307,9 @@ pub async fn generate(
     match answer.message {
         Message::Result(meta, bytes) if bytes.len() == tokens.len() => Ok(Generation {
             output: bytes[req.prompt.len()..].to_vec(),
+            traversals: traversals_in(&meta.hops, &plan.stages[0]),
             hops: meta.hops,
             seconds,
-            traversals: 1,
             entry_failovers: answer.failovers,
         }),
         Message::Result(_, bytes) => Err(NodeError::Network(format!(
@@ -321,6 +323,12 @@ pub async fn generate(
             super::kind_name(&other)
         ))),
     }
+}
+
+/// How many passes of the first stage `hops` report: each server appends its own report
+/// when it has computed, so this counts traversals as the servers made them.
+fn traversals_in(hops: &[HopStat], first: &Stage) -> usize {
+    hops.iter().filter(|h| h.blocks == first.blocks).count()
 }
 
 /// The AR baseline: one traversal of the layer stack per output byte, over one
@@ -350,6 +358,7 @@ pub async fn generate_ar(
     let mut session = 0;
     let mut output = Vec::with_capacity(req.len);
     let mut hops: Vec<HopStat> = Vec::new();
+    let mut traversals = 0;
     let started = Instant::now();
     for i in 0..req.len {
         if ids.len() - start > window {
@@ -400,11 +409,13 @@ pub async fn generate_ar(
             Message::ArOutput(o) => {
                 output.push(o.byte);
                 ids.push(o.byte as u16);
+                traversals += traversals_in(&o.hops, first);
                 if hops.is_empty() {
                     hops = o.hops;
                 } else {
                     for (sum, h) in hops.iter_mut().zip(&o.hops) {
                         sum.compute_ms += h.compute_ms;
+                        sum.bytes_out += h.bytes_out;
                     }
                 }
             }
@@ -421,7 +432,7 @@ pub async fn generate_ar(
         output,
         hops,
         seconds: started.elapsed().as_secs_f64(),
-        traversals: req.len,
+        traversals,
         entry_failovers: 0,
     })
 }

@@ -1,10 +1,13 @@
 //! The model side of a block server: which networks it holds and what it computes.
 //!
-//! Two families:
-//! - **block** (diffusion): the server holds blocks `first..=last` of a block-local run
-//!   and runs each one's local denoising, highest block first. Block b samples from its
-//!   own stream of the request seed, so the output does not depend on which replica ran
-//!   which block.
+//! Three families:
+//! - **block** (masked diffusion): the server holds blocks `first..=last` of a
+//!   block-local run and runs each one's local denoising, highest block first. Block b
+//!   samples from its own stream of the request seed, so the output does not depend on
+//!   which replica ran which block.
+//! - **edm** (embedding diffusion, the paper's family): the same, but what crosses
+//!   between stages is the latent z at the boundary's sigma; the top block draws the
+//!   starting noise from its stream, block 1 reads the bytes out at sigma_min.
 //! - **ar** (the baseline): the server holds layers `first..=last` of the AR reference;
 //!   the first stage also embeds bytes, the last also applies the head and samples.
 //!   Keys/values of past positions stay in a [`KvCache`] per session.
@@ -14,12 +17,15 @@
 use std::ops::Range;
 use std::path::Path;
 
-use blocktrain_model::config::Schedule;
+use blocktrain_model::config::{EdmConfig, Schedule};
 use blocktrain_model::logical::LogicalShape;
+use blocktrain_model::objective::edm::LatentNet;
 use blocktrain_model::run::{Family, RunDir};
-use blocktrain_model::sampler::{self, SampleRng, SampleSettings};
+use blocktrain_model::sampler::{self, edm as edm_sampler, SampleRng, SampleSettings};
 use blocktrain_model::transformer::{Denoiser, KvCache};
-use blocktrain_protocol::frame::{ArPayload, BlockRange, Sampling, ServerInfo, MASK_TOKEN};
+use blocktrain_protocol::frame::{
+    ArPayload, BlockRange, LatentState, Sampling, ServerInfo, MASK_TOKEN,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::NodeError;
@@ -53,6 +59,13 @@ enum Role {
         nets: Vec<Net>,
         schedule: Schedule,
     },
+    Latent {
+        /// `nets[i]` is block `first + i`.
+        nets: Vec<Net>,
+        /// Block boundaries as fractions of the lognormal's mass.
+        schedule: Schedule,
+        edm: EdmConfig,
+    },
     Ar {
         net: Box<Net>,
         /// Indices into `net`'s layers.
@@ -82,6 +95,11 @@ pub enum ArStepOut {
 
 fn bad(m: impl Into<String>) -> NodeError {
     NodeError::Config(m.into())
+}
+
+/// A request this server cannot take as sent (the sender's to fix, not a server fault).
+fn refused(m: impl Into<String>) -> NodeError {
+    NodeError::Rejected(m.into())
 }
 
 /// A short content id of the weights a route must agree on.
@@ -149,20 +167,35 @@ impl Hosted {
         let nets = (blocks.first..=blocks.last)
             .map(|b| load(m.part_for_interval(b as usize - 1)))
             .collect::<Result<Vec<_>, _>>()?;
+        let (family, role) = match &m.model.edm {
+            Some(edm) => (
+                "edm",
+                Role::Latent {
+                    nets,
+                    schedule: m.schedule.clone(),
+                    edm: edm.clone(),
+                },
+            ),
+            None => (
+                "block",
+                Role::Blocks {
+                    nets,
+                    schedule: m.schedule.clone(),
+                },
+            ),
+        };
         Ok(Hosted {
             info: ServerInfo {
                 model_id: model_id(&id_src),
-                family: "block".into(),
+                family: family.into(),
                 blocks,
                 total,
                 max_tokens,
                 d_model: m.model.d_model as u32,
                 window: m.model.window as u32,
+                served: 0,
             },
-            role: Role::Blocks {
-                nets,
-                schedule: m.schedule.clone(),
-            },
+            role,
             device,
         })
     }
@@ -201,20 +234,30 @@ impl Hosted {
                 Net { _vs: vs, net }
             })
             .collect();
+        let schedule = Schedule::equal(total as usize);
+        let (family, role) = match shape.model_config().edm {
+            Some(edm) => (
+                "edm",
+                Role::Latent {
+                    nets,
+                    schedule,
+                    edm,
+                },
+            ),
+            None => ("block", Role::Blocks { nets, schedule }),
+        };
         Ok(Hosted {
             info: ServerInfo {
                 model_id: id,
-                family: "block".into(),
+                family: family.into(),
                 blocks,
                 total,
                 max_tokens,
                 d_model: shape.d_model as u32,
                 window: shape.window as u32,
+                served: 0,
             },
-            role: Role::Blocks {
-                nets,
-                schedule: Schedule::equal(total as usize),
-            },
+            role,
             device,
         })
     }
@@ -254,6 +297,7 @@ impl Hosted {
                 max_tokens,
                 d_model: net.net.config().d_model as u32,
                 window: net.net.config().window as u32,
+                served: 0,
             },
             role: Role::Ar {
                 net: Box::new(net),
@@ -266,31 +310,142 @@ impl Hosted {
         }
     }
 
-    /// Runs this server's blocks, highest first, on `tokens` (bytes or MASK).
+    /// Runs this server's blocks, highest first, on `tokens` (bytes or MASK) and, for the
+    /// embedding family, the latent the stage above handed on. Returns the tokens (all
+    /// bytes once block 1 has run) and the latent to hand on (embedding family, above
+    /// block 1).
     pub fn denoise(
         &self,
         tokens: &[u16],
+        latent: Option<&LatentState>,
         sampling: &Sampling,
         seed: u64,
-    ) -> Result<Vec<u16>, NodeError> {
-        let Role::Blocks { nets, schedule } = &self.role else {
-            return Err(bad("this server hosts AR layers, not diffusion blocks"));
-        };
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let mut x = Tensor::from_slice(&ids)
-            .view([1, -1])
-            .to_device(self.device);
+    ) -> Result<(Vec<u16>, Option<LatentState>), NodeError> {
         let settings = settings(sampling);
         let first = self.info.blocks.first as usize;
-        for (i, net) in nets.iter().enumerate().rev() {
-            let idx = first + i - 1; // 0-based interval
-            let (lo, hi) = schedule.interval(idx);
-            let mut rng = SampleRng::for_block(seed, idx);
-            x = sampler::denoise_interval(&net.net, &x, lo, hi, &settings, &mut rng);
+        match &self.role {
+            Role::Blocks { nets, schedule } => {
+                if latent.is_some() {
+                    return Err(refused(
+                        "this server hosts masked-diffusion blocks and takes no latent",
+                    ));
+                }
+                let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+                let mut x = Tensor::from_slice(&ids)
+                    .view([1, -1])
+                    .to_device(self.device);
+                for (i, net) in nets.iter().enumerate().rev() {
+                    let idx = first + i - 1; // 0-based interval
+                    let (lo, hi) = schedule.interval(idx);
+                    let mut rng = SampleRng::for_block(seed, idx);
+                    x = sampler::denoise_interval(&net.net, &x, lo, hi, &settings, &mut rng);
+                }
+                let out: Vec<i64> = Vec::try_from(x.view([-1]).to_device(Device::Cpu))
+                    .map_err(|e| bad(format!("reading tokens back: {e}")))?;
+                Ok((out.into_iter().map(|v| v as u16).collect(), None))
+            }
+            Role::Latent {
+                nets,
+                schedule,
+                edm,
+            } => self.denoise_latent(nets, schedule, edm, tokens, latent, &settings, seed),
+            Role::Ar { .. } => Err(bad("this server hosts AR layers, not diffusion blocks")),
         }
-        let out: Vec<i64> = Vec::try_from(x.view([-1]).to_device(Device::Cpu))
-            .map_err(|e| bad(format!("reading tokens back: {e}")))?;
-        Ok(out.into_iter().map(|v| v as u16).collect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_latent(
+        &self,
+        nets: &[Net],
+        schedule: &Schedule,
+        edm: &EdmConfig,
+        tokens: &[u16],
+        latent: Option<&LatentState>,
+        settings: &SampleSettings,
+        seed: u64,
+    ) -> Result<(Vec<u16>, Option<LatentState>), NodeError> {
+        // The prompt is the leading bytes; every position after it is output.
+        let prompt_len = tokens
+            .iter()
+            .position(|&t| t >= MASK_TOKEN)
+            .ok_or_else(|| refused("nothing to generate: no masked position"))?;
+        if tokens[prompt_len..].iter().any(|&t| t != MASK_TOKEN) {
+            return Err(refused(
+                "embedding diffusion continues a prompt: masked positions must all follow it",
+            ));
+        }
+        let prompt: Vec<u8> = tokens[..prompt_len].iter().map(|&t| t as u8).collect();
+        let (n, e) = (tokens.len(), edm.embed_dim);
+        let (first, last) = (self.info.blocks.first, self.info.blocks.last);
+        let expect_sigma = edm.sigma_at(schedule.interval(last as usize - 1).1);
+        let z = match latent {
+            None if last == self.info.total => {
+                let mut rng = SampleRng::for_block(seed, last as usize - 1);
+                let table = nets.last().expect("a stage hosts a block").net.table();
+                edm_sampler::initial_latent(
+                    table,
+                    edm,
+                    &prompt,
+                    n - prompt_len,
+                    &mut rng,
+                    self.device,
+                )
+            }
+            None => {
+                return Err(refused(format!(
+                    "blocks {first}..{last} continue from a latent the stage above sends; none came"
+                )))
+            }
+            Some(_) if last == self.info.total => {
+                return Err(refused(
+                    "the top stage starts from the prior and takes no latent",
+                ))
+            }
+            Some(z) => {
+                if z.width as i64 != e || z.values.len() != n * e as usize {
+                    return Err(refused(format!(
+                        "latent of width {} with {} values: this model needs {n} x {e}",
+                        z.width,
+                        z.values.len()
+                    )));
+                }
+                if (z.sigma - expect_sigma).abs() > 1e-6 * expect_sigma {
+                    return Err(refused(format!(
+                        "latent at sigma {}: blocks {first}..{last} start at sigma {expect_sigma}",
+                        z.sigma
+                    )));
+                }
+                Tensor::from_slice(&z.values)
+                    .view([1, n as i64, e])
+                    .to_device(self.device)
+            }
+        };
+        let mut z = z;
+        for (i, net) in nets.iter().enumerate().rev() {
+            let block = first as usize + i; // 1-based
+            let (u_lo, u_hi) = schedule.interval(block - 1);
+            z = edm_sampler::denoise_sigma_interval(&net.net, &z, &prompt, u_lo, u_hi, settings);
+            if block > 1 {
+                // As on one host: the latent is rounded to f16 between any two blocks,
+                // whether the next one is here or on the next server.
+                z = edm_sampler::hand_off(&z);
+            }
+        }
+        if first == 1 {
+            let mut rng = SampleRng::for_readout(seed);
+            let bytes = edm_sampler::readout(&nets[0].net, &z, prompt_len, settings, &mut rng);
+            let out = prompt.iter().chain(&bytes).map(|&b| b as u16).collect();
+            return Ok((out, None));
+        }
+        let values: Vec<f32> =
+            Vec::try_from(z.to_kind(Kind::Float).to_device(Device::Cpu).view([-1]))
+                .map_err(|e| bad(format!("reading the latent back: {e}")))?;
+        let state = LatentState {
+            width: e as u32,
+            sigma: edm.sigma_at(schedule.interval(first as usize - 1).0),
+            values,
+        };
+        Ok((tokens.to_vec(), Some(state)))
     }
 
     /// One AR step of this stage: embeds (first stage) or takes hidden states, runs its
@@ -381,6 +536,7 @@ fn settings(s: &Sampling) -> SampleSettings {
         steps_per_block: s.steps_per_block as usize,
         temperature: s.temperature,
         top_k: s.top_k as i64,
+        heun: s.heun,
     }
 }
 

@@ -26,5 +26,6 @@ pub(crate) fn kind_name(m: &Message) -> &'static str {
         Message::Error(_) => "Error",
         Message::ArStep(..) => "ArStep",
         Message::ArOutput(_) => "ArOutput",
+        Message::Latent(..) => "Latent",
     }
 }

@@ -129,6 +129,7 @@ async fn completions(
             steps_per_block: req.steps_per_block.unwrap_or(g.default_steps),
             temperature,
             top_k,
+            heun: false,
         },
         seed: req.seed.unwrap_or_else(rand::random),
     };

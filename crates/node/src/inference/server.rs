@@ -1,9 +1,11 @@
 //! The block server: accepts frames over TCP, runs its blocks, forwards downstream.
 //!
-//! A diffusion request arrives as one `Denoise` frame. The server checks it (model,
-//! blocks, sizes), runs its blocks, and either answers with the `Result` (last stage)
-//! or sends the partially unmasked bytes to the next stage ([`hop::call_stage`]: its
-//! replicas in turn) and relays that stage's answer back. While it works or waits it
+//! A diffusion request arrives as one `Denoise` frame (masked family) or `Latent` frame
+//! (embedding family, below the top stage). The server checks it (model, blocks,
+//! sizes), runs its blocks, and either answers with the `Result` (last stage) or sends
+//! the partially unmasked bytes, or the latent, to the next stage ([`hop::call_stage`]:
+//! its replicas in turn) and relays that stage's answer back. Every computed pass is
+//! counted (`ServerInfo::served`), so traversals are measured by the servers. While it works or waits it
 //! sends `Keepalive` frames upstream every `keepalive`, so its caller can tell slow
 //! from stalled.
 //!
@@ -15,13 +17,14 @@
 //! pool; a panic in it becomes an `Internal` error for that request, never a dead
 //! server. A bad frame gets an error reply and the connection is closed.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blocktrain_model::transformer::KvCache;
 use blocktrain_protocol::frame::{
-    ArOutput, ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, HopError, HopStat, Message,
-    ResultMeta, Sampling, Stage, MASK_TOKEN,
+    encode_tokens, ArOutput, ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, HopError,
+    HopStat, LatentState, Message, ResultMeta, Sampling, Stage, MASK_TOKEN,
 };
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,6 +63,8 @@ struct Shared {
     hosted: Mutex<Hosted>,
     info: blocktrain_protocol::frame::ServerInfo,
     opts: ServeOptions,
+    /// Passes computed: diffusion requests run, AR steps run.
+    served: AtomicU64,
 }
 
 type Upstream = Arc<AsyncMutex<OwnedWriteHalf>>;
@@ -75,6 +80,7 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
         info: hosted.info.clone(),
         hosted: Mutex::new(hosted),
         opts,
+        served: AtomicU64::new(0),
     });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -158,10 +164,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         };
         let ok = match msg {
             Message::Info => {
-                let info = Message::ServerInfo(shared.info.clone());
-                send_up(&up, &info, shared.opts.limits.stall_timeout).await
+                let mut info = shared.info.clone();
+                info.served = shared.served.load(Ordering::Relaxed);
+                send_up(
+                    &up,
+                    &Message::ServerInfo(info),
+                    shared.opts.limits.stall_timeout,
+                )
+                .await
             }
-            Message::Denoise(meta, tokens) => denoise(&up, meta, tokens, &shared).await,
+            Message::Denoise(meta, tokens) => denoise(&up, meta, tokens, None, &shared).await,
+            Message::Latent(meta, tokens, z) => denoise(&up, meta, tokens, Some(z), &shared).await,
             Message::ArStep(meta, payload) => {
                 let s = session.get_or_insert_with(ArSession::default);
                 ar_step(&up, s, meta, payload, &shared).await
@@ -281,9 +294,15 @@ fn check_sampling(s: &Sampling) -> Result<(), String> {
     Ok(())
 }
 
-async fn denoise(up: &Upstream, meta: DenoiseMeta, tokens: Vec<u16>, shared: &Arc<Shared>) -> bool {
+async fn denoise(
+    up: &Upstream,
+    meta: DenoiseMeta,
+    tokens: Vec<u16>,
+    latent: Option<LatentState>,
+    shared: &Arc<Shared>,
+) -> bool {
     let id = meta.request_id;
-    let reply = match run_denoise(up, meta, tokens, shared).await {
+    let reply = match run_denoise(up, meta, tokens, latent, shared).await {
         Ok(m) => m,
         Err((code, message)) => error(id, code, message, shared),
     };
@@ -294,6 +313,7 @@ async fn run_denoise(
     up: &Upstream,
     mut meta: DenoiseMeta,
     tokens: Vec<u16>,
+    latent: Option<LatentState>,
     shared: &Arc<Shared>,
 ) -> Result<Message, (ErrorCode, String)> {
     check_route(shared, &meta.model_id, &meta.route, meta.hop, true)?;
@@ -315,27 +335,40 @@ async fn run_denoise(
         let (sampling, seed) = (meta.sampling.clone(), meta.seed);
         tokio::task::spawn_blocking(move || {
             let hosted = shared.hosted.lock().unwrap_or_else(|p| p.into_inner());
-            hosted.denoise(&tokens, &sampling, seed)
+            hosted.denoise(&tokens, latent.as_ref(), &sampling, seed)
         })
     };
-    let tokens = match work.await {
+    let (tokens, latent) = match work.await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             keepalive.finish().await;
-            return Err((ErrorCode::Internal, e.to_string()));
+            // A request it cannot take is the sender's to fix; anything else is ours.
+            let code = match e {
+                crate::NodeError::Rejected(_) => ErrorCode::BadRequest,
+                _ => ErrorCode::Internal,
+            };
+            return Err((code, e.to_string()));
         }
         Err(e) => {
             keepalive.finish().await;
             return Err((ErrorCode::Internal, format!("compute failed: {e}")));
         }
     };
+    shared.served.fetch_add(1, Ordering::Relaxed);
+    let last = meta.hop as usize + 1 == meta.route.len();
+    // What goes on down the stack: bytes + mask bitmap, and the f16 latent if any.
+    let bytes_out = if last {
+        0
+    } else {
+        encode_tokens(&tokens).len() + latent.as_ref().map_or(0, |z| 2 * z.values.len())
+    };
     meta.hops.push(HopStat {
         blocks: shared.info.blocks,
         server: shared.opts.name.clone(),
         compute_ms: started.elapsed().as_secs_f64() * 1e3,
         failovers: 0,
+        bytes_out: bytes_out as u64,
     });
-    let last = meta.hop as usize + 1 == meta.route.len();
     let reply = if last {
         if tokens.iter().any(|&t| t >= MASK_TOKEN) {
             keepalive.finish().await;
@@ -360,7 +393,10 @@ async fn run_denoise(
             if let Some(me) = m.hops.last_mut() {
                 me.failovers = failovers;
             }
-            Message::Denoise(m, tokens.clone()).encode()
+            match &latent {
+                Some(z) => Message::Latent(m, tokens.clone(), z.clone()).encode(),
+                None => Message::Denoise(m, tokens.clone()).encode(),
+            }
         })
         .await;
         answer.message
@@ -436,16 +472,18 @@ async fn run_ar_step(
     let out = match work.await {
         Ok((Ok(out), cache)) => {
             session.cache = Some(cache);
+            shared.served.fetch_add(1, Ordering::Relaxed);
             out
         }
         Ok((Err(e), _)) => return Err((ErrorCode::BadRequest, e.to_string())),
         Err(e) => return Err((ErrorCode::Internal, format!("compute failed: {e}"))),
     };
-    let me = HopStat {
+    let mut me = HopStat {
         blocks: shared.info.blocks,
         server: shared.opts.name.clone(),
         compute_ms: started.elapsed().as_secs_f64() * 1e3,
         failovers: 0,
+        bytes_out: 0,
     };
     let hidden = match out {
         ArStepOut::Byte(byte) => {
@@ -457,6 +495,7 @@ async fn run_ar_step(
         }
         ArStepOut::Hidden(values, rows) => {
             meta.hidden = Some((rows, shared.info.d_model));
+            me.bytes_out = 2 * values.len() as u64; // f16 hidden states
             values
         }
     };

@@ -8,19 +8,14 @@
 //! masked set is distributed exactly as "S given j ∈ S", so the estimate is unbiased;
 //! unlike the plain `1/t` weight it is bounded, so small-t blocks do not see a heavy
 //! tail. Summed over a partition of [0,1] these shares are the ELBO.
+//!
+//! The paper-style "mean cross-entropy over the training distribution of t" of this
+//! family is the same number: t is uniform on [0, 1] in training, so the mean masked
+//! CE over t is `∫ g(t) dt`, the ELBO; a block's mean CE is its share over its width.
 use tch::{Kind, Tensor};
 
-use crate::transformer::Denoiser;
+use super::{token_nll, Draw, MaskedNet};
 use crate::MASK_ID;
-
-/// How masking levels are drawn for a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TDraw {
-    /// One shared offset, one stratum per row (lower variance; training).
-    Stratified,
-    /// Independent uniform per row (each row's estimate unbiased alone; evaluation).
-    Independent,
-}
 
 /// A masked batch ready for the denoiser.
 #[derive(Debug)]
@@ -34,18 +29,15 @@ pub struct MaskedBatch {
 }
 
 /// Draws masking levels in `[lo, hi]` for `n` rows on `device`.
-pub fn draw_t(n: i64, lo: f64, hi: f64, draw: TDraw, device: tch::Device) -> Tensor {
-    match draw {
-        TDraw::Stratified => stratified_t(n, lo, hi, &Tensor::rand([1], (Kind::Float, device))),
-        TDraw::Independent => Tensor::rand([n], (Kind::Float, device)) * (hi - lo) + lo,
-    }
+pub fn draw_t(n: i64, lo: f64, hi: f64, draw: Draw, device: tch::Device) -> Tensor {
+    super::unit_draws(n, draw, device) * (hi - lo) + lo
 }
 
 /// `t_i = lo + (hi - lo) (i + u) / n`: row i in stratum i, one shared offset `u` in [0, 1).
 /// With n = B·M rows on [0, 1], rows `bM..(b+1)M` get exactly the levels block b would
 /// draw for M rows with the same `u`: the decomposition test relies on this.
 pub fn stratified_t(n: i64, lo: f64, hi: f64, u: &Tensor) -> Tensor {
-    (Tensor::arange(n, (Kind::Float, u.device())) + u) / n as f64 * (hi - lo) + lo
+    super::stratified_unit(n, u) * (hi - lo) + lo
 }
 
 /// Randomness of one masking draw: per-position uniforms (N, T) and a forced position (N, 1).
@@ -79,17 +71,15 @@ pub fn mask_with_forced(x: &Tensor, t: &Tensor, noise: &MaskNoise) -> MaskedBatc
     }
 }
 
-/// Per-position NLL (N, T) of the true bytes `x` under `logits` (N, T, 256).
-pub fn token_nll(logits: &Tensor, x: &Tensor) -> Tensor {
-    -logits
-        .log_softmax(-1, Kind::Float)
-        .gather(-1, &x.unsqueeze(-1), false)
-        .squeeze_dim(-1)
-}
-
 /// Per-row estimate (N) of the interval `[lo, hi]`'s share of the ELBO, in nats per byte.
 /// Visible bytes are never scored; MASK is never a prediction target.
-pub fn interval_estimate(net: &Denoiser, x: &Tensor, lo: f64, hi: f64, draw: TDraw) -> Tensor {
+pub fn interval_estimate(
+    net: &(impl MaskedNet + ?Sized),
+    x: &Tensor,
+    lo: f64,
+    hi: f64,
+    draw: Draw,
+) -> Tensor {
     let (n, len) = x.size2().unwrap();
     let t = draw_t(n, lo, hi, draw, x.device());
     estimate_with(net, x, &t, &MaskNoise::draw(n, len, x.device()), hi - lo)
@@ -97,14 +87,14 @@ pub fn interval_estimate(net: &Denoiser, x: &Tensor, lo: f64, hi: f64, draw: TDr
 
 /// The forced-mask estimate (N) for given levels and noise, weighted by the interval width.
 pub fn estimate_with(
-    net: &Denoiser,
+    net: &(impl MaskedNet + ?Sized),
     x: &Tensor,
     t: &Tensor,
     noise: &MaskNoise,
     width: f64,
 ) -> Tensor {
     let batch = mask_with_forced(x, t, noise);
-    let logits = net.forward(&batch.input, Some(&batch.t));
+    let logits = net.masked_logits(&batch.input, &batch.t);
     masked_mean_nll(&logits, x, &batch.mask) * width
 }
 
@@ -116,15 +106,6 @@ pub fn masked_mean_nll(logits: &Tensor, x: &Tensor, mask: &Tensor) -> Tensor {
 }
 
 /// The training loss of a block: the batch mean of [`interval_estimate`] (stratified t).
-pub fn interval_loss(net: &Denoiser, x: &Tensor, lo: f64, hi: f64) -> Tensor {
-    interval_estimate(net, x, lo, hi, TDraw::Stratified).mean(Kind::Float)
-}
-
-/// Exact autoregressive NLL per row (N), nats per byte: position i predicts byte i from
-/// bytes before it; position 0 sees only the start token (MASK id doubles as BOS).
-pub fn ar_nll(net: &Denoiser, x: &Tensor) -> Tensor {
-    let (n, len) = x.size2().unwrap();
-    let bos = Tensor::full([n, 1], MASK_ID, (Kind::Int64, x.device()));
-    let input = Tensor::cat(&[bos, x.narrow(1, 0, len - 1)], 1); // (N, T) shifted right
-    token_nll(&net.forward(&input, None), x).mean_dim(1, false, Kind::Float)
+pub fn interval_loss(net: &(impl MaskedNet + ?Sized), x: &Tensor, lo: f64, hi: f64) -> Tensor {
+    interval_estimate(net, x, lo, hi, Draw::Stratified).mean(Kind::Float)
 }
