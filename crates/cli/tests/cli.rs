@@ -268,3 +268,85 @@ fn demo_runs_end_to_end_on_the_tiny_profile_and_reruns() {
         assert!(t.contains("total ELBO") && t.contains("3/3 sample"), "{t}");
     }
 }
+
+/// The paper's family as a user runs it: train, evaluate (bound, paper CE, CE against
+/// sigma, JSON), sample with Euler and Heun, and a demo over HTTP.
+#[test]
+fn edm_train_eval_generate_and_demo() {
+    let out = scratch("edm");
+    ok(&train_tiny(
+        &out,
+        &["--objective", "edm", "--blocks", "2", "--embed-dim", "8"],
+    ));
+    let o = bt(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--split",
+        "valid",
+        "--max-windows",
+        "16",
+        "--curve",
+        "3",
+        "--json",
+        out.join("e.json").to_str().unwrap(),
+    ]);
+    let t = ok(&o);
+    assert!(
+        t.contains("block 2 sigma [1.623, 10.000]")
+            && t.contains("VDM bound")
+            && t.contains("CE against sigma"),
+        "{t}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("e.json")).unwrap()).unwrap();
+    let report = &json["results"][0]["report"];
+    let terms = &report["terms"];
+    let sum = terms["prior"]["nats"].as_f64().unwrap()
+        + terms["diffusion"]["nats"].as_f64().unwrap()
+        + terms["reconstruction"]["nats"].as_f64().unwrap();
+    assert!(
+        (sum - report["nats"].as_f64().unwrap()).abs() < 1e-9,
+        "{report}"
+    );
+    assert_eq!(json["results"][0]["curve"].as_array().unwrap().len(), 3);
+    for extra in [&[][..], &["--heun"][..]] {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+            "--len",
+            "12",
+            "--steps-per-block",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let g = ok(&bt(&args));
+        assert!(g.starts_with("ROMEO:"), "{g}");
+    }
+    // EDM flags belong to the edm family only.
+    fails_with(
+        &train_tiny(&scratch("edm-bad"), &["--embed-dim", "8"]),
+        "--objective edm",
+    );
+    let demo = scratch("edm-demo");
+    let o = bt(&[
+        "demo",
+        "--profile",
+        "tiny",
+        "--objective",
+        "edm",
+        "--blocks",
+        "2",
+        "--workers",
+        "2",
+        "--out",
+        demo.to_str().unwrap(),
+        "--len",
+        "16",
+    ]);
+    let t = ok(&o);
+    assert!(t.contains("VDM bound") && t.contains("3/3 sample"), "{t}");
+}

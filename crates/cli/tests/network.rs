@@ -278,6 +278,62 @@ fn workers_train_every_block_over_http_and_bytes_are_counted() {
     );
 }
 
+/// The paper's family over the network: workers train embedding-diffusion blocks, every
+/// update is recomputed by the coordinator (spot checks at 100%) and matches, and the
+/// merged model evaluates with the paper's CE and the bound.
+#[test]
+fn edm_blocks_train_over_http_and_every_lease_recomputes() {
+    let dir = scratch("edm");
+    let extra = "objective = \"edm\"\n[edm]\nembed_dim = 8\n[trust]\nspot_check_fraction = 1.0";
+    let run = run_toml(&dir, 2, 2, 4, 1, extra);
+    let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
+    let mut ws: Vec<Proc> = (0..2)
+        .map(|i| worker(&dir, &url, &format!("w{i}"), &[]))
+        .collect();
+    let mut last = None;
+    wait_for(Duration::from_secs(90), "the edm run to finish", || {
+        last = status(&url).or(last.take());
+        last.as_ref().is_some_and(|s| s.done)
+    });
+    let s = last.unwrap();
+    assert_eq!(
+        s.blocks.iter().map(|b| b.version).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert_eq!(
+        s.updates.get("rejected").copied().unwrap_or(0),
+        0,
+        "{:?}",
+        s.updates
+    );
+    for w in ws.iter_mut() {
+        assert!(wait_exit(w, Duration::from_secs(30)).success());
+    }
+    assert!(wait_exit(&mut coord, Duration::from_secs(30)).success());
+    let log = read(&dir, "coordinator.log");
+    assert!(
+        log.matches("passed (relative error").count() >= 4 && !log.contains("could not run"),
+        "every one of the 4 updates is recomputed and matches: {log}"
+    );
+    let o = Command::new(BIN)
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--max-windows",
+            "8",
+            "--checkpoint",
+        ])
+        .arg(dir.join("state/model"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("VDM bound") && out.contains("paper CE") && out.contains("sigma [1.000"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn killed_worker_lease_lapses_and_the_round_completes_without_it() {
     let dir = scratch("killworker");
