@@ -10,8 +10,12 @@
 //! the hops are: client -> host 3 -> host 2 -> host 1, and the answer comes back the same
 //! way, so one traversal costs 6 one-way delays plus compute.
 //!
+//! Systems: `blocktrain` (masked diffusion blocks: bytes + a mask bitmap cross a hop),
+//! `edm` (the paper's embedding diffusion: the f16 latent, positions x `--embed-dim`,
+//! crosses a hop) and `ar` (the pipeline).
+//!
 //! Weights: random ones of `--shape` by default (serving cost does not depend on their
-//! values), or trained runs with `--checkpoint` / `--ar-checkpoint`.
+//! values), or trained runs with `--checkpoint` / `--ar-checkpoint` (/ `--edm-checkpoint`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -51,6 +55,12 @@ pub struct BenchInferenceArgs {
     /// Trained AR run (layers divisible by 3) to serve instead of random weights.
     #[arg(long, requires = "checkpoint")]
     pub ar_checkpoint: Option<PathBuf>,
+    /// Trained edm run (3 blocks) to serve with the checkpoints above.
+    #[arg(long, requires = "checkpoint")]
+    pub edm_checkpoint: Option<PathBuf>,
+    /// Latent width of the edm system's random weights.
+    #[arg(long, default_value_t = blocktrain_model::config::EdmConfig::default().embed_dim)]
+    pub embed_dim: i64,
     /// Denoising steps each block takes.
     #[arg(long, default_value_t = 32)]
     pub steps_per_block: u32,
@@ -84,10 +94,22 @@ pub struct BenchInferenceArgs {
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
-    /// One-traversal block diffusion.
+    /// One-traversal masked block diffusion.
     Blocktrain,
+    /// One-traversal embedding diffusion (the paper's family): the latent crosses hops.
+    Edm,
     /// The autoregressive pipeline baseline.
     Ar,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Blocktrain => "blocktrain",
+            System::Edm => "edm",
+            System::Ar => "ar",
+        }
+    }
 }
 
 /// A server process, killed on drop.
@@ -256,8 +278,23 @@ pub fn run(args: BenchInferenceArgs) -> Result<()> {
 /// description of the weights.
 struct Sources {
     diffusion: Vec<Vec<String>>,
+    edm: Vec<Vec<String>>,
     ar: Vec<Vec<String>>,
     weights: String,
+}
+
+/// `serve` arguments of host k (1..=3) for one block of a diffusion run.
+fn block_sources(run: &std::path::Path) -> Vec<Vec<String>> {
+    (1..=HOSTS)
+        .map(|k| {
+            vec![
+                "--checkpoint".to_string(),
+                run.to_string_lossy().into_owned(),
+                "--blocks".to_string(),
+                k.to_string(),
+            ]
+        })
+        .collect()
 }
 
 /// The AR layers host k (1..=3) serves, `per` per host: host 3 holds the first
@@ -276,16 +313,11 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
             bail!("--ar-checkpoint has {layers} layers; the bench splits them evenly over 3 hosts");
         }
         let per = layers / HOSTS as i64;
-        let diffusion = (1..=HOSTS)
-            .map(|k| {
-                s(&[
-                    "--checkpoint",
-                    &bt.to_string_lossy(),
-                    "--blocks",
-                    &k.to_string(),
-                ])
-            })
-            .collect();
+        let diffusion = block_sources(bt);
+        let edm = args
+            .edm_checkpoint
+            .as_deref()
+            .map_or_else(Vec::new, block_sources);
         let arv = (1..=HOSTS as i64)
             .map(|k| {
                 let r = ar_layers_of_host(k, per);
@@ -294,6 +326,7 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
             .collect();
         return Ok(Sources {
             diffusion,
+            edm,
             ar: arv,
             weights: format!("trained: {} and {}", bt.display(), ar.display()),
         });
@@ -301,18 +334,26 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
     let shape = args.shape.to_string();
     let per = args.shape.n_layers;
     let total_layers = (per * HOSTS as i64).to_string();
-    let diffusion = (1..=HOSTS)
-        .map(|k| {
-            s(&[
-                "--logical-shape",
-                &shape,
-                "--total",
-                "3",
-                "--blocks",
-                &k.to_string(),
-            ])
-        })
-        .collect();
+    let logical_blocks = |shape: &str| -> Vec<Vec<String>> {
+        (1..=HOSTS)
+            .map(|k| {
+                s(&[
+                    "--logical-shape",
+                    shape,
+                    "--total",
+                    "3",
+                    "--blocks",
+                    &k.to_string(),
+                ])
+            })
+            .collect()
+    };
+    let diffusion = logical_blocks(&shape);
+    let edm_shape = LogicalShape {
+        embed: Some(args.embed_dim),
+        ..args.shape.clone()
+    };
+    let edm = logical_blocks(&edm_shape.to_string());
     let arv = (1..=HOSTS as i64)
         .map(|k| {
             let r = ar_layers_of_host(k, per);
@@ -329,8 +370,12 @@ fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
         .collect();
     Ok(Sources {
         diffusion,
+        edm,
         ar: arv,
-        weights: format!("random weights, block shape {shape}; AR: {total_layers} layers of it"),
+        weights: format!(
+            "random weights, block shape {shape} (edm: embed={}); AR: {total_layers} layers of it",
+            args.embed_dim
+        ),
     })
 }
 
@@ -339,25 +384,29 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         stall_timeout: std::time::Duration::from_secs(120),
         ..HopLimits::default()
     };
-    let Sources {
-        diffusion: diff_src,
-        ar: ar_src,
-        weights,
-    } = sources(args)?;
+    let sources = sources(args)?;
     println!(
-        "== bench inference: {setup}\n   weights: {weights}; {} steps per block",
-        args.steps_per_block
+        "== bench inference: {setup}\n   weights: {}; {} steps per block",
+        sources.weights, args.steps_per_block
     );
-    let wants_ar =
-        args.systems.contains(&System::Ar) && args.lens.iter().any(|&l| l <= args.ar_max_len);
-    let diffusion = match args.systems.contains(&System::Blocktrain) {
-        true => Some(deploy(hosts, args.link, &diff_src, &args.device, &limits)?),
-        false => None,
-    };
-    let ar = match wants_ar {
-        true => Some(deploy(hosts, args.link, &ar_src, &args.device, &limits)?),
-        false => None,
-    };
+    if args.systems.contains(&System::Edm) && sources.edm.is_empty() {
+        bail!("--systems edm with trained weights needs --edm-checkpoint");
+    }
+    let mut deployed: Vec<(System, Deployment)> = Vec::new();
+    for &system in &args.systems {
+        let src = match system {
+            System::Blocktrain => &sources.diffusion,
+            System::Edm => &sources.edm,
+            System::Ar if args.lens.iter().any(|&l| l <= args.ar_max_len) => &sources.ar,
+            System::Ar => continue,
+        };
+        if !deployed.iter().any(|(s, _)| *s == system) {
+            deployed.push((
+                system,
+                deploy(hosts, args.link, src, &args.device, &limits)?,
+            ));
+        }
+    }
     let request = |len: usize| Request {
         prompt: args.prompt.as_bytes().to_vec(),
         len,
@@ -369,54 +418,52 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         },
         seed: 0,
     };
-    // Warm both paths (first-touch allocations, TCP slow start) before timing.
-    if let Some(d) = &diffusion {
-        measure(d, &request(8), 1, &limits)?;
-    }
-    if let Some(d) = &ar {
-        measure(d, &request(4), 1, &limits)?;
+    // Warm every path (first-touch allocations, TCP slow start) before timing.
+    for (system, d) in &deployed {
+        let warm = if *system == System::Ar { 4 } else { 8 };
+        measure(d, &request(warm), 1, &limits)?;
     }
     let mut rows = Vec::new();
-    println!("\n| output bytes | BlockTrain s | AR pipeline s | speedup | BlockTrain bytes/traversal | AR bytes/traversal | traversals BT / AR | compute s BT / AR |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n| output bytes | system | latency s | vs AR pipeline | bytes/traversal | traversals | compute s |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     let per = |m: &Measured| m.bytes as f64 / m.traversals as f64;
-    let cell = |m: &Option<Measured>, f: &dyn Fn(&Measured) -> String| {
-        m.as_ref().map_or("-".to_string(), f)
-    };
     for &len in &args.lens {
-        let bt = match &diffusion {
-            Some(d) => Some(measure(d, &request(len), args.reps, &limits)?),
-            None => None,
-        };
-        let arm = match &ar {
-            Some(d) if len <= args.ar_max_len => {
-                Some(measure(d, &request(len), args.ar_reps, &limits)?)
-            }
-            _ => None,
-        };
-        let speedup = bt
-            .as_ref()
-            .zip(arm.as_ref())
-            .map(|(b, a)| a.seconds / b.seconds);
-        println!(
-            "| {len} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
-            cell(&bt, &|m| format!("{:.3}", m.seconds)),
-            cell(&arm, &|m| format!("{:.2}", m.seconds)),
-            speedup.map_or("-".into(), |x| format!("{x:.1}x")),
-            cell(&bt, &|m| format!("{:.0}", per(m))),
-            cell(&arm, &|m| format!("{:.0}", per(m))),
-            cell(&bt, &|m| m.traversals.to_string()),
-            cell(&arm, &|m| m.traversals.to_string()),
-            cell(&bt, &|m| format!("{:.3}", m.compute_s)),
-            cell(&arm, &|m| format!("{:.3}", m.compute_s)),
-        );
-        let js = |m: &Measured| json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s});
-        rows.push(json!({
-            "len": len,
-            "blocktrain": bt.as_ref().map(js),
-            "ar": arm.as_ref().map(js),
-            "speedup": speedup,
-        }));
+        let mut results: Vec<(System, Measured)> = Vec::new();
+        for (system, d) in &deployed {
+            let reps = match system {
+                System::Ar if len > args.ar_max_len => continue,
+                System::Ar => args.ar_reps,
+                _ => args.reps,
+            };
+            results.push((*system, measure(d, &request(len), reps, &limits)?));
+        }
+        let ar_s = results
+            .iter()
+            .find(|(s, _)| *s == System::Ar)
+            .map(|(_, m)| m.seconds);
+        let mut row = json!({ "len": len });
+        for (system, m) in &results {
+            let speedup = ar_s
+                .filter(|_| *system != System::Ar)
+                .map(|a| a / m.seconds);
+            println!(
+                "| {len} | {} | {:.3} | {} | {:.0} | {} | {:.3} |",
+                system.name(),
+                m.seconds,
+                speedup.map_or("-".into(), |x| format!("{x:.1}x")),
+                per(m),
+                m.traversals,
+                m.compute_s
+            );
+            row[system.name()] = json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s, "speedup_vs_ar": speedup});
+        }
+        // Kept for the older tables: BlockTrain's speedup over the AR pipeline.
+        row["speedup"] = json!(results
+            .iter()
+            .find(|(s, _)| *s == System::Blocktrain)
+            .zip(ar_s)
+            .map(|((_, m), a)| a / m.seconds));
+        rows.push(row);
     }
     let one_way = args.link.delay_ms as f64 / 1e3;
     println!(
@@ -428,9 +475,11 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "hosts": format!("{hosts:?}"),
         "setup": setup,
         "link": args.link.to_string(),
-        "weights": weights,
+        "weights": sources.weights,
         "steps_per_block": args.steps_per_block,
         "shape": args.shape.to_string(),
+        "embed_dim": args.embed_dim,
+        "systems": args.systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "reps": args.reps,
         "ar_reps": args.ar_reps,
         "prompt": args.prompt,
