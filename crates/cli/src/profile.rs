@@ -14,7 +14,7 @@ pub enum Profile {
     Quality,
     /// The sample-quality judge (`blocktrain judge`): a wider AR network over 256-byte
     /// windows, trained once and kept out of every comparison. Train it with
-    /// `--objective ar --blocks 1` (about 1.5 hours on 2 cores).
+    /// `--objective ar --blocks 1` (about 1.5 hours alone on 2 cores).
     Judge,
 }
 
@@ -78,7 +78,7 @@ impl Profile {
                     t_cond: false,
                     edm: None,
                 },
-                steps: 3000,
+                steps: 2000,
                 batch: 16,
                 optim: OptimConfig {
                     lr: 1e-3,
