@@ -285,9 +285,34 @@ fn edm_blocks_across_two_servers_hand_on_the_latent_once() {
     );
     m.hop = 1;
     expect_error(
-        raw(&bottom.addr, &Message::Denoise(m, tokens).encode()),
+        raw(
+            &bottom.addr,
+            &Message::Denoise(m.clone(), tokens.clone()).encode(),
+        ),
         ErrorCode::BadRequest,
         "continue from a latent",
+    );
+    let z = blocktrain_protocol::frame::LatentState {
+        width: EMBED_DIM as u32,
+        sigma: 10.0,
+        values: vec![0.0; tokens.len() * EMBED_DIM],
+    };
+    let mut to_top = m.clone();
+    to_top.hop = 0;
+    expect_error(
+        raw(
+            &top.addr,
+            &Message::Latent(to_top, tokens.clone(), z.clone()).encode(),
+        ),
+        ErrorCode::BadRequest,
+        "takes no latent",
+    );
+    // A latent at another level than where this stage starts is refused too.
+    let wrong = blocktrain_protocol::frame::LatentState { sigma: 7.0, ..z };
+    expect_error(
+        raw(&bottom.addr, &Message::Latent(m, tokens, wrong).encode()),
+        ErrorCode::BadRequest,
+        "start at sigma",
     );
     let gateway = start_gateway(&route);
     let http = reqwest::blocking::Client::new();

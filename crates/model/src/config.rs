@@ -158,6 +158,13 @@ impl EdmConfig {
                 self.sigma_min, self.sigma_max
             ));
         }
+        if self.sigma_max > 1000.0 {
+            // The latent crosses between blocks as f16 (largest finite value 65504).
+            return bad(format!(
+                "sigma_max must be at most 1000 (the latent travels as f16), got {}",
+                self.sigma_max
+            ));
+        }
         if !(0.0..1.0).contains(&self.overlap) {
             return bad(format!("overlap must be in [0, 1), got {}", self.overlap));
         }

@@ -286,7 +286,7 @@ pub fn edm_bound(
     });
     let column = |c: i64| acc.select(1, c);
     let share_of = |idx: usize| {
-        let mut v = column(idx as i64);
+        let mut v = column(idx as i64).copy(); // a copy: += on a view would write into acc
         if idx == 0 {
             v += column(2 * b);
         }

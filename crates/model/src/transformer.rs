@@ -318,7 +318,11 @@ impl Denoiser {
             },
             ..Default::default()
         };
-        let (input, head) = match &cfg.edm {
+        // Variables are drawn from the seeded generator in creation order, so the order
+        // fixes every network's initial weights: byte-id networks keep the order of the
+        // runs in docs/RESULTS.md (tok_emb, t_proj, layers, norm_f, head); an edm network
+        // creates its input, output and head projections first.
+        let (input, latent_head) = match &cfg.edm {
             None => (
                 Input::Tokens(nn::embedding(
                     p / "tok_emb",
@@ -326,7 +330,7 @@ impl Denoiser {
                     cfg.d_model,
                     emb_cfg,
                 )),
-                linear(p / "head", cfg.d_model, OUTPUT_VOCAB, INIT_STD),
+                None,
             ),
             Some(edm) => {
                 let e = edm.embed_dim;
@@ -344,19 +348,24 @@ impl Denoiser {
                         out: linear(p / "out_proj", cfg.d_model, e, INIT_STD),
                         table: crate::objective::edm::byte_table(edm, p.device()),
                     },
-                    nn::linear(p / "head", e, OUTPUT_VOCAB, head_cfg),
+                    Some(nn::linear(p / "head", e, OUTPUT_VOCAB, head_cfg)),
                 )
             }
         };
+        // Embedding diffusion is always conditioned on its noise level.
+        let t_proj = (cfg.t_cond || cfg.edm.is_some())
+            .then(|| linear(p / "t_proj", 2 * T_FEATURES, cfg.d_model, INIT_STD));
+        let layers = (0..cfg.n_layers)
+            .map(|i| Layer::new(p / "layers" / i, cfg))
+            .collect();
+        let norm_f = RmsNorm::new(p / "norm_f", cfg.d_model);
+        let head =
+            latent_head.unwrap_or_else(|| linear(p / "head", cfg.d_model, OUTPUT_VOCAB, INIT_STD));
         Denoiser {
             input,
-            // Embedding diffusion is always conditioned on its noise level.
-            t_proj: (cfg.t_cond || cfg.edm.is_some())
-                .then(|| linear(p / "t_proj", 2 * T_FEATURES, cfg.d_model, INIT_STD)),
-            layers: (0..cfg.n_layers)
-                .map(|i| Layer::new(p / "layers" / i, cfg))
-                .collect(),
-            norm_f: RmsNorm::new(p / "norm_f", cfg.d_model),
+            t_proj,
+            layers,
+            norm_f,
             head,
             rope: Rope::new(cfg.window, cfg.head_dim(), p.device()),
             cfg: cfg.clone(),

@@ -208,8 +208,8 @@ fn bound_estimator_matches_the_entropy_of_uniform_bytes_under_the_exact_denoiser
     );
 }
 
-/// `eval::edm_bound` reports shares that add up to its total, terms that add up too, and
-/// a total CE that is the mass-weighted mean of the blocks' CEs.
+/// `eval::edm_bound` reports shares that add up to its total, terms that add up too, a
+/// total CE that is the mass-weighted mixture of the blocks' CEs, and each block's sigmas.
 #[test]
 fn edm_report_adds_up() {
     let cfg = edm_cfg();
@@ -225,7 +225,8 @@ fn edm_report_adds_up() {
     )
     .unwrap();
     let windows = bytes(32, 16, 5);
-    let schedule = Schedule::equal(3);
+    // Unequal masses, so a plain mean of the blocks' CEs would differ from the mixture.
+    let schedule = Schedule::from_boundaries(vec![0.0, 0.2, 0.5, 1.0]).unwrap();
     let settings = EvalSettings {
         samples: 2,
         batch: 16,
@@ -239,8 +240,19 @@ fn edm_report_adds_up() {
     let terms = r.terms.as_ref().unwrap();
     let parts = terms.prior.nats + terms.diffusion.nats + terms.reconstruction.nats;
     assert!((parts - r.nats).abs() < 1e-9);
-    let ce_mean: f64 = r.shares.iter().map(|s| s.ce.unwrap().nats).sum::<f64>() / 3.0;
-    assert!((ce_mean - r.ce.unwrap().nats).abs() < 1e-9);
+    let ce_mix: f64 = r
+        .shares
+        .iter()
+        .zip([0.2, 0.3, 0.5])
+        .map(|(s, mass)| s.ce.unwrap().nats * mass)
+        .sum();
+    assert!((ce_mix - r.ce.unwrap().nats).abs() < 1e-9);
+    let bounds = cfg.sigma_bounds(&schedule);
+    assert!(r
+        .shares
+        .iter()
+        .zip(bounds.windows(2))
+        .all(|(s, w)| s.lo == w[0] && s.hi == w[1]));
     // An untrained network predicts uniform bytes: CE about ln 256 at every sigma.
     assert!((r.ce.unwrap().nats - 256f64.ln()).abs() < 0.1);
     let again = eval::edm_bound(&nets, &cfg, &schedule, &windows, &settings, &mut |_| {});

@@ -254,7 +254,8 @@ pub struct HopStat {
     pub compute_ms: f64,
     /// Replicas of the NEXT stage this server gave up on before one answered.
     pub failovers: u32,
-    /// Bytes of the frame it sent on down the stack (0 for the last stage), as encoded.
+    /// Bytes of the body it sent on down the stack (0 for the last stage): tokens and mask
+    /// bitmap, plus the f16 latent or hidden states; the header and JSON are not counted.
     #[serde(default)]
     pub bytes_out: u64,
 }

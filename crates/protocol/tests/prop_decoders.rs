@@ -437,14 +437,16 @@ proptest! {
     /// kind.
     #[test]
     fn arbitrary_payloads_behind_a_valid_header_never_panic(
-        kind in 1u8..=8,
+        kind in 1u8..=9,
         meta in prop_oneof![
             vec(any::<u8>(), 0..64),
             Just(b"{}".to_vec()),
             Just(br#"{"hidden":[2,3],"session":1,"output_index":0,"setup":null}"#.to_vec()),
             Just(br#"{"request_id":1,"hops":[]}"#.to_vec()),
+            // A valid latent request: random bodies reach the latent's length checks.
+            Just(br#"{"request_id":1,"model_id":"m","sampling":{"steps_per_block":2,"temperature":1.0,"top_k":0},"seed":0,"route":[{"blocks":{"first":1,"last":1},"replicas":["a:1"]}],"hop":0,"hops":[],"width":3,"sigma":2.5}"#.to_vec()),
         ],
-        body in vec(any::<u8>(), 0..64),
+        body in vec(any::<u8>(), 0..160),
     ) {
         let mut bytes = b"BTIF\x01\x00".to_vec();
         bytes.push(kind);
@@ -483,7 +485,7 @@ proptest! {
     fn headers_are_checked_against_the_limits(
         head in prop_oneof![
             any::<[u8; HEADER_LEN]>(),
-            (1u8..=8, any::<u32>(), any::<u32>()).prop_map(|(k, m, b)| {
+            (1u8..=9, any::<u32>(), any::<u32>()).prop_map(|(k, m, b)| {
                 let mut h = [0u8; HEADER_LEN];
                 h[..6].copy_from_slice(b"BTIF\x01\x00");
                 h[6] = k;

@@ -39,7 +39,13 @@ pub fn run(args: BoundariesArgs) -> Result<()> {
     let run = RunDir::open(&args.checkpoint)?;
     let m = &run.manifest;
     if m.family == Family::Ar {
-        bail!("the pilot must be a diffusion run (e2e or block), not AR");
+        bail!("the pilot must be a masked-diffusion run (e2e or block), not AR");
+    }
+    if m.family.is_edm() {
+        bail!(
+            "equal-ELBO-share boundaries are for the masked family; edm blocks split the \
+             lognormal's mass equally (the default), and `train --boundaries` takes mass fractions"
+        );
     }
     if args.blocks == 0 || args.grid < args.blocks {
         bail!("need --blocks >= 1 and --grid >= --blocks");

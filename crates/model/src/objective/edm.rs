@@ -95,6 +95,15 @@ pub fn precondition(sigma_data: f64, sigma: &Tensor) -> Precond {
     }
 }
 
+/// What the network's sinusoidal level features read: EDM's `c_noise`, divided by the
+/// span of `c_noise` over the run's sigma range when that span exceeds 1. The features
+/// (frequencies (k+1) pi) repeat with period 2, so this keeps two levels of the range
+/// from looking alike; for the default [1, 10] (span 0.58) it is `c_noise` itself.
+pub fn noise_feature(cfg: &EdmConfig, c_noise: &Tensor) -> Tensor {
+    let span = (cfg.sigma_max / cfg.sigma_min).ln() / 4.0;
+    c_noise / span.max(1.0)
+}
+
 /// EDM's loss weight `lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2` (N).
 pub fn loss_weight(sigma_data: f64, sigma: &Tensor) -> Tensor {
     let sd2 = sigma_data * sigma_data;
@@ -119,7 +128,10 @@ impl LatentNet for Denoiser {
         let z = z.to_kind(Kind::Float);
         let p = precondition(cfg.sigma_data, &sigma.to_kind(Kind::Float));
         let f = self
-            .forward_latent(&(&z * per_row(&p.c_in)).to_kind(kind), &p.c_noise)
+            .forward_latent(
+                &(&z * per_row(&p.c_in)).to_kind(kind),
+                &noise_feature(cfg, &p.c_noise),
+            )
             .to_kind(Kind::Float);
         let denoised = &z * per_row(&p.c_skip) + f * per_row(&p.c_out); // (N, T, e)
         self.head_from_latent(&denoised.to_kind(kind))
