@@ -125,7 +125,6 @@ pub fn spot_check(
 pub struct Screen {
     vs: nn::VarStore,
     net: Denoiser,
-    objective: Objective,
     /// (W, T) held-out windows on the device.
     x: Tensor,
     draws: Draws,
@@ -134,8 +133,12 @@ pub struct Screen {
 /// The screen's fixed randomness, on the device.
 #[derive(Debug)]
 enum Draws {
-    /// Levels (W) and masks of the masked family.
-    Masked { t: Tensor, noise: MaskNoise },
+    /// Levels (W) and masks of the masked family, and the interval's width.
+    Masked {
+        t: Tensor,
+        noise: MaskNoise,
+        width: f64,
+    },
     /// Levels (W) and noise (W, T, e) of the embedding family.
     Latent { sigma: Tensor, eps: Tensor },
     /// The AR NLL draws nothing.
@@ -201,6 +204,7 @@ impl Screen {
                             uniforms: noise.uniforms.to_device(device),
                             forced: noise.forced.to_device(device),
                         },
+                        width: hi - lo,
                     }
                 }
                 (Objective::Edm { lo, hi }, Some(edm_cfg)) => {
@@ -211,14 +215,19 @@ impl Screen {
                         eps: eps.to_device(device),
                     }
                 }
-                _ => Draws::None,
+                (Objective::Autoregressive, _) => Draws::None,
+                (objective, edm) => {
+                    return Err(NodeError::Config(format!(
+                        "block {} has objective {objective:?} but edm settings {edm:?}",
+                        block + 1
+                    )))
+                }
             };
             (net, draws)
         };
         Ok(Screen {
             vs,
             net,
-            objective: state.objective,
             x: x.to_device(device),
             draws,
         })
@@ -254,22 +263,22 @@ impl Screen {
             while start < n {
                 let k = SCREEN_BATCH.min(n - start);
                 let x = self.x.narrow(0, start, k);
-                let per_row = match (&self.draws, self.objective) {
-                    (Draws::Masked { t, noise }, Objective::Interval { lo, hi }) => {
+                let per_row = match &self.draws {
+                    Draws::Masked { t, noise, width } => {
                         let noise = MaskNoise {
                             uniforms: noise.uniforms.narrow(0, start, k),
                             forced: noise.forced.narrow(0, start, k),
                         };
                         let t = t.narrow(0, start, k);
-                        masked::estimate_with(&self.net, &x, &t, &noise, hi - lo)
+                        masked::estimate_with(&self.net, &x, &t, &noise, *width)
                     }
-                    (Draws::Latent { sigma, eps }, _) => edm::ce_at(
+                    Draws::Latent { sigma, eps } => edm::ce_at(
                         &self.net,
                         &x,
                         &sigma.narrow(0, start, k),
                         &eps.narrow(0, start, k),
                     ),
-                    _ => ar::ar_nll(&self.net, &x),
+                    Draws::None => ar::ar_nll(&self.net, &x),
                 };
                 sum += per_row.sum(Kind::Double).double_value(&[]);
                 start += k;

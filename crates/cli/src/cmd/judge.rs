@@ -100,6 +100,13 @@ pub fn run(args: JudgeArgs) -> Result<()> {
     }
     let judge_net = judge_run.trained(0, device)?;
     let jm = &judge_run.manifest;
+    let judge_steps = jm.parts[0].steps_done;
+    if judge_steps < jm.plan.steps {
+        eprintln!(
+            "note: the judge has trained {judge_steps} of its {} steps; its scores rank generators but are not the finished judge's",
+            jm.plan.steps
+        );
+    }
     if (args.len as i64) > jm.model.window {
         bail!(
             "the judge's window is {} bytes, shorter than --len {}",
@@ -148,6 +155,14 @@ pub fn run(args: JudgeArgs) -> Result<()> {
             .map(|p| run.trained(p, device))
             .collect::<Result<Vec<_>, _>>()?;
         let parts: Vec<_> = trainers.iter().map(|t| &t.net).collect();
+        if args.len as i64 > m.model.window {
+            eprintln!(
+                "note: {} was trained on {}-byte windows; its {}-byte samples run past them",
+                dir.display(),
+                m.model.window,
+                args.len
+            );
+        }
         let counts: Vec<Option<usize>> = if m.family == Family::Ar {
             vec![None]
         } else {
@@ -201,7 +216,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let doc = json!({
-            "judge": {"checkpoint": args.judge, "model": jm.model, "plan": jm.plan},
+            "judge": {"checkpoint": args.judge, "model": jm.model, "plan": jm.plan, "steps_done": judge_steps},
             "samples": args.samples, "len": args.len, "temperature": args.temperature,
             "seed": args.seed, "reference": {"split": split, "quality": reference},
             "rows": rows,

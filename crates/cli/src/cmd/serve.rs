@@ -9,7 +9,7 @@ use blocktrain_model::logical::LogicalShape;
 use blocktrain_node::inference::hop::HopLimits;
 use blocktrain_node::inference::hosted::{Hosted, Source};
 use blocktrain_node::inference::server::{serve, ServeOptions};
-use blocktrain_protocol::frame::BlockRange;
+use blocktrain_protocol::frame::{self, BlockRange};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -133,8 +133,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (None, None) => bail!("give --checkpoint DIR or --logical-shape SHAPE"),
     };
     let hosted = Hosted::load(source, args.blocks, device, args.max_tokens)?;
+    let limits = limits(args.stall_timeout, args.connect_timeout, args.max_frame_mb)?;
+    if let Some(e) = hosted.latent_width() {
+        // The latent of the longest sequence this server takes must fit one frame, or
+        // the next stage would refuse it after all the compute.
+        let n = args.max_tokens as u64;
+        let body = n + n.div_ceil(8) + 2 * n * e as u64;
+        if body + frame::MAX_META as u64 > limits.max_frame as u64 {
+            bail!(
+                "a latent of {n} positions x {e} takes {body} bytes, more than --max-frame-mb {} allows with its metadata: lower --max-tokens or raise --max-frame-mb",
+                args.max_frame_mb
+            );
+        }
+    }
     let opts = ServeOptions {
-        limits: limits(args.stall_timeout, args.connect_timeout, args.max_frame_mb)?,
+        limits,
         keepalive: Duration::from_millis(args.keepalive_ms.max(10)),
         name: args.name.clone().unwrap_or_default(),
         ..ServeOptions::default()

@@ -209,6 +209,11 @@ impl Hosted {
         device: Device,
         max_tokens: u32,
     ) -> Result<Hosted, NodeError> {
+        if ar && shape.embed.is_some() {
+            return Err(bad(
+                "an AR pipeline stage reads byte ids: drop embed= from the logical shape or --ar",
+            ));
+        }
         let what = if ar { "layers" } else { "blocks" };
         check_range(blocks, total, what, Path::new("the logical shape"))?;
         let id = model_id(&format!("logical:{shape}:{ar}:{total}:{seed}"));
@@ -307,6 +312,14 @@ impl Hosted {
                 kind,
             },
             device,
+        }
+    }
+
+    /// The width of the latent an edm stage hands on (None for the other families).
+    pub fn latent_width(&self) -> Option<u32> {
+        match &self.role {
+            Role::Latent { edm, .. } => Some(edm.embed_dim as u32),
+            _ => None,
         }
     }
 
