@@ -49,6 +49,24 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// `eval` of the run in `out` on 16 valid windows, JSON to `out/e.json`, plus `extra`.
+fn eval_valid(out: &Path, extra: &[&str]) -> Output {
+    let json = out.join("e.json");
+    let mut args = vec![
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--split",
+        "valid",
+        "--max-windows",
+        "16",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    bt(&args)
+}
+
 fn train_tiny(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "train",
@@ -70,17 +88,7 @@ fn train_eval_generate_round_trip() {
     let out = scratch("rt");
     let o = train_tiny(&out, &["--blocks", "2"]);
     ok(&o);
-    let o = bt(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--split",
-        "valid",
-        "--max-windows",
-        "16",
-        "--json",
-        out.join("e.json").to_str().unwrap(),
-    ]);
+    let o = eval_valid(&out, &[]);
     ok(&o);
     let t = text(&o);
     assert!(
@@ -278,20 +286,7 @@ fn edm_train_eval_generate_and_demo() {
         &out,
         &["--objective", "edm", "--blocks", "2", "--embed-dim", "8"],
     ));
-    let o = bt(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--split",
-        "valid",
-        "--max-windows",
-        "16",
-        "--curve",
-        "3",
-        "--json",
-        out.join("e.json").to_str().unwrap(),
-    ]);
-    let t = ok(&o);
+    let t = ok(&eval_valid(&out, &["--curve", "3"]));
     assert!(
         t.contains("block 2 sigma [1.623, 10.000]")
             && t.contains("VDM bound")

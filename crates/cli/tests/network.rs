@@ -213,14 +213,19 @@ fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
-#[test]
-fn workers_train_every_block_over_http_and_bytes_are_counted() {
-    let dir = scratch("happy");
-    // int8 updates with error feedback, end to end.
-    let run = run_toml(&dir, 2, 2, 5, 2, "[wire]\ncodec = \"int8\"");
-    let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
-    let mut ws: Vec<Proc> = (0..3)
-        .map(|i| worker(&dir, &url, &format!("w{i}"), &[]))
+/// Starts a coordinator on `run` and `workers` workers, waits for the run to finish and
+/// checks every one of `blocks` blocks reached `rounds` versions; returns the
+/// coordinator and its URL, the workers and the final status.
+fn train_to_done(
+    dir: &Path,
+    run: &Path,
+    workers: usize,
+    blocks: usize,
+    rounds: u64,
+) -> (Proc, String, Vec<Proc>, Status) {
+    let (coord, url) = coordinator(dir, free_port(), Some(run));
+    let ws: Vec<Proc> = (0..workers)
+        .map(|i| worker(dir, &url, &format!("w{i}"), &[]))
         .collect();
     let mut last = None;
     wait_for(Duration::from_secs(90), "the run to finish", || {
@@ -230,8 +235,17 @@ fn workers_train_every_block_over_http_and_bytes_are_counted() {
     let s = last.unwrap();
     assert_eq!(
         s.blocks.iter().map(|b| b.version).collect::<Vec<_>>(),
-        vec![2, 2]
+        vec![rounds; blocks]
     );
+    (coord, url, ws, s)
+}
+
+#[test]
+fn workers_train_every_block_over_http_and_bytes_are_counted() {
+    let dir = scratch("happy");
+    // int8 updates with error feedback, end to end.
+    let run = run_toml(&dir, 2, 2, 5, 2, "[wire]\ncodec = \"int8\"");
+    let (mut coord, url, mut ws, s) = train_to_done(&dir, &run, 3, 2, 2);
     assert!(s.updates["applied"] >= 4, "{:?}", s.updates);
     assert!(s.bytes_up > 0 && s.bytes_down > 0);
     assert_eq!(
@@ -286,20 +300,7 @@ fn edm_blocks_train_over_http_and_every_lease_recomputes() {
     let dir = scratch("edm");
     let extra = "objective = \"edm\"\n[edm]\nembed_dim = 8\n[trust]\nspot_check_fraction = 1.0";
     let run = run_toml(&dir, 2, 2, 4, 1, extra);
-    let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
-    let mut ws: Vec<Proc> = (0..2)
-        .map(|i| worker(&dir, &url, &format!("w{i}"), &[]))
-        .collect();
-    let mut last = None;
-    wait_for(Duration::from_secs(90), "the edm run to finish", || {
-        last = status(&url).or(last.take());
-        last.as_ref().is_some_and(|s| s.done)
-    });
-    let s = last.unwrap();
-    assert_eq!(
-        s.blocks.iter().map(|b| b.version).collect::<Vec<_>>(),
-        vec![2, 2]
-    );
+    let (mut coord, _url, mut ws, s) = train_to_done(&dir, &run, 2, 2, 2);
     assert_eq!(
         s.updates.get("rejected").copied().unwrap_or(0),
         0,
