@@ -240,6 +240,22 @@ fn train_to_done(
     (coord, url, ws, s)
 }
 
+/// `blocktrain eval` of the coordinator's merged model in `dir/state/model`.
+fn eval_merged(dir: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--max-windows",
+            "8",
+            "--checkpoint",
+        ])
+        .arg(dir.join("state/model"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn workers_train_every_block_over_http_and_bytes_are_counted() {
     let dir = scratch("happy");
@@ -274,18 +290,7 @@ fn workers_train_every_block_over_http_and_bytes_are_counted() {
         read(&dir, "w0.log")
     );
     // The merged model is a normal run directory.
-    let o = Command::new(BIN)
-        .args([
-            "eval",
-            "--device",
-            "cpu",
-            "--max-windows",
-            "8",
-            "--checkpoint",
-        ])
-        .arg(dir.join("state/model"))
-        .output()
-        .unwrap();
+    let o = eval_merged(&dir);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("total ELBO"),
         "{o:?}"
@@ -316,18 +321,7 @@ fn edm_blocks_train_over_http_and_every_lease_recomputes() {
         log.matches("passed (relative error").count() >= 4 && !log.contains("could not run"),
         "every one of the 4 updates is recomputed and matches: {log}"
     );
-    let o = Command::new(BIN)
-        .args([
-            "eval",
-            "--device",
-            "cpu",
-            "--max-windows",
-            "8",
-            "--checkpoint",
-        ])
-        .arg(dir.join("state/model"))
-        .output()
-        .unwrap();
+    let o = eval_merged(&dir);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("VDM bound") && out.contains("paper CE") && out.contains("sigma [1.000"),
