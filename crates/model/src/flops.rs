@@ -2,11 +2,17 @@
 use crate::config::ModelConfig;
 use crate::OUTPUT_VOCAB;
 
-/// Parameters in matrix multiplies (attention, MLP, output head); embeddings excluded.
+/// Parameters in matrix multiplies (attention, MLP, output head; for embedding
+/// diffusion also the latent's in and out projections); lookup tables excluded.
 pub fn matmul_params(cfg: &ModelConfig) -> i64 {
     let d = cfg.d_model;
     let per_layer = 4 * d * d + 2 * cfg.mlp_ratio * d * d;
-    cfg.n_layers * per_layer + d * OUTPUT_VOCAB
+    let ends = match &cfg.edm {
+        // in_proj (e x d), out_proj (d x e), head (e x 256)
+        Some(edm) => 2 * edm.embed_dim * d + edm.embed_dim * OUTPUT_VOCAB,
+        None => d * OUTPUT_VOCAB,
+    };
+    cfg.n_layers * per_layer + ends
 }
 
 /// Training FLOPs per token (forward + backward): `6 N + 12 L T d`; the second term is
