@@ -15,7 +15,8 @@ pub struct GatewayArgs {
     /// HTTP address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// Denoising steps per block when a request does not say.
+    /// Denoising steps per block when a request does not say (32: the judge's choice on
+    /// valid, docs/RESULTS.md 8b).
     #[arg(long, default_value_t = 32)]
     pub steps_per_block: u32,
     /// Seconds of silence after which a server is given up on.
