@@ -22,13 +22,8 @@ fn edm_cfg() -> EdmConfig {
 fn tiny(edm: EdmConfig) -> ModelConfig {
     ModelConfig {
         d_model: 32,
-        n_layers: 1,
-        n_heads: 2,
-        mlp_ratio: 2,
-        window: 16,
-        causal: false,
-        t_cond: false,
         edm: Some(edm),
+        ..ModelConfig::tiny_block()
     }
 }
 
