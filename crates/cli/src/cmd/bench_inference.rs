@@ -62,7 +62,7 @@ pub struct BenchInferenceArgs {
     #[arg(long, default_value_t = blocktrain_model::config::EdmConfig::default().embed_dim)]
     pub embed_dim: i64,
     /// Denoising steps each block takes.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = blocktrain_model::sampler::DEFAULT_STEPS_PER_BLOCK as u32)]
     pub steps_per_block: u32,
     /// Timed BlockTrain requests per length (the median is reported).
     #[arg(long, default_value_t = 3)]

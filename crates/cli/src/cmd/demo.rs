@@ -282,7 +282,7 @@ fn sample_over_servers(
         prompt: args.prompt.as_bytes().to_vec(),
         len: args.len,
         sampling: Sampling {
-            steps_per_block: 32,
+            steps_per_block: blocktrain_model::sampler::DEFAULT_STEPS_PER_BLOCK as u32,
             temperature: 0.8,
             top_k: 0,
             heun: false,

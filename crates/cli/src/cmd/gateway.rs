@@ -15,9 +15,9 @@ pub struct GatewayArgs {
     /// HTTP address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// Denoising steps per block when a request does not say (32: the judge's choice on
+    /// Denoising steps per block when a request does not say (the judge's choice on
     /// valid, docs/RESULTS.md 8b).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = blocktrain_model::sampler::DEFAULT_STEPS_PER_BLOCK as u32)]
     pub steps_per_block: u32,
     /// Seconds of silence after which a server is given up on.
     #[arg(long, default_value_t = 10.0)]

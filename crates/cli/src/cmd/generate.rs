@@ -33,9 +33,9 @@ pub struct GenerateArgs {
     /// Output bytes to generate.
     #[arg(long, default_value_t = 128)]
     pub len: usize,
-    /// Denoising steps each block takes over its interval (32: the judge's choice on valid,
-    /// docs/RESULTS.md 8b; 16 is cheaper by half for about 0.03 nats/byte).
-    #[arg(long, default_value_t = 32)]
+    /// Denoising steps each block takes over its interval (the judge's choice on valid,
+    /// docs/RESULTS.md 8b).
+    #[arg(long, default_value_t = sampler::DEFAULT_STEPS_PER_BLOCK)]
     pub steps_per_block: usize,
     /// Softmax temperature.
     #[arg(long, default_value_t = 1.0)]
