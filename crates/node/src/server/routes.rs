@@ -1,0 +1,200 @@
+//! The workers' routes: register, probe, run, work, heartbeat, checkpoints, updates.
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use blocktrain_protocol::receipt::Claim;
+use blocktrain_protocol::wire::{HeartbeatReply, RegisterRequest, WorkerInfo};
+use tower::ServiceExt;
+
+use super::auth::{auth_headers, authenticate, header};
+use super::{with, AppState, Reply};
+use crate::coordinator::short;
+use crate::{now_ms, NodeError};
+
+pub(super) async fn register(
+    State(s): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
+    let req: RegisterRequest = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
+    let info = with(&s.coord, move |co| co.register(&key, &req, now_ms())).await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/probe` (signed, body `{"port": P}`): can this coordinator open a TCP
+/// connection to the caller's own IP at port P? Only the address the request came from
+/// is dialled, so the endpoint cannot be used to scan anyone else.
+pub(super) async fn probe(
+    State(s): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
+    #[derive(serde::Deserialize)]
+    struct ProbeRequest {
+        port: u16,
+    }
+    let req: ProbeRequest = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("probe body: {e}")))?;
+    let target = std::net::SocketAddr::new(peer.ip(), req.port);
+    let t0 = std::time::Instant::now();
+    let dial = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await;
+    let (reachable, error) = match dial {
+        Ok(Ok(_)) => (true, None),
+        Ok(Err(e)) => (false, Some(e.to_string())),
+        Err(_) => (false, Some("no answer within 3 s".to_string())),
+    };
+    Ok(Json(serde_json::json!({
+        "seen_as": peer.ip().to_string(),
+        "target": target.to_string(),
+        "reachable": reachable,
+        "ms": t0.elapsed().as_secs_f64() * 1e3,
+        "error": error,
+        "server_time_ms": now_ms(),
+    })))
+}
+
+pub(super) async fn run_info(
+    State(s): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Reply<impl IntoResponse> {
+    let key = authenticate(&s.gate, &Method::GET, &uri, &headers, b"")?;
+    let info = with(&s.coord, move |co| {
+        if !co.is_registered(&key)? {
+            return Err(NodeError::Unauthenticated(format!(
+                "unknown worker {}: register first",
+                short(&key)
+            )));
+        }
+        Ok(co.run_info())
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+pub(super) async fn work(
+    State(s): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
+    let info: WorkerInfo = serde_json::from_slice(&body)
+        .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
+    Ok(Json(
+        with(&s.coord, move |co| co.request_work(&key, &info, now_ms())).await?,
+    ))
+}
+
+pub(super) async fn heartbeat(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Reply<impl IntoResponse> {
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, b"")?;
+    let still_wanted = with(&s.coord, move |co| co.heartbeat(&key, id, now_ms())).await?;
+    Ok(Json(HeartbeatReply { still_wanted }))
+}
+
+pub(super) async fn blob(
+    State(s): State<AppState>,
+    Path(hash): Path<String>,
+    req: Request,
+) -> Reply<Response> {
+    let key = authenticate(&s.gate, &Method::GET, req.uri(), req.headers(), b"")?;
+    let k = key.clone();
+    let (file, block) = with(&s.coord, move |co| co.checkpoint_file(&k, &hash)).await?;
+    let resp = tower_http::services::ServeFile::new(file)
+        .oneshot(req)
+        .await
+        .map_err(|e| NodeError::Network(format!("serving checkpoint: {e}")))?;
+    if resp.status().is_success() {
+        let sent: u64 = resp
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        with(&s.coord, move |co| co.count_download(&key, block, sent)).await?;
+    }
+    Ok(resp.map(Body::new))
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct UpdateQuery {
+    loss: Option<f64>,
+}
+
+/// Uploads are checked in order of cost: signature headers, registration and lease
+/// ownership before the body is read; the size while it streams; the signature over
+/// the bytes; then the coordinator's validation. Refusals are recorded against the
+/// lease when the claimed key is its registered owner (a stranger's noise is not).
+pub(super) async fn update(
+    State(s): State<AppState>,
+    Path(lease): Path<i64>,
+    Query(q): Query<UpdateQuery>,
+    req: Request,
+) -> Reply<impl IntoResponse> {
+    let (parts, body) = req.into_parts();
+    let claimed = auth_headers(&parts.headers)?.key;
+    let c = claimed.clone();
+    let owner = with(&s.coord, move |co| co.lease_owner(&c, lease)).await?;
+    let limit = s.gate.max_update;
+    let reject = |reason: String, bytes: u64, err: NodeError| {
+        let coord = s.coord.clone();
+        let claimed = claimed.clone();
+        async move {
+            if owner {
+                with(&coord, move |co| {
+                    co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())
+                })
+                .await?;
+            }
+            Err::<Json<blocktrain_protocol::wire::UpdateReply>, _>(err)
+        }
+    };
+    let declared: Option<u64> =
+        header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
+    if let Some(n) = declared.filter(|&n| n as usize > limit) {
+        let msg = format!("update of {n} bytes exceeds the limit of {limit}");
+        return reject(msg.clone(), 0, NodeError::TooLarge(msg)).await;
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = format!("upload interrupted or over {limit} bytes: {e}; nothing stored");
+            return reject(msg.clone(), 0, NodeError::Rejected(msg)).await;
+        }
+    };
+    let key = match authenticate(&s.gate, &Method::POST, &parts.uri, &parts.headers, &body) {
+        Ok(k) => k,
+        Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
+    };
+    let claim = claim_headers(&parts.headers);
+    let reply = with(&s.coord, move |co| {
+        co.submit_update(&key, lease, &body, q.loss, claim, now_ms())
+    })
+    .await?;
+    Ok(Json(reply))
+}
+
+/// The worker's signed claim about its upload: `x-blocktrain-claim` (hex of the
+/// claim's JSON) and `x-blocktrain-claim-sig`. Absent or unreadable: None (the
+/// coordinator then refuses the update, with a receipt saying why).
+fn claim_headers(h: &axum::http::HeaderMap) -> Option<(Claim, String)> {
+    let json = hex::decode(header(h, "x-blocktrain-claim")?).ok()?;
+    let claim = serde_json::from_slice(&json).ok()?;
+    Some((claim, header(h, "x-blocktrain-claim-sig")?.to_string()))
+}
