@@ -84,6 +84,10 @@ pub struct BlockStatus {
     pub bytes_up: u64,
     /// Bytes workers downloaded for this block.
     pub bytes_down: u64,
+    /// Held-out loss of the current version on the coordinator's screen (nats/byte;
+    /// None with screening off).
+    #[serde(default)]
+    pub heldout: Option<f64>,
 }
 
 /// One worker in `/v1/status`.
@@ -1169,6 +1173,7 @@ impl Coordinator {
                     .filter(|t| t.block == h.block)
                     .map(|t| t.down)
                     .sum(),
+                heldout: self.heldout.get(h.block).copied(),
             });
         }
         let workers = self

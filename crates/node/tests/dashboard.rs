@@ -224,6 +224,7 @@ fn canned_status(now: u64) -> Status {
         weights: "00".repeat(32),
         bytes_up: 1024,
         bytes_down: 3 << 20,
+        heldout: Some(1.5),
     };
     let worker = |key: &str| WorkerStatus {
         key: key.repeat(32),
