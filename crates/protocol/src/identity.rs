@@ -1,5 +1,5 @@
 //! ed25519 identities: a node's secret key on disk, its public key as hex on the wire.
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand::RngCore;
 
 use crate::{ProtocolError, Result};
@@ -67,13 +67,16 @@ pub fn verify(public: &str, message: &[u8], signature: &str) -> Result<()> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| bad("signature is not 128 hex digits"))?;
     let key = VerifyingKey::from_bytes(&pk).map_err(|_| bad("public key is not a curve point"))?;
-    key.verify(message, &Signature::from_bytes(&sig))
+    // verify_strict: refuses small-order keys and non-canonical signatures, so one
+    // message has one valid signature per key (malleated copies do not pass).
+    key.verify_strict(message, &Signature::from_bytes(&sig))
         .map_err(|_| bad("signature does not match"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::Verifier;
 
     #[test]
     fn sign_verify_and_tamper() {
@@ -86,5 +89,26 @@ mod tests {
         let back = Identity::from_secret(&id.secret()).unwrap();
         assert_eq!(back.public_hex(), id.public_hex());
         assert!(Identity::from_secret(&[1, 2, 3]).is_err());
+    }
+
+    /// The identity point as a key, with R = identity and s = 0, "signs" every message
+    /// under plain `verify` ([s]B = R + [k]A holds for any k); `verify_strict` refuses it.
+    #[test]
+    fn small_order_key_signs_nothing() {
+        let mut point = [0u8; 32];
+        point[0] = 1;
+        let mut sig = [0u8; 64];
+        sig[0] = 1;
+        let (key, sig) = (hex::encode(point), hex::encode(sig));
+        let weak = VerifyingKey::from_bytes(&point).unwrap();
+        assert!(
+            weak.verify(
+                b"anything",
+                &Signature::from_bytes(&hex::decode(&sig).unwrap().try_into().unwrap())
+            )
+            .is_ok(),
+            "the forgery this test guards against"
+        );
+        assert!(verify(&key, b"anything", &sig).is_err());
     }
 }

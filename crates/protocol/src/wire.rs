@@ -131,10 +131,31 @@ pub struct ErrorBody {
 /// Proof that a worker knows the run's join secret, bound to its key so it cannot be
 /// reused by another key and the secret itself never crosses the wire.
 pub fn join_proof(secret: &str, public_key_hex: &str) -> String {
+    join_proof_hash(secret, public_key_hex).to_hex().to_string()
+}
+
+fn join_proof_hash(secret: &str, public_key_hex: &str) -> blake3::Hash {
     let key = blake3::hash(secret.as_bytes());
     blake3::keyed_hash(key.as_bytes(), public_key_hex.as_bytes())
-        .to_hex()
-        .to_string()
+}
+
+/// Whether `given` is the join proof of `secret` for this key. The comparison runs in
+/// constant time (`blake3::Hash`'s equality), so response timing does not leak how
+/// many leading digits of a guess were right.
+pub fn join_proof_matches(secret: &str, public_key_hex: &str, given: &str) -> bool {
+    match blake3::Hash::from_hex(given) {
+        Ok(given) => given == join_proof_hash(secret, public_key_hex),
+        Err(_) => false,
+    }
+}
+
+/// Whether `s` names content: exactly 64 lowercase hex digits (a blake3 hash, a public
+/// key). Peer-supplied names are checked with this before they reach a path, a query
+/// or a message.
+pub fn is_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -142,10 +163,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hex64_names_only_content_hashes() {
+        assert!(is_hex64(&"ab".repeat(32)));
+        for bad in [
+            "",
+            "abc",
+            &"AB".repeat(32),
+            &"ab".repeat(33),
+            &format!("{}é", "a".repeat(62)),
+            &"g".repeat(64),
+        ] {
+            assert!(!is_hex64(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn join_proof_binds_secret_and_key() {
         let p = join_proof("s3cret", "aa");
         assert_eq!(p, join_proof("s3cret", "aa"));
         assert_ne!(p, join_proof("s3cret", "ab"));
+        assert!(join_proof_matches("s3cret", "aa", &p));
+        assert!(!join_proof_matches("s3cret", "ab", &p));
+        assert!(!join_proof_matches("other", "aa", &p));
+        assert!(!join_proof_matches("s3cret", "aa", "zz"));
+        assert!(!join_proof_matches("s3cret", "aa", ""));
         assert_ne!(p, join_proof("s3creT", "aa"));
     }
 

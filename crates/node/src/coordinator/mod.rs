@@ -1,0 +1,408 @@
+//! The coordinator's state machine: who trains which block from which version, when a
+//! round closes, and how its updates become the next version.
+//!
+//! Every method takes the time explicitly, so the rules below are unit-tested without
+//! sleeping. The HTTP layer ([`crate::server`]) only authenticates and forwards.
+//!
+//! ## Rules
+//! - **Assignment**: a worker gets the unfinished block with the fewest workers in its
+//!   current round (active leases + delivered updates), preferring the block it had
+//!   last (its checkpoint is cached), then the block furthest behind. A block takes at
+//!   most `workers_per_block` per round; when all are full the worker is told to wait.
+//!   A block whose estimated training memory exceeds what the worker reports free is
+//!   never assigned to it; a worker too small for every block is refused, saying so.
+//! - **Local steps**: H, or with `round_seconds` set and a measured step rate,
+//!   rate x round_seconds clamped to [H/4, 4H].
+//! - **Leases** lapse `lease_secs` after the last heartbeat (or `max_lease_secs` after
+//!   issue); a lapsed lease frees its slot and shard, so the block is re-leased to the
+//!   next worker that asks. A restarted coordinator gives open leases a fresh
+//!   `lease_secs`, so its downtime is not charged to the workers.
+//! - **Round close**: a round (block b at version v) closes when its quorum of accepted
+//!   updates is in (`min_updates`, default `workers_per_block`), or `round_timeout_secs`
+//!   after its first update with whatever has arrived. Its updates are averaged
+//!   (weighted by steps) and the outer optimizer produces v+1; open leases of v are
+//!   superseded, and their heartbeats tell the workers to stop.
+//! - **Stale rule**: an update is merged only into the version it was computed from.
+//!   One for a version the block has left is rejected as stale (recorded), and the
+//!   worker fetches the new version. A late update whose lease lapsed but whose round
+//!   is still open is accepted: nothing merged is older than its base.
+//! - **Validation** (each rejection recorded with its reason, stored checkpoints
+//!   untouched): lease must exist and belong to the signer; body within the size limit;
+//!   exactly the block's tensor names, shapes and dtypes; every value finite; the RMS of
+//!   every tensor of the delta at most `max_delta_ratio` x lr x steps (AdamW moves a
+//!   weight about lr per step). Re-sending an accepted update (a lost reply) returns
+//!   the first reply; an update is never counted twice.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use blocktrain_model::checkpoint::content_hash;
+use blocktrain_model::run::{Manifest, RunDir};
+use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
+use blocktrain_protocol::wire::{
+    join_proof, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
+};
+use serde::{Deserialize, Serialize};
+
+use blocktrain_protocol::identity::Identity;
+use blocktrain_protocol::receipt::{Claim, Decision, Receipt};
+
+use crate::config::RunConfig;
+use crate::ledger::Ledger;
+use crate::merge;
+use crate::store::{lease_state, update_state, BlockHead, NewUpdate, Store, Traffic, UpdateRecord};
+use crate::tensors;
+use crate::trust;
+use crate::{NodeError, Result};
+
+mod receipts;
+mod round;
+mod status;
+mod submit;
+mod work;
+
+/// What a worker needs to build a block's network (`GET /v1/run`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The run's manifest (model shape, schedule, inner optimizer).
+    pub manifest: Manifest,
+    /// Update codec.
+    pub codec: String,
+}
+
+/// One block in `/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockStatus {
+    /// Index.
+    pub block: usize,
+    /// Committed version.
+    pub version: u64,
+    /// Versions the run will produce.
+    pub rounds: u64,
+    /// Leases out now.
+    pub active_leases: u32,
+    /// Updates waiting for the round to close.
+    pub pending_updates: usize,
+    /// Local steps merged so far.
+    pub steps: i64,
+    /// blake3 of the current weights.
+    pub weights: String,
+    /// Bytes workers uploaded for this block.
+    pub bytes_up: u64,
+    /// Bytes workers downloaded for this block.
+    pub bytes_down: u64,
+    /// Held-out loss of the current version on the coordinator's screen (nats/byte;
+    /// None with screening off).
+    #[serde(default)]
+    pub heldout: Option<f64>,
+}
+
+/// One worker in `/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Public key.
+    pub key: String,
+    /// Device it reported.
+    pub device: String,
+    /// Measured steps/s.
+    pub step_rate: Option<f64>,
+    /// blake3 of its own data, if it brought any.
+    pub data_blake3: Option<String>,
+    /// Size of its own data.
+    pub data_bytes: Option<i64>,
+    /// Last contact.
+    pub last_seen_ms: u64,
+    /// Bytes it uploaded.
+    pub bytes_up: u64,
+    /// Bytes it downloaded.
+    pub bytes_down: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Every block has all its versions.
+    pub done: bool,
+    /// Blocks.
+    pub blocks: Vec<BlockStatus>,
+    /// Workers.
+    pub workers: Vec<WorkerStatus>,
+    /// Updates by state (pending / applied / rejected).
+    pub updates: HashMap<String, u64>,
+    /// The most recent updates, newest first (rejections carry their reason).
+    pub recent: Vec<UpdateRecord>,
+    /// Total bytes uploaded by workers.
+    pub bytes_up: u64,
+    /// Total bytes downloaded by workers.
+    pub bytes_down: u64,
+    /// Workers whose updates failed a spot check.
+    #[serde(default)]
+    pub flagged: Vec<FlaggedWorker>,
+}
+
+/// A worker whose updates failed spot checks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlaggedWorker {
+    /// Public key.
+    pub key: String,
+    /// Failed checks so far.
+    pub failed_checks: i64,
+    /// The last one's reason.
+    pub last_reason: String,
+}
+
+/// The coordinator of one run.
+pub struct Coordinator {
+    store: Store,
+    /// The transparency log of receipts (its tables live in the store's database).
+    ledger: Ledger,
+    /// Signs receipts and tree heads; its public key identifies this coordinator.
+    identity: Identity,
+    cfg: RunConfig,
+    /// Per block, the fixed held-out draws updates are screened on (empty: screening off).
+    screens: Vec<crate::verify::Screen>,
+    /// Per block, the held-out loss of its current version (with screening on).
+    heldout: Vec<f64>,
+    /// The training corpus, loaded on the first spot check.
+    corpus: Option<Vec<u8>>,
+    shapes: Vec<Shapes>,
+    current: Vec<Arrays>,
+    model: RunDir,
+    state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Coordinator({})", self.state_dir.display())
+    }
+}
+
+/// What vetting an update found out (recorded with it, and in its receipt).
+struct Verdict {
+    /// Held-out loss of the block before and after applying the update alone.
+    heldout: Option<(f64, f64)>,
+}
+
+/// Most bytes a block's update may take: 6 per value (the costliest codec, top-k at
+/// fraction 1: u32 index + f16 value) plus header room.
+fn update_limit(shapes: &Shapes) -> u64 {
+    let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    (values as u64) * 6 + (shapes.len() as u64) * 256 + 64 * 1024
+}
+
+fn seed_of(run_seed: u64, block: usize, version: u64, slot: u32) -> u64 {
+    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{slot}").as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+fn encode_weights(weights: &Arrays) -> Vec<u8> {
+    codec::encode(weights, Codec::Fp32)
+}
+
+/// The copy workers download, in the run's checkpoint codec.
+fn encode_wire(weights: &Arrays, cfg: &RunConfig) -> Vec<u8> {
+    match cfg.wire.checkpoint_codec.as_str() {
+        "fp16" => codec::encode(weights, Codec::Fp16),
+        "int8" => codec::encode(weights, Codec::Int8 { chunk: 256 }),
+        _ => encode_weights(weights),
+    }
+}
+
+impl Coordinator {
+    /// Opens the run in `state_dir`, creating it from `cfg` when the directory is new.
+    /// A directory that already holds a run resumes it; `cfg`, if given, must match.
+    pub fn open(state_dir: &Path, cfg: Option<RunConfig>, now: u64) -> Result<Self> {
+        std::fs::create_dir_all(state_dir).map_err(crate::io_err(state_dir))?;
+        let mut store = Store::open(state_dir)?;
+        let cfg = match (store.meta("config")?, cfg) {
+            (Some(stored), given) => {
+                let stored = RunConfig::from_toml(&stored)?;
+                if let Some(given) = given {
+                    if given != stored {
+                        return Err(NodeError::Config(format!(
+                            "{} already holds a run with other settings; use a new --state \
+                             directory, or omit --run to resume it",
+                            state_dir.display()
+                        )));
+                    }
+                }
+                stored
+            }
+            (None, Some(given)) => {
+                given.validate()?;
+                store.set_meta("config", &given.to_toml())?;
+                given
+            }
+            (None, None) => {
+                return Err(NodeError::Config(format!(
+                    "{} holds no run yet: pass --run run.toml to start one",
+                    state_dir.display()
+                )))
+            }
+        };
+        let model_dir = state_dir.join("model");
+        let mut model = if model_dir.join("run.json").exists() {
+            RunDir::open_writer(&model_dir)?
+        } else {
+            RunDir::create(&model_dir, cfg.manifest()?)?
+        };
+        // Version 0 of every block (also those a kill during first start left out).
+        let present = store.heads()?.len();
+        {
+            for block in present..cfg.blocks {
+                let trainer = model.trainer(block, tch::Device::Cpu)?;
+                let weights = tensors::to_arrays(&trainer.weights())?;
+                let bytes = encode_weights(&weights);
+                let head = BlockHead {
+                    block,
+                    version: 0,
+                    weights: store.put_blob(&bytes)?,
+                    wire: store.put_blob(&encode_wire(&weights, &cfg))?,
+                    momentum: None,
+                    steps: 0,
+                };
+                store.commit_version(&head, &[], now)?;
+                model.save_weights(block, &bytes, 0)?;
+            }
+        }
+        store.extend_active_leases(now + (cfg.faults.lease_secs * 1000.0) as u64)?;
+        let removed = store.collect_garbage()?;
+        if removed > 0 {
+            tracing::info!("removed {removed} unreferenced blobs (left by an interrupted write)");
+        }
+        let mut shapes = Vec::new();
+        let mut current = Vec::new();
+        for head in store.heads()? {
+            let bytes = store.get_blob(&head.weights)?;
+            let s = codec::header_shapes(&bytes).map_err(|e| NodeError::Config(e.to_string()))?;
+            let (w, _) = codec::decode(&bytes, &s, usize::MAX)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+            // The exported model directory follows the database (it may lag after a crash).
+            if model.manifest.parts[head.block].weights_hash.as_deref()
+                != Some(&blocktrain_model::checkpoint::content_hash(&bytes))
+            {
+                model.save_weights(head.block, &bytes, head.steps)?;
+            }
+            shapes.push(s);
+            current.push(w);
+        }
+        let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
+        let ledger = Ledger::open(store.conn(), identity.clone())?;
+        // Held-out screens (fixed windows and masks) and each current version's loss. The
+        // draws are seeded from the coordinator's secret, not the run's public seed, so a
+        // worker cannot tune an update against them.
+        let (mut screens, mut heldout) = (Vec::new(), Vec::new());
+        if cfg.trust.screen_windows > 0 {
+            let key = blake3::derive_key("blocktrain held-out screen", &identity.secret());
+            let seed = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
+            for (b, head) in store.heads()?.iter().enumerate() {
+                let screen = crate::verify::Screen::new(
+                    &model.manifest,
+                    b,
+                    cfg.trust.screen_windows,
+                    seed,
+                    tch::Device::Cpu,
+                )?;
+                // Recomputed at every start (one forward pass per block), so the loss an
+                // update is compared with always comes from these very draws.
+                let loss = screen.loss(&current[b])?;
+                store.put_version_loss(b, head.version, loss, now)?;
+                screens.push(screen);
+                heldout.push(loss);
+            }
+        }
+        let mut c = Coordinator {
+            store,
+            ledger,
+            identity,
+            cfg,
+            screens,
+            heldout,
+            corpus: None,
+            shapes,
+            current,
+            model,
+            state_dir: state_dir.to_path_buf(),
+        };
+        let issued = c.issue_missing_receipts(now)?;
+        if issued > 0 {
+            tracing::warn!("issued {issued} receipt(s) an interrupted run left out");
+        }
+        Ok(c)
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// The exported model directory (`blocktrain eval --checkpoint` reads it).
+    pub fn model_dir(&self) -> PathBuf {
+        self.state_dir.join("model")
+    }
+
+    /// What workers need to build the blocks.
+    pub fn run_info(&self) -> RunInfo {
+        RunInfo {
+            manifest: self.model.manifest.clone(),
+            codec: self.cfg.wire.codec.clone(),
+        }
+    }
+
+    /// Largest update body any block accepts (the HTTP body limit).
+    pub fn max_update_bytes(&self) -> u64 {
+        self.shapes.iter().map(update_limit).max().unwrap_or(0)
+    }
+
+    /// Whether `key` is registered and holds lease `lease` (any state).
+    pub fn lease_owner(&self, key: &str, lease: i64) -> Result<bool> {
+        Ok(self.store.worker(key)?.is_some() && self.owned_lease(key, lease).is_ok())
+    }
+
+    /// Lease `id`, if it exists and belongs to `key`.
+    pub(super) fn owned_lease(&self, key: &str, id: i64) -> Result<crate::store::LeaseRow> {
+        let lease = self
+            .store
+            .lease(id)?
+            .ok_or_else(|| NodeError::NotFound(format!("lease {id}")))?;
+        if lease.worker != key {
+            return Err(NodeError::Forbidden(format!(
+                "lease {id} belongs to another worker"
+            )));
+        }
+        Ok(lease)
+    }
+
+    /// Whether `key` has registered.
+    pub fn is_registered(&self, key: &str) -> Result<bool> {
+        Ok(self.store.worker(key)?.is_some())
+    }
+
+    pub(super) fn require_registered(&self, key: &str) -> Result<(Option<f64>, Option<usize>)> {
+        self.store.worker(key)?.ok_or_else(|| {
+            NodeError::Unauthenticated(format!(
+                "unknown worker {}: register first (POST /v1/register)",
+                short(key)
+            ))
+        })
+    }
+
+    /// The ledger (receipts, tree heads, proofs).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The database connection, for ledger reads.
+    pub fn conn(&self) -> &rusqlite::Connection {
+        self.store.conn()
+    }
+
+    /// This coordinator's public key (receipts and tree heads are signed with it).
+    pub fn public_key(&self) -> String {
+        self.identity.public_hex()
+    }
+}
+
+/// The first 12 hex digits of a key or hash, for messages.
+pub fn short(s: &str) -> &str {
+    &s[..s.len().min(12)]
+}

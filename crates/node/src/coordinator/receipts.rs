@@ -1,0 +1,156 @@
+//! Receipts: every decision about an upload signed into the ledger.
+
+use super::*;
+
+impl Coordinator {
+    /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
+    /// signature, interrupted, oversized); counted against the lease's block if known.
+    /// No receipt: the key is only claimed, and anyone could otherwise write permanent
+    /// receipts in somebody else's name.
+    pub fn record_rejection(
+        &mut self,
+        claimed_key: &str,
+        lease: Option<i64>,
+        bytes: u64,
+        reason: &str,
+        now: u64,
+    ) -> Result<i64> {
+        let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
+        let id = self.store.insert_update(
+            &NewUpdate {
+                lease,
+                worker: claimed_key,
+                block: row.as_ref().map(|l| l.block),
+                version: row.as_ref().map(|l| l.version),
+                bytes,
+                state: update_state::REJECTED,
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            },
+            now,
+        )?;
+        if let Some(l) = row.as_ref().filter(|l| l.worker == claimed_key) {
+            self.store.add_traffic(claimed_key, l.block, bytes, 0)?;
+        }
+        Ok(id)
+    }
+
+    /// Records a refused authenticated upload: an update row with its reason, the claim
+    /// (the worker's signed one when valid, else the coordinator's account), and a
+    /// receipt. A failure to write the receipt is logged, not returned: the refusal
+    /// stands, and the receipt is issued at the next start-up.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn reject(
+        &mut self,
+        key: &str,
+        lease: Option<i64>,
+        bytes: u64,
+        reason: &str,
+        body_hash: Option<&str>,
+        claim: Option<(Claim, String)>,
+        now: u64,
+    ) -> Result<i64> {
+        let id = self.record_rejection(key, lease, bytes, reason, now)?;
+        let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
+        let (claim, sig) = match claim {
+            Some((c, s)) => (c, Some(s)),
+            None => (
+                trust::unsigned_claim(key, row.as_ref(), body_hash, None),
+                None,
+            ),
+        };
+        let json = serde_json::to_string(&claim).expect("claims serialise");
+        self.store.put_claim(id, &json, sig.as_deref())?;
+        let decision = Decision {
+            accepted: false,
+            reason: Some(reason.to_string()),
+            resulting_version: None,
+            heldout_before: None,
+            heldout_after: None,
+            time_ms: now,
+        };
+        if let Err(e) = self.issue_receipt(Some(id), claim, sig, decision, now) {
+            tracing::error!("update {id}: receipt deferred to the next start: {e}");
+        }
+        Ok(id)
+    }
+
+    /// Signs a receipt, appends it to the ledger, signs the new tree head, and notes
+    /// that `update` (if any) has its receipt.
+    pub(super) fn issue_receipt(
+        &mut self,
+        update: Option<i64>,
+        claim: Claim,
+        sig: Option<String>,
+        decision: Decision,
+        now: u64,
+    ) -> Result<u64> {
+        let receipt = Receipt::issue(claim, sig, decision, &self.identity);
+        let index = self.ledger.append(self.store.conn(), &receipt)?;
+        if let Some(u) = update {
+            self.store.mark_receipted(u, index)?;
+        }
+        self.ledger.sign_head(self.store.conn(), now)?;
+        Ok(index)
+    }
+
+    /// Issues the receipts a crash left out: every merged update, and every refused
+    /// authenticated one (its claim is on record), that has no receipt yet.
+    pub(super) fn issue_missing_receipts(&mut self, now: u64) -> Result<usize> {
+        let missing = self.store.unreceipted()?;
+        for (id, version, state, reason) in &missing {
+            if state == update_state::APPLIED {
+                let merged_into = version.map(|v| v as u64 + 1);
+                self.merge_receipt(*id, merged_into, None, now)?;
+            } else {
+                let reason = reason.clone().unwrap_or_else(|| "refused".into());
+                self.merge_receipt(*id, None, Some(reason), now)?;
+            }
+        }
+        Ok(missing.len())
+    }
+
+    /// The receipt of an update decided at merge time: merged into `version`, or (None)
+    /// rejected there. Its claim and screening numbers were stored when it arrived.
+    pub(super) fn merge_receipt(
+        &mut self,
+        update: i64,
+        version: Option<u64>,
+        reason: Option<String>,
+        now: u64,
+    ) -> Result<u64> {
+        let (claim, sig) = match self.store.claim(update)? {
+            Some((json, sig)) => (
+                serde_json::from_str(&json).map_err(|e| {
+                    NodeError::Config(format!("update {update}: stored claim: {e}"))
+                })?,
+                sig,
+            ),
+            // No claim on record (a crash between accepting and storing it): the
+            // coordinator's own account, marked as not signed by the worker.
+            None => {
+                let (worker, lease, hash) = self.store.update_origin(update)?.ok_or_else(|| {
+                    NodeError::Config(format!("update {update} is not on record"))
+                })?;
+                let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
+                (
+                    trust::unsigned_claim(&worker, row.as_ref(), hash.as_deref(), None),
+                    None,
+                )
+            }
+        };
+        let screening = self.store.screening(update)?;
+        let decision = Decision {
+            accepted: version.is_some(),
+            reason: match version {
+                Some(_) => None,
+                None => Some(reason.unwrap_or_else(|| "refused".into())),
+            },
+            resulting_version: version,
+            heldout_before: screening.map(|s| s.0),
+            heldout_after: screening.map(|s| s.1),
+            time_ms: now,
+        };
+        self.issue_receipt(Some(update), claim, sig, decision, now)
+    }
+}

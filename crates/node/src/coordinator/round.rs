@@ -1,0 +1,114 @@
+//! Round close: averaging a round's updates and committing the block's next version.
+
+use super::*;
+
+impl Coordinator {
+    pub(super) fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
+        let head = self.store.heads()?[block].clone();
+        let pending = self.store.pending(block, head.version)?;
+        let Some(first) = pending.first() else {
+            return Ok(());
+        };
+        let timeout = (self.cfg.faults.round_timeout_secs * 1000.0) as u64;
+        if (pending.len() as u32) < self.cfg.quorum() && now < first.received_ms + timeout {
+            return Ok(());
+        }
+        let shapes = self.shapes[block].clone();
+        let shapes = &shapes;
+        let mut deltas = Vec::with_capacity(pending.len());
+        let mut merged = Vec::with_capacity(pending.len());
+        for p in &pending {
+            // A body that cannot be read back (disk trouble) is rejected, not fatal.
+            let read = self.store.get_blob(&p.hash).and_then(|bytes| {
+                codec::decode(&bytes, shapes, usize::MAX)
+                    .map_err(|e| NodeError::Config(e.to_string()))
+            });
+            match read {
+                Ok((d, _)) => {
+                    deltas.push((d, p.steps));
+                    merged.push(p);
+                }
+                Err(e) => {
+                    tracing::error!("update {} unreadable at merge: {e}", p.id);
+                    let reason = format!("stored body unreadable at merge: {e}");
+                    self.store.reject_pending(p.id, &reason)?;
+                    if let Err(r) = self.merge_receipt(p.id, None, Some(reason), now) {
+                        tracing::error!("update {}: receipt deferred to the next start: {r}", p.id);
+                    }
+                }
+            }
+        }
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let pending = merged;
+        let mean = merge::merge_deltas(&deltas, &self.cfg.outer.merge_rule()?);
+        let momentum = match &head.momentum {
+            Some(h) => {
+                codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
+                    .map_err(|e| NodeError::Config(e.to_string()))?
+                    .0
+            }
+            None => Arrays::new(),
+        };
+        let mut weights = self.current[block].clone();
+        let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.cfg.outer);
+        let bytes = encode_weights(&weights);
+        let new_head = BlockHead {
+            block,
+            version: head.version + 1,
+            weights: self.store.put_blob(&bytes)?,
+            wire: self.store.put_blob(&encode_wire(&weights, &self.cfg))?,
+            momentum: if momentum.is_empty() {
+                None
+            } else {
+                Some(
+                    self.store
+                        .put_blob(&codec::encode(&momentum, Codec::Fp32))?,
+                )
+            },
+            steps: head.steps + pending.iter().map(|p| p.steps).sum::<i64>(),
+        };
+        let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
+        self.store.commit_version(&new_head, &ids, now)?;
+        // The version is committed: memory follows it before any bookkeeping that can
+        // fail (receipts, held-out history), so a failure there never forks the state.
+        self.current[block] = weights;
+        self.model.save_weights(block, &bytes, new_head.steps)?;
+        for &id in &ids {
+            if let Err(e) = self.merge_receipt(id, Some(new_head.version), None, now) {
+                tracing::error!("update {id}: receipt deferred to the next start: {e}");
+            }
+        }
+        if let Some(screen) = self.screens.get(block) {
+            match screen.loss(&self.current[block]) {
+                Ok(loss) => {
+                    self.store
+                        .put_version_loss(block, new_head.version, loss, now)?;
+                    self.heldout[block] = loss;
+                }
+                Err(e) => tracing::error!("block {}: held-out loss not computed: {e}", block + 1),
+            }
+        }
+        tracing::info!(
+            "block {}: version {} -> {} from {} update(s), {} local steps in all",
+            block + 1,
+            head.version,
+            new_head.version,
+            ids.len(),
+            new_head.steps
+        );
+        let keep = self.cfg.faults.keep_versions;
+        if keep > 0 && new_head.version >= keep {
+            self.store
+                .prune_versions(block, new_head.version + 1 - keep)?;
+        }
+        // Drop merged update bodies nothing else names (identical bodies share a blob).
+        for p in &pending {
+            if !self.store.blob_referenced(&p.hash)? {
+                let _ = std::fs::remove_file(self.store.blob_path(&p.hash));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The run's status for `/v1/status`, `/metrics` and the dashboard.
+
+use super::*;
+
+impl Coordinator {
+    /// Held-out loss of every evaluated version, per block: (version, time_ms, loss).
+    pub fn heldout_history(&self) -> Result<Vec<Vec<(u64, u64, f64)>>> {
+        (0..self.cfg.blocks)
+            .map(|b| self.store.version_losses(b))
+            .collect()
+    }
+
+    /// The run's status (blocks, workers, bytes moved, recent updates).
+    pub fn status(&self) -> Result<Status> {
+        let traffic: Vec<Traffic> = self.store.traffic()?;
+        let heads = self.store.heads()?;
+        let mut blocks = Vec::new();
+        for h in &heads {
+            let (active, _) = self.store.round_leases(h.block, h.version)?;
+            blocks.push(BlockStatus {
+                block: h.block,
+                version: h.version,
+                rounds: self.cfg.training.rounds,
+                active_leases: active,
+                pending_updates: self.store.pending(h.block, h.version)?.len(),
+                steps: h.steps,
+                weights: h.weights.clone(),
+                bytes_up: traffic
+                    .iter()
+                    .filter(|t| t.block == h.block)
+                    .map(|t| t.up)
+                    .sum(),
+                bytes_down: traffic
+                    .iter()
+                    .filter(|t| t.block == h.block)
+                    .map(|t| t.down)
+                    .sum(),
+                heldout: self.heldout.get(h.block).copied(),
+            });
+        }
+        let workers = self
+            .store
+            .workers()?
+            .into_iter()
+            .map(
+                |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
+                    bytes_up: traffic
+                        .iter()
+                        .filter(|t| t.worker == key)
+                        .map(|t| t.up)
+                        .sum(),
+                    bytes_down: traffic
+                        .iter()
+                        .filter(|t| t.worker == key)
+                        .map(|t| t.down)
+                        .sum(),
+                    key,
+                    device,
+                    step_rate,
+                    data_blake3,
+                    data_bytes,
+                    last_seen_ms,
+                },
+            )
+            .collect();
+        Ok(Status {
+            done: heads.iter().all(|h| h.version >= self.cfg.training.rounds),
+            blocks,
+            workers,
+            updates: self.store.update_counts()?.into_iter().collect(),
+            recent: self.store.recent_updates(20)?,
+            bytes_up: traffic.iter().map(|t| t.up).sum(),
+            bytes_down: traffic.iter().map(|t| t.down).sum(),
+            flagged: self
+                .store
+                .flagged()?
+                .into_iter()
+                .map(|(key, failed_checks, last_reason)| FlaggedWorker {
+                    key,
+                    failed_checks,
+                    last_reason,
+                })
+                .collect(),
+        })
+    }
+
+    /// Version history of a block (for invariant checks): (version, weights hash).
+    pub fn history(&self, block: usize) -> Result<Vec<(u64, String)>> {
+        self.store.history(block)
+    }
+}
