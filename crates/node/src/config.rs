@@ -156,7 +156,12 @@ pub struct Faults {
     pub keep_versions: u64,
 }
 
-/// Who may join a run. With neither field set the run is open to any key.
+/// Who may join a run. With no field set the run is open to any key (the coordinator
+/// refuses to start so off loopback unless told `--open-registration`).
+///
+/// A shared `join_secret` admits any key that knows it, so a worker barred for a failed
+/// spot check can come back under a new key; `invites` (one token per operator, bound
+/// to the first key that uses it) and `allow` do not let it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -164,6 +169,16 @@ pub struct AuthConfig {
     pub join_secret: Option<String>,
     /// Public keys (hex) allowed to register.
     pub allow: Vec<String>,
+    /// Single-operator join tokens: a worker passes one as `--join-secret`, and the
+    /// first key to use it owns it; another key presenting it is refused.
+    pub invites: Vec<String>,
+}
+
+impl AuthConfig {
+    /// Whether anyone may register (no secret, invite or allowlist).
+    pub fn is_open(&self) -> bool {
+        self.join_secret.is_none() && self.allow.is_empty() && self.invites.is_empty()
+    }
 }
 
 impl Default for RunConfig {

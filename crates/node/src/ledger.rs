@@ -36,6 +36,17 @@ type Tree = MemoryBackedTree<LogHash, Vec<u8>>;
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS ledger (idx INTEGER PRIMARY KEY, receipt TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tree_heads (size INTEGER PRIMARY KEY, head TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_workers (idx INTEGER PRIMARY KEY, worker TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS ledger_workers_by ON ledger_workers (worker, idx);
+";
+
+/// Indexes the receipts the worker index lacks (a ledger older than it, or a crash
+/// between the two inserts); rows that do not parse are left to `verify_all` to name.
+const INDEX_WORKERS: &str = "
+INSERT OR IGNORE INTO ledger_workers (idx, worker)
+SELECT idx, json_extract(receipt, '$.claim.worker') FROM ledger
+WHERE idx > (SELECT COALESCE(MAX(idx), -1) FROM ledger_workers)
+  AND json_valid(receipt) AND json_extract(receipt, '$.claim.worker') IS NOT NULL;
 ";
 
 fn bad(what: String) -> NodeError {
@@ -198,6 +209,15 @@ impl Log {
     }
 }
 
+/// Where a page of receipts starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// Oldest first, after this index (None: from the start).
+    After(Option<u64>),
+    /// Newest first, before this index (None: from the end).
+    Before(Option<u64>),
+}
+
 /// The coordinator's ledger: the log, and the key that signs its heads.
 #[derive(Debug)]
 pub struct Ledger {
@@ -210,6 +230,7 @@ impl Ledger {
     /// open, with the index, if a stored receipt does not parse).
     pub fn open(conn: &Connection, coordinator: Identity) -> Result<Ledger> {
         conn.execute_batch(TABLES)?;
+        conn.execute_batch(INDEX_WORKERS)?;
         let log = Log::load(conn)?;
         if let Some(head) = Self::latest_head(conn)? {
             if head.coordinator != coordinator.public_hex() {
@@ -267,6 +288,10 @@ impl Ledger {
         conn.execute(
             "INSERT INTO ledger (idx, receipt) VALUES (?1, ?2)",
             params![idx as i64, json],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO ledger_workers (idx, worker) VALUES (?1, ?2)",
+            params![idx as i64, receipt.claim.worker],
         )?;
         self.log.tree.push(receipt.leaf_bytes());
         Ok(idx)
@@ -342,6 +367,42 @@ impl Ledger {
             "SELECT idx, receipt FROM ledger WHERE json_extract(receipt, '$.claim.worker') = ?1 ORDER BY idx",
         )?;
         let rows = stmt.query_map([worker], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        rows.map(|row| {
+            let (idx, text) = row?;
+            Ok((idx, parse_receipt(idx, &text)?))
+        })
+        .collect()
+    }
+
+    /// One page of receipts: `worker`'s (None: everyone's), oldest first from index
+    /// `after` (exclusive) or newest first below `before` (exclusive), at most `limit`.
+    pub fn receipts_page(
+        conn: &Connection,
+        worker: Option<&str>,
+        from: Page,
+        limit: usize,
+    ) -> Result<Vec<(u64, Receipt)>> {
+        // One worker's receipts through its index; everyone's by the primary key.
+        let source = match worker {
+            Some(_) => "ledger_workers w JOIN ledger l ON l.idx = w.idx WHERE w.worker = ?1 AND",
+            None => "ledger l WHERE ?1 IS NULL AND",
+        };
+        let (sql, at) = match from {
+            Page::After(i) => (
+                format!("SELECT l.idx, l.receipt FROM {source} l.idx > ?2 ORDER BY l.idx LIMIT ?3"),
+                i.map_or(-1, |i| i as i64),
+            ),
+            Page::Before(i) => (
+                format!(
+                    "SELECT l.idx, l.receipt FROM {source} l.idx < ?2 ORDER BY l.idx DESC LIMIT ?3"
+                ),
+                i.map_or(i64::MAX, |i| i as i64),
+            ),
+        };
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params![worker, at, limit as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
         })?;
         rows.map(|row| {

@@ -57,6 +57,12 @@ pub enum NodeError {
     /// A body over the size limit.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The caller is over its rate limit.
+    #[error("rate limited: {0}")]
+    RateLimited(String),
+    /// A bounded resource is full for now (not the caller's fault alone).
+    #[error("busy: {0}")]
+    Busy(String),
     /// The peer could not be reached or answered badly.
     #[error("{0}")]
     Network(String),

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS version_loss (
     time_ms INTEGER NOT NULL, PRIMARY KEY (block, version));
 CREATE TABLE IF NOT EXISTS receipted (
     update_id INTEGER PRIMARY KEY, receipt INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (token TEXT PRIMARY KEY, worker TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flags (
     worker TEXT PRIMARY KEY, failed_checks INTEGER NOT NULL, last_reason TEXT NOT NULL);
 ";
@@ -70,6 +71,11 @@ pub mod lease_state {
     pub const EXPIRED: &str = "expired";
     /// The round closed without it.
     pub const SUPERSEDED: &str = "superseded";
+    /// Its one upload was refused (screen, norm, claim, shape): the lease is closed, and
+    /// the slot is re-leased with a fresh seed.
+    pub const REFUSED: &str = "refused";
+    /// A spot check found its update false: closed, and never revived.
+    pub const VOID: &str = "void";
 }
 
 /// Update states.
@@ -288,19 +294,22 @@ impl Store {
         Ok(())
     }
 
+    /// The held-out change (after - before) of the last `limit` accepted updates of
+    /// `block`, oldest first.
+    pub fn recent_screen_changes(&self, block: usize, limit: usize) -> Result<Vec<f64>> {
+        let mut st = self.conn.prepare(
+            "SELECT s.after - s.before FROM screening s JOIN updates u ON u.id = s.update_id
+             WHERE u.block = ?1 AND u.state != 'rejected' ORDER BY u.id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![block as i64, limit as i64], |r| r.get(0))?;
+        let mut v: Vec<f64> = rows.collect::<rusqlite::Result<_>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
     /// Held-out loss of every evaluated version of a block: (version, time_ms, loss).
     pub fn version_losses(&self, block: usize) -> Result<Vec<(u64, u64, f64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT version, time_ms, heldout FROM version_loss WHERE block = ?1 ORDER BY version",
-        )?;
-        let rows = st.query_map([block as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get(2)?,
-            ))
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        version_losses(&self.conn, block)
     }
 
     /// Whether a worker trains on its own data (its shard is not on the coordinator).
@@ -660,6 +669,60 @@ impl Store {
         Ok(id)
     }
 
+    /// Binds invite `token` (its hash) to `worker` if it is free; returns the other
+    /// owner when it is taken.
+    pub fn claim_invite(&self, token: &str, worker: &str) -> Result<Option<String>> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO invites (token, worker) VALUES (?1, ?2)",
+            params![token, worker],
+        )?;
+        let owner: String = self.conn.query_row(
+            "SELECT worker FROM invites WHERE token = ?1",
+            [token],
+            |r| r.get(0),
+        )?;
+        Ok((owner != worker).then_some(owner))
+    }
+
+    /// When `block` last moved: its head's commit or its latest accepted update.
+    pub fn last_progress_ms(&self, block: usize) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(COALESCE((SELECT MAX(committed_ms) FROM versions WHERE block = ?1), 0),
+                        COALESCE((SELECT MAX(received_ms) FROM updates WHERE block = ?1
+                                  AND state != 'rejected'), 0))",
+            [block as i64],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Whether any upload on `lease` was decided (accepted or refused): a lease gets one.
+    pub fn lease_decided(&self, lease: i64) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM updates WHERE lease = ?1)",
+            [lease],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Leases of a round's slot closed by a refusal or a failed spot check.
+    pub fn refusals_in_slot(&self, block: usize, version: u64, slot: u32) -> Result<u32> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM leases WHERE block = ?1 AND version = ?2 AND slot = ?3
+             AND state IN ('refused', 'void')",
+            params![block as i64, version as i64, slot],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// When a lease was issued.
+    pub fn lease_issued_ms(&self, lease: i64) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT issued_ms FROM leases WHERE id = ?1", [lease], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
     /// One lease.
     pub fn lease(&self, id: i64) -> Result<Option<LeaseRow>> {
         Ok(self
@@ -928,4 +991,20 @@ fn insert_update(conn: &Connection, u: &NewUpdate, state: &str, now: u64) -> Res
         ],
     )?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Held-out loss of every evaluated version of a block, on any connection to the
+/// database (the HTTP layer's reader uses its own).
+pub fn version_losses(conn: &Connection, block: usize) -> Result<Vec<(u64, u64, f64)>> {
+    let mut st = conn.prepare(
+        "SELECT version, time_ms, heldout FROM version_loss WHERE block = ?1 ORDER BY version",
+    )?;
+    let rows = st.query_map([block as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
+            r.get(2)?,
+        ))
+    })?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
 }

@@ -288,7 +288,7 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
         b
     };
     let huge = filled(&w0, 1e3);
-    let good = codec::encode(&filled(&w0, 0.0), Codec::Fp16);
+    let good = codec::encode(&filled(&w0, 1e-4), Codec::Fp16);
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (codec::encode(&wrong_shape, Codec::Fp32), "shape"),
         (codec::encode(&nan, Codec::Fp32), "NaN"),
@@ -296,33 +296,83 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
         (mislabelled, "dtype"),
         (codec::encode(&missing, Codec::Fp32), "differ"),
         (codec::encode(&huge, Codec::Fp16), "RMS"),
+        // A zero delta with a valid claim: credit for no work.
+        (
+            codec::encode(&filled(&w0, 0.0), Codec::Fp16),
+            "empty update",
+        ),
         (good[..good.len() / 2].to_vec(), "safetensors"),
         (vec![0u8; 1 << 24], "limit"),
     ];
-    for (body, why) in &cases {
+    // One upload per lease: each bad one is refused on a lease of its own.
+    let mut leases = vec![a];
+    for (i, (body, why)) in cases.iter().enumerate() {
+        if i > 0 {
+            leases.push(lease(&mut c, &key(1), 1));
+        }
+        let l = leases.last().unwrap();
         let e = c
-            .submit_update(&key(1), a.id, body, None, claim(&key(1), &a, body), 1)
+            .submit_update(&key(1), l.id, body, None, claim(&key(1), l, body), 1)
             .unwrap_err();
         assert!(e.to_string().contains(why), "expected '{why}' in: {e}");
     }
-    // Someone else's lease, and a lease that does not exist.
+    let receipts = blocktrain_node::ledger::Ledger::entries(c.conn())
+        .unwrap()
+        .len();
+    assert_eq!(receipts, cases.len(), "one receipt per refused lease");
+    // A refused lease takes no second upload, and the retry leaves no row or receipt.
+    let refused = &leases[0];
     let e = c
-        .submit_update(&key(2), a.id, &good, None, claim(&key(2), &a, &good), 1)
+        .submit_update(
+            &key(1),
+            refused.id,
+            &good,
+            None,
+            claim(&key(1), refused, &good),
+            1,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("one upload"), "{e}");
+    // Someone else's lease, and a lease that does not exist: refused, nothing recorded.
+    let last = leases.last().unwrap();
+    let e = c
+        .submit_update(
+            &key(2),
+            last.id,
+            &good,
+            None,
+            claim(&key(2), last, &good),
+            1,
+        )
         .unwrap_err();
     assert!(matches!(e, NodeError::Forbidden(_)), "{e}");
     assert!(matches!(
-        c.submit_update(&key(1), 999, &good, None, claim(&key(1), &a, &good), 1)
+        c.submit_update(&key(1), 999, &good, None, claim(&key(1), last, &good), 1)
             .unwrap_err(),
         NodeError::NotFound(_)
     ));
     let s = c.status().unwrap();
-    assert_eq!(s.updates["rejected"], cases.len() as u64 + 2);
+    assert_eq!(s.updates["rejected"], cases.len() as u64);
+    assert_eq!(
+        blocktrain_node::ledger::Ledger::entries(c.conn())
+            .unwrap()
+            .len(),
+        receipts
+    );
     assert!(s.recent.iter().all(|u| u.reason.is_some()));
     assert_eq!(head_hash(&c, 0), before);
     assert_eq!(s.blocks[0].version, 0);
-    // The lease is still usable for a good update.
-    c.submit_update(&key(1), a.id, &good, None, claim(&key(1), &a, &good), 2)
-        .unwrap();
+    // A new lease takes a good update.
+    let fresh = lease(&mut c, &key(1), 2);
+    c.submit_update(
+        &key(1),
+        fresh.id,
+        &good,
+        None,
+        claim(&key(1), &fresh, &good),
+        2,
+    )
+    .unwrap();
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
 }
 
@@ -546,17 +596,25 @@ fn every_decision_gets_a_signed_receipt_and_replays_and_unsigned_updates_are_ref
         cl.worker = key(1);
         (cl, sig)
     });
+    // Each refusal closes its lease: the worker asks for another.
+    let a = lease(&mut c, &key(1), 2);
+    let forged = forged.map(|(mut cl, sig)| {
+        cl.lease = a.id;
+        (cl, sig)
+    });
     let e = c
         .submit_update(&key(1), a.id, &body, None, forged, 2)
         .unwrap_err();
-    assert!(e.to_string().contains("claim signature"), "{e}");
+    assert!(e.to_string().contains("claim"), "{e}");
     // The honest upload, then the same bytes replayed by the other worker on its lease.
+    let a = lease(&mut c, &key(1), 3);
     c.submit_update(&key(1), a.id, &body, None, claim(&key(1), &a, &body), 3)
         .unwrap();
     let e = c
         .submit_update(&key(2), b.id, &body, None, claim(&key(2), &b, &body), 4)
         .unwrap_err();
     assert!(e.to_string().contains("replay"), "{e}");
+    let b = lease(&mut c, &key(2), 5);
     let other = codec::encode(&filled(&w0, 0.002), Codec::Fp32);
     c.submit_update(&key(2), b.id, &other, None, claim(&key(2), &b, &other), 5)
         .unwrap();

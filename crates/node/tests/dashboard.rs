@@ -225,6 +225,7 @@ fn canned_status(now: u64) -> Status {
         bytes_up: 1024,
         bytes_down: 3 << 20,
         heldout: Some(1.5),
+        stalled: false,
     };
     let worker = |key: &str| WorkerStatus {
         key: key.repeat(32),

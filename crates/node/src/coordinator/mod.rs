@@ -32,14 +32,15 @@
 //!   every tensor of the delta at most `max_delta_ratio` x lr x steps (AdamW moves a
 //!   weight about lr per step). Re-sending an accepted update (a lost reply) returns
 //!   the first reply; an update is never counted twice.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use blocktrain_model::checkpoint::content_hash;
 use blocktrain_model::run::{Manifest, RunDir};
 use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
 use blocktrain_protocol::wire::{
-    join_proof, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
+    join_proof_matches, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
 };
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,8 @@ mod receipts;
 mod round;
 mod status;
 mod submit;
+
+pub use submit::{Admitted, VetJob, Vetted};
 mod work;
 
 /// What a worker needs to build a block's network (`GET /v1/run`).
@@ -94,6 +97,10 @@ pub struct BlockStatus {
     /// None with screening off).
     #[serde(default)]
     pub heldout: Option<f64>,
+    /// Unfinished, and nothing accepted or committed for [`Coordinator::stall_ms`]:
+    /// nobody is advancing it (no workers, or every update refused).
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 /// One worker in `/v1/status`.
@@ -159,13 +166,21 @@ pub struct Coordinator {
     identity: Identity,
     cfg: RunConfig,
     /// Per block, the fixed held-out draws updates are screened on (empty: screening off).
-    screens: Vec<crate::verify::Screen>,
+    /// Each has its own lock: vetting runs without the coordinator's.
+    screens: Vec<Arc<Mutex<crate::verify::Screen>>>,
     /// Per block, the held-out loss of its current version (with screening on).
     heldout: Vec<f64>,
+    /// Per block, the held-out change of recently accepted updates (the screen's
+    /// calibration, [`Coordinator::screen_threshold`]).
+    screen_changes: Vec<VecDeque<f64>>,
     /// The training corpus, loaded on the first spot check.
-    corpus: Option<Vec<u8>>,
+    corpus: Option<Arc<Vec<u8>>>,
     shapes: Vec<Shapes>,
-    current: Vec<Arrays>,
+    /// Per block, the current version's weights (shared with vetting jobs).
+    current: Vec<Arc<Arrays>>,
+    /// Per block, whether it is stalled (see [`BlockStatus::stalled`]), and when that
+    /// was last checked.
+    stalled: (Vec<bool>, u64),
     model: RunDir,
     state_dir: PathBuf,
 }
@@ -177,6 +192,7 @@ impl std::fmt::Debug for Coordinator {
 }
 
 /// What vetting an update found out (recorded with it, and in its receipt).
+#[derive(Debug)]
 struct Verdict {
     /// Held-out loss of the block before and after applying the update alone.
     heldout: Option<(f64, f64)>,
@@ -283,7 +299,7 @@ impl Coordinator {
                 model.save_weights(head.block, &bytes, head.steps)?;
             }
             shapes.push(s);
-            current.push(w);
+            current.push(Arc::new(w));
         }
         let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
         let ledger = Ledger::open(store.conn(), identity.clone())?;
@@ -306,15 +322,24 @@ impl Coordinator {
                 // update is compared with always comes from these very draws.
                 let loss = screen.loss(&current[b])?;
                 store.put_version_loss(b, head.version, loss, now)?;
-                screens.push(screen);
+                screens.push(Arc::new(Mutex::new(screen)));
                 heldout.push(loss);
             }
         }
+        let screen_changes = (0..cfg.blocks)
+            .map(|b| {
+                store
+                    .recent_screen_changes(b, submit::SCREEN_CALIBRATION_WINDOW)
+                    .map(VecDeque::from)
+            })
+            .collect::<Result<_>>()?;
         let mut c = Coordinator {
             store,
             ledger,
             identity,
             cfg,
+            screen_changes,
+            stalled: (vec![false; shapes.len()], 0),
             screens,
             heldout,
             corpus: None,
@@ -328,6 +353,12 @@ impl Coordinator {
             tracing::warn!("issued {issued} receipt(s) an interrupted run left out");
         }
         Ok(c)
+    }
+
+    /// A second, read-only connection to the database (public reads use it, so they
+    /// never wait for the coordinator's lock).
+    pub fn open_reader(&self) -> Result<rusqlite::Connection> {
+        crate::ledger::open_read_only(&self.state_dir)
     }
 
     /// The run's settings.
@@ -403,6 +434,24 @@ impl Coordinator {
 }
 
 /// The first 12 hex digits of a key or hash, for messages.
+/// Peer input may be any UTF-8, so the cut is made at a character boundary (a byte
+/// index could land inside a character and panic).
 pub fn short(s: &str) -> &str {
-    &s[..s.len().min(12)]
+    match s.char_indices().nth(12) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn short_cuts_any_text_at_a_character() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("aaaaaaaaaaaé"), "aaaaaaaaaaaé");
+        assert_eq!(short("ééééééééééééé"), "éééééééééééé");
+    }
 }

@@ -3,10 +3,10 @@
 use super::*;
 
 impl Coordinator {
-    /// Records an upload refused before it reached [`Coordinator::submit_update`] (bad
-    /// signature, interrupted, oversized); counted against the lease's block if known.
-    /// No receipt: the key is only claimed, and anyone could otherwise write permanent
-    /// receipts in somebody else's name.
+    /// The row of a refused upload (no claim, no receipt): what [`Coordinator::reject`]
+    /// builds on; counted against the lease's block when `claimed_key` holds it. Only
+    /// authenticated uploads get here: the HTTP layer records nothing before the
+    /// signature over the bytes holds.
     pub fn record_rejection(
         &mut self,
         claimed_key: &str,

@@ -51,7 +51,7 @@ impl Coordinator {
             }
             None => Arrays::new(),
         };
-        let mut weights = self.current[block].clone();
+        let mut weights = (*self.current[block]).clone();
         let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.cfg.outer);
         let bytes = encode_weights(&weights);
         let new_head = BlockHead {
@@ -73,7 +73,7 @@ impl Coordinator {
         self.store.commit_version(&new_head, &ids, now)?;
         // The version is committed: memory follows it before any bookkeeping that can
         // fail (receipts, held-out history), so a failure there never forks the state.
-        self.current[block] = weights;
+        self.current[block] = Arc::new(weights);
         self.model.save_weights(block, &bytes, new_head.steps)?;
         for &id in &ids {
             if let Err(e) = self.merge_receipt(id, Some(new_head.version), None, now) {
@@ -81,7 +81,11 @@ impl Coordinator {
             }
         }
         if let Some(screen) = self.screens.get(block) {
-            match screen.loss(&self.current[block]) {
+            let loss = screen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .loss(&self.current[block]);
+            match loss {
                 Ok(loss) => {
                     self.store
                         .put_version_loss(block, new_head.version, loss, now)?;

@@ -36,6 +36,7 @@ impl Coordinator {
                     .map(|t| t.down)
                     .sum(),
                 heldout: self.heldout.get(h.block).copied(),
+                stalled: self.stalled.0.get(h.block).copied().unwrap_or(false),
             });
         }
         let workers = self

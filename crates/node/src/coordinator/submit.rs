@@ -1,12 +1,99 @@
-//! An upload's path: size, shape and norm checks, the worker's claim, held-out
-//! screening and spot checks, then acceptance (or one recorded refusal).
+//! An upload's path, in three steps so that no compute runs under the coordinator's lock:
+//!
+//! 1. [`Coordinator::admit_update`] (lock held, cheap): registration, flags, the lease
+//!    (owned, open, at the block's version), the size, the worker's signed claim and
+//!    replays. It hands out a [`VetJob`] that owns everything vetting needs.
+//! 2. [`VetJob::run`] (no lock): decode, norm and codec checks, held-out screening and
+//!    a spot check, on the caller's thread (the HTTP layer runs it on a bounded pool).
+//! 3. [`Coordinator::decide`] (lock held, cheap): the state is checked again (the round
+//!    may have closed meanwhile), then the update is accepted or refused.
+//!
+//! A lease gets one decided upload: a refusal closes it (no retry against the secret
+//! screen on the same lease, and at most one receipt per lease), and the slot's next
+//! lease is seeded from the coordinator's secret, so an honest retry draws other data.
+use std::sync::{Arc, Mutex};
 
 use super::*;
+use crate::store::LeaseRow;
+use crate::verify::Screen;
+
+/// An honest update moves weights: the RMS of a whole delta below this fraction of the
+/// learning rate is an empty update (credit for no work), whatever its claim says.
+const MIN_DELTA_RATIO: f64 = 1e-3;
+
+/// An upload that passed the cheap checks, with what the expensive ones need.
+pub struct VetJob {
+    key: String,
+    lease: LeaseRow,
+    body: Vec<u8>,
+    body_hash: String,
+    claim: (Claim, String),
+    loss: Option<f64>,
+    shapes: Shapes,
+    /// Most RMS any tensor of the delta may have, and least RMS the whole delta must.
+    rms_bounds: (f64, f64),
+    codec: Codec,
+    screen: Option<ScreenJob>,
+    spot: Option<SpotJob>,
+}
+
+impl std::fmt::Debug for VetJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VetJob(lease {}, {} bytes)",
+            self.lease.id,
+            self.body.len()
+        )
+    }
+}
+
+/// Held-out screening of one update: the block's weights it applies to, their loss,
+/// and the threshold at admission.
+struct ScreenJob {
+    screen: Arc<Mutex<Screen>>,
+    base: Arc<Arrays>,
+    before: f64,
+    threshold: f64,
+}
+
+/// A spot check's inputs: the checkpoint file the worker downloaded, its lease and the
+/// training corpus.
+struct SpotJob {
+    manifest: Arc<Manifest>,
+    wire_path: PathBuf,
+    reply: Lease,
+    corpus: Arc<Vec<u8>>,
+}
+
+/// What [`Coordinator::admit_update`] found.
+#[derive(Debug)]
+pub enum Admitted {
+    /// A re-sent upload (its reply was lost): the first reply again.
+    Replayed(UpdateReply),
+    /// To be vetted (off the lock), then decided.
+    Vet(Box<VetJob>),
+}
+
+/// Why vetting refused an update.
+#[derive(Debug)]
+enum Refusal {
+    /// The update is refused; the worker may ask for new work.
+    Refused(String),
+    /// A spot check proved it false: refused, and the worker gets no more work.
+    Flagged(String),
+}
+
+/// A vetted upload, ready for [`Coordinator::decide`].
+#[derive(Debug)]
+pub struct Vetted {
+    job: Box<VetJob>,
+    outcome: std::result::Result<Verdict, Refusal>,
+}
 
 impl Coordinator {
-    /// Validates and stores an update; may close its round. Every refusal is recorded
-    /// with its reason, and gets a receipt in the ledger, before the error is returned.
-    /// `claim` is the worker's signed claim (JSON-decoded) and its signature.
+    /// Admits, vets and decides an upload in one call (in-process callers and tests;
+    /// the HTTP layer runs the three steps itself so vetting runs without the lock).
     pub fn submit_update(
         &mut self,
         key: &str,
@@ -16,6 +103,27 @@ impl Coordinator {
         claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<UpdateReply> {
+        match self.admit_update(key, lease_id, body.to_vec(), loss, claim, now)? {
+            Admitted::Replayed(reply) => Ok(reply),
+            Admitted::Vet(job) => {
+                let vetted = job.run();
+                self.decide(vetted, now)
+            }
+        }
+    }
+
+    /// The cheap checks of an upload, under the lock. A refusal here is recorded (once
+    /// per lease, with a receipt) when the lease is the signer's; requests about leases
+    /// that are not theirs leave nothing behind.
+    pub fn admit_update(
+        &mut self,
+        key: &str,
+        lease_id: i64,
+        body: Vec<u8>,
+        loss: Option<f64>,
+        claim: Option<(Claim, String)>,
+        now: u64,
+    ) -> Result<Admitted> {
         self.require_registered(key)?;
         if self.store.is_flagged(key)? {
             return Err(NodeError::Forbidden(format!(
@@ -23,92 +131,129 @@ impl Coordinator {
                 short(key)
             )));
         }
-        let body_hash = content_hash(body);
+        let lease = self.owned_lease(key, lease_id)?;
+        let body_hash = content_hash(&body);
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
-            let lease = self.store.lease(lease_id)?;
-            if lease.as_ref().is_some_and(|l| l.worker == key) && hash == body_hash {
-                let block = lease.expect("checked").block;
-                let block_version = self.store.heads()?[block].version;
-                return Ok(UpdateReply {
+            if hash == body_hash {
+                let block_version = self.store.heads()?[lease.block].version;
+                return Ok(Admitted::Replayed(UpdateReply {
                     update_id: id,
                     block_version,
-                });
+                }));
             }
         }
-        let checked = self.check_update(key, lease_id, body).and_then(|lease| {
-            let verdict = self
-                .vet(key, &lease, body, &body_hash, claim.as_ref())
-                .map_err(NodeError::Rejected)?;
-            Ok((lease, verdict))
-        });
-        match checked {
-            Ok((lease, verdict)) => {
-                let hash = self.store.put_blob(body)?;
-                let id = self.store.accept_update(
-                    &NewUpdate {
-                        lease: Some(lease_id),
-                        worker: key,
-                        block: Some(lease.block),
-                        version: Some(lease.version),
-                        bytes: body.len() as u64,
-                        hash: Some(hash),
-                        steps: Some(lease.steps),
-                        loss,
-                        state: update_state::PENDING,
-                        reason: None,
-                    },
-                    now,
-                )?;
-                let (c, sig) = claim.expect("vetted updates carry a claim");
-                let json = serde_json::to_string(&c).expect("claims serialise");
-                self.store.put_claim(id, &json, Some(&sig))?;
-                if let Some((before, after)) = verdict.heldout {
-                    self.store.put_screening(id, before, after)?;
-                }
-                self.store.touch_worker(key, None, now)?;
-                if let Err(e) = self.maybe_close(lease.block, now) {
-                    tracing::error!("block {}: round not closed: {e}", lease.block + 1);
-                }
-                let block_version = self.store.heads()?[lease.block].version;
-                Ok(UpdateReply {
-                    update_id: id,
-                    block_version,
-                })
+        match self.admission(&lease, &body, &body_hash, claim) {
+            Ok((claim, screen, spot)) => {
+                let shapes = self.shapes[lease.block].clone();
+                let lr_steps = self.cfg.optim.lr * lease.steps as f64;
+                let rms_bounds = (
+                    self.cfg.wire.max_delta_ratio * lr_steps,
+                    MIN_DELTA_RATIO * self.cfg.optim.lr,
+                );
+                let codec = Codec::parse(&self.cfg.wire.codec)
+                    .map_err(|e| NodeError::Config(e.to_string()))?;
+                Ok(Admitted::Vet(Box::new(VetJob {
+                    key: key.to_string(),
+                    lease,
+                    body,
+                    body_hash,
+                    claim,
+                    loss,
+                    shapes,
+                    rms_bounds,
+                    codec,
+                    screen,
+                    spot,
+                })))
             }
-            Err(e) => {
-                // The claim rides along only if it is the worker's own, valid one.
-                let lease = self.store.lease(lease_id)?;
-                let valid = claim.filter(|(c, sig)| {
-                    lease
-                        .as_ref()
-                        .is_some_and(|l| trust::check_claim(c, sig, key, l, &body_hash).is_ok())
-                });
-                self.reject(
-                    key,
-                    Some(lease_id),
-                    body.len() as u64,
-                    &e.to_string(),
-                    Some(&body_hash),
-                    valid,
-                    now,
-                )?;
+            Err(refused) => {
+                let (e, claim) = *refused;
+                self.refuse_once(&lease, body.len() as u64, &e, &body_hash, claim, now)?;
                 Err(e)
             }
         }
     }
 
-    pub(super) fn check_update(
-        &self,
-        key: &str,
-        lease_id: i64,
+    /// The lease's state and version, the size, the claim and replays; on success the
+    /// claim and the screening and spot-check inputs. On failure the error and the claim
+    /// (kept for the receipt when it is the worker's own, valid one).
+    #[allow(clippy::type_complexity)]
+    fn admission(
+        &mut self,
+        lease: &LeaseRow,
         body: &[u8],
-    ) -> Result<crate::store::LeaseRow> {
-        let lease = self.owned_lease(key, lease_id)?;
-        if lease.state == lease_state::DELIVERED {
-            return Err(NodeError::Rejected(format!(
-                "lease {lease_id} already delivered its update"
-            )));
+        body_hash: &str,
+        claim: Option<(Claim, String)>,
+    ) -> std::result::Result<
+        ((Claim, String), Option<ScreenJob>, Option<SpotJob>),
+        Box<(NodeError, Option<(Claim, String)>)>,
+    > {
+        let claim = match claim {
+            Some((c, sig)) => match trust::check_claim(&c, &sig, &lease.worker, lease, body_hash) {
+                Ok(()) => (c, sig),
+                Err(e) => return Err(Box::new((NodeError::Rejected(e), None))),
+            },
+            None => {
+                return Err(Box::new((
+                    NodeError::Rejected(
+                        "no signed claim came with the update (workers must sign what they upload)"
+                            .into(),
+                    ),
+                    None,
+                )))
+            }
+        };
+        let fail = |e: NodeError, claim: (Claim, String)| Err(Box::new((e, Some(claim))));
+        if let Err(e) = self.lease_open(lease) {
+            return fail(e, claim);
+        }
+        let limit = update_limit(&self.shapes[lease.block]) as usize;
+        if body.len() > limit {
+            let msg = format!("update of {} bytes; the limit is {limit}", body.len());
+            return fail(NodeError::TooLarge(msg), claim);
+        }
+        match self.store.accepted_with_hash(body_hash) {
+            Ok(Some((id, worker))) => {
+                let msg = format!(
+                    "replay: these exact bytes were already accepted as update {id} from worker {}",
+                    short(&worker)
+                );
+                return fail(NodeError::Rejected(msg), claim);
+            }
+            Ok(None) => {}
+            Err(e) => return fail(e, claim),
+        }
+        let screen = self.screens.get(lease.block).map(|screen| ScreenJob {
+            screen: screen.clone(),
+            base: self.current[lease.block].clone(),
+            before: self.heldout[lease.block],
+            threshold: self.screen_threshold(lease.block),
+        });
+        let spot = match self.spot_job(lease) {
+            Ok(spot) => spot,
+            Err(e) => return fail(e, claim),
+        };
+        Ok((claim, screen, spot))
+    }
+
+    /// Whether the lease may still deliver: not delivered, refused or void, and at its
+    /// block's current version.
+    fn lease_open(&self, lease: &LeaseRow) -> Result<()> {
+        match lease.state.as_str() {
+            lease_state::DELIVERED => {
+                return Err(NodeError::Rejected(format!(
+                    "lease {} already delivered its update",
+                    lease.id
+                )))
+            }
+            lease_state::REFUSED | lease_state::VOID => {
+                return Err(NodeError::Rejected(format!(
+                    "lease {} already had its one upload refused; ask for new work",
+                    lease.id
+                )))
+            }
+            _ => {}
         }
         let head_version = self.store.heads()?[lease.block].version;
         if lease.version != head_version || lease.state == lease_state::SUPERSEDED {
@@ -118,25 +263,234 @@ impl Coordinator {
                 lease.version
             )));
         }
-        let shapes = &self.shapes[lease.block];
-        let limit = update_limit(shapes) as usize;
-        if body.len() > limit {
-            return Err(NodeError::TooLarge(format!(
-                "update of {} bytes; the limit is {limit}",
-                body.len()
-            )));
+        Ok(())
+    }
+
+    /// The spot check's inputs when this lease is sampled (a draw keyed with the
+    /// coordinator's secret on the lease id, so re-sent bytes do not buy a new draw).
+    fn spot_job(&mut self, lease: &LeaseRow) -> Result<Option<SpotJob>> {
+        let fraction = self.cfg.trust.spot_check_fraction;
+        let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
+        if !trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
+            || self.store.has_own_data(&lease.worker)?
+        {
+            return Ok(None);
         }
+        let corpus = match &self.corpus {
+            Some(c) => c.clone(),
+            None => {
+                let train = self
+                    .model
+                    .manifest
+                    .plan
+                    .dataset
+                    .load(blocktrain_model::data::Split::Train)?;
+                self.corpus.insert(Arc::new(train)).clone()
+            }
+        };
+        let head = self.store.heads()?[lease.block].clone();
+        Ok(Some(SpotJob {
+            manifest: Arc::new(self.model.manifest.clone()),
+            wire_path: self.store.blob_path(&head.wire),
+            reply: self.lease_reply(lease, &head),
+            corpus,
+        }))
+    }
+
+    /// The screen's threshold for block `b`: the configured one until enough honest
+    /// updates were accepted, then the honest spread (median + 6 robust deviations of
+    /// recent accepted updates' held-out change), never below the configured value and
+    /// at most [`SCREEN_CAP`] times it. One absolute number cannot fit every shape and
+    /// batch: tiny runs' honest updates move the screen more than large runs' do.
+    pub fn screen_threshold(&self, b: usize) -> f64 {
+        let base = self.cfg.trust.screen_threshold;
+        let recent = &self.screen_changes[b];
+        if recent.len() < SCREEN_CALIBRATION_MIN {
+            return base;
+        }
+        let mut v: Vec<f64> = recent.iter().copied().collect();
+        let mid = median(&mut v);
+        let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
+        let mad = median(&mut dev);
+        (mid + 6.0 * 1.4826 * mad).clamp(base, SCREEN_CAP * base)
+    }
+
+    /// Decides a vetted upload under the lock. The lease is checked again first: the
+    /// round may have closed, or another upload on the lease been decided, while it was
+    /// vetted.
+    pub fn decide(&mut self, vetted: Vetted, now: u64) -> Result<UpdateReply> {
+        let Vetted { job, outcome } = vetted;
+        let lease = self
+            .store
+            .lease(job.lease.id)?
+            .ok_or_else(|| NodeError::NotFound(format!("lease {}", job.lease.id)))?;
+        if let Some((id, hash)) = self.store.update_of_lease(lease.id)? {
+            if hash == job.body_hash {
+                let block_version = self.store.heads()?[lease.block].version;
+                return Ok(UpdateReply {
+                    update_id: id,
+                    block_version,
+                });
+            }
+        }
+        if let Err(e) = self.lease_open(&lease) {
+            self.refuse_once(
+                &lease,
+                job.body.len() as u64,
+                &e,
+                &job.body_hash,
+                Some(job.claim),
+                now,
+            )?;
+            return Err(e);
+        }
+        let verdict = match outcome {
+            Ok(v) => v,
+            Err(Refusal::Refused(reason)) => {
+                let e = NodeError::Rejected(reason);
+                let claim = Some(job.claim);
+                self.refuse_once(
+                    &lease,
+                    job.body.len() as u64,
+                    &e,
+                    &job.body_hash,
+                    claim,
+                    now,
+                )?;
+                return Err(e);
+            }
+            Err(Refusal::Flagged(reason)) => {
+                // The lease is void (never revived) and the worker gets no more work.
+                self.store.flag_worker(&job.key, &reason)?;
+                let e = NodeError::Rejected(reason);
+                let claim = Some(job.claim);
+                self.refuse_once(
+                    &lease,
+                    job.body.len() as u64,
+                    &e,
+                    &job.body_hash,
+                    claim,
+                    now,
+                )?;
+                self.store.set_lease_state(lease.id, lease_state::VOID)?;
+                return Err(e);
+            }
+        };
+        let hash = self.store.put_blob(&job.body)?;
+        let id = self.store.accept_update(
+            &NewUpdate {
+                lease: Some(lease.id),
+                worker: &job.key,
+                block: Some(lease.block),
+                version: Some(lease.version),
+                bytes: job.body.len() as u64,
+                hash: Some(hash),
+                steps: Some(lease.steps),
+                loss: job.loss,
+                state: update_state::PENDING,
+                reason: None,
+            },
+            now,
+        )?;
+        let (c, sig) = job.claim;
+        let json = serde_json::to_string(&c).expect("claims serialise");
+        self.store.put_claim(id, &json, Some(&sig))?;
+        if let Some((before, after)) = verdict.heldout {
+            self.store.put_screening(id, before, after)?;
+            self.note_screen_change(lease.block, after - before);
+        }
+        self.store.touch_worker(&job.key, None, now)?;
+        if let Err(e) = self.maybe_close(lease.block, now) {
+            tracing::error!("block {}: round not closed: {e}", lease.block + 1);
+        }
+        let block_version = self.store.heads()?[lease.block].version;
+        Ok(UpdateReply {
+            update_id: id,
+            block_version,
+        })
+    }
+
+    /// Remembers an accepted update's held-out change (the screen's calibration).
+    pub(super) fn note_screen_change(&mut self, block: usize, change: f64) {
+        let recent = &mut self.screen_changes[block];
+        if recent.len() == SCREEN_CALIBRATION_WINDOW {
+            recent.pop_front();
+        }
+        recent.push_back(change);
+    }
+
+    /// Records a refusal of the signer's own lease, once per lease: an update row with
+    /// its reason, the claim and a receipt, and the lease closed (its slot is re-leased
+    /// with a fresh seed). Further refusals on that lease are answered, not recorded, so
+    /// no one can grow the ledger faster than leases are issued.
+    fn refuse_once(
+        &mut self,
+        lease: &LeaseRow,
+        bytes: u64,
+        e: &NodeError,
+        body_hash: &str,
+        claim: Option<(Claim, String)>,
+        now: u64,
+    ) -> Result<()> {
+        if self.store.lease_decided(lease.id)? {
+            return Ok(());
+        }
+        let key = lease.worker.clone();
+        let reason = e.to_string();
+        self.reject(
+            &key,
+            Some(lease.id),
+            bytes,
+            &reason,
+            Some(body_hash),
+            claim,
+            now,
+        )?;
+        if matches!(
+            lease.state.as_str(),
+            lease_state::ACTIVE | lease_state::EXPIRED
+        ) {
+            self.store.set_lease_state(lease.id, lease_state::REFUSED)?;
+        }
+        Ok(())
+    }
+}
+
+impl VetJob {
+    /// The expensive checks, without the coordinator: decode, norms, codec, held-out
+    /// screening, spot check.
+    pub fn run(self) -> Vetted {
+        let outcome = self.vet();
+        Vetted {
+            job: Box::new(self),
+            outcome,
+        }
+    }
+
+    fn vet(&self) -> std::result::Result<Verdict, Refusal> {
+        let refused = |m: String| Refusal::Refused(m);
+        let limit = update_limit(&self.shapes) as usize;
         let (delta, codec) =
-            codec::decode(body, shapes, limit).map_err(|e| NodeError::Rejected(e.to_string()))?;
-        let bound = self.cfg.wire.max_delta_ratio * self.cfg.optim.lr * lease.steps as f64;
+            codec::decode(&self.body, &self.shapes, limit).map_err(|e| refused(e.to_string()))?;
+        let (most, least) = self.rms_bounds;
+        let (mut squares, mut values) = (0.0, 0usize);
         for (name, a) in &delta {
             let rms = merge::rms(a);
-            if rms > bound {
-                return Err(NodeError::Rejected(format!(
-                    "{name}: delta RMS {rms:.3e} exceeds {bound:.3e} ({} x lr {} x {} steps): no AdamW run moves weights that far",
-                    self.cfg.wire.max_delta_ratio, self.cfg.optim.lr, lease.steps
+            if rms > most {
+                return Err(refused(format!(
+                    "{name}: delta RMS {rms:.3e} exceeds {most:.3e} (max_delta_ratio x lr x {} steps): no AdamW run moves weights that far",
+                    self.lease.steps
                 )));
             }
+            squares += rms * rms * a.data.len() as f64;
+            values += a.data.len();
+        }
+        let overall = (squares / values.max(1) as f64).sqrt();
+        if overall < least {
+            return Err(refused(format!(
+                "empty update: the delta's RMS {overall:.3e} is below {least:.3e}; {} steps of training move weights further",
+                self.lease.steps
+            )));
         }
         // At least as precise as the run's codec: a worker cannot pick a lossier one
         // (whose looser spot-check tolerance, or none for top-k, it could hide behind).
@@ -146,159 +500,125 @@ impl Coordinator {
             Codec::Int8 { .. } => 2,
             Codec::TopK { .. } => 3,
         };
-        let expected =
-            Codec::parse(&self.cfg.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
-        if rank(&codec) > rank(&expected) {
-            return Err(NodeError::Rejected(format!(
-                "update encoded as {codec:?}, lossier than this run's {}",
-                self.cfg.wire.codec
+        if rank(&codec) > rank(&self.codec) {
+            return Err(refused(format!(
+                "update encoded as {codec:?}, lossier than this run's {:?}",
+                self.codec
             )));
         }
-        Ok(lease)
-    }
-
-    /// The checks beyond shape and size ([`crate::trust`]): the worker's claim, replays,
-    /// held-out screening, spot checks. Returns what to record; Err is the reason to
-    /// reject.
-    pub(super) fn vet(
-        &mut self,
-        key: &str,
-        lease: &crate::store::LeaseRow,
-        body: &[u8],
-        body_hash: &str,
-        claim: Option<&(Claim, String)>,
-    ) -> std::result::Result<Verdict, String> {
-        let Some((c, sig)) = claim else {
-            return Err(
-                "no signed claim came with the update (workers must sign what they upload)".into(),
-            );
+        let heldout = match &self.screen {
+            Some(s) => Some(screen(s, self.lease.block, &delta)?),
+            None => None,
         };
-        trust::check_claim(c, sig, key, lease, body_hash)?;
-        if let Some((id, worker)) = self
-            .store
-            .accepted_with_hash(body_hash)
-            .map_err(|e| e.to_string())?
-        {
-            return Err(format!(
-                "replay: these exact bytes were already accepted as update {id} from worker {}",
-                short(&worker)
-            ));
+        if let Some(spot) = &self.spot {
+            spot_check(spot, &self.lease, &delta, &codec)?;
         }
-        let (delta, codec) = codec::decode(body, &self.shapes[lease.block], usize::MAX)
-            .map_err(|e| e.to_string())?;
-        let heldout = self.screen(lease.block, &delta)?;
-        self.spot_check(key, lease, &delta, &codec)?;
         Ok(Verdict { heldout })
     }
+}
 
-    /// Held-out screening: the block's loss after this update alone, against before.
-    pub(super) fn screen(
-        &self,
-        block: usize,
-        delta: &Arrays,
-    ) -> std::result::Result<Option<(f64, f64)>, String> {
-        let Some(screen) = self.screens.get(block) else {
-            return Ok(None);
-        };
-        let mut after = self.current[block].clone();
-        for (name, w) in after.iter_mut() {
-            w.data
-                .iter_mut()
-                .zip(&delta[name].data)
-                .for_each(|(w, d)| *w += d);
-        }
-        let before = self.heldout[block];
-        let after = screen.loss(&after).map_err(|e| e.to_string())?;
-        let threshold = self.cfg.trust.screen_threshold;
-        if !after.is_finite() || after - before > threshold {
-            return Err(format!(
-                "held-out screening: this update alone takes block {}'s held-out loss from {before:.4} to {after:.4} (+{:.4} nats/byte; the limit is {threshold})",
-                block + 1,
-                after - before
-            ));
-        }
-        Ok(Some((before, after)))
+/// Held-out screening: the block's loss after this update alone, against before. The
+/// refusal gives no losses: the screen is secret, and its numbers would let a worker
+/// tune an update against it.
+fn screen(
+    job: &ScreenJob,
+    block: usize,
+    delta: &Arrays,
+) -> std::result::Result<(f64, f64), Refusal> {
+    let mut after = (*job.base).clone();
+    for (name, w) in after.iter_mut() {
+        w.data
+            .iter_mut()
+            .zip(&delta[name].data)
+            .for_each(|(w, d)| *w += d);
     }
-
-    /// Spot check (a keyed sample of updates): recompute the update from the same
-    /// start weights, shard, seed and steps and compare. A mismatch flags the worker.
-    pub(super) fn spot_check(
-        &mut self,
-        key: &str,
-        lease: &crate::store::LeaseRow,
-        delta: &Arrays,
-        codec: &Codec,
-    ) -> std::result::Result<(), String> {
-        let fraction = self.cfg.trust.spot_check_fraction;
-        // Keyed on the lease, not the bytes: re-sending altered bytes on the same lease
-        // does not buy a new draw.
-        let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
-        if !trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
-            || self.store.has_own_data(key).map_err(|e| e.to_string())?
-        {
-            return Ok(());
-        }
-        let check = self.recompute(lease, delta, codec).map_err(|e| {
-            // Our own failure to recompute is not the worker's fault: log, accept.
-            tracing::error!("spot check of lease {} could not run: {e}", lease.id);
-            e.to_string()
-        });
-        let Ok(check) = check else { return Ok(()) };
-        if check.passed() {
-            tracing::info!(
-                "spot check of lease {} passed (relative error {:.2e})",
-                lease.id,
-                check.error
-            );
-            return Ok(());
-        }
-        let reason = format!(
-            "spot check: recomputing this update from the same start weights, data, seed and steps gives a different delta (relative error {:.3} > tolerance {:.1e})",
-            check.error, check.tolerance
-        );
-        // Consequences: the lease is void (no retry on it) and the worker gets no more.
-        self.store
-            .flag_worker(key, &reason)
-            .map_err(|e| e.to_string())?;
-        self.store
-            .set_lease_state(lease.id, crate::store::lease_state::EXPIRED)
-            .map_err(|e| e.to_string())?;
-        Err(reason)
+    let loss = job
+        .screen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .loss(&after);
+    let after = loss.map_err(|e| {
+        tracing::error!("block {}: screening could not run: {e}", block + 1);
+        Refusal::Refused(
+            "held-out screening could not run here (the coordinator's fault); the update is not accepted unverified: ask for new work".into(),
+        )
+    })?;
+    if !after.is_finite() || after - job.before > job.threshold {
+        return Err(Refusal::Refused(format!(
+            "held-out screening: this update alone makes block {}'s held-out loss worse than honest updates do",
+            block + 1
+        )));
     }
+    Ok((job.before, after))
+}
 
-    pub(super) fn recompute(
-        &mut self,
-        lease: &crate::store::LeaseRow,
-        delta: &Arrays,
-        codec: &Codec,
-    ) -> Result<crate::verify::SpotCheck> {
-        if self.corpus.is_none() {
-            self.corpus = Some(
-                self.model
-                    .manifest
-                    .plan
-                    .dataset
-                    .load(blocktrain_model::data::Split::Train)?,
-            );
-        }
-        let head = self.store.heads()?[lease.block].clone();
-        let base = crate::worker::decode_checkpoint(&self.store.get_blob(&head.wire)?)
-            .map_err(|e| NodeError::Config(e.to_string()))?;
-        let reply = self.lease_reply(lease, &head);
-        let corpus = self.corpus.as_deref().expect("loaded above");
-        let shard = crate::worker::shard_of(
-            corpus,
-            reply.shard_index,
-            reply.shard_count,
-            self.model.manifest.model.window,
+/// Spot check: recompute the update from the same start weights, shard, seed and steps
+/// and compare. A mismatch flags the worker; a recomputation that cannot run refuses the
+/// update (never passes it unverified) without blaming the worker.
+fn spot_check(
+    job: &SpotJob,
+    lease: &LeaseRow,
+    delta: &Arrays,
+    codec: &Codec,
+) -> std::result::Result<(), Refusal> {
+    let check = recompute(job, lease, delta, codec).map_err(|e| {
+        tracing::error!("spot check of lease {} could not run: {e}", lease.id);
+        Refusal::Refused(
+            "spot check could not run here (the coordinator's fault); the update is not accepted unverified: ask for new work".into(),
+        )
+    })?;
+    if check.passed() {
+        tracing::info!(
+            "spot check of lease {} passed (relative error {:.2e})",
+            lease.id,
+            check.error
         );
-        let job = crate::worker::LocalJob {
-            manifest: &self.model.manifest,
-            block: lease.block,
-            base: &base,
-            lease: &reply,
-            shard,
-        };
-        crate::verify::spot_check(&job, delta, codec, tch::Device::Cpu)
+        return Ok(());
+    }
+    Err(Refusal::Flagged(format!(
+        "spot check: recomputing this update from the same start weights, data, seed and steps gives a different delta (relative error {:.3} > tolerance {:.1e})",
+        check.error, check.tolerance
+    )))
+}
+
+fn recompute(
+    job: &SpotJob,
+    lease: &LeaseRow,
+    delta: &Arrays,
+    codec: &Codec,
+) -> Result<crate::verify::SpotCheck> {
+    let bytes = std::fs::read(&job.wire_path).map_err(crate::io_err(&job.wire_path))?;
+    let base =
+        crate::worker::decode_checkpoint(&bytes).map_err(|e| NodeError::Config(e.to_string()))?;
+    let shard = crate::worker::shard_of(
+        &job.corpus,
+        job.reply.shard_index,
+        job.reply.shard_count,
+        job.manifest.model.window,
+    );
+    let local = crate::worker::LocalJob {
+        manifest: &job.manifest,
+        block: lease.block,
+        base: &base,
+        lease: &job.reply,
+        shard,
+    };
+    crate::verify::spot_check(&local, delta, codec, tch::Device::Cpu)
+}
+
+/// Accepted updates the screen's calibration looks back on, per block.
+pub(super) const SCREEN_CALIBRATION_WINDOW: usize = 32;
+/// Accepted updates needed before the calibration replaces the configured threshold.
+const SCREEN_CALIBRATION_MIN: usize = 8;
+/// The calibrated threshold's ceiling, as a multiple of the configured one.
+const SCREEN_CAP: f64 = 10.0;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }

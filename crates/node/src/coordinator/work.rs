@@ -18,11 +18,28 @@ impl Coordinator {
                 short(key)
             )));
         }
-        if let Some(secret) = &auth.join_secret {
-            if req.join_proof.as_deref() != Some(join_proof(secret, key).as_str()) {
-                return Err(NodeError::Forbidden(
-                    "this run needs its join secret (worker --join-secret), and the one given is missing or wrong".into(),
-                ));
+        let proves = |secret: &str| {
+            req.join_proof
+                .as_deref()
+                .is_some_and(|given| join_proof_matches(secret, key, given))
+        };
+        let by_secret = auth.join_secret.as_deref().is_some_and(proves);
+        let invite = auth.invites.iter().find(|t| proves(t));
+        let needs_proof = auth.join_secret.is_some() || !auth.invites.is_empty();
+        if needs_proof && !by_secret && invite.is_none() {
+            return Err(NodeError::Forbidden(
+                "this run needs its join secret or an invite (worker --join-secret), and the one given is missing or wrong".into(),
+            ));
+        }
+        if let Some(token) = invite.filter(|_| !by_secret) {
+            // The first key to use an invite owns it: a barred operator cannot return
+            // under a new key with the same token.
+            let token_id = blake3::hash(token.as_bytes()).to_hex().to_string();
+            if let Some(owner) = self.store.claim_invite(&token_id, key)? {
+                return Err(NodeError::Forbidden(format!(
+                    "this invite belongs to worker {}; ask the operator for your own",
+                    short(&owner)
+                )));
             }
         }
         self.store.upsert_worker(key, &req.info, now)?;
@@ -34,10 +51,45 @@ impl Coordinator {
     pub fn tick(&mut self, now: u64) -> Result<()> {
         let max_lease = (self.cfg.faults.max_lease_secs * 1000.0) as u64;
         self.store.expire_leases(now, max_lease)?;
+        self.watch_stalls(now)?;
         for block in 0..self.cfg.blocks {
             if let Err(e) = self.maybe_close(block, now) {
                 tracing::error!("block {}: round not closed: {e}", block + 1);
             }
+        }
+        Ok(())
+    }
+
+    /// How long a block may go without an accepted update or a commit before it counts
+    /// as stalled: three times the longer of the round's deadline and a lease's life.
+    pub fn stall_ms(&self) -> u64 {
+        let f = &self.cfg.faults;
+        (3.0 * f.round_timeout_secs.max(f.lease_secs) * 1000.0) as u64
+    }
+
+    /// Marks blocks that nobody advances (at most once a second), and says so in the
+    /// log when a block stalls or recovers.
+    fn watch_stalls(&mut self, now: u64) -> Result<()> {
+        if now < self.stalled.1 + 1000 {
+            return Ok(());
+        }
+        self.stalled.1 = now;
+        let rounds = self.cfg.training.rounds;
+        for head in self.store.heads()? {
+            let b = head.block;
+            let idle = now.saturating_sub(self.store.last_progress_ms(b)?);
+            let stalled = head.version < rounds && idle > self.stall_ms();
+            if stalled && !self.stalled.0[b] {
+                tracing::warn!(
+                    "block {} is stalled at version {}: nothing accepted or committed for {} s (no workers, or every update refused; see /v1/status recent)",
+                    b + 1,
+                    head.version,
+                    idle / 1000
+                );
+            } else if !stalled && self.stalled.0[b] {
+                tracing::info!("block {} is moving again (version {})", b + 1, head.version);
+            }
+            self.stalled.0[b] = stalled;
         }
         Ok(())
     }
@@ -111,9 +163,22 @@ impl Coordinator {
         let used = self.store.used_slots(block, version)?;
         let slot = (0..cap).find(|s| !used.contains(s)).unwrap_or(issued % cap);
         // A lease's randomness follows its round and slot, not how many leases were
-        // issued: a refused or lapsed lease does not change what the honest worker who
-        // takes the slot next computes (and a spot check can recompute it).
-        let seed = seed_of(self.cfg.seed, block, version, slot);
+        // issued: a lapsed lease does not change what the honest worker who takes the
+        // slot next computes (a late upload of the lapsed one still matches). After a
+        // refusal the slot is re-seeded from the coordinator's secret: an honest update
+        // a false positive refused would otherwise be recomputed byte for byte by the
+        // next worker and refused again, and no worker can choose its draws.
+        let refusals = self.store.refusals_in_slot(block, version, slot)?;
+        let seed = if refusals == 0 {
+            seed_of(self.cfg.seed, block, version, slot)
+        } else {
+            let secret = blake3::derive_key("blocktrain lease reseed", &self.identity.secret());
+            let h = blake3::keyed_hash(
+                &secret,
+                format!("{block}/{version}/{slot}/{refusals}").as_bytes(),
+            );
+            u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+        };
         let expires = now + self.lease_ms();
         let id = self
             .store
@@ -161,19 +226,43 @@ impl Coordinator {
         }
     }
 
-    /// Renews a lease; false when its round has moved on (the worker should stop).
+    /// Renews a lease; false when the worker should stop (its round moved on, its
+    /// lease was refused or voided, it was flagged, or its lapsed lease's slot went to
+    /// another worker).
     pub fn heartbeat(&mut self, key: &str, lease: i64, now: u64) -> Result<bool> {
         self.require_registered(key)?;
         let l = self.owned_lease(key, lease)?;
         self.store.touch_worker(key, None, now)?;
-        let head_version = self.store.heads()?[l.block].version;
-        let open = l.version == head_version
-            && (l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED);
-        if open {
-            self.store.set_lease_state(lease, lease_state::ACTIVE)?;
-            self.store.renew_lease(lease, now + self.lease_ms())?;
+        if self.store.is_flagged(key)? {
+            return Ok(false);
         }
-        Ok(open)
+        let head_version = self.store.heads()?[l.block].version;
+        if l.version != head_version {
+            return Ok(false);
+        }
+        match l.state.as_str() {
+            lease_state::ACTIVE => {}
+            // A lapsed lease comes back only to a slot nobody else took since, within
+            // the round's cap, and never past its longest life.
+            lease_state::EXPIRED => {
+                let max_lease = (self.cfg.faults.max_lease_secs * 1000.0) as u64;
+                let cap = self.cfg.training.workers_per_block;
+                let (active, _) = self.store.round_leases(l.block, l.version)?;
+                let pending = self.store.pending(l.block, l.version)?.len() as u32;
+                let taken = self.store.used_slots(l.block, l.version)?.contains(&l.slot);
+                if taken
+                    || active + pending >= cap
+                    || self.store.active_lease_of(key)?.is_some()
+                    || now >= self.store.lease_issued_ms(lease)? + max_lease
+                {
+                    return Ok(false);
+                }
+                self.store.set_lease_state(lease, lease_state::ACTIVE)?;
+            }
+            _ => return Ok(false),
+        }
+        self.store.renew_lease(lease, now + self.lease_ms())?;
+        Ok(true)
     }
 
     /// Checks that `hash` is a committed checkpoint a registered worker may download;

@@ -1,11 +1,11 @@
 //! Request authentication: the signature headers, the signature over the raw bytes,
 //! the request's age and its nonce. Nothing here takes the coordinator's lock.
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use axum::http::{HeaderMap, Method, Uri};
 use blocktrain_protocol::signed::{self, Auth};
 
+use super::limits::{Nonce, NonceCache, RateLimiter};
 use super::Reply;
 use crate::{now_ms, NodeError};
 
@@ -16,18 +16,86 @@ pub struct Gate {
     pub(super) skew_ms: u64,
     pub(super) started_ms: u64,
     pub(super) max_update: usize,
-    pub(super) nonces: Mutex<HashMap<String, u64>>,
+    nonces: Mutex<NonceCache>,
+    /// Per signing key: every signed request.
+    keys: Mutex<RateLimiter>,
+    /// Per address: the unauthenticated reads (status, metrics, ledger).
+    peers: Mutex<RateLimiter>,
+    /// Per signing key: `/v1/probe` dials out, so it gets a rate of its own.
+    probes: Mutex<RateLimiter>,
+}
+
+/// Most nonces remembered at once (16 bytes each plus bookkeeping: about 100 MB).
+const MAX_NONCES: usize = 2_000_000;
+/// Signed requests per key per second, and the burst: a worker makes a few a second at
+/// most (work, heartbeats, checkpoint ranges).
+const KEY_RATE: (f64, f64) = (20.0, 60.0);
+/// Unauthenticated reads per address per second, and the burst (dashboards poll).
+const PEER_RATE: (f64, f64) = (200.0, 400.0);
+/// Probes per key: one every 10 s, bursts of 3.
+const PROBE_RATE: (f64, f64) = (0.1, 3.0);
+/// Callers each limiter tracks at once.
+const MAX_CALLERS: usize = 50_000;
+
+/// A nonce is 16 to 64 characters of [0-9A-Za-z_-] (clients send 32 hex digits): an
+/// empty or unbounded one is refused before it is remembered.
+fn valid_nonce(n: &str) -> bool {
+    (16..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl Gate {
-    /// Remembers a nonce; false if seen within the skew window (a replay).
-    fn fresh(&self, key: &str, nonce: &str, now: u64) -> bool {
-        let mut n = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
-        if n.len() > 10_000 {
-            let window = 2 * self.skew_ms;
-            n.retain(|_, t| now.saturating_sub(*t) < window);
+    /// Checks for a coordinator that started at `started_ms`, allowing `skew_ms` of
+    /// clock difference, with uploads up to `max_update` bytes.
+    pub fn new(skew_ms: u64, started_ms: u64, max_update: usize) -> Self {
+        let limiter =
+            |(rate, burst): (f64, f64)| Mutex::new(RateLimiter::new(rate, burst, MAX_CALLERS));
+        Gate {
+            skew_ms,
+            started_ms,
+            max_update,
+            nonces: Mutex::new(NonceCache::new(2 * skew_ms.max(1), MAX_NONCES)),
+            keys: limiter(KEY_RATE),
+            peers: limiter(PEER_RATE),
+            probes: limiter(PROBE_RATE),
         }
-        n.insert(format!("{key}/{nonce}"), now).is_none()
+    }
+
+    /// Remembers a nonce; an error if it was seen within the window (a replay) or the
+    /// cache is full.
+    fn fresh(&self, key: &str, nonce: &str, now: u64) -> Reply<()> {
+        let mut n = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        match n.admit(key, nonce, now) {
+            Nonce::Fresh => Ok(()),
+            Nonce::Replayed => Err(NodeError::Unauthenticated(
+                "replayed request (nonce already used)".into(),
+            )),
+            Nonce::Full => Err(NodeError::Busy(
+                "too many requests in the replay window; try again shortly".into(),
+            )),
+        }
+    }
+
+    fn limit(limiter: &Mutex<RateLimiter>, caller: &str, what: &str) -> Reply<()> {
+        let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
+        if l.allow(caller, now_ms()) {
+            Ok(())
+        } else {
+            Err(NodeError::RateLimited(format!(
+                "{what}: too many requests; slow down"
+            )))
+        }
+    }
+
+    /// The unauthenticated-read rate of `addr`.
+    pub(super) fn limit_peer(&self, addr: &str) -> Reply<()> {
+        Self::limit(&self.peers, addr, "reads from this address")
+    }
+
+    /// The probe rate of `key`.
+    pub(super) fn limit_probe(&self, key: &str) -> Reply<()> {
+        Self::limit(&self.probes, key, "probes from this key")
     }
 }
 
@@ -60,8 +128,13 @@ pub(super) fn auth_headers(headers: &HeaderMap) -> Reply<Auth> {
             .parse()
             .map_err(|_| NodeError::Unauthenticated("x-bt-time is not a number".into()))?,
         nonce: header(headers, signed::NONCE_HEADER)
-            .ok_or_else(|| missing(signed::NONCE_HEADER))?
-            .to_string(),
+            .ok_or_else(|| missing(signed::NONCE_HEADER))
+            .and_then(|n| match valid_nonce(n) {
+                true => Ok(n.to_string()),
+                false => Err(NodeError::Unauthenticated(
+                    "x-bt-nonce must be 16 to 64 characters of [0-9A-Za-z_-]".into(),
+                )),
+            })?,
         sig: header(headers, signed::SIG_HEADER)
             .ok_or_else(|| missing(signed::SIG_HEADER))?
             .to_string(),
@@ -93,10 +166,7 @@ pub(super) fn authenticate(
             "request signed before this coordinator started; sign it again".into(),
         ));
     }
-    if !gate.fresh(&auth.key, &auth.nonce, now) {
-        return Err(NodeError::Unauthenticated(
-            "replayed request (nonce already used)".into(),
-        ));
-    }
+    gate.fresh(&auth.key, &auth.nonce, now)?;
+    Gate::limit(&gate.keys, &auth.key, "signed requests from this key")?;
     Ok(auth.key)
 }

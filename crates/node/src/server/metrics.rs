@@ -4,11 +4,11 @@ use std::fmt::Write as _;
 use axum::extract::State;
 use axum::response::IntoResponse;
 
-use super::{with, AppState, Reply};
+use super::{AppState, Reply};
 use crate::coordinator::{short, Status};
 
 pub(super) async fn metrics(State(st): State<AppState>) -> Reply<impl IntoResponse> {
-    let s = with(&st.coord, |co| co.status()).await?;
+    let s = super::reads::snapshot(&st).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

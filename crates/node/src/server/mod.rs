@@ -13,8 +13,8 @@
 //! | `POST /v1/updates/{lease}` | a delta (safetensors, codec in its metadata) |
 //! | `GET /v1/status` | blocks, workers, bytes moved, recent updates (JSON) |
 //! | `GET /metrics` | the same in Prometheus text format |
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,7 @@ use crate::coordinator::{Coordinator, Status};
 use crate::{now_ms, NodeError};
 
 mod auth;
+mod limits;
 mod metrics;
 mod reads;
 mod routes;
@@ -41,7 +42,31 @@ pub type Shared = Arc<Mutex<Coordinator>>;
 pub struct AppState {
     pub(crate) coord: Shared,
     pub(crate) gate: Arc<Gate>,
+    /// The status as of the last tick: public reads never take the coordinator's lock.
+    pub(crate) snapshot: Snapshot,
+    /// A second connection to the database, for the ledger's public reads (WAL lets
+    /// it read while the coordinator writes).
+    pub(crate) reader: Arc<Mutex<rusqlite::Connection>>,
+    /// Bounds the uploads vetted at once (each decodes, screens, maybe recomputes).
+    pub(crate) vetting: Arc<tokio::sync::Semaphore>,
+    /// The address this coordinator listens on, when known (`/v1/probe` dials
+    /// loopback only when the coordinator itself is on loopback).
+    pub(crate) bound: Option<std::net::SocketAddr>,
 }
+
+/// The last status the ticker computed.
+pub type Snapshot = Arc<RwLock<Option<Arc<Status>>>>;
+
+/// A lock-free-for-readers copy of the status: the ticker refreshes it every
+/// [`SNAPSHOT_EVERY`] under the lock it holds anyway.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
+
+/// Most time a request other than an upload or a download may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most time an upload's body may take to arrive (a slow sender holds a connection
+/// and a buffer while it trickles).
+pub(crate) const UPLOAD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl IntoResponse for NodeError {
     fn into_response(self) -> Response {
@@ -52,22 +77,33 @@ impl IntoResponse for NodeError {
             NodeError::Stale(_) => StatusCode::CONFLICT,
             NodeError::Rejected(_) | NodeError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
             NodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            NodeError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        // The coordinator's own failures (database, files, a panicked task) are logged
+        // in full and answered without detail: their text names paths and internals.
+        let error = if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("{self}");
+            INTERNAL.to_string()
+        } else {
+            self.to_string()
+        };
+        let mut resp = (status, Json(ErrorBody { error })).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
         }
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response()
+        resp
     }
 }
 
 pub(crate) type Reply<T> = std::result::Result<T, NodeError>;
+
+/// The answer to a request that failed on the coordinator's side.
+const INTERNAL: &str = "internal error in the coordinator (its log has the details)";
 
 /// Runs `f` on the coordinator on a blocking thread (SQLite, file writes, merges).
 pub(crate) async fn with<T: Send + 'static>(
@@ -83,40 +119,141 @@ pub(crate) async fn with<T: Send + 'static>(
     .map_err(|e| NodeError::Network(format!("coordinator task failed: {e}")))?
 }
 
+/// Every error a client sees is the JSON error body: axum's own rejections (bad JSON,
+/// wrong content type, a bad path, an unknown route, an oversized body) come as text,
+/// and are rewrapped here.
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(resp.status().is_client_error() || resp.status().is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let mut error = String::from_utf8_lossy(&text).trim().to_string();
+    if parts.status.is_server_error() {
+        error = INTERNAL.to_string();
+    } else if error.is_empty() {
+        error = parts
+            .status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase();
+    }
+    let body = serde_json::to_vec(&ErrorBody { error }).expect("error bodies serialise");
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// A panicking handler is logged with its message; the client gets the JSON error body
+/// without it.
+fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let msg = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!("request handler panicked: {msg}");
+    let body = Json(ErrorBody {
+        error: INTERNAL.to_string(),
+    });
+    (StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+}
+
+/// Refreshes the status snapshot; called by the ticker with the lock it holds.
+pub(crate) fn refresh_snapshot(co: &Coordinator, snapshot: &Snapshot) {
+    match co.status() {
+        Ok(s) => *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s)),
+        Err(e) => tracing::error!("status snapshot not refreshed: {e}"),
+    }
+}
+
 /// The dashboard page ([`crate::dashboard`]); it polls `/v1/status` and friends.
 async fn index() -> axum::response::Html<&'static str> {
     axum::response::Html(crate::dashboard::PAGE)
 }
 
-/// The router over a coordinator.
+/// The router over a coordinator (its address unknown: `/v1/probe` then never dials
+/// loopback).
 pub fn router(coord: Shared) -> Router {
-    let gate = {
+    app(coord, None)
+        .expect("the coordinator's database opens for reading")
+        .0
+}
+
+/// The router and its state, for a coordinator listening on `bound`.
+pub(crate) fn app(
+    coord: Shared,
+    bound: Option<std::net::SocketAddr>,
+) -> crate::Result<(Router, AppState)> {
+    let (gate, reader) = {
         let c = coord.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::new(Gate {
-            skew_ms: (c.config().faults.max_skew_secs * 1000.0) as u64,
-            started_ms: now_ms(),
-            max_update: c.max_update_bytes() as usize,
-            nonces: Mutex::new(HashMap::new()),
-        })
+        let gate = Gate::new(
+            (c.config().faults.max_skew_secs * 1000.0) as u64,
+            now_ms(),
+            c.max_update_bytes() as usize,
+        );
+        (Arc::new(gate), c.open_reader()?)
     };
-    Router::new()
-        .route("/", get(index))
-        .route("/v1/register", post(routes::register))
-        .route("/v1/run", get(routes::run_info))
-        .route("/v1/work", post(routes::work))
-        .route("/v1/leases/{id}/heartbeat", post(routes::heartbeat))
+    let state = AppState {
+        coord,
+        gate,
+        snapshot: Arc::new(RwLock::new(None)),
+        reader: Arc::new(Mutex::new(reader)),
+        vetting: Arc::new(tokio::sync::Semaphore::new(vet_slots())),
+        bound,
+    };
+    // Uploads and downloads carry their own limits (a body deadline; a file served in
+    // ranges); everything else answers within REQUEST_TIMEOUT.
+    let transfers = Router::new()
         .route("/v1/blobs/{hash}", get(routes::blob))
-        .route("/v1/updates/{lease}", post(routes::update))
+        .route("/v1/updates/{lease}", post(routes::update));
+    let public = Router::new()
+        .route("/", get(index))
         .route("/v1/status", get(reads::status))
         .route("/v1/history", get(reads::history))
-        .route("/v1/probe", post(routes::probe))
         .route("/v1/ledger/head", get(reads::ledger_head))
         .route("/v1/ledger/receipts", get(reads::ledger_receipts))
         .route("/v1/ledger/receipts/{index}", get(reads::ledger_receipt))
         .route("/v1/ledger/consistency", get(reads::ledger_consistency))
         .route("/metrics", get(metrics::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            reads::limit_reads,
+        ));
+    let signed = Router::new()
+        .route("/v1/register", post(routes::register))
+        .route("/v1/run", get(routes::run_info))
+        .route("/v1/work", post(routes::work))
+        .route("/v1/leases/{id}/heartbeat", post(routes::heartbeat))
+        .route("/v1/probe", post(routes::probe));
+    let timed = public
+        .merge(signed)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ));
+    let router = timed
+        .merge(transfers)
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
-        .with_state(AppState { coord, gate })
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+        .with_state(state.clone());
+    Ok((router, state))
+}
+
+/// Uploads vetted at once: the cores less one, so requests keep a core.
+fn vet_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Serves `coord` on `listener` until `shutdown` resolves, ticking leases and rounds
@@ -126,18 +263,26 @@ pub async fn serve(
     coord: Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let (app, state) = app(coord.clone(), listener.local_addr().ok())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let ticker = coord.clone();
     let tick = tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+        let mut every = tokio::time::interval(SNAPSHOT_EVERY);
         loop {
             every.tick().await;
-            if let Err(e) = with(&ticker, |co| co.tick(now_ms())).await {
+            let snapshot = state.snapshot.clone();
+            let ticked = with(&ticker, move |co| {
+                let ticked = co.tick(now_ms());
+                refresh_snapshot(co, &snapshot);
+                ticked
+            });
+            if let Err(e) = ticked.await {
                 tracing::error!("tick: {e}");
             }
         }
     });
     // Connect info: `/v1/probe` dials back the caller's own address only.
-    let app = router(coord).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

@@ -1,17 +1,61 @@
 //! The public read routes: status, held-out history, and the ledger (tree head,
-//! receipts, inclusion and consistency proofs).
-use axum::extract::{Path, Query, State};
-use axum::response::IntoResponse;
+//! receipts, inclusion and consistency proofs). They are unauthenticated, so each is
+//! rate-limited per address and bounded: status comes from the ticker's snapshot, lists
+//! come in pages from a reader connection of their own, and only the Merkle proofs
+//! (O(log n) on the current log) take the coordinator's lock.
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use blocktrain_protocol::receipt::ReceiptProof;
+use blocktrain_protocol::wire::is_hex64;
 
 use super::{with, AppState, Reply};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Page};
 use crate::NodeError;
+
+/// Receipts per page, by default and at most.
+const PAGE: (usize, usize) = (100, 1000);
+
+/// The per-address rate of unauthenticated reads (no address known: in-process use).
+pub(super) async fn limit_reads(
+    State(s): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Reply<Response> {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    if let Some(ip) = peer {
+        s.gate.limit_peer(&ip)?;
+    }
+    Ok(next.run(req).await)
+}
+
+/// Runs `f` on the reader connection on a blocking thread (never the coordinator's lock).
+async fn read<T: Send + 'static>(
+    s: &AppState,
+    f: impl FnOnce(&rusqlite::Connection) -> Reply<T> + Send + 'static,
+) -> Reply<T> {
+    let reader = s.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    })
+    .await
+    .map_err(|e| NodeError::Network(format!("read task failed: {e}")))?
+}
 
 /// `GET /v1/history`: held-out loss per block and version (the dashboard's chart).
 pub(super) async fn history(State(s): State<AppState>) -> Reply<impl IntoResponse> {
-    let h = with(&s.coord, |co| co.heldout_history()).await?;
+    let blocks = with(&s.coord, |co| Ok(co.config().blocks)).await?;
+    let h = read(&s, move |conn| {
+        (0..blocks)
+            .map(|b| crate::store::version_losses(conn, b))
+            .collect::<Reply<Vec<_>>>()
+    })
+    .await?;
     let blocks: Vec<_> = h
         .into_iter()
         .enumerate()
@@ -28,7 +72,7 @@ pub(super) async fn history(State(s): State<AppState>) -> Reply<impl IntoRespons
 
 /// `GET /v1/ledger/head`: the latest signed tree head.
 pub(super) async fn ledger_head(State(s): State<AppState>) -> Reply<impl IntoResponse> {
-    let head = with(&s.coord, |co| Ledger::latest_head(co.conn())).await?;
+    let head = read(&s, Ledger::latest_head).await?;
     head.map(Json)
         .ok_or_else(|| NodeError::NotFound("the ledger is empty".into()))
 }
@@ -36,25 +80,47 @@ pub(super) async fn ledger_head(State(s): State<AppState>) -> Reply<impl IntoRes
 #[derive(serde::Deserialize)]
 pub(super) struct ReceiptsQuery {
     worker: Option<String>,
+    /// Newest first: this many (the page size).
     recent: Option<usize>,
+    /// Oldest first, after this index (a worker's audit walks its receipts this way).
+    after: Option<u64>,
+    /// Newest first, before this index.
+    before: Option<u64>,
+    /// Page size.
+    limit: Option<usize>,
 }
 
-/// `GET /v1/ledger/receipts?worker=KEY` (all of that worker's) or `?recent=N` (newest
-/// first, default 20): one summary line per receipt, with its index.
+/// `GET /v1/ledger/receipts`: one summary line per receipt, with its index, one page at
+/// a time. `?worker=KEY` gives that worker's oldest first (`&after=I` continues), else
+/// the newest first (`?recent=N`, `&before=I` continues). `next` is the cursor of the
+/// next page, null at the end.
 pub(super) async fn ledger_receipts(
     State(s): State<AppState>,
     Query(q): Query<ReceiptsQuery>,
 ) -> Reply<impl IntoResponse> {
-    let rows = with(&s.coord, move |co| match &q.worker {
-        Some(w) => Ledger::receipts_of(co.conn(), w),
-        None => {
-            let mut all = Ledger::entries(co.conn())?;
-            all.reverse();
-            all.truncate(q.recent.unwrap_or(20).min(1000));
-            Ok(all)
+    if let Some(w) = &q.worker {
+        if !is_hex64(w) {
+            return Err(NodeError::Rejected(
+                "worker must be a public key of 64 lowercase hex digits".into(),
+            ));
         }
+    }
+    let limit = q.limit.or(q.recent).unwrap_or(PAGE.0).clamp(1, PAGE.1);
+    let from = match (&q.worker, q.before) {
+        (_, Some(b)) => Page::Before(Some(b)),
+        (Some(_), None) => Page::After(q.after),
+        (None, None) if q.after.is_some() => Page::After(q.after),
+        (None, None) => Page::Before(None),
+    };
+    let worker = q.worker.clone();
+    let rows = read(&s, move |conn| {
+        Ledger::receipts_page(conn, worker.as_deref(), from, limit)
     })
     .await?;
+    let next = match (rows.len() == limit, rows.last()) {
+        (true, Some((i, _))) => Some(*i),
+        _ => None,
+    };
     let receipts: Vec<_> = rows
         .iter()
         .map(|(i, r)| {
@@ -69,7 +135,9 @@ pub(super) async fn ledger_receipts(
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({ "receipts": receipts })))
+    Ok(Json(
+        serde_json::json!({ "receipts": receipts, "next": next }),
+    ))
 }
 
 /// `GET /v1/ledger/receipts/{index}`: the receipt, the latest signed tree head and the
@@ -117,12 +185,45 @@ pub(super) async fn ledger_consistency(
                 q.from
             )));
         }
+        // A proof to an older size rebuilds that prefix of the tree (linear work): only
+        // sizes the coordinator signed a head for are served, each a real checkpoint a
+        // client may hold.
+        if to != co.ledger().len() && Ledger::head(co.conn(), to)?.is_none() {
+            return Err(NodeError::NotFound(format!(
+                "no signed tree head of size {to}"
+            )));
+        }
         co.ledger().prove_consistency(q.from, to)
     })
     .await?;
     Ok(Json(proof))
 }
 
+/// `GET /v1/status`: the ticker's snapshot (computed under the lock only before the
+/// first tick).
 pub(super) async fn status(State(s): State<AppState>) -> Reply<impl IntoResponse> {
-    Ok(Json(with(&s.coord, |co| co.status()).await?))
+    let status = snapshot(&s).await?;
+    let body = serde_json::to_vec(&*status).expect("status serialises");
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    ))
+}
+
+/// The latest status snapshot.
+pub(super) async fn snapshot(s: &AppState) -> Reply<std::sync::Arc<crate::coordinator::Status>> {
+    let cached = s.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match cached {
+        Some(status) => Ok(status),
+        None => {
+            let snap = s.snapshot.clone();
+            with(&s.coord, move |co| {
+                super::refresh_snapshot(co, &snap);
+                Ok(())
+            })
+            .await?;
+            let status = s.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+            status.ok_or_else(|| NodeError::Network("status not available yet".into()))
+        }
+    }
 }

@@ -5,12 +5,13 @@ use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use blocktrain_protocol::receipt::Claim;
-use blocktrain_protocol::wire::{HeartbeatReply, RegisterRequest, WorkerInfo};
+use blocktrain_protocol::wire::{is_hex64, HeartbeatReply, RegisterRequest, WorkerInfo};
 use tower::ServiceExt;
 
 use super::auth::{auth_headers, authenticate, header};
-use super::{with, AppState, Reply};
+use super::{with, AppState, Reply, UPLOAD_TIMEOUT};
 use crate::coordinator::short;
+use crate::coordinator::Admitted;
 use crate::{now_ms, NodeError};
 
 pub(super) async fn register(
@@ -27,8 +28,13 @@ pub(super) async fn register(
 }
 
 /// `POST /v1/probe` (signed, body `{"port": P}`): can this coordinator open a TCP
-/// connection to the caller's own IP at port P? Only the address the request came from
-/// is dialled, so the endpoint cannot be used to scan anyone else.
+/// connection to the caller's own IP at port P, the port it declares it serves on?
+/// Only the address the request came from is dialled, so the endpoint cannot be used to
+/// scan anyone else; never a loopback or unspecified address unless this coordinator
+/// itself listens on loopback (behind a local proxy every caller looks like loopback,
+/// and the coordinator's own host must not be scanned for them); never a port below
+/// 1024 (no worker serves there, and system services do); at most one probe per 10 s
+/// per address and per key.
 pub(super) async fn probe(
     State(s): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -36,14 +42,30 @@ pub(super) async fn probe(
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
+    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     #[derive(serde::Deserialize)]
     struct ProbeRequest {
         port: u16,
     }
     let req: ProbeRequest = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("probe body: {e}")))?;
-    let target = std::net::SocketAddr::new(peer.ip(), req.port);
+    let ip = peer.ip();
+    let local_only = s.bound.is_some_and(|b| b.ip().is_loopback());
+    if (ip.is_loopback() || ip.is_unspecified()) && !local_only {
+        return Err(NodeError::Forbidden(
+            "this coordinator does not probe loopback addresses (it is not on loopback itself)"
+                .into(),
+        ));
+    }
+    if req.port < 1024 {
+        return Err(NodeError::Rejected(format!(
+            "port {} is below 1024: declare the unprivileged port this node serves on",
+            req.port
+        )));
+    }
+    s.gate.limit_probe(&ip.to_string())?;
+    s.gate.limit_probe(&key)?;
+    let target = std::net::SocketAddr::new(ip, req.port);
     let t0 = std::time::Instant::now();
     let dial = tokio::time::timeout(
         std::time::Duration::from_secs(3),
@@ -114,6 +136,11 @@ pub(super) async fn blob(
     Path(hash): Path<String>,
     req: Request,
 ) -> Reply<Response> {
+    if !is_hex64(&hash) {
+        return Err(NodeError::NotFound(
+            "checkpoints are named by their blake3: 64 lowercase hex digits".into(),
+        ));
+    }
     let key = authenticate(&s.gate, &Method::GET, req.uri(), req.headers(), b"")?;
     let k = key.clone();
     let (file, block) = with(&s.coord, move |co| co.checkpoint_file(&k, &hash)).await?;
@@ -137,56 +164,61 @@ pub(super) struct UpdateQuery {
     loss: Option<f64>,
 }
 
-/// Uploads are checked in order of cost: signature headers, registration and lease
-/// ownership before the body is read; the size while it streams; the signature over
-/// the bytes; then the coordinator's validation. Refusals are recorded against the
-/// lease when the claimed key is its registered owner (a stranger's noise is not).
+/// Uploads are checked in order of cost, and nothing is written, counted or locked
+/// before the signature over the exact bytes holds: the headers' form, the declared
+/// size, the body (bounded, within [`UPLOAD_TIMEOUT`]), the signature, nonce and rate;
+/// then the coordinator admits it under its lock (lease, claim, replays), vets it on a
+/// bounded pool without the lock (decode, norms, screen, spot check), and decides
+/// under the lock again.
 pub(super) async fn update(
     State(s): State<AppState>,
     Path(lease): Path<i64>,
     Query(q): Query<UpdateQuery>,
     req: Request,
-) -> Reply<impl IntoResponse> {
+) -> Reply<Json<blocktrain_protocol::wire::UpdateReply>> {
     let (parts, body) = req.into_parts();
-    let claimed = auth_headers(&parts.headers)?.key;
-    let c = claimed.clone();
-    let owner = with(&s.coord, move |co| co.lease_owner(&c, lease)).await?;
+    auth_headers(&parts.headers)?;
     let limit = s.gate.max_update;
-    let reject = |reason: String, bytes: u64, err: NodeError| {
-        let coord = s.coord.clone();
-        let claimed = claimed.clone();
-        async move {
-            if owner {
-                with(&coord, move |co| {
-                    co.record_rejection(&claimed, Some(lease), bytes, &reason, now_ms())
-                })
-                .await?;
-            }
-            Err::<Json<blocktrain_protocol::wire::UpdateReply>, _>(err)
-        }
-    };
     let declared: Option<u64> =
         header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
     if let Some(n) = declared.filter(|&n| n as usize > limit) {
-        let msg = format!("update of {n} bytes exceeds the limit of {limit}");
-        return reject(msg.clone(), 0, NodeError::TooLarge(msg)).await;
+        return Err(NodeError::TooLarge(format!(
+            "update of {n} bytes exceeds the limit of {limit}"
+        )));
     }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let msg = format!("upload interrupted or over {limit} bytes: {e}; nothing stored");
-            return reject(msg.clone(), 0, NodeError::Rejected(msg)).await;
+    let body = match tokio::time::timeout(UPLOAD_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return Err(NodeError::Rejected(format!(
+                "upload interrupted or over {limit} bytes: {e}; nothing stored"
+            )))
+        }
+        Err(_) => {
+            return Err(NodeError::Rejected(format!(
+                "upload took longer than {} s; nothing stored",
+                UPLOAD_TIMEOUT.as_secs()
+            )))
         }
     };
-    let key = match authenticate(&s.gate, &Method::POST, &parts.uri, &parts.headers, &body) {
-        Ok(k) => k,
-        Err(e) => return reject(e.to_string(), body.len() as u64, e).await,
-    };
+    let key = authenticate(&s.gate, &Method::POST, &parts.uri, &parts.headers, &body)?;
     let claim = claim_headers(&parts.headers);
-    let reply = with(&s.coord, move |co| {
-        co.submit_update(&key, lease, &body, q.loss, claim, now_ms())
+    let admitted = with(&s.coord, move |co| {
+        co.admit_update(&key, lease, body.to_vec(), q.loss, claim, now_ms())
     })
     .await?;
+    let job = match admitted {
+        Admitted::Replayed(reply) => return Ok(Json(reply)),
+        Admitted::Vet(job) => job,
+    };
+    let _slot = s
+        .vetting
+        .acquire()
+        .await
+        .map_err(|_| NodeError::Busy("the coordinator is shutting down".into()))?;
+    let vetted = tokio::task::spawn_blocking(move || job.run())
+        .await
+        .map_err(|e| NodeError::Network(format!("vetting task failed: {e}")))?;
+    let reply = with(&s.coord, move |co| co.decide(vetted, now_ms())).await?;
     Ok(Json(reply))
 }
 
