@@ -103,6 +103,38 @@ pub fn sampled_for_spot_check(secret: &[u8; 32], hash: &str, fraction: f64) -> b
     (x as f64 / u64::MAX as f64) < fraction
 }
 
+/// Accepted updates needed before the calibration replaces the configured threshold.
+pub const SCREEN_CALIBRATION_MIN: usize = 8;
+/// The calibrated threshold's ceiling, as a multiple of the configured one.
+pub const SCREEN_CAP: f64 = 10.0;
+
+/// The held-out screen's threshold given the configured one (`base`, nats/byte) and the
+/// held-out changes of recently accepted updates: `base` until
+/// [`SCREEN_CALIBRATION_MIN`] are known, then the median plus six robust standard
+/// deviations (1.4826 x the median absolute deviation) of those changes, clamped to
+/// [base, SCREEN_CAP x base]. Median and MAD move little while honest updates are the
+/// majority, so a minority of attackers just under the line cannot walk it up.
+pub fn calibrated_threshold(base: f64, recent: &[f64]) -> f64 {
+    if recent.len() < SCREEN_CALIBRATION_MIN {
+        return base;
+    }
+    let mut v = recent.to_vec();
+    let mid = median(&mut v);
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
+    let mad = median(&mut dev);
+    (mid + 6.0 * 1.4826 * mad).clamp(base, SCREEN_CAP * base)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn short(s: &str) -> String {
     s.chars().take(12).collect()
 }
@@ -110,6 +142,27 @@ fn short(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_screen_threshold_follows_the_honest_spread() {
+        // Too few accepted updates: the configured value.
+        assert_eq!(calibrated_threshold(0.05, &[0.2; 7]), 0.05);
+        // Honest changes around +0.04 with spread 0.01: median 0.04, MAD 0.01, so
+        // 0.04 + 6 x 1.4826 x 0.01 = 0.129.
+        let honest = [0.03, 0.04, 0.05, 0.04, 0.03, 0.05, 0.04, 0.04, 0.03, 0.05];
+        let t = calibrated_threshold(0.05, &honest);
+        assert!((t - 0.12896).abs() < 1e-4, "{t}");
+        // The false positive of the stall report (+0.063) now passes; a x3 or noise
+        // update's jump of +0.5 does not.
+        assert!(0.063 < t && t < 0.5);
+        // Never below the configured value, never above 10x it.
+        assert_eq!(calibrated_threshold(0.05, &[-0.5; 10]), 0.05);
+        assert_eq!(calibrated_threshold(0.05, &[5.0; 10]), 0.5);
+        // Two attackers at the line among eight honest updates barely move it.
+        let mut mixed = honest[..8].to_vec();
+        mixed.extend([t, t]);
+        assert!(calibrated_threshold(0.05, &mixed) < 1.2 * t);
+    }
 
     #[test]
     fn spot_check_sampling_is_seeded_and_near_its_fraction() {

@@ -189,6 +189,13 @@ impl Coordinator {
         ((Claim, String), Option<ScreenJob>, Option<SpotJob>),
         Box<(NodeError, Option<(Claim, String)>)>,
     > {
+        if let Err(e) = self.lease_open(lease) {
+            // The claim rides along only if it is the worker's own, valid one.
+            let valid = claim.filter(|(c, sig)| {
+                trust::check_claim(c, sig, &lease.worker, lease, body_hash).is_ok()
+            });
+            return Err(Box::new((e, valid)));
+        }
         let claim = match claim {
             Some((c, sig)) => match trust::check_claim(&c, &sig, &lease.worker, lease, body_hash) {
                 Ok(()) => (c, sig),
@@ -205,9 +212,6 @@ impl Coordinator {
             }
         };
         let fail = |e: NodeError, claim: (Claim, String)| Err(Box::new((e, Some(claim))));
-        if let Err(e) = self.lease_open(lease) {
-            return fail(e, claim);
-        }
         let limit = update_limit(&self.shapes[lease.block]) as usize;
         if body.len() > limit {
             let msg = format!("update of {} bytes; the limit is {limit}", body.len());
@@ -300,19 +304,11 @@ impl Coordinator {
     /// The screen's threshold for block `b`: the configured one until enough honest
     /// updates were accepted, then the honest spread (median + 6 robust deviations of
     /// recent accepted updates' held-out change), never below the configured value and
-    /// at most [`SCREEN_CAP`] times it. One absolute number cannot fit every shape and
+    /// at most [`trust::SCREEN_CAP`] times it. One absolute number cannot fit every shape and
     /// batch: tiny runs' honest updates move the screen more than large runs' do.
     pub fn screen_threshold(&self, b: usize) -> f64 {
-        let base = self.cfg.trust.screen_threshold;
-        let recent = &self.screen_changes[b];
-        if recent.len() < SCREEN_CALIBRATION_MIN {
-            return base;
-        }
-        let mut v: Vec<f64> = recent.iter().copied().collect();
-        let mid = median(&mut v);
-        let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
-        let mad = median(&mut dev);
-        (mid + 6.0 * 1.4826 * mad).clamp(base, SCREEN_CAP * base)
+        let recent: Vec<f64> = self.screen_changes[b].iter().copied().collect();
+        trust::calibrated_threshold(self.cfg.trust.screen_threshold, &recent)
     }
 
     /// Decides a vetted upload under the lock. The lease is checked again first: the
@@ -608,17 +604,3 @@ fn recompute(
 
 /// Accepted updates the screen's calibration looks back on, per block.
 pub(super) const SCREEN_CALIBRATION_WINDOW: usize = 32;
-/// Accepted updates needed before the calibration replaces the configured threshold.
-const SCREEN_CALIBRATION_MIN: usize = 8;
-/// The calibrated threshold's ceiling, as a multiple of the configured one.
-const SCREEN_CAP: f64 = 10.0;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
