@@ -236,6 +236,14 @@ impl Store {
         Ok(store)
     }
 
+    /// Stops fsyncing at every commit (`synchronous=NORMAL`, WAL) and returns the WAL
+    /// file, whose fsync then makes every earlier commit durable: the server's group
+    /// commit takes over durability.
+    pub fn defer_sync(&self, dir: &Path) -> Result<PathBuf> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(dir.join("state.sqlite-wal"))
+    }
+
     /// The database connection (the ledger keeps its tables in the same file).
     pub fn conn(&self) -> &Connection {
         &self.conn

@@ -4,6 +4,11 @@
 //! Each simulated worker has its own key and does what a real worker does on the wire,
 //! without training: registers, asks for work, renews its lease with heartbeats, and
 //! polls `/v1/status` now and then. Every request is signed and verified as usual.
+//! `--uploaders N` adds workers that upload signed updates of the block's real shape
+//! (a fresh key each, since a spot check flags their made-up deltas), so screening and
+//! spot-check recomputation (`--spot-checks`, `--screen-windows`) load the coordinator
+//! while the others' latencies are measured. `--compare` runs the same load a second
+//! time against a coordinator that fsyncs every commit (no group commit), side by side.
 //! The coordinator runs as its own process, so its peak resident memory (VmHWM) is its
 //! own.
 use std::path::PathBuf;
@@ -33,6 +38,19 @@ pub struct BenchLoadArgs {
     /// Blocks of the (tiny) run the coordinator serves.
     #[arg(long, default_value_t = 8)]
     pub blocks: usize,
+    /// Extra workers that upload updates back to back (their latencies are reported
+    /// apart: an upload waits for vetting).
+    #[arg(long, default_value_t = 0)]
+    pub uploaders: usize,
+    /// Fraction of uploads the coordinator recomputes (the run's spot_check_fraction).
+    #[arg(long, default_value_t = 0.0)]
+    pub spot_checks: f64,
+    /// Held-out windows each upload is screened on (0: screening off).
+    #[arg(long, default_value_t = 0)]
+    pub screen_windows: usize,
+    /// Also run the load against a coordinator that fsyncs every commit, and report both.
+    #[arg(long)]
+    pub compare: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-load.json")]
     pub json: PathBuf,
@@ -67,24 +85,68 @@ struct Tally {
     waits: u64,
 }
 
-/// Runs the benchmark.
+/// Runs the benchmark (twice with `--compare`), prints the table and writes the JSON.
 pub fn run(args: BenchLoadArgs) -> Result<()> {
     if args.workers == 0 || args.seconds == 0 {
         bail!("--workers and --seconds must be positive");
     }
+    if !(0.0..=1.0).contains(&args.spot_checks) {
+        bail!("--spot-checks is a fraction in [0, 1]");
+    }
+    let mut rows = vec![run_once(&args, "group commit", false)?];
+    if args.compare {
+        rows.push(run_once(&args, "fsync per commit", true)?);
+    }
+    println!("\n| coordinator | workers | uploaders | spot checks | requests | req/s | p50 ms | p99 ms | max ms | errors | uploads | upload p50 ms | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} |",
+            r["coordinator"].as_str().unwrap_or(""),
+            r["workers"],
+            r["uploaders"],
+            r["spot_checks"],
+            r["requests"],
+            r["requests_per_s"].as_f64().unwrap_or(0.0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+            r["max_ms"].as_f64().unwrap_or(0.0),
+            r["errors"],
+            r["uploads"],
+            r["upload_p50_ms"].as_f64().unwrap_or(0.0),
+            r["coordinator_peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+        );
+    }
+    let out = json!({ "bench": "load", "runs": rows });
+    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    println!("wrote {}", args.json.display());
+    Ok(())
+}
+
+/// One load run against a fresh coordinator process; its JSON row.
+fn run_once(
+    args: &BenchLoadArgs,
+    label: &str,
+    sync_every_commit: bool,
+) -> Result<serde_json::Value> {
     let dir = tempdir_for("bench-load")?;
     let toml = dir.join("run.toml");
     // A tiny model: the coordinator's per-request work, not training, is measured.
     std::fs::write(
         &toml,
         format!(
-            "blocks = {}\ndataset = \"shakespeare\"\n[model]\nd_model = 16\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 16\ncausal = false\nt_cond = false\n[training]\nrounds = 1000\nworkers_per_block = 4\n[trust]\nscreen_windows = 0\nspot_check_fraction = 0.0\n",
-            args.blocks
+            "blocks = {}\ndataset = \"shakespeare\"\n[model]\nd_model = 16\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 16\ncausal = false\nt_cond = false\n[training]\nrounds = 1000000\nworkers_per_block = 4\nlocal_steps = 4\nbatch = 4\n[trust]\nscreen_windows = {}\nspot_check_fraction = {}\n",
+            args.blocks, args.screen_windows, args.spot_checks
         ),
     )?;
     let state = dir.join("state");
     let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if sync_every_commit {
+        cmd.env("BLOCKTRAIN_SYNC_EVERY_COMMIT", "1");
+    }
+    let child = cmd
         .args(["coordinator", "--listen", "127.0.0.1:0", "--run"])
         .arg(&toml)
         .arg("--state")
@@ -110,12 +172,13 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
         format!("http://{addr}")
     };
     println!(
-        "== bench load: {} simulated workers, {} s, {} ms between a worker's requests, coordinator at {url}",
-        args.workers, args.seconds, args.think_ms
+        "== bench load ({label}): {} simulated workers + {} uploaders, {} s, {} ms between a worker's requests, coordinator at {url}",
+        args.workers, args.uploaders, args.seconds, args.think_ms
     );
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start_gate = Arc::new(std::sync::Barrier::new(args.workers + 1));
+    let uploads = Arc::new(Mutex::new(Vec::<f64>::new()));
     let stop_at = Arc::new(Mutex::new(None::<Instant>));
     let mut threads = Vec::new();
     for _ in 0..args.workers {
@@ -186,6 +249,12 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
     start_gate.wait();
     let began = Instant::now();
     *stop_at.lock().unwrap() = Some(began + Duration::from_secs(args.seconds));
+    for _ in 0..args.uploaders {
+        let (url, uploads, stop_at) = (url.clone(), uploads.clone(), stop_at.clone());
+        threads.push(std::thread::spawn(move || {
+            upload_loop(&url, &uploads, &stop_at)
+        }));
+    }
     let mut peak = (0, 0);
     while began.elapsed() < Duration::from_secs(args.seconds) {
         std::thread::sleep(Duration::from_millis(500));
@@ -209,32 +278,87 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
     }
     let pct = |p: f64| tl.latencies_ms[((n as f64 - 1.0) * p).round() as usize];
     let rps = n as f64 / wall;
-    println!("\n| workers | requests | req/s | p50 ms | p99 ms | max ms | errors | leases | waits | coordinator peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {} | {n} | {rps:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
-        args.workers,
-        pct(0.5),
-        pct(0.99),
-        pct(1.0),
-        tl.errors,
-        tl.leases,
-        tl.waits,
-        peak_bytes as f64 / (1 << 20) as f64
-    );
-    let out = json!({
-        "bench": "load", "workers": args.workers, "seconds": wall, "think_ms": args.think_ms,
+    let mut up = uploads.lock().unwrap().clone();
+    up.sort_by(f64::total_cmp);
+    let row = json!({
+        "coordinator": label, "workers": args.workers, "uploaders": args.uploaders,
+        "spot_checks": args.spot_checks, "screen_windows": args.screen_windows,
+        "seconds": wall, "think_ms": args.think_ms,
         "blocks": args.blocks, "requests": n, "requests_per_s": rps,
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0), "errors": tl.errors,
-        "leases": tl.leases, "waits": tl.waits,
+        "leases": tl.leases, "waits": tl.waits, "uploads": up.len(),
+        "upload_p50_ms": up.get(up.len() / 2).copied().unwrap_or(0.0),
         "coordinator_peak_rss_bytes": peak_bytes, "coordinator_rss_end_bytes": rss,
     });
-    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
-    println!("wrote {}", args.json.display());
     drop(coord);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(row)
+}
+
+/// Registers a fresh key, takes a lease, downloads its checkpoint and uploads a small
+/// signed update of its shape; again with a new key until the load ends (a spot check
+/// flags a made-up delta, and its key gets no more work). Records each upload's time.
+fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &Mutex<Option<Instant>>) {
+    let cache = std::env::temp_dir().join(format!(
+        "blocktrain-bench-load-cache-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut k = 0u32;
+    while !stop_at.lock().unwrap().is_some_and(|t| Instant::now() >= t) {
+        k += 1;
+        let id = Identity::generate();
+        let Ok(mut c) = Client::new(url, id.clone()) else {
+            return;
+        };
+        let info = WorkerInfo::new("cpu");
+        let reg = RegisterRequest {
+            info: info.clone(),
+            join_proof: None,
+        };
+        if c.post_json::<_, serde_json::Value>("/v1/register", &reg)
+            .is_err()
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let Ok(WorkReply::Lease(lease)) = c.post_json::<_, WorkReply>("/v1/work", &info) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let Ok(bytes) = c.checkpoint(&lease.weights_hash, &cache) else {
+            continue;
+        };
+        let Ok(base) = blocktrain_node::worker::decode_checkpoint(&bytes) else {
+            continue;
+        };
+        // A small, distinct, finite delta: passes the norm checks, is screened, and a
+        // spot check's recomputation disagrees with it.
+        let delta: blocktrain_protocol::codec::Arrays = base
+            .iter()
+            .map(|(name, a)| {
+                let data = (0..a.data.len())
+                    .map(|i| 1e-4 * (((i as u32).wrapping_mul(2_654_435_761) ^ k) % 7) as f32)
+                    .collect();
+                (
+                    name.clone(),
+                    blocktrain_protocol::codec::Array {
+                        shape: a.shape.clone(),
+                        data,
+                    },
+                )
+            })
+            .collect();
+        let body =
+            blocktrain_protocol::codec::encode(&delta, blocktrain_protocol::codec::Codec::Fp16);
+        let t = Instant::now();
+        let _ = c.upload_claimed(&lease, &body, f64::NAN, 0);
+        uploads
+            .lock()
+            .unwrap()
+            .push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 fn tempdir_for(name: &str) -> Result<PathBuf> {

@@ -355,6 +355,13 @@ impl Coordinator {
         Ok(c)
     }
 
+    /// Hands durability to a group commit: commits stop waiting for the disk, and an
+    /// fsync of the returned WAL file makes every earlier one durable
+    /// ([`crate::server`] does so before it replies).
+    pub fn defer_sync(&self) -> Result<PathBuf> {
+        self.store.defer_sync(&self.state_dir)
+    }
+
     /// A second, read-only connection to the database (public reads use it, so they
     /// never wait for the coordinator's lock).
     pub fn open_reader(&self) -> Result<rusqlite::Connection> {

@@ -29,9 +29,10 @@ pub struct Gate {
 const MAX_NONCES: usize = 2_000_000;
 /// Signed requests per key per second, and the burst: a worker makes a few a second at
 /// most (work, heartbeats, checkpoint ranges).
-const KEY_RATE: (f64, f64) = (20.0, 60.0);
-/// Unauthenticated reads per address per second, and the burst (dashboards poll).
-const PEER_RATE: (f64, f64) = (200.0, 400.0);
+const KEY_RATE: (f64, f64) = (50.0, 100.0);
+/// Unauthenticated reads per address per second, and the burst (dashboards poll; a
+/// read is a copy of the last snapshot or one page of receipts).
+const PEER_RATE: (f64, f64) = (500.0, 1000.0);
 /// Probes per key: one every 10 s, bursts of 3.
 const PROBE_RATE: (f64, f64) = (0.1, 3.0);
 /// Callers each limiter tracks at once.

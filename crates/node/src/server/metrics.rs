@@ -8,13 +8,14 @@ use super::{AppState, Reply};
 use crate::coordinator::{short, Status};
 
 pub(super) async fn metrics(State(st): State<AppState>) -> Reply<impl IntoResponse> {
-    let s = super::reads::snapshot(&st).await?;
+    let snap = super::reads::snapshot(&st).await?;
+    let s = &snap.0;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        prometheus_text(&s),
+        prometheus_text(s),
     ))
 }
 

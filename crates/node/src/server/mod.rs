@@ -26,6 +26,7 @@ use crate::coordinator::{Coordinator, Status};
 use crate::{now_ms, NodeError};
 
 mod auth;
+mod durable;
 mod limits;
 mod metrics;
 mod reads;
@@ -49,13 +50,28 @@ pub struct AppState {
     pub(crate) reader: Arc<Mutex<rusqlite::Connection>>,
     /// Bounds the uploads vetted at once (each decodes, screens, maybe recomputes).
     pub(crate) vetting: Arc<tokio::sync::Semaphore>,
+    /// Makes each reply's writes durable (one fsync for many requests); None: every
+    /// commit fsyncs by itself (`BLOCKTRAIN_SYNC_EVERY_COMMIT=1`, for `bench load`'s
+    /// side-by-side comparison).
+    pub(crate) durable: Option<Arc<durable::GroupCommit>>,
     /// The address this coordinator listens on, when known (`/v1/probe` dials
     /// loopback only when the coordinator itself is on loopback).
     pub(crate) bound: Option<std::net::SocketAddr>,
 }
 
-/// The last status the ticker computed.
-pub type Snapshot = Arc<RwLock<Option<Arc<Status>>>>;
+impl AppState {
+    /// Waits until this request's writes are on disk.
+    pub(crate) async fn synced(&self) -> Reply<()> {
+        match &self.durable {
+            Some(gc) => gc.synced().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The last status the ticker computed, and its JSON (serialised once per tick, so a
+/// public read is a copy).
+pub type Snapshot = Arc<RwLock<Option<Arc<(Status, axum::body::Bytes)>>>>;
 
 /// A lock-free-for-readers copy of the status: the ticker refreshes it every
 /// [`SNAPSHOT_EVERY`] under the lock it holds anyway.
@@ -167,12 +183,10 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
 }
 
-/// Refreshes the status snapshot; called by the ticker with the lock it holds.
-pub(crate) fn refresh_snapshot(co: &Coordinator, snapshot: &Snapshot) {
-    match co.status() {
-        Ok(s) => *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s)),
-        Err(e) => tracing::error!("status snapshot not refreshed: {e}"),
-    }
+/// Stores `status` as the snapshot (serialised here, outside the coordinator's lock).
+pub(crate) fn store_snapshot(status: Status, snapshot: &Snapshot) {
+    let json = serde_json::to_vec(&status).expect("status serialises");
+    *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new((status, json.into())));
 }
 
 /// The dashboard page ([`crate::dashboard`]); it polls `/v1/status` and friends.
@@ -193,14 +207,19 @@ pub(crate) fn app(
     coord: Shared,
     bound: Option<std::net::SocketAddr>,
 ) -> crate::Result<(Router, AppState)> {
-    let (gate, reader) = {
+    let (gate, reader, wal) = {
         let c = coord.lock().unwrap_or_else(|p| p.into_inner());
         let gate = Gate::new(
             (c.config().faults.max_skew_secs * 1000.0) as u64,
             now_ms(),
             c.max_update_bytes() as usize,
         );
-        (Arc::new(gate), c.open_reader()?)
+        let group_commit = std::env::var_os("BLOCKTRAIN_SYNC_EVERY_COMMIT").is_none();
+        let wal = match group_commit {
+            true => Some(c.defer_sync()?),
+            false => None,
+        };
+        (Arc::new(gate), c.open_reader()?, wal)
     };
     let state = AppState {
         coord,
@@ -208,6 +227,7 @@ pub(crate) fn app(
         snapshot: Arc::new(RwLock::new(None)),
         reader: Arc::new(Mutex::new(reader)),
         vetting: Arc::new(tokio::sync::Semaphore::new(vet_slots())),
+        durable: wal.map(durable::GroupCommit::start),
         bound,
     };
     // Uploads and downloads carry their own limits (a body deadline; a file served in
@@ -270,14 +290,15 @@ pub async fn serve(
         let mut every = tokio::time::interval(SNAPSHOT_EVERY);
         loop {
             every.tick().await;
-            let snapshot = state.snapshot.clone();
             let ticked = with(&ticker, move |co| {
-                let ticked = co.tick(now_ms());
-                refresh_snapshot(co, &snapshot);
-                ticked
+                if let Err(e) = co.tick(now_ms()) {
+                    tracing::error!("tick: {e}");
+                }
+                co.status()
             });
-            if let Err(e) = ticked.await {
-                tracing::error!("tick: {e}");
+            match ticked.await {
+                Ok(status) => store_snapshot(status, &state.snapshot),
+                Err(e) => tracing::error!("status snapshot not refreshed: {e}"),
             }
         }
     });

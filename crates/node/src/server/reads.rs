@@ -202,28 +202,23 @@ pub(super) async fn ledger_consistency(
 /// `GET /v1/status`: the ticker's snapshot (computed under the lock only before the
 /// first tick).
 pub(super) async fn status(State(s): State<AppState>) -> Reply<impl IntoResponse> {
-    let status = snapshot(&s).await?;
-    let body = serde_json::to_vec(&*status).expect("status serialises");
+    let snap = snapshot(&s).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
+        snap.1.clone(),
     ))
 }
 
-/// The latest status snapshot.
-pub(super) async fn snapshot(s: &AppState) -> Reply<std::sync::Arc<crate::coordinator::Status>> {
+/// The latest status snapshot, and its JSON.
+pub(super) async fn snapshot(
+    s: &AppState,
+) -> Reply<std::sync::Arc<(crate::coordinator::Status, axum::body::Bytes)>> {
     let cached = s.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-    match cached {
-        Some(status) => Ok(status),
-        None => {
-            let snap = s.snapshot.clone();
-            with(&s.coord, move |co| {
-                super::refresh_snapshot(co, &snap);
-                Ok(())
-            })
-            .await?;
-            let status = s.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-            status.ok_or_else(|| NodeError::Network("status not available yet".into()))
-        }
+    if let Some(snap) = cached {
+        return Ok(snap);
     }
+    let status = with(&s.coord, |co| co.status()).await?;
+    super::store_snapshot(status, &s.snapshot);
+    let snap = s.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    snap.ok_or_else(|| NodeError::Network("status not available yet".into()))
 }

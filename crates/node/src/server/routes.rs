@@ -24,6 +24,7 @@ pub(super) async fn register(
     let req: RegisterRequest = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
     let info = with(&s.coord, move |co| co.register(&key, &req, now_ms())).await?;
+    s.synced().await?;
     Ok(Json(info))
 }
 
@@ -115,9 +116,9 @@ pub(super) async fn work(
     let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     let info: WorkerInfo = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
-    Ok(Json(
-        with(&s.coord, move |co| co.request_work(&key, &info, now_ms())).await?,
-    ))
+    let reply = with(&s.coord, move |co| co.request_work(&key, &info, now_ms())).await?;
+    s.synced().await?;
+    Ok(Json(reply))
 }
 
 pub(super) async fn heartbeat(
@@ -128,6 +129,7 @@ pub(super) async fn heartbeat(
 ) -> Reply<impl IntoResponse> {
     let key = authenticate(&s.gate, &Method::POST, &uri, &headers, b"")?;
     let still_wanted = with(&s.coord, move |co| co.heartbeat(&key, id, now_ms())).await?;
+    s.synced().await?;
     Ok(Json(HeartbeatReply { still_wanted }))
 }
 
@@ -205,7 +207,12 @@ pub(super) async fn update(
     let admitted = with(&s.coord, move |co| {
         co.admit_update(&key, lease, body.to_vec(), q.loss, claim, now_ms())
     })
-    .await?;
+    .await;
+    if admitted.is_err() {
+        // A refusal at admission is recorded (once per lease): on disk before the reply.
+        s.synced().await?;
+    }
+    let admitted = admitted?;
     let job = match admitted {
         Admitted::Replayed(reply) => return Ok(Json(reply)),
         Admitted::Vet(job) => job,
@@ -218,8 +225,9 @@ pub(super) async fn update(
     let vetted = tokio::task::spawn_blocking(move || job.run())
         .await
         .map_err(|e| NodeError::Network(format!("vetting task failed: {e}")))?;
-    let reply = with(&s.coord, move |co| co.decide(vetted, now_ms())).await?;
-    Ok(Json(reply))
+    let reply = with(&s.coord, move |co| co.decide(vetted, now_ms())).await;
+    s.synced().await?;
+    Ok(Json(reply?))
 }
 
 /// The worker's signed claim about its upload: `x-blocktrain-claim` (hex of the
