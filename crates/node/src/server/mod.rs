@@ -1,7 +1,8 @@
 //! The coordinator's HTTP API. Handlers authenticate (signature over the raw body,
 //! timestamp, nonce), bound the body, then call the [`Coordinator`] on a blocking
 //! thread; every error is a JSON `{"error": ...}` with a status that says whose fault
-//! it was.
+//! it was. With a [`ServerTls`] it serves HTTPS (see `https`); a plain-HTTP request
+//! on that port gets a 400 saying to use https://.
 //!
 //! | route | what |
 //! |---|---|
@@ -23,9 +24,11 @@ use axum::{Json, Router};
 use blocktrain_protocol::wire::ErrorBody;
 
 use crate::coordinator::{Coordinator, Status};
+use crate::tls::{Fingerprint, ServerTls};
 use crate::{now_ms, NodeError};
 
 mod auth;
+mod https;
 mod metrics;
 mod reads;
 mod routes;
@@ -119,11 +122,21 @@ pub fn router(coord: Shared) -> Router {
         .with_state(AppState { coord, gate })
 }
 
-/// Serves `coord` on `listener` until `shutdown` resolves, ticking leases and rounds
-/// every 250 ms.
+/// Serves `coord` over plain HTTP on `listener` until `shutdown` resolves, ticking
+/// leases and rounds every 250 ms.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coord: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, coord, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    coord: Shared,
+    tls: Option<ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ticker = coord.clone();
@@ -136,11 +149,16 @@ pub async fn serve(
             }
         }
     });
-    // Connect info: `/v1/probe` dials back the caller's own address only.
-    let app = router(coord).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = match tls {
+        Some(tls) => https::serve(listener, router(coord), tls.config, shutdown).await,
+        None => {
+            // Connect info: `/v1/probe` dials back the caller's own address only.
+            let app = router(coord).into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
     tick.abort();
     result
 }
@@ -151,6 +169,8 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// The coordinator, for status in-process.
     pub coord: Shared,
+    /// The served certificate's fingerprint, with TLS on.
+    tls: Option<Fingerprint>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -162,9 +182,15 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    /// `http://ADDR`.
+    /// `https://ADDR` with TLS on, else `http://ADDR`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The served certificate's fingerprint (what workers pin), with TLS on.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.tls
     }
 
     /// The current status.
@@ -199,8 +225,17 @@ impl Drop for Running {
     }
 }
 
-/// Binds `listen` and serves `coord` on a new thread.
+/// Binds `listen` and serves `coord` over plain HTTP on a new thread.
 pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<Running> {
+    spawn_with(listen, coord, None)
+}
+
+/// [`spawn`], over TLS when `tls` is given.
+pub fn spawn_with(
+    listen: std::net::SocketAddr,
+    coord: Coordinator,
+    tls: Option<ServerTls>,
+) -> crate::Result<Running> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -215,10 +250,11 @@ pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<
     let coord: Shared = Arc::new(Mutex::new(coord));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let shared = coord.clone();
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint());
     let thread = std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || {
-            rt.block_on(serve(listener, shared, async {
+            rt.block_on(serve_with(listener, shared, tls, async {
                 let _ = rx.await;
             }))
         })
@@ -226,6 +262,7 @@ pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<
     Ok(Running {
         addr,
         coord,
+        tls: fingerprint,
         stop: Some(tx),
         thread: Some(thread),
     })
