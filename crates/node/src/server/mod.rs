@@ -34,7 +34,7 @@ mod reads;
 mod routes;
 
 pub use auth::Gate;
-pub use metrics::prometheus_text;
+pub use metrics::{process_text, prometheus_text};
 
 /// Shared handle on the coordinator.
 pub type Shared = Arc<Mutex<Coordinator>>;
