@@ -2,6 +2,8 @@
 //! failures and 5xx replies are retried with exponential backoff (with a message saying
 //! what is unreachable), 4xx replies become typed errors, and checkpoint downloads
 //! resume from where they stopped and are checked against their blake3 before use.
+//! An https:// coordinator is trusted as a [`TlsTrust`] says; TLS failures (an
+//! untrusted certificate, a pin mismatch) are not retried.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::tls::{tls_failure, TlsTrust};
 use crate::{io_err, now_ms, NodeError, Result};
 
 /// A signed client for one coordinator.
@@ -58,17 +61,32 @@ fn status_error(status: StatusCode, body: &str) -> NodeError {
 }
 
 impl Client {
-    /// A client for the coordinator at `base` (e.g. `http://10.0.0.1:7700`).
+    /// A client for the coordinator at `base` (e.g. `http://10.0.0.1:7700`), trusting
+    /// the public CA roots for an https:// one.
     pub fn new(base: &str, id: Identity) -> Result<Self> {
+        Client::with_trust(base, id, &TlsTrust::default())
+    }
+
+    /// A client for the coordinator at `base` that accepts the certificates `trust`
+    /// says (a pinned fingerprint or a private CA for an https:// coordinator).
+    pub fn with_trust(base: &str, id: Identity, trust: &TlsTrust) -> Result<Self> {
         let base = base.trim_end_matches('/').to_string();
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(NodeError::Config(format!(
                 "coordinator URL '{base}' must start with http:// or https://"
             )));
         }
+        // A pin on a plaintext URL would protect nothing while looking as if it did.
+        if base.starts_with("http://") && !trust.is_default() {
+            return Err(NodeError::Config(format!(
+                "TLS trust ({}) was given, but the coordinator URL '{base}' is plain http://: use https://",
+                trust.describe()
+            )));
+        }
         // No whole-request timeout on the client: transfers of large blocks over slow
         // links take long. Each request sets its own (see `attempt`).
-        let http = Http::builder()
+        let http = trust
+            .configure(Http::builder())?
             .connect_timeout(Duration::from_secs(10))
             .timeout(None)
             .build()
@@ -157,6 +175,15 @@ impl Client {
                     return Err(status_error(status, &r.text().unwrap_or_default()));
                 }
                 Ok(r) => format!("coordinator at {} answered {}", self.base, r.status()),
+                // A certificate that is not trusted, or a peer that does not speak TLS,
+                // stays so: fail now with the reason instead of retrying for minutes.
+                Err(e) if tls_failure(&e).is_some() => {
+                    return Err(NodeError::Network(format!(
+                        "TLS with the coordinator at {} failed: {}",
+                        self.base,
+                        tls_failure(&e).unwrap_or_default()
+                    )))
+                }
                 Err(e) => format!(
                     "cannot reach coordinator at {}: {}",
                     self.base,

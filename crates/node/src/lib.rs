@@ -9,6 +9,7 @@
 //!   bytes moved, receipts), polling the JSON API; self-contained, works offline.
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
+//! - [`tls`]: HTTPS for the coordinator (certificates, self-signed, pinning).
 //! - [`inference`]: block servers over TCP and their client (one-traversal
 //!   diffusion generation; the AR pipeline baseline).
 //! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
@@ -29,6 +30,7 @@ pub mod merge;
 pub mod server;
 pub mod store;
 pub mod tensors;
+pub mod tls;
 pub mod trust;
 pub mod verify;
 pub mod worker;

@@ -50,6 +50,8 @@ pub struct WorkerOptions {
     pub retry_for: Duration,
     /// Test only: tamper with every update before sending it (a malicious worker).
     pub malice: Option<Malice>,
+    /// Which certificates an https:// coordinator may present (default: public roots).
+    pub tls: crate::tls::TlsTrust,
 }
 
 /// How a malicious test worker tampers with its updates.
@@ -284,7 +286,7 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
         .join_secret
         .as_ref()
         .map(|s| blocktrain_protocol::wire::join_proof(s, &id.public_hex()));
-    let mut client = Client::new(&opts.coordinator, id)?;
+    let mut client = Client::with_trust(&opts.coordinator, id, &opts.tls)?;
     client.retry_for = opts.retry_for;
 
     let own: Option<Vec<u8>> = match &opts.data {

@@ -3,6 +3,9 @@
 //! - memory and disk free here;
 //! - the coordinator: reachable, how far, and the clock difference (signed requests
 //!   older than `max_skew_secs` are refused);
+//! - TLS: whether the coordinator serves HTTPS, its certificate's fingerprint, and
+//!   whether that passes the pin (`--tls-fingerprint`), the CA (`--tls-ca`) or the
+//!   public roots; a warning for plain HTTP to a host that is not loopback;
 //! - `--public-addr`: whether the coordinator can open a connection back to this host
 //!   at that port (it dials only the address the request came from); when nothing
 //!   listens on the port yet, the doctor listens on it for the check;
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 use blocktrain_node::client::Client;
 use blocktrain_node::inference::{client as infer, hop::HopLimits};
+use blocktrain_node::tls::{self, TlsTrust};
 use blocktrain_protocol::identity::Identity;
 use clap::Args;
 
@@ -42,12 +46,19 @@ pub struct DoctorArgs {
     /// Largest clock difference with the coordinator, seconds (its default max_skew_secs).
     #[arg(long, default_value_t = 300.0)]
     pub max_skew_secs: f64,
+    /// The certificate fingerprint a worker will pin (as `worker --tls-fingerprint`).
+    #[arg(long, env = "BLOCKTRAIN_TLS_FINGERPRINT", conflicts_with = "tls_ca")]
+    pub tls_fingerprint: Option<String>,
+    /// The CA a worker will trust (as `worker --tls-ca`).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Collected results: one line per check.
 #[derive(Default)]
 struct Report {
     failed: usize,
+    warned: usize,
 }
 
 impl Report {
@@ -56,6 +67,7 @@ impl Report {
     }
 
     fn warn(&mut self, what: &str, detail: String) {
+        self.warned += 1;
         println!("warn  {what}: {detail}");
     }
 
@@ -121,9 +133,18 @@ pub fn run(args: DoctorArgs) -> Result<()> {
 
 fn check_coordinator(r: &mut Report, url: &str, args: &DoctorArgs) {
     let url = url.trim_end_matches('/');
-    let http = match reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
+    let trust = match TlsTrust::from_flags(args.tls_fingerprint.as_deref(), args.tls_ca.as_deref())
+    {
+        Ok(t) => t,
+        Err(e) => return r.fail("tls", e.to_string()),
+    };
+    if !check_tls(r, url, &trust) {
+        return;
+    }
+    let http = match trust
+        .configure(reqwest::blocking::Client::builder())
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(b.timeout(Duration::from_secs(5)).build()?))
     {
         Ok(c) => c,
         Err(e) => return r.fail("coordinator", format!("HTTP client: {e}")),
@@ -140,12 +161,16 @@ fn check_coordinator(r: &mut Report, url: &str, args: &DoctorArgs) {
     };
     let rtt = t0.elapsed();
     if !resp.status().is_success() {
+        let status = resp.status();
+        // A coordinator's errors are JSON with a message (e.g. "serves HTTPS only").
+        let said = resp
+            .json::<serde_json::Value>()
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "is this a BlockTrain coordinator?".into());
         return r.fail(
             "coordinator",
-            format!(
-                "{url}/v1/status answered {}: is this a BlockTrain coordinator?",
-                resp.status()
-            ),
+            format!("{url}/v1/status answered {status}: {said}"),
         );
     }
     r.ok(
@@ -180,11 +205,96 @@ fn check_coordinator(r: &mut Report, url: &str, args: &DoctorArgs) {
         None => r.warn("clock", "the coordinator sent no Date header".into()),
     }
     if let Some(public) = &args.public_addr {
-        check_public(r, url, public);
+        check_public(r, url, public, &trust);
     }
 }
 
-fn check_public(r: &mut Report, url: &str, public: &str) {
+/// Reports plaintext or TLS, the certificate's fingerprint and whether `trust` accepts
+/// it. False when the coordinator cannot be talked to the way a worker would.
+fn check_tls(r: &mut Report, url: &str, trust: &TlsTrust) -> bool {
+    let parsed = match reqwest::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => {
+            r.fail("coordinator", format!("'{url}' is not a URL: {e}"));
+            return false;
+        }
+    };
+    let host = parsed
+        .host_str()
+        .unwrap_or("")
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    match parsed.scheme() {
+        "http" if !trust.is_default() => {
+            r.fail(
+                "tls",
+                format!(
+                    "{} was given, but {url} is plain http://: use https://",
+                    trust.describe()
+                ),
+            );
+            false
+        }
+        "http" => {
+            let loopback = (host.as_str(), port)
+                .to_socket_addrs()
+                .map(|mut a| a.all(|a| a.ip().is_loopback()))
+                .unwrap_or(false);
+            if loopback {
+                r.ok("tls", "plaintext HTTP on loopback".into());
+            } else {
+                r.warn("tls", format!("plaintext HTTP to {host}, which is not loopback: requests are signed but not encrypted; ask for HTTPS (coordinator --tls-cert/--tls-key or --tls-self-signed)"));
+            }
+            true
+        }
+        "https" => match tls::inspect(&host, port, Duration::from_secs(5)) {
+            Err(e) => {
+                r.fail("tls", e.to_string());
+                false
+            }
+            Ok(peer) => {
+                r.ok(
+                    "tls",
+                    format!(
+                        "{}, certificate SHA-256 fingerprint {}",
+                        peer.version, peer.fingerprint
+                    ),
+                );
+                match trust.check(&peer.chain, &host) {
+                    Ok(()) => {
+                        r.ok(
+                            "tls trust",
+                            format!("the certificate passes {}", trust.describe()),
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        let pin = if trust.is_default() {
+                            format!(
+                                " (to trust this certificate, pin it: --tls-fingerprint {})",
+                                peer.fingerprint
+                            )
+                        } else {
+                            String::new()
+                        };
+                        r.fail("tls trust", format!("{e}{pin}"));
+                        false
+                    }
+                }
+            }
+        },
+        other => {
+            r.fail(
+                "coordinator",
+                format!("'{url}': scheme {other}, not http or https"),
+            );
+            false
+        }
+    }
+}
+
+fn check_public(r: &mut Report, url: &str, public: &str, trust: &TlsTrust) {
     let addr: Option<SocketAddr> = public.to_socket_addrs().ok().and_then(|mut a| a.next());
     let Some(addr) = addr else {
         return r.fail(
@@ -194,7 +304,7 @@ fn check_public(r: &mut Report, url: &str, public: &str) {
     };
     // Nothing serving there yet: listen for the check (the probe only connects).
     let _listener = TcpListener::bind(("0.0.0.0", addr.port())).ok();
-    let mut client = match Client::new(url, Identity::generate()) {
+    let mut client = match Client::with_trust(url, Identity::generate(), trust) {
         Ok(c) => c,
         Err(e) => return r.fail("public address", format!("{e}")),
     };
@@ -273,5 +383,38 @@ fn check_peer(r: &mut Report, peer: &str) {
         }
         Ok(plan) => r.fail("peer", plan.unreachable.join("; ")),
         Err(e) => r.fail("peer", format!("{peer}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_is_warned_about_off_loopback_and_a_pin_needs_https() {
+        let mut r = Report::default();
+        // 192.0.2.1 is TEST-NET-1: nothing is dialled for a plain URL, only resolved.
+        assert!(check_tls(
+            &mut r,
+            "http://192.0.2.1:7700",
+            &TlsTrust::default()
+        ));
+        assert_eq!((r.warned, r.failed), (1, 0));
+        let mut r = Report::default();
+        assert!(check_tls(
+            &mut r,
+            "http://127.0.0.1:7700",
+            &TlsTrust::default()
+        ));
+        assert!(check_tls(
+            &mut r,
+            "http://localhost:7700",
+            &TlsTrust::default()
+        ));
+        assert_eq!((r.warned, r.failed), (0, 0));
+        let pin = TlsTrust::Pinned("00".repeat(32).parse().unwrap());
+        assert!(!check_tls(&mut r, "http://127.0.0.1:7700", &pin));
+        assert!(!check_tls(&mut r, "ftp://127.0.0.1:7700", &pin));
+        assert_eq!(r.failed, 2);
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use blocktrain_node::tls::TlsTrust;
 use blocktrain_node::worker::{self, WorkerOptions};
 use clap::Args;
 
@@ -31,6 +32,15 @@ pub struct WorkerArgs {
     /// Stop after this many leases (default: until the run is done).
     #[arg(long)]
     pub max_leases: Option<usize>,
+    /// Trust an https:// coordinator's certificate only if its SHA-256 fingerprint is
+    /// this (64 hex digits, colons allowed): for a self-signed coordinator, which
+    /// prints it at start-up (`blocktrain doctor --coordinator URL` shows it too).
+    #[arg(long, env = "BLOCKTRAIN_TLS_FINGERPRINT", conflicts_with = "tls_ca")]
+    pub tls_fingerprint: Option<String>,
+    /// Trust an https:// coordinator's certificate only if this CA (PEM) issued it,
+    /// instead of the public CA roots.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// Seconds to keep retrying an unreachable coordinator before giving up.
     #[arg(long, default_value_t = 600)]
     pub retry_for: u64,
@@ -44,6 +54,7 @@ pub struct WorkerArgs {
 
 /// Runs `blocktrain worker`.
 pub fn run(args: WorkerArgs) -> Result<()> {
+    let tls = TlsTrust::from_flags(args.tls_fingerprint.as_deref(), args.tls_ca.as_deref())?;
     let device = args.device.setup()?;
     let cache = args.cache.clone().unwrap_or_else(|| {
         args.key
@@ -62,6 +73,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         max_leases: args.max_leases,
         retry_for: Duration::from_secs(args.retry_for),
         malice: args.malice,
+        tls,
     })?;
     println!(
         "worker finished: {} updates accepted, {} refused, {} local steps, {:.2} MB up, {:.2} MB down",

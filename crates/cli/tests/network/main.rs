@@ -5,5 +5,6 @@
 mod harness;
 mod hostile;
 mod ops;
+mod tls;
 mod training;
 mod trust;

@@ -1,7 +1,8 @@
 //! The coordinator's HTTP API. Handlers authenticate (signature over the raw body,
 //! timestamp, nonce), bound the body, then call the [`Coordinator`] on a blocking
 //! thread; every error is a JSON `{"error": ...}` with a status that says whose fault
-//! it was.
+//! it was. With a [`ServerTls`] it serves HTTPS (see `https`); a plain-HTTP request
+//! on that port gets a 400 saying to use https://.
 //!
 //! | route | what |
 //! |---|---|
@@ -23,17 +24,19 @@ use axum::{Json, Router};
 use blocktrain_protocol::wire::ErrorBody;
 
 use crate::coordinator::{Coordinator, Status};
+use crate::tls::{Fingerprint, ServerTls};
 use crate::{now_ms, NodeError};
 
 mod auth;
 mod durable;
+mod https;
 mod limits;
 mod metrics;
 mod reads;
 mod routes;
 
 pub use auth::Gate;
-pub use metrics::prometheus_text;
+pub use metrics::{process_text, prometheus_text};
 
 /// Shared handle on the coordinator.
 pub type Shared = Arc<Mutex<Coordinator>>;
@@ -57,6 +60,8 @@ pub struct AppState {
     /// The address this coordinator listens on, when known (`/v1/probe` dials
     /// loopback only when the coordinator itself is on loopback).
     pub(crate) bound: Option<std::net::SocketAddr>,
+    /// A lease's life, ms (`/metrics` counts workers heard from within one as active).
+    pub(crate) lease_ms: u64,
 }
 
 impl AppState {
@@ -207,7 +212,7 @@ pub(crate) fn app(
     coord: Shared,
     bound: Option<std::net::SocketAddr>,
 ) -> crate::Result<(Router, AppState)> {
-    let (gate, reader, wal) = {
+    let (gate, reader, wal, lease_ms) = {
         let c = coord.lock().unwrap_or_else(|p| p.into_inner());
         let gate = Gate::new(
             (c.config().faults.max_skew_secs * 1000.0) as u64,
@@ -219,7 +224,8 @@ pub(crate) fn app(
             true => Some(c.defer_sync()?),
             false => None,
         };
-        (Arc::new(gate), c.open_reader()?, wal)
+        let lease_ms = (c.config().faults.lease_secs * 1000.0) as u64;
+        (Arc::new(gate), c.open_reader()?, wal, lease_ms)
     };
     let state = AppState {
         coord,
@@ -229,6 +235,7 @@ pub(crate) fn app(
         vetting: Arc::new(tokio::sync::Semaphore::new(vet_slots())),
         durable: wal.map(durable::GroupCommit::start),
         bound,
+        lease_ms,
     };
     // Uploads and downloads carry their own limits (a body deadline; a file served in
     // ranges); everything else answers within REQUEST_TIMEOUT.
@@ -276,11 +283,21 @@ fn vet_slots() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
-/// Serves `coord` on `listener` until `shutdown` resolves, ticking leases and rounds
-/// every 250 ms.
+/// Serves `coord` over plain HTTP on `listener` until `shutdown` resolves, ticking
+/// leases and rounds every 250 ms.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coord: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, coord, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    coord: Shared,
+    tls: Option<ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (app, state) = app(coord.clone(), listener.local_addr().ok())
@@ -302,11 +319,16 @@ pub async fn serve(
             }
         }
     });
-    // Connect info: `/v1/probe` dials back the caller's own address only.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = match tls {
+        Some(tls) => https::serve(listener, app, tls.config, shutdown).await,
+        None => {
+            // Connect info: `/v1/probe` dials back the caller's own address only.
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
     tick.abort();
     result
 }
@@ -317,6 +339,8 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// The coordinator, for status in-process.
     pub coord: Shared,
+    /// The served certificate's fingerprint, with TLS on.
+    tls: Option<Fingerprint>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -328,9 +352,15 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    /// `http://ADDR`.
+    /// `https://ADDR` with TLS on, else `http://ADDR`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The served certificate's fingerprint (what workers pin), with TLS on.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.tls
     }
 
     /// The current status.
@@ -365,8 +395,17 @@ impl Drop for Running {
     }
 }
 
-/// Binds `listen` and serves `coord` on a new thread.
+/// Binds `listen` and serves `coord` over plain HTTP on a new thread.
 pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<Running> {
+    spawn_with(listen, coord, None)
+}
+
+/// [`spawn`], over TLS when `tls` is given.
+pub fn spawn_with(
+    listen: std::net::SocketAddr,
+    coord: Coordinator,
+    tls: Option<ServerTls>,
+) -> crate::Result<Running> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -381,10 +420,11 @@ pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<
     let coord: Shared = Arc::new(Mutex::new(coord));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let shared = coord.clone();
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint());
     let thread = std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || {
-            rt.block_on(serve(listener, shared, async {
+            rt.block_on(serve_with(listener, shared, tls, async {
                 let _ = rx.await;
             }))
         })
@@ -392,6 +432,7 @@ pub fn spawn(listen: std::net::SocketAddr, coord: Coordinator) -> crate::Result<
     Ok(Running {
         addr,
         coord,
+        tls: fingerprint,
         stop: Some(tx),
         thread: Some(thread),
     })
