@@ -10,24 +10,24 @@
 //! joiner trains at the rate the block is at. The codec's error-feedback residual does
 //! stay with the worker while it keeps the same block.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use blocktrain_model::data::{Split, WindowSampler};
-use blocktrain_model::run::Manifest;
-use blocktrain_model::trainer::Trainer;
-use blocktrain_protocol::codec::{self, Arrays, Codec, ErrorFeedback};
-use blocktrain_protocol::identity::Identity;
-use blocktrain_protocol::wire::{
-    DataShard, HeartbeatReply, Lease, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION,
-};
-use tch::{Device, Kind};
+use blocktrain_model::data::Split;
+use blocktrain_protocol::codec::{Codec, ErrorFeedback};
+use blocktrain_protocol::wire::{DataShard, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use tch::Device;
 
 use crate::client::Client;
 use crate::coordinator::{short, RunInfo};
-use crate::tensors::{delta, to_arrays};
 use crate::{io_err, NodeError, Result};
+
+mod heartbeat;
+mod host;
+mod local;
+
+use heartbeat::Heartbeat;
+pub use host::{available_memory, load_or_create_key};
+pub use local::{decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob, Malice};
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -52,68 +52,6 @@ pub struct WorkerOptions {
     pub malice: Option<Malice>,
 }
 
-/// How a malicious test worker tampers with its updates.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Malice {
-    /// Sends -delta.
-    Flip,
-    /// Sends k x delta.
-    Scale(f32),
-    /// Sends Gaussian noise with each tensor's RMS.
-    Random,
-}
-
-impl std::str::FromStr for Malice {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "flip" => Ok(Malice::Flip),
-            "random" => Ok(Malice::Random),
-            _ => s
-                .strip_prefix("scale:")
-                .and_then(|k| k.parse().ok())
-                .map(Malice::Scale)
-                .ok_or_else(|| format!("malice must be flip, random or scale:K, got {s:?}")),
-        }
-    }
-}
-
-impl Malice {
-    /// The tampered version of `delta`.
-    pub fn apply(self, delta: &Arrays, seed: u64) -> Arrays {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        delta
-            .iter()
-            .map(|(name, a)| {
-                let rms = crate::merge::rms(a) as f32;
-                let data = a
-                    .data
-                    .iter()
-                    .map(|&v| match self {
-                        Malice::Flip => -v,
-                        Malice::Scale(k) => k * v,
-                        Malice::Random => {
-                            // Box-Muller: a normal draw scaled to the tensor's RMS.
-                            let (u1, u2): (f32, f32) =
-                                (rng.random::<f32>().max(1e-9), rng.random());
-                            rms * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                        }
-                    })
-                    .collect();
-                (
-                    name.clone(),
-                    blocktrain_protocol::codec::Array {
-                        shape: a.shape.clone(),
-                        data,
-                    },
-                )
-            })
-            .collect()
-    }
-}
-
 /// What a worker did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerSummary {
@@ -127,48 +65,6 @@ pub struct WorkerSummary {
     pub bytes_up: u64,
     /// Bytes downloaded.
     pub bytes_down: u64,
-}
-
-/// Loads the worker's identity, creating it (mode 0600) on first use.
-pub fn load_or_create_key(path: &Path) -> Result<Identity> {
-    if path.exists() {
-        let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let text = String::from_utf8_lossy(&bytes);
-        let secret = hex::decode(text.trim())
-            .map_err(|_| NodeError::Config(format!("{}: not a hex key file", path.display())))?;
-        return Identity::from_secret(&secret)
-            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())));
-    }
-    let id = Identity::generate();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).map_err(io_err(path))?;
-    std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes())
-        .map_err(io_err(path))?;
-    eprintln!(
-        "created key {} (public {})",
-        path.display(),
-        id.public_hex()
-    );
-    Ok(id)
-}
-
-/// MemAvailable from /proc/meminfo, bytes (0 when unknown).
-pub fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 /// The block this worker trains now and the codec residual it carries for it.
@@ -447,189 +343,4 @@ pub fn run(opts: &WorkerOptions) -> Result<WorkerSummary> {
     summary.bytes_up = client.bytes_up;
     summary.bytes_down = client.bytes_down;
     Ok(summary)
-}
-
-/// Keeps a lease alive from a background thread while it is held (download, training,
-/// upload); `wanted()` turns false once the coordinator says the round moved on.
-struct Heartbeat {
-    stop: Arc<AtomicBool>,
-    wanted: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Heartbeat {
-    fn start(mut client: Client, lease: &Lease) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wanted = Arc::new(AtomicBool::new(true));
-        let every = Duration::from_millis(lease.lease_ms / 3).max(Duration::from_millis(100));
-        let path = format!("/v1/leases/{}/heartbeat", lease.id);
-        let (s, w) = (stop.clone(), wanted.clone());
-        let thread = std::thread::spawn(move || {
-            let mut last = Instant::now();
-            while !s.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-                if last.elapsed() < every {
-                    continue;
-                }
-                last = Instant::now();
-                match client.post_empty::<HeartbeatReply>(&path) {
-                    Ok(r) if !r.still_wanted => {
-                        w.store(false, Ordering::Relaxed);
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("heartbeat failed ({e}); the lease may lapse"),
-                }
-            }
-        });
-        Heartbeat {
-            stop,
-            wanted,
-            thread: Some(thread),
-        }
-    }
-
-    fn wanted(&self) -> bool {
-        self.wanted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Everything a lease's local training depends on: the worker and a checking
-/// coordinator build the same job and get the same update.
-#[derive(Clone, Copy, Debug)]
-pub struct LocalJob<'a> {
-    /// The run (block shapes, objectives, inner optimizer).
-    pub manifest: &'a Manifest,
-    /// Block index, 0-based.
-    pub block: usize,
-    /// Start weights: the checkpoint exactly as the worker decoded it
-    /// ([`decode_checkpoint`] of the served bytes), not the coordinator's fp32 master.
-    pub base: &'a Arrays,
-    /// Steps, batch, seed and schedule position.
-    pub lease: &'a Lease,
-    /// The bytes windows are drawn from ([`shard_of`] of the run's train split, or a
-    /// worker's own data).
-    pub shard: &'a [u8],
-}
-
-/// Trains `job` from fresh AdamW moments and returns (delta = trained - base, mean
-/// training loss), or None once `keep_going()` turns false (checked before each step).
-///
-/// Step i of H' local steps sits at `schedule_step + i * span / H'` of the block's LR
-/// schedule; windows come from a sampler seeded by the lease seed and the masks of step
-/// i from `seed + i`, so nothing depends on the caller's history. Bit-identical results
-/// need the same inputs on the same device type, libtorch build and intra-op thread
-/// count (CPU reductions split by thread); across thread counts the results differ
-/// by float rounding only (see `verify`). Holds [`torch_rng`] around every draw.
-pub fn train_delta(
-    job: &LocalJob,
-    device: Device,
-    keep_going: &dyn Fn() -> bool,
-) -> Result<Option<(Arrays, f64)>> {
-    let LocalJob {
-        manifest,
-        block,
-        base,
-        lease,
-        shard,
-    } = *job;
-    let state = manifest.parts.get(block).ok_or_else(|| {
-        NodeError::Rejected(format!(
-            "lease names block {} of {}",
-            block + 1,
-            manifest.parts.len()
-        ))
-    })?;
-    let mut trainer = {
-        let _rng = torch_rng(); // Trainer::new seeds the global generator
-        Trainer::new(
-            &manifest.part_model(block),
-            state.objective,
-            manifest.optim.clone(),
-            device,
-            lease.seed as i64,
-        )?
-    };
-    trainer.load_weights(&codec::encode(base, Codec::Fp32))?;
-    let mut sampler = WindowSampler::new(shard, manifest.model.window, lease.seed, device)?;
-    let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
-    let span = lease.schedule_span.max(1);
-    for i in 0..lease.steps {
-        if !keep_going() {
-            return Ok(None);
-        }
-        let x = sampler.next_batch(lease.batch);
-        let pos = lease.schedule_step + i * span / lease.steps.max(1);
-        let lr = trainer.optim.lr_at(pos, lease.schedule_total);
-        let noise_seed = (lease.seed as i64).wrapping_add(i);
-        let _rng = torch_rng();
-        loss_sum += trainer.train_step_with(&x, lr, noise_seed);
-    }
-    let loss = loss_sum.double_value(&[]) / lease.steps.max(1) as f64;
-    Ok(Some((delta(&to_arrays(&trainer.weights())?, base), loss)))
-}
-
-/// A served checkpoint's weights (safetensors in the run's checkpoint codec), decoded
-/// against the shapes its own header declares.
-pub fn decode_checkpoint(bytes: &[u8]) -> blocktrain_protocol::Result<Arrays> {
-    let shapes = codec::header_shapes(bytes)?;
-    Ok(codec::decode(bytes, &shapes, usize::MAX)?.0)
-}
-
-/// Serialises use of libtorch's process-wide random generator: a step seeds it and then
-/// draws its masks, and another thread seeding in between (a second trainer, a
-/// coordinator's check) would change those draws. Everything in this crate that seeds
-/// libtorch holds this while it seeds and draws.
-pub fn torch_rng() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Slice `index` of `count` equal slices of `corpus` (the whole corpus when a slice
-/// would be two windows or less): the bytes a lease's shard fields name.
-pub fn shard_of(corpus: &[u8], index: u32, count: u32, window: i64) -> &[u8] {
-    let count = count.max(1) as usize;
-    let len = corpus.len() / count;
-    if len <= 2 * window as usize {
-        return corpus;
-    }
-    let start = (index as usize % count) * len;
-    &corpus[start..start + len]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_are_disjoint_slices() {
-        let c: Vec<u8> = (0..100).collect();
-        assert_eq!(shard_of(&c, 0, 2, 4), &c[..50]);
-        assert_eq!(shard_of(&c, 1, 2, 4), &c[50..]);
-        assert_eq!(shard_of(&c, 3, 2, 4), &c[50..]);
-        assert_eq!(shard_of(&c, 0, 2, 40).len(), 100, "too small to split");
-    }
-
-    #[test]
-    fn key_file_is_created_once_and_reloaded() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("k/worker.key");
-        let a = load_or_create_key(&p).unwrap();
-        let b = load_or_create_key(&p).unwrap();
-        assert_eq!(a.public_hex(), b.public_hex());
-        std::fs::write(&p, "nothex").unwrap();
-        assert!(load_or_create_key(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("hex"));
-    }
 }
