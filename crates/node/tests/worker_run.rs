@@ -1,6 +1,6 @@
 //! Whole worker runs in-process against a real coordinator (tiny blocks, a few steps
-//! per lease): each key's own record, the audit on every way out, and a coordinator
-//! whose key changed or whose listing leaves receipts out.
+//! per lease): each key's own record, the audit on every way out, backing off after
+//! refusals, and a coordinator whose key changed or whose listing leaves receipts out.
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,7 +13,9 @@ use blocktrain_model::config::ModelConfig;
 use blocktrain_node::config::{OuterKind, RunConfig};
 use blocktrain_node::coordinator::Coordinator;
 use blocktrain_node::ledger::Ledger;
-use blocktrain_node::worker::{key_dir, load_or_create_key, Control, Malice, WorkerOptions};
+use blocktrain_node::worker::{
+    key_dir, load_or_create_key, Backoff, Control, Malice, WorkerOptions, WorkerSummary,
+};
 use blocktrain_node::{now_ms, server, NodeError};
 
 mod support;
@@ -62,7 +64,13 @@ fn opts(url: &str, dir: &Path, name: &str, max_leases: Option<usize>) -> WorkerO
 }
 
 fn quick() -> Control {
-    Control::default()
+    Control {
+        backoff: Backoff {
+            first: Duration::from_millis(10),
+            cap: Duration::from_millis(40),
+        },
+        ..Control::default()
+    }
 }
 
 /// The record directory of worker `name`.
@@ -133,6 +141,28 @@ fn a_stopped_worker_audits_before_it_returns() {
 }
 
 #[test]
+fn an_honest_worker_refused_again_and_again_backs_off_and_keeps_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bound no real update meets: every upload is refused, as a screen's false
+    // positive would refuse an honest one, and nothing bars the worker.
+    let mut cfg = tiny();
+    cfg.wire.max_delta_ratio = 1e-12;
+    let running = coordinator(&dir.path().join("state"), cfg);
+    let s: WorkerSummary = quick()
+        .run(&opts(&running.url(), dir.path(), "w", Some(5)))
+        .unwrap();
+    assert_eq!((s.accepted, s.refused), (0, 5), "{s:?}");
+    // Every refusal is on record with the worker, and the audit found each receipt.
+    let record = record_of(dir.path(), "w");
+    let j = journal(&record);
+    assert_eq!(j.len(), 5);
+    assert!(j.iter().all(|u| u["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("delta RMS"))));
+    assert_eq!(kept_size(&record), Some(5));
+}
+
+#[test]
 fn a_barred_worker_audits_on_its_way_out() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny();
@@ -140,7 +170,7 @@ fn a_barred_worker_audits_on_its_way_out() {
     let running = coordinator(&dir.path().join("state"), cfg);
     let mut o = opts(&running.url(), dir.path(), "bad", None);
     o.malice = Some(Malice::Flip);
-    // Refused by the spot check and flagged; it asks again and is barred.
+    // Refused by the spot check and flagged; it backs off, asks again and is barred.
     let e = quick().run(&o).unwrap_err();
     assert!(matches!(e, NodeError::Forbidden(_)), "{e}");
     let record = record_of(dir.path(), "bad");

@@ -10,6 +10,11 @@
 //! joiner trains at the rate the block is at. The codec's error-feedback residual does
 //! stay with the worker while it keeps the same block.
 //!
+//! A refused update does not end the worker: it backs off ([`Backoff`]) and asks for
+//! work again, since an honest update can be refused (a held-out screen's false
+//! positive). Only a definitive refusal ends it: barred or not admitted (403), not
+//! authenticated (401), a wire version or memory the coordinator cannot use.
+//!
 //! Each key keeps its own record under the cache directory ([`Record`]): checkpoints,
 //! the coordinator's pinned key, the last ledger head checked, and a journal of its
 //! uploads. However the loop ends after registering (the run done, `max_leases`, a stop
@@ -26,6 +31,7 @@ use blocktrain_protocol::receipt::TreeHead;
 use blocktrain_protocol::wire::{
     DataShard, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
 };
+use rand::SeedableRng;
 use tch::Device;
 
 use crate::client::{content_prefix, Client};
@@ -33,12 +39,14 @@ use crate::coordinator::RunInfo;
 use crate::{io_err, now_ms, NodeError, Result};
 
 mod audit;
+mod backoff;
 mod heartbeat;
 mod host;
 mod local;
 mod record;
 
 pub use audit::{audit_receipts, Audit, Seen};
+pub use backoff::{Backoff, WARN_AFTER};
 use heartbeat::Heartbeat;
 pub use host::{available_memory, load_or_create_key};
 pub use local::{decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob, Malice};
@@ -88,6 +96,8 @@ pub struct Control {
     /// Set to stop: the worker drops its lease at the next step, audits the ledger and
     /// returns (a request in flight finishes or runs out its retries first).
     pub stop: Arc<AtomicBool>,
+    /// The waits after refused updates.
+    pub backoff: Backoff,
 }
 
 /// Runs a worker until the run is done (or `max_leases`); see [`Control::run`].
@@ -129,6 +139,7 @@ fn run_with(ctl: &Control, opts: &WorkerOptions) -> Result<WorkerSummary> {
         seen: Seen::default(),
         summary: WorkerSummary::default(),
         admitted: false,
+        rng: rand::rngs::StdRng::from_os_rng(),
     };
     let worked = w.work(join_proof);
     w.summary.bytes_up = w.client.bytes_up;
@@ -181,6 +192,8 @@ struct Session<'a> {
     /// Whether the coordinator admitted us and is the one we know (from then on, every
     /// exit is audited).
     admitted: bool,
+    /// Backoff jitter.
+    rng: rand::rngs::StdRng,
 }
 
 impl Session<'_> {
@@ -266,6 +279,8 @@ impl Session<'_> {
         let mut current: Option<Current> = None;
         let mut leases = 0;
         let mut refused_in_a_row = 0u32;
+        // A wait owed after a refusal: served before asking again, not before leaving.
+        let mut backoff: Option<Duration> = None;
         loop {
             if self.stopping() {
                 eprintln!("[worker {me}] stopping as asked");
@@ -273,6 +288,10 @@ impl Session<'_> {
             }
             if opts.max_leases.is_some_and(|m| leases >= m) {
                 return Ok(());
+            }
+            if let Some(wait) = backoff.take() {
+                self.sleep(wait);
+                continue;
             }
             let lease = match self.client.post_json::<_, WorkReply>("/v1/work", &info)? {
                 WorkReply::Done => {
@@ -375,20 +394,40 @@ impl Session<'_> {
                     cur.feedback = ErrorFeedback::default();
                     eprintln!("[worker {me}] update refused: {e}");
                 }
-                Err(e @ (NodeError::Rejected(_) | NodeError::TooLarge(_))) => {
+                Err(
+                    e @ (NodeError::Rejected(_) | NodeError::TooLarge(_) | NodeError::NotFound(_)),
+                ) => {
                     self.summary.refused += 1;
                     refused_in_a_row += 1;
                     cur.feedback = ErrorFeedback::default();
-                    eprintln!("[worker {me}] update refused: {e}");
-                    if refused_in_a_row >= 3 {
-                        return Err(NodeError::Rejected(format!(
-                            "the coordinator refused 3 updates in a row; the last: {e}"
-                        )));
-                    }
+                    backoff = Some(self.back_off(refused_in_a_row, &e));
                 }
+                // Barred (403), not trusted (401), or the coordinator is gone: definitive.
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The wait after the `n`th refused update in a row, logged with why this worker
+    /// does not give up.
+    fn back_off(&mut self, n: u32, e: &NodeError) -> Duration {
+        let me = &self.me;
+        let wait = self.ctl.backoff.wait(n, &mut self.rng);
+        eprintln!(
+            "[worker {me}] update refused ({n} in a row): {e}. Backing off {:.1} s before \
+             asking for new work: an honest update can be refused too (e.g. by the held-out \
+             screen), so only a definitive refusal (403: barred) ends this worker",
+            wait.as_secs_f64()
+        );
+        if n >= WARN_AFTER {
+            eprintln!(
+                "[worker {me}] WARNING: {n} updates in a row refused. This looks like a \
+                 broken setup rather than bad luck: check --data, the device, and that this \
+                 build matches the coordinator's. Still trying, at least every {:.0} s",
+                self.ctl.backoff.cap.as_secs_f64()
+            );
+        }
+        wait
     }
 
     /// Journals an upload the coordinator answered, when that answer promises a
