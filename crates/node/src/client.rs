@@ -266,8 +266,11 @@ impl Client {
 
     /// The checkpoint with blake3 `hash`: from `cache` if there, else downloaded into
     /// `cache/<hash>.partial` (resuming a previous partial download with an HTTP Range
-    /// request), checked, and renamed into place.
+    /// request), checked, and renamed into place. `hash` comes from the coordinator and
+    /// names files here, so it is refused unless it is a blake3 hash ([`check_blake3_hex`]).
     pub fn checkpoint(&mut self, hash: &str, cache: &Path) -> Result<Vec<u8>> {
+        check_blake3_hex("checkpoint", hash)?;
+        let short = content_prefix(hash, 12);
         std::fs::create_dir_all(cache).map_err(io_err(cache))?;
         let done = cache.join(format!("{hash}.safetensors"));
         if let Ok(bytes) = std::fs::read(&done) {
@@ -278,8 +281,10 @@ impl Client {
         }
         // Per-worker partial name: workers sharing a cache never write one file; the
         // finished file is renamed into place atomically.
-        let partial: PathBuf =
-            cache.join(format!("{hash}.{}.partial", &self.id.public_hex()[..12]));
+        let partial: PathBuf = cache.join(format!(
+            "{hash}.{}.partial",
+            content_prefix(&self.id.public_hex(), 12)
+        ));
         let path = format!("/v1/blobs/{hash}");
         let mut failures = 0;
         while failures < 3 {
@@ -316,10 +321,7 @@ impl Client {
             if let Err(e) = copied {
                 // Keep going as long as each attempt makes progress.
                 failures = if fresh > 0 { 0 } else { failures + 1 };
-                eprintln!(
-                    "download of {} interrupted at {got} bytes ({e}); resuming",
-                    &hash[..12]
-                );
+                eprintln!("download of {short} interrupted at {got} bytes ({e}); resuming");
                 continue;
             }
             let bytes = std::fs::read(&partial).map_err(io_err(&partial))?;
@@ -330,16 +332,34 @@ impl Client {
             }
             let _ = std::fs::remove_file(&partial);
             failures += 1;
-            eprintln!(
-                "checkpoint {} failed its blake3 check; downloading again",
-                &hash[..12]
-            );
+            eprintln!("checkpoint {short} failed its blake3 check; downloading again");
         }
         Err(NodeError::Network(format!(
-            "checkpoint {} could not be downloaded intact (3 failed attempts without progress)",
-            &hash[..12]
+            "checkpoint {short} could not be downloaded intact (3 failed attempts without progress)"
         )))
     }
+}
+
+/// Checks that `hash`, which the coordinator named as the blake3 of `what`, is one as
+/// this build writes them: exactly 64 lowercase hex digits. Such a hash becomes part of
+/// a file name and a URL, so anything else (a path like `../x`, a short or non-ASCII
+/// string) is refused before any use, with what was given (escaped and shortened).
+pub fn check_blake3_hex(what: &str, hash: &str) -> Result<()> {
+    if hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Ok(());
+    }
+    let shown = content_prefix(hash, 80);
+    let more = if shown.len() < hash.len() { "..." } else { "" };
+    Err(NodeError::Rejected(format!(
+        "the coordinator named {what} {shown:?}{more}, which is not a blake3 hash \
+         (64 lowercase hex digits); refusing to use it"
+    )))
+}
+
+/// The first `n` characters of `s`, for log lines. Counted in characters, so it cannot
+/// split one (byte slicing a peer's string can panic).
+pub fn content_prefix(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
 }
 
 /// Checkpoints a worker's cache keeps (the newest by modification time).

@@ -571,7 +571,10 @@ pub fn verify_all(conn: &Connection) -> Result<VerifyReport> {
     })
 }
 
-/// One worker's totals for payouts.
+/// One worker's totals for payouts: only figures the coordinator decided or measured
+/// and signed. A claim's `data_bytes` is not among them: the worker declares it and
+/// nothing checks it, so paying on it would pay for a number anyone can write (it stays
+/// in each receipt, for `ledger export`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct WorkerTotals {
     /// The worker's public key, hex.
@@ -580,10 +583,9 @@ pub struct WorkerTotals {
     pub accepted: u64,
     /// Rejected updates.
     pub rejected: u64,
-    /// Local steps of accepted updates.
+    /// Local steps of accepted updates (the steps the coordinator leased; acceptance is
+    /// its judgement of the work).
     pub accepted_steps: i64,
-    /// Training data bytes of accepted updates.
-    pub accepted_data_bytes: u64,
     /// Sum of held-out improvement (before - after) over accepted updates that have both.
     pub heldout_gain: f64,
 }
@@ -607,7 +609,6 @@ pub fn totals(conn: &Connection) -> Result<Vec<WorkerTotals>> {
         }
         t.accepted += 1;
         t.accepted_steps = t.accepted_steps.saturating_add(r.claim.steps);
-        t.accepted_data_bytes = t.accepted_data_bytes.saturating_add(r.claim.data_bytes);
         if let (Some(before), Some(after)) = (r.decision.heldout_before, r.decision.heldout_after) {
             t.heldout_gain += before - after;
         }

@@ -128,7 +128,6 @@ fn an_honest_ledger_verifies_and_sums_up() {
     let t = totals(&conn).unwrap();
     let w1 = t.iter().find(|t| t.worker == k.w1.public_hex()).unwrap();
     assert_eq!((w1.accepted, w1.rejected, w1.accepted_steps), (2, 1, 300));
-    assert_eq!(w1.accepted_data_bytes, 300_000);
     assert!((w1.heldout_gain - 0.5).abs() < 1e-12);
     let w2 = t.iter().find(|t| t.worker == k.w2.public_hex()).unwrap();
     assert_eq!((w2.accepted, w2.rejected, w2.accepted_steps), (2, 1, 200));
@@ -139,6 +138,33 @@ fn an_honest_ledger_verifies_and_sums_up() {
     let reopened = Ledger::open(&conn, k.coord.clone()).unwrap();
     assert_eq!(reopened.len(), 6);
     assert_eq!(hex::encode(reopened.log().root()), head.root);
+}
+
+#[test]
+fn totals_pay_nothing_on_the_data_bytes_workers_declare() {
+    // Two workers with the same accepted work; one declares a billion times the data in
+    // its claims. Nothing checks that figure, so the payout totals must not differ.
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys();
+    let conn = Connection::open(dir.path().join("state.sqlite")).unwrap();
+    let mut ledger = Ledger::open(&conn, k.coord.clone()).unwrap();
+    for (worker, declared) in [(&k.w1, 1), (&k.w2, 1_000_000_000)] {
+        let mut c = claim(worker, 7, 100);
+        c.data_bytes = declared;
+        let sig = c.sign(worker);
+        let r = Receipt::issue(c, Some(sig), decision(true, None, 7), &k.coord);
+        ledger.append(&conn, &r).unwrap();
+    }
+    let t = totals(&conn).unwrap();
+    let json = serde_json::to_value(&t).unwrap();
+    let (a, b) = (&json[0], &json[1]);
+    let figures = |v: &serde_json::Value| {
+        let mut m = v.as_object().unwrap().clone();
+        m.remove("worker");
+        m
+    };
+    assert_eq!(figures(a), figures(b), "{json}");
+    assert!(!json.to_string().contains("data_bytes"), "{json}");
 }
 
 #[test]

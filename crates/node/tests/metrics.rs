@@ -79,6 +79,7 @@ fn status(workers: usize, now: u64) -> Status {
         bytes_up: 1024,
         bytes_down: 3 << 20,
         heldout,
+        stalled: b == 1,
     };
     let worker = |i: usize| WorkerStatus {
         key: format!("{i:064x}"),
@@ -123,6 +124,12 @@ fn the_exposition_is_well_formed_bounded_and_complete() {
     }
     assert_eq!(get(&samples, "blocktrain_block_steps_total", None).len(), 2);
     // Held-out loss only for the block that has one.
+    let stalled = get(&samples, "blocktrain_block_stalled", None);
+    let stalled: Vec<(&str, f64)> = stalled
+        .iter()
+        .map(|(_, l, v)| (l["block"].as_str(), *v))
+        .collect();
+    assert_eq!(stalled, vec![("1", 0.0), ("2", 1.0)], "one row per block");
     let h = get(&samples, "blocktrain_block_heldout_loss", None);
     assert_eq!(h.len(), 1, "{text}");
     assert_eq!((h[0].1["block"].as_str(), h[0].2), ("1", 1.25));

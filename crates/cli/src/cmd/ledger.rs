@@ -22,8 +22,9 @@ pub enum LedgerCommand {
     CheckProof(CheckProofArgs),
     /// Every receipt as JSON lines: {"index": N, "receipt": {...}}.
     Export(ExportArgs),
-    /// Per-worker totals for payouts: updates accepted and rejected, accepted steps and
-    /// data bytes, held-out improvement.
+    /// Per-worker totals for payouts: updates accepted and rejected, accepted steps,
+    /// held-out improvement. Only what the coordinator checked: the data bytes a worker
+    /// declares in its claims are unverified and left out (`ledger export` shows them).
     Totals(TotalsArgs),
 }
 
@@ -187,18 +188,13 @@ fn totals(state: &Path, json: bool) -> Result<String> {
         return Ok(serde_json::to_string_pretty(&rows)? + "\n");
     }
     let mut out = format!(
-        "{:<64} {:>8} {:>8} {:>12} {:>14} {:>12}\n",
-        "worker", "accepted", "rejected", "steps", "data_bytes", "heldout_gain"
+        "{:<64} {:>8} {:>8} {:>12} {:>12}\n",
+        "worker", "accepted", "rejected", "steps", "heldout_gain"
     );
     for t in rows {
         out += &format!(
-            "{:<64} {:>8} {:>8} {:>12} {:>14} {:>12.4}\n",
-            t.worker,
-            t.accepted,
-            t.rejected,
-            t.accepted_steps,
-            t.accepted_data_bytes,
-            t.heldout_gain
+            "{:<64} {:>8} {:>8} {:>12} {:>12.4}\n",
+            t.worker, t.accepted, t.rejected, t.accepted_steps, t.heldout_gain
         );
     }
     Ok(out)
@@ -267,6 +263,14 @@ mod tests {
         let table = totals(&dir, false).unwrap();
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(table.contains("0.5000"), "{table}");
+        // The claims declare 100 data bytes each, which nothing checks: no payout
+        // figure may carry them, in the table or the JSON.
+        assert!(
+            !table.contains("data_bytes") && !table.contains(" 100 "),
+            "{table}"
+        );
+        let json = totals(&dir, true).unwrap();
+        assert!(!json.contains("data_bytes"), "{json}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,11 +1,14 @@
 //! `blocktrain worker`: joins a run and trains whatever block the coordinator assigns
-//! until the run is done.
+//! until the run is done. Ctrl-C (or SIGTERM) stops it after the current training step
+//! and audits the ledger before it exits; a second one exits at once.
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use blocktrain_node::tls::TlsTrust;
-use blocktrain_node::worker::{self, WorkerOptions};
+use blocktrain_node::worker::{Control, WorkerOptions};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -23,7 +26,9 @@ pub struct WorkerArgs {
     /// this host; the coordinator records only their blake3 and size.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Checkpoint cache (default: `cache/` beside the key file).
+    /// Cache directory (default: `cache/` beside the key file). Each worker key keeps
+    /// its own `<first 16 hex digits of its public key>/` in it: checkpoints, the
+    /// coordinator's pinned key, the last ledger head checked, and its upload journal.
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// The run's join secret, if it has one.
@@ -63,7 +68,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .map(|p| p.join("cache"))
             .unwrap_or_else(|| PathBuf::from("cache"))
     });
-    let summary = worker::run(&WorkerOptions {
+    let ctl = Control::default();
+    stop_on_signals(ctl.stop.clone());
+    let summary = ctl.run(&WorkerOptions {
         coordinator: args.coordinator.clone(),
         key: args.key.clone(),
         data: args.data.clone(),
@@ -75,8 +82,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         malice: args.malice,
         tls,
     })?;
+    let how = match ctl.stop.load(Ordering::Relaxed) {
+        true => "stopped",
+        false => "finished",
+    };
     println!(
-        "worker finished: {} updates accepted, {} refused, {} local steps, {:.2} MB up, {:.2} MB down",
+        "worker {how}: {} updates accepted, {} refused, {} local steps, {:.2} MB up, {:.2} MB down",
         summary.accepted,
         summary.refused,
         summary.steps,
@@ -84,4 +95,46 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         summary.bytes_down as f64 / 1e6
     );
     Ok(())
+}
+
+/// Sets `stop` on the first Ctrl-C or SIGTERM, so the worker audits the ledger on its
+/// way out; exits at once on the second (a stuck request can take minutes to time out).
+fn stop_on_signals(stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            eprintln!("no signal handling: Ctrl-C exits without the ledger audit");
+            return;
+        };
+        rt.block_on(async {
+            #[cfg(unix)]
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            loop {
+                #[cfg(unix)]
+                let terminated = async {
+                    match term.as_mut() {
+                        Some(t) => t.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let terminated = std::future::pending::<Option<()>>();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminated => {}
+                }
+                if stop.swap(true, Ordering::Relaxed) {
+                    eprintln!("stopping now, without the ledger audit");
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "stopping after the current step, then auditing the ledger \
+                     (again to exit at once)"
+                );
+            }
+        });
+    });
 }

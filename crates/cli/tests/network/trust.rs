@@ -17,21 +17,31 @@ fn trust_run(name: &str, attackers: &[&str]) -> (PathBuf, f64) {
         "[trust]\nspot_check_fraction = 1.0\nscreen_windows = 32\n[wire]\ncodec = \"fp32\"\n",
     );
     let (mut coord, url) = coordinator(&dir, free_port(), Some(&run));
-    // The attackers go first, so each of them is scheduled and refused (a failed spot
-    // check bars a worker at once; after 3 other refusals in a row a worker gives up);
-    // then the honest workers train the run.
+    // The attackers go first, so each of them is scheduled and refused; then the honest
+    // workers train the run. A failed spot check bars a worker at once (it exits with
+    // an error); after any other refusal a worker backs off and asks again (an honest
+    // one can be refused by mistake), so each attacker stops after three leases.
     for (i, m) in attackers.iter().enumerate() {
         let cache = dir.join(format!("cx{i}"));
+        let name = format!("attacker-{i}");
         let mut bad = worker(
             &dir,
             &url,
-            &format!("attacker-{i}"),
-            &["--malice", m, "--cache", cache.to_str().unwrap()],
+            &name,
+            &[
+                "--malice",
+                m,
+                "--cache",
+                cache.to_str().unwrap(),
+                "--max-leases",
+                "3",
+            ],
         );
-        let s = wait_exit(&mut bad, Duration::from_secs(60));
+        wait_exit(&mut bad, Duration::from_secs(90));
+        let log = read(&dir, &format!("{name}.log"));
         assert!(
-            !s.success(),
-            "attacker {m} should have been refused and given up"
+            log.contains("update refused") && !log.contains("-> accepted"),
+            "attacker {m} should have been refused every time:\n{log}"
         );
     }
     let mut honest = [

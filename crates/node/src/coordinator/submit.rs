@@ -127,11 +127,11 @@ impl Coordinator {
         self.require_registered(key)?;
         if self.store.is_flagged(key)? {
             return Err(NodeError::Forbidden(format!(
-                "worker {} failed a spot check: its updates are no longer accepted in this run",
+                "worker {} failed a spot check: its updates are no longer accepted in this run; nothing stored",
                 short(key)
             )));
         }
-        let lease = self.owned_lease(key, lease_id)?;
+        let lease = self.owned_lease(key, lease_id).map_err(nothing_stored)?;
         let body_hash = content_hash(&body);
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
@@ -168,8 +168,8 @@ impl Coordinator {
                 })))
             }
             Err(refused) => {
-                let (e, claim) = *refused;
-                self.refuse_once(&lease, body.len() as u64, &e, &body_hash, claim, now)?;
+                let (mut e, claim) = *refused;
+                self.refuse_once(&lease, body.len() as u64, &mut e, &body_hash, claim, now)?;
                 Err(e)
             }
         }
@@ -329,11 +329,11 @@ impl Coordinator {
                 });
             }
         }
-        if let Err(e) = self.lease_open(&lease) {
+        if let Err(mut e) = self.lease_open(&lease) {
             self.refuse_once(
                 &lease,
                 job.body.len() as u64,
-                &e,
+                &mut e,
                 &job.body_hash,
                 Some(job.claim),
                 now,
@@ -343,12 +343,12 @@ impl Coordinator {
         let verdict = match outcome {
             Ok(v) => v,
             Err(Refusal::Refused(reason)) => {
-                let e = NodeError::Rejected(reason);
+                let mut e = NodeError::Rejected(reason);
                 let claim = Some(job.claim);
                 self.refuse_once(
                     &lease,
                     job.body.len() as u64,
-                    &e,
+                    &mut e,
                     &job.body_hash,
                     claim,
                     now,
@@ -358,12 +358,12 @@ impl Coordinator {
             Err(Refusal::Flagged(reason)) => {
                 // The lease is void (never revived) and the worker gets no more work.
                 self.store.flag_worker(&job.key, &reason)?;
-                let e = NodeError::Rejected(reason);
+                let mut e = NodeError::Rejected(reason);
                 let claim = Some(job.claim);
                 self.refuse_once(
                     &lease,
                     job.body.len() as u64,
-                    &e,
+                    &mut e,
                     &job.body_hash,
                     claim,
                     now,
@@ -423,12 +423,13 @@ impl Coordinator {
         &mut self,
         lease: &LeaseRow,
         bytes: u64,
-        e: &NodeError,
+        e: &mut NodeError,
         body_hash: &str,
         claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<()> {
         if self.store.lease_decided(lease.id)? {
+            *e = nothing_stored(std::mem::replace(e, NodeError::Config(String::new())));
             return Ok(());
         }
         let key = lease.worker.clone();
@@ -604,3 +605,17 @@ fn recompute(
 
 /// Accepted updates the screen's calibration looks back on, per block.
 pub(super) const SCREEN_CALIBRATION_WINDOW: usize = 32;
+
+/// The same error, saying that nothing was recorded for it (a worker's audit expects a
+/// receipt for every refusal that does not say so).
+fn nothing_stored(e: NodeError) -> NodeError {
+    let add = |m: String| format!("{m}; nothing stored");
+    match e {
+        NodeError::Rejected(m) => NodeError::Rejected(add(m)),
+        NodeError::Stale(m) => NodeError::Stale(add(m)),
+        NodeError::NotFound(m) => NodeError::NotFound(add(m)),
+        NodeError::Forbidden(m) => NodeError::Forbidden(add(m)),
+        NodeError::TooLarge(m) => NodeError::TooLarge(add(m)),
+        other => other,
+    }
+}

@@ -118,6 +118,19 @@ pub fn prometheus_text(s: &Status, now_ms: u64, active_ms: u64) -> String {
     put(
         &mut o,
         Family {
+            name: "blocktrain_block_stalled",
+            kind: "gauge",
+            help: "1 while a block is unfinished and nothing was accepted or committed for it for the stall window (nobody is advancing it).",
+            rows: s
+                .blocks
+                .iter()
+                .map(|x| (labels(&[("block", &block(x.block))]), f64::from(u8::from(x.stalled))))
+                .collect(),
+        },
+    );
+    put(
+        &mut o,
+        Family {
             name: "blocktrain_block_heldout_loss",
             kind: "gauge",
             help: "Held-out loss of each block's current version on the coordinator's screen (nats/byte; only with screening on).",

@@ -185,7 +185,7 @@ pub(super) async fn update(
         header(&parts.headers, "content-length").and_then(|v| v.parse().ok());
     if let Some(n) = declared.filter(|&n| n as usize > limit) {
         return Err(NodeError::TooLarge(format!(
-            "update of {n} bytes exceeds the limit of {limit}"
+            "update of {n} bytes exceeds the limit of {limit}; nothing stored"
         )));
     }
     let body = match tokio::time::timeout(UPLOAD_TIMEOUT, axum::body::to_bytes(body, limit)).await {

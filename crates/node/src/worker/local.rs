@@ -1,0 +1,193 @@
+//! A lease's local computation, as a pure function of public inputs (checkpoint, shard,
+//! lease): what the worker trains and what a checking coordinator recomputes. Also the
+//! test-only tampering of a malicious worker.
+use std::sync::{Mutex, MutexGuard};
+
+use blocktrain_model::data::WindowSampler;
+use blocktrain_model::run::Manifest;
+use blocktrain_model::trainer::Trainer;
+use blocktrain_protocol::codec::{self, Arrays, Codec};
+use blocktrain_protocol::wire::Lease;
+use tch::{Device, Kind};
+
+use crate::tensors::{delta, to_arrays};
+use crate::{NodeError, Result};
+
+/// How a malicious test worker tampers with its updates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Malice {
+    /// Sends -delta.
+    Flip,
+    /// Sends k x delta.
+    Scale(f32),
+    /// Sends Gaussian noise with each tensor's RMS.
+    Random,
+}
+
+impl std::str::FromStr for Malice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flip" => Ok(Malice::Flip),
+            "random" => Ok(Malice::Random),
+            _ => s
+                .strip_prefix("scale:")
+                .and_then(|k| k.parse().ok())
+                .map(Malice::Scale)
+                .ok_or_else(|| format!("malice must be flip, random or scale:K, got {s:?}")),
+        }
+    }
+}
+
+impl Malice {
+    /// The tampered version of `delta`.
+    pub fn apply(self, delta: &Arrays, seed: u64) -> Arrays {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        delta
+            .iter()
+            .map(|(name, a)| {
+                let rms = crate::merge::rms(a) as f32;
+                let data = a
+                    .data
+                    .iter()
+                    .map(|&v| match self {
+                        Malice::Flip => -v,
+                        Malice::Scale(k) => k * v,
+                        Malice::Random => {
+                            // Box-Muller: a normal draw scaled to the tensor's RMS.
+                            let (u1, u2): (f32, f32) =
+                                (rng.random::<f32>().max(1e-9), rng.random());
+                            rms * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                        }
+                    })
+                    .collect();
+                (
+                    name.clone(),
+                    blocktrain_protocol::codec::Array {
+                        shape: a.shape.clone(),
+                        data,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// Everything a lease's local training depends on: the worker and a checking
+/// coordinator build the same job and get the same update.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalJob<'a> {
+    /// The run (block shapes, objectives, inner optimizer).
+    pub manifest: &'a Manifest,
+    /// Block index, 0-based.
+    pub block: usize,
+    /// Start weights: the checkpoint exactly as the worker decoded it
+    /// ([`decode_checkpoint`] of the served bytes), not the coordinator's fp32 master.
+    pub base: &'a Arrays,
+    /// Steps, batch, seed and schedule position.
+    pub lease: &'a Lease,
+    /// The bytes windows are drawn from ([`shard_of`] of the run's train split, or a
+    /// worker's own data).
+    pub shard: &'a [u8],
+}
+
+/// Trains `job` from fresh AdamW moments and returns (delta = trained - base, mean
+/// training loss), or None once `keep_going()` turns false (checked before each step).
+///
+/// Step i of H' local steps sits at `schedule_step + i * span / H'` of the block's LR
+/// schedule; windows come from a sampler seeded by the lease seed and the masks of step
+/// i from `seed + i`, so nothing depends on the caller's history. Bit-identical results
+/// need the same inputs on the same device type, libtorch build and intra-op thread
+/// count (CPU reductions split by thread); across thread counts the results differ
+/// by float rounding only (see `verify`). Holds [`torch_rng`] around every draw.
+pub fn train_delta(
+    job: &LocalJob,
+    device: Device,
+    keep_going: &dyn Fn() -> bool,
+) -> Result<Option<(Arrays, f64)>> {
+    let LocalJob {
+        manifest,
+        block,
+        base,
+        lease,
+        shard,
+    } = *job;
+    let state = manifest.parts.get(block).ok_or_else(|| {
+        NodeError::Rejected(format!(
+            "lease names block {} of {}",
+            block + 1,
+            manifest.parts.len()
+        ))
+    })?;
+    let mut trainer = {
+        let _rng = torch_rng(); // Trainer::new seeds the global generator
+        Trainer::new(
+            &manifest.part_model(block),
+            state.objective,
+            manifest.optim.clone(),
+            device,
+            lease.seed as i64,
+        )?
+    };
+    trainer.load_weights(&codec::encode(base, Codec::Fp32))?;
+    let mut sampler = WindowSampler::new(shard, manifest.model.window, lease.seed, device)?;
+    let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
+    let span = lease.schedule_span.max(1);
+    for i in 0..lease.steps {
+        if !keep_going() {
+            return Ok(None);
+        }
+        let x = sampler.next_batch(lease.batch);
+        let pos = lease.schedule_step + i * span / lease.steps.max(1);
+        let lr = trainer.optim.lr_at(pos, lease.schedule_total);
+        let noise_seed = (lease.seed as i64).wrapping_add(i);
+        let _rng = torch_rng();
+        loss_sum += trainer.train_step_with(&x, lr, noise_seed);
+    }
+    let loss = loss_sum.double_value(&[]) / lease.steps.max(1) as f64;
+    Ok(Some((delta(&to_arrays(&trainer.weights())?, base), loss)))
+}
+
+/// A served checkpoint's weights (safetensors in the run's checkpoint codec), decoded
+/// against the shapes its own header declares.
+pub fn decode_checkpoint(bytes: &[u8]) -> blocktrain_protocol::Result<Arrays> {
+    let shapes = codec::header_shapes(bytes)?;
+    Ok(codec::decode(bytes, &shapes, usize::MAX)?.0)
+}
+
+/// Serialises use of libtorch's process-wide random generator: a step seeds it and then
+/// draws its masks, and another thread seeding in between (a second trainer, a
+/// coordinator's check) would change those draws. Everything in this crate that seeds
+/// libtorch holds this while it seeds and draws.
+pub fn torch_rng() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Slice `index` of `count` equal slices of `corpus` (the whole corpus when a slice
+/// would be two windows or less): the bytes a lease's shard fields name.
+pub fn shard_of(corpus: &[u8], index: u32, count: u32, window: i64) -> &[u8] {
+    let count = count.max(1) as usize;
+    let len = corpus.len() / count;
+    if len <= 2 * window as usize {
+        return corpus;
+    }
+    let start = (index as usize % count) * len;
+    &corpus[start..start + len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_disjoint_slices() {
+        let c: Vec<u8> = (0..100).collect();
+        assert_eq!(shard_of(&c, 0, 2, 4), &c[..50]);
+        assert_eq!(shard_of(&c, 1, 2, 4), &c[50..]);
+        assert_eq!(shard_of(&c, 3, 2, 4), &c[50..]);
+        assert_eq!(shard_of(&c, 0, 2, 40).len(), 100, "too small to split");
+    }
+}
