@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS leases (
     id INTEGER PRIMARY KEY, worker TEXT NOT NULL, block INTEGER NOT NULL,
     version INTEGER NOT NULL, slot INTEGER NOT NULL, steps INTEGER NOT NULL,
     seed INTEGER NOT NULL, issued_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
-    state TEXT NOT NULL);
+    state TEXT NOT NULL, public INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS leases_round ON leases (block, version, state);
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY, lease INTEGER, worker TEXT NOT NULL, block INTEGER,
@@ -126,6 +126,8 @@ pub struct LeaseRow {
     pub expires_ms: u64,
     /// State.
     pub state: String,
+    /// Trained on the run's shard although the worker has its own data (a check lease).
+    pub public: bool,
 }
 
 /// A pending update of an open round.
@@ -222,6 +224,15 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(TABLES)?;
+        // Databases from before check leases: add the column (default: not one).
+        let has_public: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'public'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_public {
+            conn.execute_batch("ALTER TABLE leases ADD COLUMN public INTEGER NOT NULL DEFAULT 0")?;
+        }
         let store = Store { conn, blobs };
         match store.meta("schema")? {
             None => store.set_meta("schema", &SCHEMA.to_string())?,
@@ -663,11 +674,12 @@ impl Store {
         seed: u64,
         now: u64,
         expires: u64,
+        public: bool,
     ) -> Result<i64> {
         self.conn.execute(
-            "INSERT INTO leases (worker, block, version, slot, steps, seed, issued_ms, expires_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active')",
-            params![worker, block as i64, version as i64, slot, steps, seed as i64, now as i64, expires as i64],
+            "INSERT INTO leases (worker, block, version, slot, steps, seed, issued_ms, expires_ms, state, public)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
+            params![worker, block as i64, version as i64, slot, steps, seed as i64, now as i64, expires as i64, public],
         )?;
         let id = self.conn.last_insert_rowid();
         self.conn.execute(
@@ -736,7 +748,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, worker, block, version, slot, steps, seed, expires_ms, state FROM leases WHERE id = ?1",
+                "SELECT id, worker, block, version, slot, steps, seed, expires_ms, state, public FROM leases WHERE id = ?1",
                 [id],
                 |r| {
                     Ok(LeaseRow {
@@ -749,6 +761,7 @@ impl Store {
                         seed: r.get::<_, i64>(6)? as u64,
                         expires_ms: r.get::<_, i64>(7)? as u64,
                         state: r.get(8)?,
+                        public: r.get(9)?,
                     })
                 },
             )

@@ -215,3 +215,56 @@ fn an_invite_belongs_to_the_first_key_that_uses_it() {
     let e = c.register(&key(3), &reg(&key(3), None), 4).unwrap_err();
     assert!(e.to_string().contains("invite"), "{e}");
 }
+
+#[test]
+fn own_data_buys_no_immunity_check_leases_are_recomputed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 2);
+    cfg.dataset = "shakespeare".into();
+    cfg.trust.spot_check_fraction = 1.0;
+    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+    let mut own = info();
+    own.data = Some(blocktrain_protocol::wire::DataShard {
+        blake3: "cd".repeat(32),
+        bytes: 1 << 20,
+    });
+    c.register(
+        &key(1),
+        &RegisterRequest {
+            info: own.clone(),
+            join_proof: None,
+        },
+        0,
+    )
+    .unwrap();
+    let l = match c.request_work(&key(1), &own, 1).unwrap() {
+        WorkReply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    // Sampled at the spot-check fraction (all, here): trained on the run's shard...
+    assert!(l.public_shard, "{l:?}");
+    // ...and recomputed: a made-up delta is caught, though the worker has its own data.
+    let w0 = weights(&c, &key(1), &l);
+    let e = submit(&mut c, &key(1), &l, &w0, 0.001, 2).unwrap_err();
+    assert!(e.to_string().contains("spot check"), "{e}");
+    assert_eq!(c.status().unwrap().flagged.len(), 1);
+
+    // With spot checks off, an own-data worker trains on its own data.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 2);
+    cfg.trust.spot_check_fraction = 0.0;
+    let mut c = Coordinator::open(dir.path(), Some(cfg), 0).unwrap();
+    c.register(
+        &key(1),
+        &RegisterRequest {
+            info: own.clone(),
+            join_proof: None,
+        },
+        0,
+    )
+    .unwrap();
+    match c.request_work(&key(1), &own, 1).unwrap() {
+        WorkReply::Lease(l) => assert!(!l.public_shard),
+        other => panic!("{other:?}"),
+    }
+}

@@ -67,6 +67,7 @@ fn setup(model: ModelConfig, steps: i64, batch: i64) -> Setup {
         schedule_span: steps,
         codec: "fp16".into(),
         lease_ms: 60_000,
+        public_shard: false,
     };
     Setup {
         base: decode_checkpoint(&served).unwrap(),

@@ -103,6 +103,11 @@ pub struct Lease {
     pub codec: String,
     /// The lease lapses unless renewed (`/v1/leases/{id}/heartbeat`) within this time.
     pub lease_ms: u64,
+    /// Train this lease on the run's corpus shard even if this worker brought its own
+    /// data: the coordinator recomputes such leases (a spot check), so own data never
+    /// exempts a worker from them.
+    #[serde(default)]
+    pub public_shard: bool,
 }
 
 /// `POST /v1/leases/{id}/heartbeat` reply.

@@ -275,9 +275,16 @@ impl Coordinator {
     fn spot_job(&mut self, lease: &LeaseRow) -> Result<Option<SpotJob>> {
         let fraction = self.cfg.trust.spot_check_fraction;
         let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
-        if !trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
-            || self.store.has_own_data(&lease.worker)?
-        {
+        let sampled = match (lease.public, self.store.has_own_data(&lease.worker)?) {
+            // A check lease of an own-data worker is always recomputed.
+            (true, _) => true,
+            // Its own-data leases cannot be (the data is not here): screened only.
+            (false, true) => false,
+            (false, false) => {
+                trust::sampled_for_spot_check(&secret, &format!("lease/{}", lease.id), fraction)
+            }
+        };
+        if !sampled {
             return Ok(None);
         }
         let corpus = match &self.corpus {

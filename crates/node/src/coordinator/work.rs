@@ -180,9 +180,23 @@ impl Coordinator {
             u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
         };
         let expires = now + self.lease_ms();
+        // A worker with its own data trains a keyed sample of its leases (the spot-check
+        // fraction) on the run's shard instead, and each of those is recomputed: its own
+        // data does not buy it immunity from spot checks. It learns which only when it
+        // takes the lease, so a cheat could be honest on exactly these; its own-data
+        // updates are checked by the held-out screen alone (recomputing them would need
+        // data that never leaves its host).
+        let public = self.store.has_own_data(key)? && {
+            let secret = blake3::derive_key("blocktrain check lease", &self.identity.secret());
+            trust::sampled_for_spot_check(
+                &secret,
+                &format!("{block}/{version}/{slot}/{seed}/{key}"),
+                self.cfg.trust.spot_check_fraction,
+            )
+        };
         let id = self
             .store
-            .insert_lease(key, block, version, slot, steps, seed, now, expires)?;
+            .insert_lease(key, block, version, slot, steps, seed, now, expires, public)?;
         let lease = self.store.lease(id)?.expect("just inserted");
         Ok(WorkReply::Lease(self.lease_reply(&lease, &heads[block])))
     }
@@ -223,6 +237,7 @@ impl Coordinator {
             schedule_span: t.local_steps,
             codec: self.cfg.wire.codec.clone(),
             lease_ms: self.lease_ms(),
+            public_shard: l.public,
         }
     }
 

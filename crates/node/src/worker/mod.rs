@@ -279,6 +279,9 @@ impl Session<'_> {
         );
 
         let mut current: Option<Current> = None;
+        // The run's corpus, for a worker with its own data: loaded for its first check
+        // lease (`Lease::public_shard`).
+        let mut public: Option<Vec<u8>> = None;
         let mut leases = 0;
         let mut refused_in_a_row = 0u32;
         // A wait owed after a refusal: served before asking again, not before leaving.
@@ -333,9 +336,19 @@ impl Session<'_> {
                 ))
             })?;
             let t0 = Instant::now();
-            let shard = match &opts.data {
-                Some(_) => &corpus[..], // own data: all of it
-                None => shard_of(
+            if opts.data.is_some() && lease.public_shard && public.is_none() {
+                public = Some(manifest.plan.dataset.load(Split::Train)?);
+            }
+            let shard = match (&opts.data, &public) {
+                // A check lease: the run's shard, which the coordinator can recompute.
+                (Some(_), Some(public)) if lease.public_shard => shard_of(
+                    public,
+                    lease.shard_index,
+                    lease.shard_count,
+                    manifest.model.window,
+                ),
+                (Some(_), _) => &corpus[..], // own data: all of it
+                (None, _) => shard_of(
                     &corpus,
                     lease.shard_index,
                     lease.shard_count,
