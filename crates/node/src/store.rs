@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS leases (
     seed INTEGER NOT NULL, issued_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
     state TEXT NOT NULL, public INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS leases_round ON leases (block, version, state);
+CREATE INDEX IF NOT EXISTS leases_state ON leases (state, expires_ms);
+CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker, state);
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY, lease INTEGER, worker TEXT NOT NULL, block INTEGER,
     version INTEGER, bytes INTEGER NOT NULL, hash TEXT, steps INTEGER, loss REAL,

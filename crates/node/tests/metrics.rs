@@ -179,6 +179,8 @@ fn scrape() -> (String, String) {
         join_proof: None,
     };
     let _: RunInfo = c.post_json("/v1/register", &req).unwrap();
+    // Public reads come from the status snapshot, refreshed every 250 ms.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     let r = reqwest::blocking::get(format!("{}/metrics", running.url())).unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let ctype = r.headers()["content-type"].to_str().unwrap().to_string();

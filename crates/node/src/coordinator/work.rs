@@ -104,7 +104,11 @@ impl Coordinator {
         }
         let (rate, last_block) = self.require_registered(key)?;
         self.store.touch_worker(key, info.step_rate, now)?;
-        self.tick(now)?;
+        // Lapsed leases free their slots here (one indexed UPDATE); rounds close at their
+        // quorum when an update is decided, and at their deadline on the ticker, so a work
+        // request does not walk every block.
+        let max_lease = (self.cfg.faults.max_lease_secs * 1000.0) as u64;
+        self.store.expire_leases(now, max_lease)?;
         let heads = self.store.heads()?;
         // A retried request (the reply was lost) gets the lease it already holds.
         if let Some(id) = self.store.active_lease_of(key)? {
