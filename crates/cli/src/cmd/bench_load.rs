@@ -51,6 +51,10 @@ pub struct BenchLoadArgs {
     /// Also run the load against a coordinator that fsyncs every commit, and report both.
     #[arg(long)]
     pub compare: bool,
+    /// Also run the load against the coordinator of another `blocktrain` build (e.g. an
+    /// older commit's), side by side.
+    #[arg(long)]
+    pub baseline_exe: Option<PathBuf>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-load.json")]
     pub json: PathBuf,
@@ -93,9 +97,14 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.spot_checks) {
         bail!("--spot-checks is a fraction in [0, 1]");
     }
-    let mut rows = vec![run_once(&args, "group commit", false)?];
+    let exe = std::env::current_exe()?;
+    let mut rows = vec![run_once(&args, &exe, "group commit", false)?];
     if args.compare {
-        rows.push(run_once(&args, "fsync per commit", true)?);
+        rows.push(run_once(&args, &exe, "fsync per commit", true)?);
+    }
+    if let Some(old) = &args.baseline_exe {
+        let label = format!("baseline {}", old.display());
+        rows.push(run_once(&args, old, &label, false)?);
     }
     println!("\n| coordinator | workers | uploaders | spot checks | requests | req/s | p50 ms | p99 ms | max ms | errors | uploads | upload p50 ms | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -127,21 +136,27 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
 /// One load run against a fresh coordinator process; its JSON row.
 fn run_once(
     args: &BenchLoadArgs,
+    exe: &std::path::Path,
     label: &str,
     sync_every_commit: bool,
 ) -> Result<serde_json::Value> {
     let dir = tempdir_for("bench-load")?;
     let toml = dir.join("run.toml");
+    // With uploaders, every worker can hold a lease (the lease holders would otherwise
+    // fill every slot and the uploaders only ever be told to wait).
+    let per_block = match args.uploaders {
+        0 => 4,
+        n => (args.workers + n).div_ceil(args.blocks.max(1)) + 4,
+    };
     // A tiny model: the coordinator's per-request work, not training, is measured.
     std::fs::write(
         &toml,
         format!(
-            "blocks = {}\ndataset = \"shakespeare\"\n[model]\nd_model = 16\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 16\ncausal = false\nt_cond = false\n[training]\nrounds = 1000000\nworkers_per_block = 4\nlocal_steps = 4\nbatch = 4\n[trust]\nscreen_windows = {}\nspot_check_fraction = {}\n",
-            args.blocks, args.screen_windows, args.spot_checks
+            "blocks = {}\ndataset = \"shakespeare\"\n[model]\nd_model = 16\nn_layers = 1\nn_heads = 2\nmlp_ratio = 2\nwindow = 16\ncausal = false\nt_cond = false\n[training]\nrounds = 1000000\nworkers_per_block = {}\nlocal_steps = 4\nbatch = 4\n[trust]\nscreen_windows = {}\nspot_check_fraction = {}\n",
+            args.blocks, per_block, args.screen_windows, args.spot_checks
         ),
     )?;
     let state = dir.join("state");
-    let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     if sync_every_commit {
         cmd.env("BLOCKTRAIN_SYNC_EVERY_COMMIT", "1");
