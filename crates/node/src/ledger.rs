@@ -290,7 +290,7 @@ impl Ledger {
             params![idx as i64, json],
         )?;
         conn.execute(
-            "INSERT OR IGNORE INTO ledger_workers (idx, worker) VALUES (?1, ?2)",
+            "INSERT OR REPLACE INTO ledger_workers (idx, worker) VALUES (?1, ?2)",
             params![idx as i64, receipt.claim.worker],
         )?;
         self.log.tree.push(receipt.leaf_bytes());

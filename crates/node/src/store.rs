@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS updates (
     state TEXT NOT NULL, reason TEXT, received_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates (block, version, state);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_one_per_lease ON updates (lease) WHERE state != 'rejected';
+CREATE INDEX IF NOT EXISTS updates_lease ON updates (lease);
+CREATE INDEX IF NOT EXISTS updates_block_time ON updates (block, received_ms);
+CREATE INDEX IF NOT EXISTS updates_hash ON updates (hash);
 CREATE TABLE IF NOT EXISTS traffic (
     worker TEXT NOT NULL, block INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 0,
     down INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (worker, block));
@@ -226,15 +229,6 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(TABLES)?;
-        // Databases from before check leases: add the column (default: not one).
-        let has_public: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'public'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_public {
-            conn.execute_batch("ALTER TABLE leases ADD COLUMN public INTEGER NOT NULL DEFAULT 0")?;
-        }
         let store = Store { conn, blobs };
         match store.meta("schema")? {
             None => store.set_meta("schema", &SCHEMA.to_string())?,
@@ -245,6 +239,18 @@ impl Store {
                     dir.display()
                 )))
             }
+        }
+        // Databases from before check leases: add the column (default: not one). After
+        // the schema check, so a database this build refuses is left as it was.
+        let has_public: bool = store.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'public'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_public {
+            store
+                .conn
+                .execute_batch("ALTER TABLE leases ADD COLUMN public INTEGER NOT NULL DEFAULT 0")?;
         }
         Ok(store)
     }

@@ -268,3 +268,55 @@ fn own_data_buys_no_immunity_check_leases_are_recomputed() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_second_upload_while_the_first_is_vetted_is_refused_and_records_nothing() {
+    use blocktrain_node::coordinator::Admitted;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_two_workers(dir.path(), tiny(1, 2));
+    let a = lease(&mut c, &key(1), 0);
+    let w0 = weights(&c, &key(1), &a);
+    let body = codec::encode(&filled(&w0, 0.001), Codec::Fp32);
+    let other = codec::encode(&filled(&w0, 0.002), Codec::Fp32);
+    let first = c
+        .admit_update(
+            &key(1),
+            a.id,
+            body.clone(),
+            None,
+            claim(&key(1), &a, &body),
+            1,
+        )
+        .unwrap();
+    let Admitted::Vet(job) = first else {
+        panic!("expected a vetting job")
+    };
+    // While it is vetted (off the lock), another upload on the lease is refused.
+    let e = c
+        .admit_update(
+            &key(1),
+            a.id,
+            other.clone(),
+            None,
+            claim(&key(1), &a, &other),
+            2,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("being vetted"), "{e}");
+    assert_eq!(
+        c.status()
+            .unwrap()
+            .updates
+            .get("rejected")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    // The first is decided once; then the lease is delivered.
+    c.decide(job.run(), 3).unwrap();
+    assert_eq!(c.status().unwrap().updates["pending"], 1);
+    let e = c
+        .submit_update(&key(1), a.id, &other, None, claim(&key(1), &a, &other), 4)
+        .unwrap_err();
+    assert!(e.to_string().contains("delivered"), "{e}");
+}

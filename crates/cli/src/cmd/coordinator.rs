@@ -76,7 +76,9 @@ fn init_logging_at(level: &str) {
 
 /// Whether any worker key may join.
 fn is_open(auth: &AuthConfig) -> bool {
-    auth.join_secret.as_deref().is_none_or(str::is_empty) && auth.allow.is_empty()
+    auth.join_secret.as_deref().is_none_or(str::is_empty)
+        && auth.allow.is_empty()
+        && auth.invites.is_empty()
 }
 
 /// The start-up exposure check: off loopback, an open run needs --open-registration

@@ -178,6 +178,14 @@ pub struct Coordinator {
     shapes: Vec<Shapes>,
     /// Per block, the current version's weights (shared with vetting jobs).
     current: Vec<Arc<Arrays>>,
+    /// Whether commits skip their fsync (a group commit flushes them; see `defer_sync`).
+    deferred_sync: bool,
+    /// Files to delete once the commits that stopped naming them are flushed: (staged
+    /// at the last tick, queued since). The server's ticker flushes after every tick,
+    /// so what was queued before one tick is deleted at the next.
+    doomed: (Vec<PathBuf>, Vec<PathBuf>),
+    /// Leases with an upload admitted and not yet decided (a second one is refused).
+    vetting: std::collections::HashSet<i64>,
     /// Per block, whether it is stalled (see [`BlockStatus::stalled`]), and when that
     /// was last checked.
     stalled: (Vec<bool>, u64),
@@ -340,6 +348,9 @@ impl Coordinator {
             cfg,
             screen_changes,
             stalled: (vec![false; shapes.len()], 0),
+            vetting: Default::default(),
+            deferred_sync: false,
+            doomed: Default::default(),
             screens,
             heldout,
             corpus: None,
@@ -358,7 +369,8 @@ impl Coordinator {
     /// Hands durability to a group commit: commits stop waiting for the disk, and an
     /// fsync of the returned WAL file makes every earlier one durable
     /// ([`crate::server`] does so before it replies).
-    pub fn defer_sync(&self) -> Result<PathBuf> {
+    pub fn defer_sync(&mut self) -> Result<PathBuf> {
+        self.deferred_sync = true;
         self.store.defer_sync(&self.state_dir)
     }
 

@@ -107,10 +107,19 @@ impl Coordinator {
             self.store
                 .prune_versions(block, new_head.version + 1 - keep)?;
         }
-        // Drop merged update bodies nothing else names (identical bodies share a blob).
+        // Drop merged update bodies nothing else names (identical bodies share a blob):
+        // at once when every commit is durable, else once the group commit has flushed
+        // this one (a power loss could otherwise revert the merge and find the bodies of
+        // its still-pending updates gone).
         for p in &pending {
             if !self.store.blob_referenced(&p.hash)? {
-                let _ = std::fs::remove_file(self.store.blob_path(&p.hash));
+                let path = self.store.blob_path(&p.hash);
+                match self.deferred_sync {
+                    true => self.doomed.1.push(path),
+                    false => {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
             }
         }
         Ok(())

@@ -132,6 +132,11 @@ impl Coordinator {
             )));
         }
         let lease = self.owned_lease(key, lease_id).map_err(nothing_stored)?;
+        if self.vetting.contains(&lease_id) {
+            return Err(NodeError::Rejected(format!(
+                "an upload on lease {lease_id} is being vetted; wait for its reply (nothing stored)"
+            )));
+        }
         let body_hash = content_hash(&body);
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
@@ -145,6 +150,7 @@ impl Coordinator {
         }
         match self.admission(&lease, &body, &body_hash, claim) {
             Ok((claim, screen, spot)) => {
+                self.vetting.insert(lease_id);
                 let shapes = self.shapes[lease.block].clone();
                 let lr_steps = self.cfg.optim.lr * lease.steps as f64;
                 let rms_bounds = (
@@ -169,6 +175,15 @@ impl Coordinator {
             }
             Err(refused) => {
                 let (mut e, claim) = *refused;
+                // The coordinator's own trouble (database, corpus) is not the worker's:
+                // nothing recorded, the lease stays open, and no internal text goes
+                // into a public receipt.
+                if !matches!(
+                    e,
+                    NodeError::Rejected(_) | NodeError::Stale(_) | NodeError::TooLarge(_)
+                ) {
+                    return Err(e);
+                }
                 self.refuse_once(&lease, body.len() as u64, &mut e, &body_hash, claim, now)?;
                 Err(e)
             }
@@ -257,6 +272,14 @@ impl Coordinator {
                     lease.id
                 )))
             }
+            // A decision row with the lease still open: a crash between recording a
+            // refusal and closing the lease. It stays closed.
+            _ if self.store.lease_decided(lease.id)? => {
+                return Err(NodeError::Rejected(format!(
+                    "lease {} already had its one upload decided; ask for new work",
+                    lease.id
+                )))
+            }
             _ => {}
         }
         let head_version = self.store.heads()?[lease.block].version;
@@ -318,15 +341,48 @@ impl Coordinator {
         trust::calibrated_threshold(self.cfg.trust.screen_threshold, &recent)
     }
 
+    /// Forgets an admitted upload whose vetting died (a panicked task), so its lease can
+    /// take an upload again.
+    pub fn abandon_vetting(&mut self, lease: i64) {
+        self.vetting.remove(&lease);
+    }
+
     /// Decides a vetted upload under the lock. The lease is checked again first: the
     /// round may have closed, or another upload on the lease been decided, while it was
     /// vetted.
     pub fn decide(&mut self, vetted: Vetted, now: u64) -> Result<UpdateReply> {
         let Vetted { job, outcome } = vetted;
+        self.vetting.remove(&job.lease.id);
         let lease = self
             .store
             .lease(job.lease.id)?
             .ok_or_else(|| NodeError::NotFound(format!("lease {}", job.lease.id)))?;
+        // A failed spot check flags the worker whatever became of the round meanwhile.
+        if let Err(Refusal::Flagged(reason)) = &outcome {
+            self.store.flag_worker(&job.key, reason)?;
+        }
+        // Decided while this one was vetted: the worker was flagged (another lease's
+        // spot check), or the same bytes were accepted on another lease.
+        let recheck =
+            if self.store.is_flagged(&job.key)? && !matches!(outcome, Err(Refusal::Flagged(_))) {
+                Some(format!(
+                    "worker {} failed a spot check while this update was vetted",
+                    short(&job.key)
+                ))
+            } else {
+                self.store
+                    .accepted_with_hash(&job.body_hash)?
+                    .map(|(id, worker)| {
+                        format!(
+                    "replay: these exact bytes were already accepted as update {id} from worker {}",
+                    short(&worker)
+                )
+                    })
+            };
+        let outcome = match (recheck, outcome) {
+            (Some(reason), Ok(_)) => Err(Refusal::Refused(reason)),
+            (_, outcome) => outcome,
+        };
         if let Some((id, hash)) = self.store.update_of_lease(lease.id)? {
             if hash == job.body_hash {
                 let block_version = self.store.heads()?[lease.block].version;
@@ -363,8 +419,8 @@ impl Coordinator {
                 return Err(e);
             }
             Err(Refusal::Flagged(reason)) => {
-                // The lease is void (never revived) and the worker gets no more work.
-                self.store.flag_worker(&job.key, &reason)?;
+                // The lease is void (never revived) and the worker gets no more work
+                // (flagged above).
                 let mut e = NodeError::Rejected(reason);
                 let claim = Some(job.claim);
                 self.refuse_once(
@@ -461,6 +517,11 @@ impl Coordinator {
 }
 
 impl VetJob {
+    /// The lease this upload is for.
+    pub fn lease_id(&self) -> i64 {
+        self.lease.id
+    }
+
     /// The expensive checks, without the coordinator: decode, norms, codec, held-out
     /// screening, spot check.
     pub fn run(self) -> Vetted {

@@ -52,6 +52,10 @@ impl Coordinator {
         let max_lease = (self.cfg.faults.max_lease_secs * 1000.0) as u64;
         self.store.expire_leases(now, max_lease)?;
         self.watch_stalls(now)?;
+        for path in std::mem::take(&mut self.doomed.0) {
+            let _ = std::fs::remove_file(path);
+        }
+        self.doomed.0 = std::mem::take(&mut self.doomed.1);
         for block in 0..self.cfg.blocks {
             if let Err(e) = self.maybe_close(block, now) {
                 tracing::error!("block {}: round not closed: {e}", block + 1);

@@ -167,7 +167,8 @@ pub(super) fn authenticate(
             "request signed before this coordinator started; sign it again".into(),
         ));
     }
-    gate.fresh(&auth.key, &auth.nonce, now)?;
+    // The rate first: a flood from one key is refused before it fills the nonce cache.
     Gate::limit(&gate.keys, &auth.key, "signed requests from this key")?;
+    gate.fresh(&auth.key, &auth.nonce, now)?;
     Ok(auth.key)
 }

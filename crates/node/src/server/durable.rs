@@ -73,6 +73,15 @@ impl GroupCommit {
         }
     }
 
+    /// Whether a flush ever failed (then no write is acknowledged as done again).
+    pub fn failed(&self) -> bool {
+        self.tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed
+            .is_some()
+    }
+
     /// Flushes made so far (each covering every ticket taken before it began).
     pub fn flushed(&self) -> u64 {
         *self.done.borrow()
@@ -112,13 +121,16 @@ fn flush_loop(gc: std::sync::Weak<GroupCommit>) {
             }),
         };
         let mut t = gc.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(()) => t.failed = None,
-            Err(e) => {
-                tracing::error!("fsync of {}: {e}", gc.wal.display());
-                t.failed = Some(e.to_string());
-                file = None;
-            }
+        // A failed fsync is permanent: the kernel may have dropped the dirty pages, and
+        // a later fsync that succeeds proves nothing about them. Every waiter from then
+        // on is told its state is not on disk; the operator restarts the coordinator.
+        if let Err(e) = result {
+            tracing::error!(
+                "fsync of {} failed: {e}; no write is acknowledged from now on: restart the coordinator",
+                gc.wal.display()
+            );
+            t.failed.get_or_insert(e.to_string());
+            file = None;
         }
         t.flushed = target;
         drop(t);
@@ -152,8 +164,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_wal_is_an_error_not_a_silent_success() {
         let dir = tempfile::tempdir().unwrap();
-        let gc = GroupCommit::start(dir.path().join("absent-wal"));
+        let wal = dir.path().join("absent-wal");
+        let gc = GroupCommit::start(wal.clone());
         let e = gc.synced().await.unwrap_err();
         assert!(e.to_string().contains("not flushed"), "{e}");
+        // A failure is permanent: a later fsync that works proves nothing about the
+        // pages the failed one may have lost.
+        std::fs::write(&wal, b"pages").unwrap();
+        assert!(gc.synced().await.is_err());
+        assert!(gc.failed());
     }
 }

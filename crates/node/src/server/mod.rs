@@ -62,6 +62,11 @@ pub struct AppState {
     pub(crate) bound: Option<std::net::SocketAddr>,
     /// A lease's life, ms (`/metrics` counts workers heard from within one as active).
     pub(crate) lease_ms: u64,
+    /// When a consistency proof to an older log size was last served.
+    pub(crate) prefix_proofs: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Bounds the upload bodies buffered at once (before their signature can be checked,
+    /// a body must be read whole): beyond it, uploads are told to retry.
+    pub(crate) upload_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -84,6 +89,9 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 
 /// Most time a request other than an upload or a download may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upload bodies buffered at once (each at most the run's update limit).
+const UPLOAD_BODIES: usize = 8;
 
 /// Most time an upload's body may take to arrive (a slow sender holds a connection
 /// and a buffer while it trickles).
@@ -213,7 +221,7 @@ pub(crate) fn app(
     bound: Option<std::net::SocketAddr>,
 ) -> crate::Result<(Router, AppState)> {
     let (gate, reader, wal, lease_ms) = {
-        let c = coord.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = coord.lock().unwrap_or_else(|p| p.into_inner());
         let gate = Gate::new(
             (c.config().faults.max_skew_secs * 1000.0) as u64,
             now_ms(),
@@ -236,6 +244,8 @@ pub(crate) fn app(
         durable: wal.map(durable::GroupCommit::start),
         bound,
         lease_ms,
+        prefix_proofs: Arc::new(Mutex::new(None)),
+        upload_bodies: Arc::new(tokio::sync::Semaphore::new(UPLOAD_BODIES)),
     };
     // Uploads and downloads carry their own limits (a body deadline; a file served in
     // ranges); everything else answers within REQUEST_TIMEOUT.
@@ -316,6 +326,11 @@ pub async fn serve_with(
             match ticked.await {
                 Ok(status) => store_snapshot(status, &state.snapshot),
                 Err(e) => tracing::error!("status snapshot not refreshed: {e}"),
+            }
+            // What the tick committed (lapsed leases, closed rounds, receipts and tree
+            // heads) is flushed before the next tick, whether or not a request follows.
+            if let Err(e) = state.synced().await {
+                tracing::error!("tick: {e}");
             }
         }
     });

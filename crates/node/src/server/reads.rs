@@ -14,6 +14,9 @@ use super::{with, AppState, Reply};
 use crate::ledger::{Ledger, Page};
 use crate::NodeError;
 
+/// Least time between two proofs to an older log size (each rebuilds a prefix).
+const PREFIX_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Receipts per page, by default and at most.
 const PAGE: (usize, usize) = (100, 1000);
 
@@ -174,6 +177,7 @@ pub(super) async fn ledger_consistency(
     State(s): State<AppState>,
     Query(q): Query<ConsistencyQuery>,
 ) -> Reply<impl IntoResponse> {
+    let prefix_gate = s.prefix_proofs.clone();
     let proof = with(&s.coord, move |co| {
         let to = match q.to {
             Some(t) => t,
@@ -185,13 +189,22 @@ pub(super) async fn ledger_consistency(
                 q.from
             )));
         }
-        // A proof to an older size rebuilds that prefix of the tree (linear work): only
-        // sizes the coordinator signed a head for are served, each a real checkpoint a
-        // client may hold.
-        if to != co.ledger().len() && Ledger::head(co.conn(), to)?.is_none() {
-            return Err(NodeError::NotFound(format!(
-                "no signed tree head of size {to}"
-            )));
+        // A proof to an older size rebuilds that prefix of the tree (linear work under
+        // the lock): only to sizes the coordinator signed a head for, and at most one
+        // such proof a second for everyone together (a worker's audit asks for one).
+        if to != co.ledger().len() {
+            if Ledger::head(co.conn(), to)?.is_none() {
+                return Err(NodeError::NotFound(format!(
+                    "no signed tree head of size {to}"
+                )));
+            }
+            let mut last = prefix_gate.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t: std::time::Instant| t.elapsed() < PREFIX_EVERY) {
+                return Err(NodeError::Busy(
+                    "proofs to older log sizes are served one a second; try again".into(),
+                ));
+            }
+            *last = Some(std::time::Instant::now());
         }
         co.ledger().prove_consistency(q.from, to)
     })

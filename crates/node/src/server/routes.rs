@@ -50,7 +50,8 @@ pub(super) async fn probe(
     }
     let req: ProbeRequest = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("probe body: {e}")))?;
-    let ip = peer.ip();
+    // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d: look through it.
+    let ip = peer.ip().to_canonical();
     let local_only = s.bound.is_some_and(|b| b.ip().is_loopback());
     if (ip.is_loopback() || ip.is_unspecified()) && !local_only {
         return Err(NodeError::Forbidden(
@@ -188,6 +189,11 @@ pub(super) async fn update(
             "update of {n} bytes exceeds the limit of {limit}; nothing stored"
         )));
     }
+    // Before its signature can be checked a body must be read whole: bound how many are
+    // buffered at once, so unauthenticated senders cannot fill memory.
+    let _body_slot = s.upload_bodies.clone().try_acquire_owned().map_err(|_| {
+        NodeError::Busy("too many uploads arriving at once; nothing stored, retry shortly".into())
+    })?;
     let body = match tokio::time::timeout(UPLOAD_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
@@ -213,21 +219,49 @@ pub(super) async fn update(
         s.synced().await?;
     }
     let admitted = admitted?;
+    drop(_body_slot);
     let job = match admitted {
-        Admitted::Replayed(reply) => return Ok(Json(reply)),
+        Admitted::Replayed(reply) => {
+            s.synced().await?;
+            return Ok(Json(reply));
+        }
         Admitted::Vet(job) => job,
     };
-    let _slot = s
-        .vetting
-        .acquire()
-        .await
-        .map_err(|_| NodeError::Busy("the coordinator is shutting down".into()))?;
-    let vetted = tokio::task::spawn_blocking(move || job.run())
+    let lease_id = job.lease_id();
+    // Vetting and the decision run in a task of their own, holding their pool slot:
+    // a client that hangs up does not free the slot while the compute goes on, and an
+    // admitted upload is always decided (the lease is marked as vetting until then).
+    let st = s.clone();
+    let decided = tokio::spawn(async move {
+        let slot = st
+            .vetting
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| NodeError::Busy("the coordinator is shutting down".into()))?;
+        let vetted = tokio::task::spawn_blocking(move || {
+            let vetted = job.run();
+            drop(slot);
+            vetted
+        })
         .await
         .map_err(|e| NodeError::Network(format!("vetting task failed: {e}")))?;
-    let reply = with(&s.coord, move |co| co.decide(vetted, now_ms())).await;
-    s.synced().await?;
-    Ok(Json(reply?))
+        let reply = with(&st.coord, move |co| co.decide(vetted, now_ms())).await;
+        st.synced().await?;
+        reply
+    });
+    let reply = match decided.await {
+        Ok(reply) => reply?,
+        Err(e) => {
+            let _ = with(&s.coord, move |co| {
+                co.abandon_vetting(lease_id);
+                Ok(())
+            })
+            .await;
+            return Err(NodeError::Network(format!("decision task failed: {e}")));
+        }
+    };
+    Ok(Json(reply))
 }
 
 /// The worker's signed claim about its upload: `x-blocktrain-claim` (hex of the
