@@ -74,6 +74,7 @@ impl GroupCommit {
     }
 
     /// Whether a flush ever failed (then no write is acknowledged as done again).
+    #[cfg(test)]
     pub fn failed(&self) -> bool {
         self.tickets
             .lock()
