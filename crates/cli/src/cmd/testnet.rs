@@ -224,8 +224,24 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             break;
         }
         if started.elapsed() > Duration::from_secs(300) {
+            // The invariant: every block reaches its last version. Say which did not.
+            let behind: Vec<String> = s
+                .blocks
+                .iter()
+                .filter(|b| b.version < b.rounds)
+                .map(|b| {
+                    format!(
+                        "block {} at version {}/{}{}",
+                        b.block + 1,
+                        b.version,
+                        b.rounds,
+                        if b.stalled { " (stalled)" } else { "" }
+                    )
+                })
+                .collect();
             bail!(
-                "training did not finish within 300 s under faults; logs in {}",
+                "training did not finish within 300 s under faults: {}; logs in {}",
+                behind.join(", "),
                 logs.display()
             );
         }
