@@ -33,6 +33,9 @@ pub enum BenchCommand {
     /// Per-layer serving cost (denoise step, cached AR step) of large logical shapes,
     /// extrapolated to a target size over several hosts.
     Layers(crate::cmd::bench_layers::BenchLayersArgs),
+    /// Detection of cheating workers (flipped, scaled, noise, other data, screen-tuned,
+    /// empty updates) at the shipped trust defaults, over seeded in-process runs.
+    Attacks(crate::cmd::bench_attacks::BenchAttacksArgs),
     /// One configuration, in a child process (used by `bench train`).
     #[command(hide = true)]
     TrainOne(TrainOneArgs),
@@ -88,6 +91,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Inference(a) => crate::cmd::bench_inference::run(a),
         BenchCommand::Load(a) => crate::cmd::bench_load::run(a),
         BenchCommand::Layers(a) => crate::cmd::bench_layers::run(a),
+        BenchCommand::Attacks(a) => crate::cmd::bench_attacks::run(a),
         BenchCommand::TrainOne(a) => train_one(a),
     }
 }

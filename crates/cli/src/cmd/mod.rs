@@ -1,5 +1,8 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_attacks;
+pub mod bench_attacks_report;
+pub mod bench_attacks_trial;
 pub mod bench_inference;
 pub mod bench_layers;
 pub mod bench_load;
