@@ -140,3 +140,30 @@ fn coordinator_killed_and_restarted_loses_no_version() {
     assert_eq!(&now[..committed.len()], &committed[..]);
     check_state(&dir.join("state"));
 }
+
+/// The setup of the crash-safety run that stalled (d=32, batch 8, 10 local steps, 2
+/// workers per block, the default screen), as a liveness invariant: every block reaches
+/// its last version, for each seed. (These seeds also finished on the build before the
+/// fix; the stall's mechanism, a refused slot re-leased with the same seed, is
+/// reproduced deterministically by `a_refused_slot_is_reseeded_and_a_lapsed_one_is_not`
+/// in crates/node/tests/trust_rules.rs.)
+#[test]
+fn the_stalling_setup_reaches_every_last_version_for_each_seed() {
+    for seed in [1, 2] {
+        let dir = scratch(&format!("stall-{seed}"));
+        let run = run_toml(&dir, 2, 3, 10, 2, &format!("seed = {seed}"));
+        let (mut coord, _url, mut ws, s) = train_to_done(&dir, &run, 2, 2, 3);
+        assert!(
+            s.blocks.iter().all(|b| !b.stalled),
+            "seed {seed}: {:?}",
+            s.blocks
+        );
+        for w in ws.iter_mut() {
+            assert!(
+                wait_exit(w, Duration::from_secs(60)).success(),
+                "seed {seed}"
+            );
+        }
+        assert!(wait_exit(&mut coord, Duration::from_secs(30)).success());
+    }
+}
