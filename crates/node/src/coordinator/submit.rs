@@ -405,33 +405,18 @@ impl Coordinator {
         }
         let verdict = match outcome {
             Ok(v) => v,
-            Err(Refusal::Refused(reason)) => {
+            Err(refusal) => {
+                let (reason, flagged) = match refusal {
+                    Refusal::Refused(reason) => (reason, false),
+                    // Flagged above; the lease is also void (never revived).
+                    Refusal::Flagged(reason) => (reason, true),
+                };
                 let mut e = NodeError::Rejected(reason);
-                let claim = Some(job.claim);
-                self.refuse_once(
-                    &lease,
-                    job.body.len() as u64,
-                    &mut e,
-                    &job.body_hash,
-                    claim,
-                    now,
-                )?;
-                return Err(e);
-            }
-            Err(Refusal::Flagged(reason)) => {
-                // The lease is void (never revived) and the worker gets no more work
-                // (flagged above).
-                let mut e = NodeError::Rejected(reason);
-                let claim = Some(job.claim);
-                self.refuse_once(
-                    &lease,
-                    job.body.len() as u64,
-                    &mut e,
-                    &job.body_hash,
-                    claim,
-                    now,
-                )?;
-                self.store.set_lease_state(lease.id, lease_state::VOID)?;
+                let bytes = job.body.len() as u64;
+                self.refuse_once(&lease, bytes, &mut e, &job.body_hash, Some(job.claim), now)?;
+                if flagged {
+                    self.store.set_lease_state(lease.id, lease_state::VOID)?;
+                }
                 return Err(e);
             }
         };
