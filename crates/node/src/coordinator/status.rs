@@ -39,22 +39,21 @@ impl Coordinator {
                 stalled: self.stalled.0.get(h.block).copied().unwrap_or(false),
             });
         }
+        // Bytes per worker in one pass (the ticker builds this status every 250 ms: a
+        // scan of the traffic table per worker would be workers x rows each time).
+        let mut per_worker: HashMap<&str, (u64, u64)> = HashMap::new();
+        for t in &traffic {
+            let e = per_worker.entry(t.worker.as_str()).or_default();
+            *e = (e.0 + t.up, e.1 + t.down);
+        }
         let workers = self
             .store
             .workers()?
             .into_iter()
             .map(
                 |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
-                    bytes_up: traffic
-                        .iter()
-                        .filter(|t| t.worker == key)
-                        .map(|t| t.up)
-                        .sum(),
-                    bytes_down: traffic
-                        .iter()
-                        .filter(|t| t.worker == key)
-                        .map(|t| t.down)
-                        .sum(),
+                    bytes_up: per_worker.get(key.as_str()).map_or(0, |b| b.0),
+                    bytes_down: per_worker.get(key.as_str()).map_or(0, |b| b.1),
                     key,
                     device,
                     step_rate,
