@@ -59,8 +59,9 @@ mod receipts;
 mod round;
 mod status;
 mod submit;
+mod vet;
 
-pub use submit::{Admitted, VetJob, Vetted};
+pub use vet::{Admitted, VetJob, Vetted};
 mod work;
 
 /// What a worker needs to build a block's network (`GET /v1/run`).
