@@ -9,8 +9,9 @@
 //!
 //! SQLite itself fsyncs the WAL before a checkpoint copies it into the database, so
 //! checkpoints lose nothing; a process crash loses nothing either (the WAL's pages are in
-//! the OS's cache); only a power loss could take commits whose flush had not finished,
-//! and those requests had not been answered.
+//! the OS's cache); only a power loss could take commits whose flush had not finished:
+//! no reply that wrote them had been sent, though a public read (the status snapshot,
+//! a ledger page) may have shown them for up to one tick.
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
@@ -144,7 +145,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_waiters_share_flushes() {
+    async fn every_concurrent_waiter_is_answered_after_a_flush() {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("x-wal");
         std::fs::write(&wal, b"pages").unwrap();
