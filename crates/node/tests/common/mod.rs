@@ -1,6 +1,6 @@
 //! Helpers of the coordinator tests: a tiny run, registered test keys, leases, signed
 //! claims and synthetic deltas.
-#![allow(dead_code)] // each test file uses its own subset
+#![allow(dead_code, unused_imports)] // each test file uses its own subset
 
 pub use blocktrain_model::config::ModelConfig;
 pub use blocktrain_node::config::{OuterKind, RunConfig};
