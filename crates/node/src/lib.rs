@@ -1,8 +1,11 @@
 //! BlockTrain's network roles.
 //!
-//! - [`coordinator`]: the run's state machine (leases, rounds, merges), durable in
-//!   SQLite ([`store`]) with checkpoints as content-addressed files; no I/O of its own
-//!   beyond that, so it is unit-tested with an explicit clock.
+//! - [`core`]: the coordinator's decisions (assignment, leases, lapses, one decided
+//!   upload per lease, round readiness, stalls) as a pure state machine: in memory,
+//!   time passed in, no I/O; unit-tested without a database or libtorch.
+//! - [`coordinator`]: the shell around the core: SQLite ([`store`]) as its journal,
+//!   checkpoints as content-addressed files, vetting, merges and receipts; tested with
+//!   an explicit clock.
 //! - [`server`]: the coordinator's HTTP API (axum): signature checks, body limits,
 //!   `/v1/status`, `/metrics`.
 //! - [`dashboard`]: the web page the server shows at `/` (blocks, held-out CE chart,
@@ -23,6 +26,7 @@
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod core;
 pub mod dashboard;
 pub mod inference;
 pub mod ledger;
@@ -93,6 +97,16 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The first 12 characters of a key or hash, for messages.
+/// Peer input may be any UTF-8, so the cut is made at a character boundary (a byte
+/// index could land inside a character and panic).
+pub fn short(s: &str) -> &str {
+    match s.char_indices().nth(12) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {

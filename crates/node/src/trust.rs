@@ -14,7 +14,7 @@
 //! Every decision, accept or reject, becomes a receipt in the ledger ([`crate::ledger`]).
 use blocktrain_protocol::receipt::{Claim, RECEIPT_VERSION};
 
-use crate::store::LeaseRow;
+use crate::core::LeaseRow;
 
 /// Checks a worker's claim against its lease and the bytes it sent.
 pub fn check_claim(
@@ -91,17 +91,7 @@ pub fn unsigned_claim(
 /// Whether update `hash` is spot-checked: a draw keyed with the coordinator's secret,
 /// so it is reproducible for the coordinator but a worker cannot tell in advance which
 /// of its updates will be recomputed (and cheat only on the others).
-pub fn sampled_for_spot_check(secret: &[u8; 32], hash: &str, fraction: f64) -> bool {
-    if fraction <= 0.0 {
-        return false;
-    }
-    if fraction >= 1.0 {
-        return true;
-    }
-    let h = blake3::keyed_hash(secret, format!("spot-check/{hash}").as_bytes());
-    let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-    (x as f64 / u64::MAX as f64) < fraction
-}
+pub use crate::core::sampled as sampled_for_spot_check;
 
 /// Accepted updates needed before the calibration replaces the configured threshold.
 pub const SCREEN_CALIBRATION_MIN: usize = 8;

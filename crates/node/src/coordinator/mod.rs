@@ -4,24 +4,17 @@
 //! Every method takes the time explicitly, so the rules below are unit-tested without
 //! sleeping. The HTTP layer ([`crate::server`]) only authenticates and forwards.
 //!
-//! ## Rules
-//! - **Assignment**: a worker gets the unfinished block with the fewest workers in its
-//!   current round (active leases + delivered updates), preferring the block it had
-//!   last (its checkpoint is cached), then the block furthest behind. A block takes at
-//!   most `workers_per_block` per round; when all are full the worker is told to wait.
-//!   A block whose estimated training memory exceeds what the worker reports free is
-//!   never assigned to it; a worker too small for every block is refused, saying so.
-//! - **Local steps**: H, or with `round_seconds` set and a measured step rate,
-//!   rate x round_seconds clamped to [H/4, 4H].
-//! - **Leases** lapse `lease_secs` after the last heartbeat (or `max_lease_secs` after
-//!   issue); a lapsed lease frees its slot and shard, so the block is re-leased to the
-//!   next worker that asks. A restarted coordinator gives open leases a fresh
-//!   `lease_secs`, so its downtime is not charged to the workers.
-//! - **Round close**: a round (block b at version v) closes when its quorum of accepted
-//!   updates is in (`min_updates`, default `workers_per_block`), or `round_timeout_secs`
-//!   after its first update with whatever has arrived. Its updates are averaged
-//!   (weighted by steps) and the outer optimizer produces v+1; open leases of v are
-//!   superseded, and their heartbeats tell the workers to stop.
+//! The decisions themselves (assignment, lapses, slots and seeds, one decided upload
+//! per lease, round readiness, stalls) are the pure state machine in [`crate::core`];
+//! this is its shell. It rebuilds the core from SQLite at start-up, journals every hard
+//! transition before its reply, writes the core's soft state at every tick, and does the
+//! compute the decisions call for: vetting (off the lock, [`VetJob`]), merging and the
+//! outer step, receipts.
+//!
+//! ## Rules the shell adds
+//! - **Round close**: a ready round's updates are averaged (weighted by steps) and the
+//!   outer optimizer produces v+1; open leases of v are superseded, and their
+//!   heartbeats tell the workers to stop.
 //! - **Stale rule**: an update is merged only into the version it was computed from.
 //!   One for a version the block has left is rejected as stale (recorded), and the
 //!   worker fetches the new version. A late update whose lease lapsed but whose round
@@ -39,18 +32,17 @@ use std::sync::{Arc, Mutex};
 use blocktrain_model::checkpoint::content_hash;
 use blocktrain_model::run::{Manifest, RunDir};
 use blocktrain_protocol::codec::{self, Arrays, Codec, Shapes};
-use blocktrain_protocol::wire::{
-    join_proof_matches, Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo, WIRE_VERSION,
-};
+use blocktrain_protocol::wire::{Lease, RegisterRequest, UpdateReply, WorkReply, WorkerInfo};
 use serde::{Deserialize, Serialize};
 
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{Claim, Decision, Receipt};
 
 use crate::config::RunConfig;
+use crate::core::{Core, LeaseRow};
 use crate::ledger::Ledger;
 use crate::merge;
-use crate::store::{lease_state, update_state, BlockHead, NewUpdate, Store, Traffic, UpdateRecord};
+use crate::store::{update_state, BlockHead, NewUpdate, Store, Traffic, UpdateRecord};
 use crate::tensors;
 use crate::trust;
 use crate::{NodeError, Result};
@@ -185,13 +177,24 @@ pub struct Coordinator {
     /// at the last tick, queued since). The server's ticker flushes after every tick,
     /// so what was queued before one tick is deleted at the next.
     doomed: (Vec<PathBuf>, Vec<PathBuf>),
-    /// Leases with an upload admitted and not yet decided (a second one is refused).
-    vetting: std::collections::HashSet<i64>,
-    /// Per block, whether it is stalled (see [`BlockStatus::stalled`]), and when that
-    /// was last checked.
-    stalled: (Vec<bool>, u64),
+    /// The decisions' state ([`crate::core`]), shared with the server, which answers
+    /// what writes nothing (heartbeats, work requests told to wait) from it without
+    /// this coordinator's lock. Lock order: the coordinator, then the core.
+    core: Arc<Mutex<Core>>,
+    /// When stalls were last checked (at most once a second).
+    stalls_checked: u64,
     model: RunDir,
     state_dir: PathBuf,
+}
+
+impl Drop for Coordinator {
+    /// A stopped coordinator leaves the journal with its last soft state (renewals,
+    /// lapses, last contact): only a crash loses a tick of it.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_soft() {
+            tracing::warn!("soft state not written at stop: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -212,11 +215,6 @@ struct Verdict {
 fn update_limit(shapes: &Shapes) -> u64 {
     let values: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
     (values as u64) * 6 + (shapes.len() as u64) * 256 + 64 * 1024
-}
-
-fn seed_of(run_seed: u64, block: usize, version: u64, slot: u32) -> u64 {
-    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{slot}").as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 fn encode_weights(weights: &Arrays) -> Vec<u8> {
@@ -342,14 +340,20 @@ impl Coordinator {
                     .map(VecDeque::from)
             })
             .collect::<Result<_>>()?;
+        let rules = rules_of(&cfg, &model.manifest, &shapes)?;
+        let secrets = crate::core::Secrets {
+            reseed: blake3::derive_key("blocktrain lease reseed", &identity.secret()),
+            check_lease: blake3::derive_key("blocktrain check lease", &identity.secret()),
+        };
+        let core = Core::new(rules, secrets, store.rebuild()?, now);
         let mut c = Coordinator {
             store,
             ledger,
             identity,
             cfg,
             screen_changes,
-            stalled: (vec![false; shapes.len()], 0),
-            vetting: Default::default(),
+            core: Arc::new(Mutex::new(core)),
+            stalls_checked: 0,
             deferred_sync: false,
             doomed: Default::default(),
             screens,
@@ -404,16 +408,29 @@ impl Coordinator {
         self.shapes.iter().map(update_limit).max().unwrap_or(0)
     }
 
+    /// The decisions' state, shared (the server's fast path reads and renews from it).
+    pub fn core(&self) -> Arc<Mutex<Core>> {
+        self.core.clone()
+    }
+
     /// Whether `key` is registered and holds lease `lease` (any state).
     pub fn lease_owner(&self, key: &str, lease: i64) -> Result<bool> {
-        Ok(self.store.worker(key)?.is_some() && self.owned_lease(key, lease).is_ok())
+        Ok(self.is_registered(key)? && self.owned_lease(key, lease).is_ok())
+    }
+
+    /// Lease `id` of any round: the core's copy while its round is open, else the
+    /// journal's.
+    pub(super) fn find_lease(&self, id: i64) -> Result<Option<LeaseRow>> {
+        match lock(&self.core).lease(id).cloned() {
+            Some(l) => Ok(Some(l)),
+            None => self.store.lease(id),
+        }
     }
 
     /// Lease `id`, if it exists and belongs to `key`.
-    pub(super) fn owned_lease(&self, key: &str, id: i64) -> Result<crate::store::LeaseRow> {
+    pub(super) fn owned_lease(&self, key: &str, id: i64) -> Result<LeaseRow> {
         let lease = self
-            .store
-            .lease(id)?
+            .find_lease(id)?
             .ok_or_else(|| NodeError::NotFound(format!("lease {id}")))?;
         if lease.worker != key {
             return Err(NodeError::Forbidden(format!(
@@ -425,16 +442,23 @@ impl Coordinator {
 
     /// Whether `key` has registered.
     pub fn is_registered(&self, key: &str) -> Result<bool> {
-        Ok(self.store.worker(key)?.is_some())
+        Ok(lock(&self.core).worker(key).is_some())
     }
 
-    pub(super) fn require_registered(&self, key: &str) -> Result<(Option<f64>, Option<usize>)> {
-        self.store.worker(key)?.ok_or_else(|| {
-            NodeError::Unauthenticated(format!(
+    pub(super) fn require_registered(&self, key: &str) -> Result<()> {
+        match self.is_registered(key)? {
+            true => Ok(()),
+            false => Err(NodeError::Unauthenticated(format!(
                 "unknown worker {}: register first (POST /v1/register)",
                 short(key)
-            ))
-        })
+            ))),
+        }
+    }
+
+    /// Writes the core's soft state (renewals, lapses, last contact) to the journal.
+    pub(super) fn flush_soft(&mut self) -> Result<()> {
+        let soft = lock(&self.core).take_soft();
+        self.store.write_soft(&soft)
     }
 
     /// The ledger (receipts, tree heads, proofs).
@@ -453,19 +477,58 @@ impl Coordinator {
     }
 }
 
-/// The first 12 hex digits of a key or hash, for messages.
-/// Peer input may be any UTF-8, so the cut is made at a character boundary (a byte
-/// index could land inside a character and panic).
-pub fn short(s: &str) -> &str {
-    match s.char_indices().nth(12) {
-        Some((end, _)) => &s[..end],
-        None => s,
-    }
+pub use crate::short;
+
+/// The core, locked (a panic while it was held leaves it as it was: every transition
+/// checks before it changes anything).
+pub(crate) fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The core's rules from the run's configuration.
+fn rules_of(cfg: &RunConfig, manifest: &Manifest, shapes: &[Shapes]) -> Result<crate::core::Rules> {
+    let (t, f) = (&cfg.training, &cfg.faults);
+    let ms = |secs: f64| (secs * 1000.0) as u64;
+    Ok(crate::core::Rules {
+        blocks: cfg.blocks,
+        rounds: t.rounds,
+        workers_per_block: t.workers_per_block,
+        quorum: cfg.quorum(),
+        lease_ms: ms(f.lease_secs),
+        max_lease_ms: ms(f.max_lease_secs),
+        round_timeout_ms: ms(f.round_timeout_secs),
+        stall_ms: ms(3.0 * f.round_timeout_secs.max(f.lease_secs)),
+        local_steps: t.local_steps,
+        round_seconds: t.round_seconds,
+        schedule_total: cfg.schedule_total(),
+        batch: t.batch,
+        codec: cfg.wire.codec.clone(),
+        spot_check_fraction: cfg.trust.spot_check_fraction,
+        run_seed: cfg.seed,
+        train_memory: (0..cfg.blocks)
+            .map(|b| train_memory(cfg, manifest, &shapes[b], b))
+            .collect(),
+        admission: crate::core::Admission {
+            allow: cfg.auth.allow.clone(),
+            join_secret: cfg.auth.join_secret.clone(),
+            invites: cfg.auth.invites.clone(),
+        },
+    })
+}
+
+/// Rough memory to train block `b`: weights, gradients and two AdamW moments (16 B per
+/// parameter), activations kept for backward (~40 B per width x layer x token of a
+/// batch, plus the logits), and the corpus and runtime (~256 MB).
+fn train_memory(cfg: &RunConfig, manifest: &Manifest, shapes: &Shapes, b: usize) -> u64 {
+    let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    let m = manifest.part_model(b);
+    let tokens = (cfg.training.batch * m.window) as u64;
+    16 * params as u64 + tokens * (40 * (m.d_model * m.n_layers) as u64 + 3 * 4 * 257) + (256 << 20)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::short;
+    use crate::short;
 
     #[test]
     fn short_cuts_any_text_at_a_character() {

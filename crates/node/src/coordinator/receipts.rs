@@ -15,7 +15,7 @@ impl Coordinator {
         reason: &str,
         now: u64,
     ) -> Result<i64> {
-        let row = lease.and_then(|id| self.store.lease(id).ok().flatten());
+        let row = lease.and_then(|id| self.find_lease(id).ok().flatten());
         let id = self.store.insert_update(
             &NewUpdate {
                 lease,
@@ -51,7 +51,7 @@ impl Coordinator {
         now: u64,
     ) -> Result<i64> {
         let id = self.record_rejection(key, lease, bytes, reason, now)?;
-        let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
+        let row = lease.and_then(|l| self.find_lease(l).ok().flatten());
         let (claim, sig) = match claim {
             Some((c, s)) => (c, Some(s)),
             None => (
@@ -132,7 +132,7 @@ impl Coordinator {
                 let (worker, lease, hash) = self.store.update_origin(update)?.ok_or_else(|| {
                     NodeError::Config(format!("update {update} is not on record"))
                 })?;
-                let row = lease.and_then(|l| self.store.lease(l).ok().flatten());
+                let row = lease.and_then(|l| self.find_lease(l).ok().flatten());
                 (
                     trust::unsigned_claim(&worker, row.as_ref(), hash.as_deref(), None),
                     None,

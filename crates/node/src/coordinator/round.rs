@@ -4,15 +4,14 @@ use super::*;
 
 impl Coordinator {
     pub(super) fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
-        let head = self.store.heads()?[block].clone();
-        let pending = self.store.pending(block, head.version)?;
-        let Some(first) = pending.first() else {
-            return Ok(());
+        let pending = {
+            let core = lock(&self.core);
+            if !core.round_ready(block, now) {
+                return Ok(());
+            }
+            core.pending(block).to_vec()
         };
-        let timeout = (self.cfg.faults.round_timeout_secs * 1000.0) as u64;
-        if (pending.len() as u32) < self.cfg.quorum() && now < first.received_ms + timeout {
-            return Ok(());
-        }
+        let head = self.store.heads()?[block].clone();
         let shapes = self.shapes[block].clone();
         let shapes = &shapes;
         let mut deltas = Vec::with_capacity(pending.len());
@@ -29,11 +28,15 @@ impl Coordinator {
                     merged.push(p);
                 }
                 Err(e) => {
-                    tracing::error!("update {} unreadable at merge: {e}", p.id);
+                    tracing::error!("update {} unreadable at merge: {e}", p.update);
                     let reason = format!("stored body unreadable at merge: {e}");
-                    self.store.reject_pending(p.id, &reason)?;
-                    if let Err(r) = self.merge_receipt(p.id, None, Some(reason), now) {
-                        tracing::error!("update {}: receipt deferred to the next start: {r}", p.id);
+                    self.store.reject_pending(p.update, &reason)?;
+                    lock(&self.core).drop_pending(block, p.update);
+                    if let Err(r) = self.merge_receipt(p.update, None, Some(reason), now) {
+                        tracing::error!(
+                            "update {}: receipt deferred to the next start: {r}",
+                            p.update
+                        );
                     }
                 }
             }
@@ -69,10 +72,11 @@ impl Coordinator {
             },
             steps: head.steps + pending.iter().map(|p| p.steps).sum::<i64>(),
         };
-        let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
+        let ids: Vec<i64> = pending.iter().map(|p| p.update).collect();
         self.store.commit_version(&new_head, &ids, now)?;
         // The version is committed: memory follows it before any bookkeeping that can
         // fail (receipts, held-out history), so a failure there never forks the state.
+        lock(&self.core).committed(block, new_head.version, &new_head.wire, now);
         self.current[block] = Arc::new(weights);
         self.model.save_weights(block, &bytes, new_head.steps)?;
         for &id in &ids {

@@ -14,15 +14,15 @@ impl Coordinator {
     pub fn status(&self) -> Result<Status> {
         let traffic: Vec<Traffic> = self.store.traffic()?;
         let heads = self.store.heads()?;
+        let core = lock(&self.core);
         let mut blocks = Vec::new();
         for h in &heads {
-            let (active, _) = self.store.round_leases(h.block, h.version)?;
             blocks.push(BlockStatus {
                 block: h.block,
                 version: h.version,
                 rounds: self.cfg.training.rounds,
-                active_leases: active,
-                pending_updates: self.store.pending(h.block, h.version)?.len(),
+                active_leases: core.active_leases(h.block),
+                pending_updates: core.pending(h.block).len(),
                 steps: h.steps,
                 weights: h.weights.clone(),
                 bytes_up: traffic
@@ -36,7 +36,7 @@ impl Coordinator {
                     .map(|t| t.down)
                     .sum(),
                 heldout: self.heldout.get(h.block).copied(),
-                stalled: self.stalled.0.get(h.block).copied().unwrap_or(false),
+                stalled: core.stalled(h.block),
             });
         }
         // Bytes per worker in one pass (the ticker builds this status every 250 ms: a
@@ -51,20 +51,25 @@ impl Coordinator {
             .workers()?
             .into_iter()
             .map(
-                |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| WorkerStatus {
-                    bytes_up: per_worker.get(key.as_str()).map_or(0, |b| b.0),
-                    bytes_down: per_worker.get(key.as_str()).map_or(0, |b| b.1),
-                    key,
-                    device,
-                    step_rate,
-                    data_blake3,
-                    data_bytes,
-                    last_seen_ms,
+                |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| {
+                    // Contact and step rate are soft state: the core's copy is the fresher.
+                    let live = core.worker(&key);
+                    WorkerStatus {
+                        bytes_up: per_worker.get(key.as_str()).map_or(0, |b| b.0),
+                        bytes_down: per_worker.get(key.as_str()).map_or(0, |b| b.1),
+                        step_rate: live.and_then(|w| w.step_rate).or(step_rate),
+                        last_seen_ms: live
+                            .map_or(last_seen_ms, |w| w.last_seen_ms.max(last_seen_ms)),
+                        key,
+                        device,
+                        data_blake3,
+                        data_bytes,
+                    }
                 },
             )
             .collect();
         Ok(Status {
-            done: heads.iter().all(|h| h.version >= self.cfg.training.rounds),
+            done: core.done(),
             blocks,
             workers,
             updates: self.store.update_counts()?.into_iter().collect(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::vet::{Refusal, ScreenJob, SpotJob};
 use super::*;
-use crate::store::LeaseRow;
+use crate::store::lease_state;
 
 /// An honest update moves weights: the RMS of a whole delta below this fraction of the
 /// learning rate is an empty update (credit for no work), whatever its claim says.
@@ -54,15 +54,9 @@ impl Coordinator {
         claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<Admitted> {
-        self.require_registered(key)?;
-        if self.store.is_flagged(key)? {
-            return Err(NodeError::Forbidden(format!(
-                "worker {} failed a spot check: its updates are no longer accepted in this run; nothing stored",
-                short(key)
-            )));
-        }
+        lock(&self.core).may_upload(key)?;
         let lease = self.owned_lease(key, lease_id).map_err(nothing_stored)?;
-        if self.vetting.contains(&lease_id) {
+        if lock(&self.core).is_vetting(lease_id) {
             return Err(NodeError::Rejected(format!(
                 "an upload on lease {lease_id} is being vetted; wait for its reply (nothing stored)"
             )));
@@ -71,7 +65,7 @@ impl Coordinator {
         // A re-sent upload whose reply was lost: same lease, same bytes. Answer as before.
         if let Some((id, hash)) = self.store.update_of_lease(lease_id)? {
             if hash == body_hash {
-                let block_version = self.store.heads()?[lease.block].version;
+                let block_version = lock(&self.core).version(lease.block);
                 return Ok(Admitted::Replayed(UpdateReply {
                     update_id: id,
                     block_version,
@@ -80,7 +74,7 @@ impl Coordinator {
         }
         match self.admission(&lease, &body, &body_hash, claim) {
             Ok((claim, screen, spot)) => {
-                self.vetting.insert(lease_id);
+                lock(&self.core).begin_vetting(lease_id);
                 let shapes = self.shapes[lease.block].clone();
                 let lr_steps = self.cfg.optim.lr * lease.steps as f64;
                 let rms_bounds = (
@@ -186,41 +180,27 @@ impl Coordinator {
         Ok((claim, screen, spot))
     }
 
-    /// Whether the lease may still deliver: not delivered, refused or void, and at its
-    /// block's current version.
+    /// Whether the lease may still deliver: not delivered, refused or void, no upload
+    /// decided on it, and at its block's current version.
     fn lease_open(&self, lease: &LeaseRow) -> Result<()> {
-        match lease.state.as_str() {
-            lease_state::DELIVERED => {
-                return Err(NodeError::Rejected(format!(
-                    "lease {} already delivered its update",
-                    lease.id
-                )))
-            }
-            lease_state::REFUSED | lease_state::VOID => {
-                return Err(NodeError::Rejected(format!(
-                    "lease {} already had its one upload refused; ask for new work",
-                    lease.id
-                )))
-            }
-            // A decision row with the lease still open: a crash between recording a
-            // refusal and closing the lease. It stays closed.
-            _ if self.store.lease_decided(lease.id)? => {
+        let core = lock(&self.core);
+        if core.lease(lease.id).is_none()
+            && !matches!(
+                lease.state.as_str(),
+                lease_state::DELIVERED | lease_state::REFUSED | lease_state::VOID
+            )
+        {
+            // Of a closed round: its decision, if any, is in the journal only.
+            drop(core);
+            if self.store.lease_decided(lease.id)? {
                 return Err(NodeError::Rejected(format!(
                     "lease {} already had its one upload decided; ask for new work",
                     lease.id
-                )))
+                )));
             }
-            _ => {}
+            return lock(&self.core).lease_open(lease);
         }
-        let head_version = self.store.heads()?[lease.block].version;
-        if lease.version != head_version || lease.state == lease_state::SUPERSEDED {
-            return Err(NodeError::Stale(format!(
-                "block {} is at version {head_version}; this update was computed from version {}",
-                lease.block + 1,
-                lease.version
-            )));
-        }
-        Ok(())
+        core.lease_open(lease)
     }
 
     /// The spot check's inputs when this lease is sampled (a draw keyed with the
@@ -228,7 +208,10 @@ impl Coordinator {
     fn spot_job(&mut self, lease: &LeaseRow) -> Result<Option<SpotJob>> {
         let fraction = self.cfg.trust.spot_check_fraction;
         let secret = blake3::derive_key("blocktrain spot-check sample", &self.identity.secret());
-        let sampled = match (lease.public, self.store.has_own_data(&lease.worker)?) {
+        let own_data = lock(&self.core)
+            .worker(&lease.worker)
+            .is_some_and(|w| w.own_data);
+        let sampled = match (lease.public, own_data) {
             // A check lease of an own-data worker is always recomputed.
             (true, _) => true,
             // Its own-data leases cannot be (the data is not here): screened only.
@@ -252,11 +235,11 @@ impl Coordinator {
                 self.corpus.insert(Arc::new(train)).clone()
             }
         };
-        let head = self.store.heads()?[lease.block].clone();
+        let reply = lock(&self.core).lease_reply(lease);
         Ok(Some(SpotJob {
             manifest: Arc::new(self.model.manifest.clone()),
-            wire_path: self.store.blob_path(&head.wire),
-            reply: self.lease_reply(lease, &head),
+            wire_path: self.store.blob_path(&reply.weights_hash),
+            reply,
             corpus,
         }))
     }
@@ -274,7 +257,7 @@ impl Coordinator {
     /// Forgets an admitted upload whose vetting died (a panicked task), so its lease can
     /// take an upload again.
     pub fn abandon_vetting(&mut self, lease: i64) {
-        self.vetting.remove(&lease);
+        lock(&self.core).end_vetting(lease);
     }
 
     /// Decides a vetted upload under the lock. The lease is checked again first: the
@@ -282,40 +265,40 @@ impl Coordinator {
     /// vetted.
     pub fn decide(&mut self, vetted: Vetted, now: u64) -> Result<UpdateReply> {
         let Vetted { job, outcome } = vetted;
-        self.vetting.remove(&job.lease.id);
+        lock(&self.core).end_vetting(job.lease.id);
         let lease = self
-            .store
-            .lease(job.lease.id)?
+            .find_lease(job.lease.id)?
             .ok_or_else(|| NodeError::NotFound(format!("lease {}", job.lease.id)))?;
         // A failed spot check flags the worker whatever became of the round meanwhile.
         if let Err(Refusal::Flagged(reason)) = &outcome {
             self.store.flag_worker(&job.key, reason)?;
+            lock(&self.core).flag(&job.key);
         }
         // Decided while this one was vetted: the worker was flagged (another lease's
         // spot check), or the same bytes were accepted on another lease.
-        let recheck =
-            if self.store.is_flagged(&job.key)? && !matches!(outcome, Err(Refusal::Flagged(_))) {
-                Some(format!(
-                    "worker {} failed a spot check while this update was vetted",
-                    short(&job.key)
-                ))
-            } else {
-                self.store
-                    .accepted_with_hash(&job.body_hash)?
-                    .map(|(id, worker)| {
-                        format!(
+        let flagged = lock(&self.core).worker(&job.key).is_some_and(|w| w.flagged);
+        let recheck = if flagged && !matches!(outcome, Err(Refusal::Flagged(_))) {
+            Some(format!(
+                "worker {} failed a spot check while this update was vetted",
+                short(&job.key)
+            ))
+        } else {
+            self.store
+                .accepted_with_hash(&job.body_hash)?
+                .map(|(id, worker)| {
+                    format!(
                     "replay: these exact bytes were already accepted as update {id} from worker {}",
                     short(&worker)
                 )
-                    })
-            };
+                })
+        };
         let outcome = match (recheck, outcome) {
             (Some(reason), Ok(_)) => Err(Refusal::Refused(reason)),
             (_, outcome) => outcome,
         };
         if let Some((id, hash)) = self.store.update_of_lease(lease.id)? {
             if hash == job.body_hash {
-                let block_version = self.store.heads()?[lease.block].version;
+                let block_version = lock(&self.core).version(lease.block);
                 return Ok(UpdateReply {
                     update_id: id,
                     block_version,
@@ -345,12 +328,14 @@ impl Coordinator {
                 let bytes = job.body.len() as u64;
                 self.refuse_once(&lease, bytes, &mut e, &job.body_hash, Some(job.claim), now)?;
                 if flagged {
+                    lock(&self.core).refuse(lease.id, true);
                     self.store.set_lease_state(lease.id, lease_state::VOID)?;
                 }
                 return Err(e);
             }
         };
         let hash = self.store.put_blob(&job.body)?;
+        let pending_hash = hash.clone();
         let id = self.store.accept_update(
             &NewUpdate {
                 lease: Some(lease.id),
@@ -373,11 +358,25 @@ impl Coordinator {
             self.store.put_screening(id, before, after)?;
             self.note_screen_change(lease.block, after - before);
         }
-        self.store.touch_worker(&job.key, None, now)?;
-        if let Err(e) = self.maybe_close(lease.block, now) {
-            tracing::error!("block {}: round not closed: {e}", lease.block + 1);
+        let ready = {
+            let mut core = lock(&self.core);
+            let pending = crate::core::Pending {
+                update: id,
+                lease: Some(lease.id),
+                hash: pending_hash,
+                steps: lease.steps,
+                received_ms: now,
+            };
+            core.accept(lease.block, pending, now);
+            core.seen(&job.key, now);
+            core.round_ready(lease.block, now)
+        };
+        if ready {
+            if let Err(e) = self.maybe_close(lease.block, now) {
+                tracing::error!("block {}: round not closed: {e}", lease.block + 1);
+            }
         }
-        let block_version = self.store.heads()?[lease.block].version;
+        let block_version = lock(&self.core).version(lease.block);
         Ok(UpdateReply {
             update_id: id,
             block_version,
@@ -406,7 +405,9 @@ impl Coordinator {
         claim: Option<(Claim, String)>,
         now: u64,
     ) -> Result<()> {
-        if self.store.lease_decided(lease.id)? {
+        let decided =
+            lock(&self.core).is_decided(lease.id) || self.store.lease_decided(lease.id)?;
+        if decided {
             *e = nothing_stored(std::mem::replace(e, NodeError::Config(String::new())));
             return Ok(());
         }
@@ -421,7 +422,12 @@ impl Coordinator {
             claim,
             now,
         )?;
-        if matches!(
+        let current = lock(&self.core).lease(lease.id).is_some();
+        if current {
+            if let Some(state) = lock(&self.core).refuse(lease.id, false) {
+                self.store.set_lease_state(lease.id, state)?;
+            }
+        } else if matches!(
             lease.state.as_str(),
             lease_state::ACTIVE | lease_state::EXPIRED
         ) {

@@ -45,6 +45,9 @@ pub type Shared = Arc<Mutex<Coordinator>>;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub(crate) coord: Shared,
+    /// The coordinator's decisions ([`crate::core`]): heartbeats and work requests that
+    /// write nothing are answered from it without the coordinator's lock.
+    pub(crate) core: Arc<Mutex<crate::core::Core>>,
     pub(crate) gate: Arc<Gate>,
     /// The status as of the last tick: public reads never take the coordinator's lock.
     pub(crate) snapshot: Snapshot,
@@ -220,7 +223,7 @@ pub(crate) fn app(
     coord: Shared,
     bound: Option<std::net::SocketAddr>,
 ) -> crate::Result<(Router, AppState)> {
-    let (gate, reader, wal, lease_ms) = {
+    let (gate, reader, wal, lease_ms, core) = {
         let mut c = coord.lock().unwrap_or_else(|p| p.into_inner());
         let gate = Gate::new(
             (c.config().faults.max_skew_secs * 1000.0) as u64,
@@ -233,10 +236,11 @@ pub(crate) fn app(
             false => None,
         };
         let lease_ms = (c.config().faults.lease_secs * 1000.0) as u64;
-        (Arc::new(gate), c.open_reader()?, wal, lease_ms)
+        (Arc::new(gate), c.open_reader()?, wal, lease_ms, c.core())
     };
     let state = AppState {
         coord,
+        core,
         gate,
         snapshot: Arc::new(RwLock::new(None)),
         reader: Arc::new(Mutex::new(reader)),

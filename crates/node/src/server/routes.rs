@@ -5,13 +5,13 @@ use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use blocktrain_protocol::receipt::Claim;
-use blocktrain_protocol::wire::{is_hex64, HeartbeatReply, RegisterRequest, WorkerInfo};
+use blocktrain_protocol::wire::{is_hex64, HeartbeatReply, RegisterRequest, WorkReply, WorkerInfo};
 use tower::ServiceExt;
 
 use super::auth::{auth_headers, authenticate, header};
 use super::{with, AppState, Reply, UPLOAD_TIMEOUT};
-use crate::coordinator::short;
-use crate::coordinator::Admitted;
+use crate::coordinator::{lock, short, Admitted};
+use crate::core::{Beat, Work};
 use crate::{now_ms, NodeError};
 
 pub(super) async fn register(
@@ -117,7 +117,38 @@ pub(super) async fn work(
     let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     let info: WorkerInfo = serde_json::from_slice(&body)
         .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
-    let reply = with(&s.coord, move |co| co.request_work(&key, &info, now_ms())).await?;
+    // What writes nothing (a wait, the lease already held, done, a refusal) is answered
+    // from the core alone: no SQLite, and no wait for the coordinator's lock, which a
+    // merge or a decision may hold. Only a new lease goes to the coordinator, which
+    // journals it before the reply.
+    let fast = {
+        let mut core = lock(&s.core);
+        match core.work(&key, &info, now_ms(), false) {
+            Ok(Work::Lease(lease, _)) => Some(Ok(WorkReply::Lease(core.lease_reply(&lease)))),
+            Ok(Work::Wait) => Some(Ok(WorkReply::Wait { retry_ms: 1000 })),
+            // The last commit's receipts may still be on their way to the journal (the
+            // core learns of a commit first): "done" comes from the coordinator.
+            Ok(Work::Done | Work::WouldIssue) => None,
+            Err(e) => Some(Err(e)),
+        }
+    };
+    if let Some(reply) = fast {
+        return Ok(Json(reply?));
+    }
+    let (reply, status) = with(&s.coord, move |co| {
+        let reply = co.request_work(&key, &info, now_ms())?;
+        // A worker told the run is done may stop, and whoever watches it read the
+        // status next: the snapshot shows the final versions before the reply.
+        let status = match reply {
+            WorkReply::Done => Some(co.status()?),
+            _ => None,
+        };
+        Ok((reply, status))
+    })
+    .await?;
+    if let Some(status) = status {
+        super::store_snapshot(status, &s.snapshot);
+    }
     s.synced().await?;
     Ok(Json(reply))
 }
@@ -129,8 +160,14 @@ pub(super) async fn heartbeat(
     headers: HeaderMap,
 ) -> Reply<impl IntoResponse> {
     let key = authenticate(&s.gate, &Method::POST, &uri, &headers, b"")?;
-    let still_wanted = with(&s.coord, move |co| co.heartbeat(&key, id, now_ms())).await?;
-    s.synced().await?;
+    // A renewal is soft state (journaled at the next tick; a restart renews every open
+    // lease anyway): answered from the core, never waiting for the coordinator's lock.
+    let beat = lock(&s.core).heartbeat(&key, id, now_ms())?;
+    let still_wanted = match beat {
+        Beat::Wanted(wanted) => wanted,
+        // Of a closed round: the journal says whether it exists and whose it is.
+        Beat::NotCurrent => with(&s.coord, move |co| co.heartbeat(&key, id, now_ms())).await?,
+    };
     Ok(Json(HeartbeatReply { still_wanted }))
 }
 

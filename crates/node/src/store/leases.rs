@@ -2,31 +2,121 @@
 use super::*;
 
 impl Store {
-    /// Inserts a lease and remembers the worker's block; returns its id.
-    #[allow(clippy::too_many_arguments)]
-    pub fn insert_lease(
-        &self,
-        worker: &str,
-        block: usize,
-        version: u64,
-        slot: u32,
-        steps: i64,
-        seed: u64,
-        now: u64,
-        expires: u64,
-        public: bool,
-    ) -> Result<i64> {
-        self.conn.execute(
-            "INSERT INTO leases (worker, block, version, slot, steps, seed, issued_ms, expires_ms, state, public)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
-            params![worker, block as i64, version as i64, slot, steps, seed as i64, now as i64, expires as i64, public],
+    /// Journals an issued lease and remembers the worker's block.
+    pub fn insert_lease(&self, l: &LeaseRow) -> Result<()> {
+        self.conn.prepare_cached(
+            "INSERT INTO leases (id, worker, block, version, slot, steps, seed, issued_ms, expires_ms, state, public)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?.execute(params![
+            l.id,
+            l.worker,
+            l.block as i64,
+            l.version as i64,
+            l.slot,
+            l.steps,
+            l.seed as i64,
+            l.issued_ms as i64,
+            l.expires_ms as i64,
+            l.state,
+            l.public
+        ])?;
+        self.conn
+            .prepare_cached("UPDATE workers SET last_block = ?2 WHERE key = ?1")?
+            .execute(params![l.worker, l.block as i64])?;
+        Ok(())
+    }
+
+    /// Removes a lease the core issued but could not journal whole (its reply never
+    /// went out).
+    pub fn delete_lease(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM leases WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Writes the core's soft state (renewals, lapses, last contact) in one transaction.
+    pub fn write_soft(&mut self, soft: &crate::core::Soft) -> Result<()> {
+        if soft.leases.is_empty() && soft.workers.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut lease = tx.prepare_cached(
+                "UPDATE leases SET state = ?2, expires_ms = ?3 WHERE id = ?1
+                 AND state IN ('active', 'expired')",
+            )?;
+            for (id, state, expires) in &soft.leases {
+                lease.execute(params![id, state, *expires as i64])?;
+            }
+            let mut worker = tx.prepare_cached(
+                "UPDATE workers SET last_seen_ms = MAX(last_seen_ms, ?2), step_rate = COALESCE(?3, step_rate) WHERE key = ?1",
+            )?;
+            for (key, seen, rate) in &soft.workers {
+                worker.execute(params![key, *seen as i64, rate])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What the core is rebuilt from: workers (with flags), every block's version, wire
+    /// and last progress, the leases, decisions and pending updates of current
+    /// versions, invites, and the last lease id.
+    pub fn rebuild(&self) -> Result<crate::core::Rebuild> {
+        use crate::core::WorkerState;
+        let mut r = crate::core::Rebuild::default();
+        let mut st = self.conn.prepare(
+            "SELECT w.key, w.step_rate, w.last_block, w.data_hash IS NOT NULL, w.last_seen_ms,
+                    EXISTS(SELECT 1 FROM flags f WHERE f.worker = w.key)
+             FROM workers w",
         )?;
-        let id = self.conn.last_insert_rowid();
-        self.conn.execute(
-            "UPDATE workers SET last_block = ?2 WHERE key = ?1",
-            params![worker, block as i64],
+        for row in st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                WorkerState {
+                    step_rate: r.get(1)?,
+                    last_block: r.get::<_, Option<i64>>(2)?.map(|b| b as usize),
+                    own_data: r.get(3)?,
+                    last_seen_ms: r.get::<_, i64>(4)? as u64,
+                    flagged: r.get(5)?,
+                },
+            ))
+        })? {
+            let (key, w) = row?;
+            r.workers.insert(key, w);
+        }
+        for head in self.heads()? {
+            let progress = self.last_progress_ms(head.block)?;
+            r.blocks.push((head.version, head.wire, progress));
+        }
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases l JOIN blocks b ON b.block = l.block AND b.version = l.version ORDER BY l.id"
+        ))?;
+        r.leases = st
+            .query_map([], lease_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(
+            "SELECT DISTINCT u.lease FROM updates u JOIN leases l ON l.id = u.lease
+             JOIN blocks b ON b.block = l.block AND b.version = l.version",
         )?;
-        Ok(id)
+        r.decided = st
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for b in 0..r.blocks.len() {
+            let version = r.blocks[b].0;
+            for p in self.pending(b, version)? {
+                r.pending.push((b, p));
+            }
+        }
+        let mut st = self.conn.prepare("SELECT token, worker FROM invites")?;
+        for row in st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            let (token, worker): (String, String) = row?;
+            r.invites.insert(token, worker);
+        }
+        r.last_lease = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM leases", [], |r| r.get(0))?;
+        Ok(r)
     }
 
     /// Binds invite `token` (its hash) to `worker` if it is free; returns the other
@@ -64,47 +154,14 @@ impl Store {
         )?)
     }
 
-    /// Leases of a round's slot closed by a refusal or a failed spot check.
-    pub fn refusals_in_slot(&self, block: usize, version: u64, slot: u32) -> Result<u32> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM leases WHERE block = ?1 AND version = ?2 AND slot = ?3
-             AND state IN ('refused', 'void')",
-            params![block as i64, version as i64, slot],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// When a lease was issued.
-    pub fn lease_issued_ms(&self, lease: i64) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT issued_ms FROM leases WHERE id = ?1", [lease], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
-    }
-
-    /// One lease.
+    /// One lease, of any round.
     pub fn lease(&self, id: i64) -> Result<Option<LeaseRow>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT id, worker, block, version, slot, steps, seed, expires_ms, state, public FROM leases WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(LeaseRow {
-                        id: r.get(0)?,
-                        worker: r.get(1)?,
-                        block: r.get::<_, i64>(2)? as usize,
-                        version: r.get::<_, i64>(3)? as u64,
-                        slot: r.get(4)?,
-                        steps: r.get(5)?,
-                        seed: r.get::<_, i64>(6)? as u64,
-                        expires_ms: r.get::<_, i64>(7)? as u64,
-                        state: r.get(8)?,
-                        public: r.get(9)?,
-                    })
-                },
-            )
+            .prepare_cached(&format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l WHERE l.id = ?1"
+            ))?
+            .query_row([id], lease_row)
             .optional()?)
     }
 
@@ -117,25 +174,6 @@ impl Store {
         Ok(())
     }
 
-    /// Extends an active lease.
-    pub fn renew_lease(&self, id: i64, expires: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE leases SET expires_ms = ?2 WHERE id = ?1 AND state = 'active'",
-            params![id, expires as i64],
-        )?;
-        Ok(())
-    }
-
-    /// Marks active leases past their deadline, or held longer than `max_ms` in all,
-    /// expired; returns how many.
-    pub fn expire_leases(&self, now: u64, max_ms: u64) -> Result<usize> {
-        Ok(self.conn.execute(
-            "UPDATE leases SET state = 'expired'
-             WHERE state = 'active' AND (expires_ms <= ?1 OR issued_ms + ?2 <= ?1)",
-            params![now as i64, max_ms as i64],
-        )?)
-    }
-
     /// Gives every active lease until at least `until` (after a coordinator restart, so
     /// its downtime is not charged to the workers).
     pub fn extend_active_leases(&self, until: u64) -> Result<()> {
@@ -145,34 +183,23 @@ impl Store {
         )?;
         Ok(())
     }
+}
 
-    /// Shard slots held in a round by active leases or delivered updates.
-    pub fn used_slots(&self, block: usize, version: u64) -> Result<Vec<u32>> {
-        let mut st = self.conn.prepare(
-            "SELECT slot FROM leases WHERE block = ?1 AND version = ?2 AND state IN ('active', 'delivered')",
-        )?;
-        let rows = st.query_map(params![block as i64, version as i64], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
+const LEASE_COLUMNS: &str =
+    "l.id, l.worker, l.block, l.version, l.slot, l.steps, l.seed, l.issued_ms, l.expires_ms, l.state, l.public";
 
-    /// Active leases and leases issued so far for a block's round.
-    pub fn round_leases(&self, block: usize, version: u64) -> Result<(u32, u32)> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE(SUM(state = 'active'), 0), COUNT(*) FROM leases WHERE block = ?1 AND version = ?2",
-            params![block as i64, version as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
-    }
-
-    /// The active lease `worker` holds, if any.
-    pub fn active_lease_of(&self, worker: &str) -> Result<Option<i64>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id FROM leases WHERE worker = ?1 AND state = 'active' ORDER BY id DESC LIMIT 1",
-                [worker],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
+fn lease_row(r: &rusqlite::Row) -> rusqlite::Result<LeaseRow> {
+    Ok(LeaseRow {
+        id: r.get(0)?,
+        worker: r.get(1)?,
+        block: r.get::<_, i64>(2)? as usize,
+        version: r.get::<_, i64>(3)? as u64,
+        slot: r.get(4)?,
+        steps: r.get(5)?,
+        seed: r.get::<_, i64>(6)? as u64,
+        issued_ms: r.get::<_, i64>(7)? as u64,
+        expires_ms: r.get::<_, i64>(8)? as u64,
+        state: r.get(9)?,
+        public: r.get(10)?,
+    })
 }

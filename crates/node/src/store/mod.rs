@@ -72,22 +72,7 @@ CREATE TABLE IF NOT EXISTS flags (
     worker TEXT PRIMARY KEY, failed_checks INTEGER NOT NULL, last_reason TEXT NOT NULL);
 ";
 
-/// Lease states.
-pub mod lease_state {
-    /// Training; renewed by heartbeats.
-    pub const ACTIVE: &str = "active";
-    /// Its update arrived.
-    pub const DELIVERED: &str = "delivered";
-    /// No heartbeat in time; its slot was freed.
-    pub const EXPIRED: &str = "expired";
-    /// The round closed without it.
-    pub const SUPERSEDED: &str = "superseded";
-    /// Its one upload was refused (screen, norm, claim, shape): the lease is closed, and
-    /// the slot is re-leased with a fresh seed.
-    pub const REFUSED: &str = "refused";
-    /// A spot check found its update false: closed, and never revived.
-    pub const VOID: &str = "void";
-}
+pub use crate::core::{lease_state, LeaseRow};
 
 /// Update states.
 pub mod update_state {
@@ -114,44 +99,6 @@ pub struct BlockHead {
     pub momentum: Option<String>,
     /// Local steps merged into it so far (summed over all workers).
     pub steps: i64,
-}
-
-/// A lease row.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LeaseRow {
-    /// Id.
-    pub id: i64,
-    /// Holder.
-    pub worker: String,
-    /// Block.
-    pub block: usize,
-    /// Base version.
-    pub version: u64,
-    /// Shard slot.
-    pub slot: u32,
-    /// Local steps.
-    pub steps: i64,
-    /// Seed.
-    pub seed: u64,
-    /// Deadline.
-    pub expires_ms: u64,
-    /// State.
-    pub state: String,
-    /// Trained on the run's shard although the worker has its own data (a check lease).
-    pub public: bool,
-}
-
-/// A pending update of an open round.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PendingUpdate {
-    /// Id.
-    pub id: i64,
-    /// blake3 of the body blob.
-    pub hash: String,
-    /// Local steps it represents.
-    pub steps: i64,
-    /// When it arrived.
-    pub received_ms: u64,
 }
 
 /// An update record for reports.
@@ -429,27 +376,6 @@ impl Store {
              ON CONFLICT(key) DO UPDATE SET last_seen_ms = ?2, device = ?3, memory_bytes = ?4,
                step_rate = COALESCE(?5, step_rate), data_hash = ?6, data_bytes = ?7",
             params![key, now as i64, info.device, info.memory_bytes as i64, info.step_rate, dh, db],
-        )?;
-        Ok(())
-    }
-
-    /// A registered worker's last reported step rate and block; None if unknown.
-    pub fn worker(&self, key: &str) -> Result<Option<(Option<f64>, Option<usize>)>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT step_rate, last_block FROM workers WHERE key = ?1",
-                [key],
-                |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|b| b as usize))),
-            )
-            .optional()?)
-    }
-
-    /// Records a worker's step rate and time of contact.
-    pub fn touch_worker(&self, key: &str, step_rate: Option<f64>, now: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE workers SET last_seen_ms = ?2, step_rate = COALESCE(?3, step_rate) WHERE key = ?1",
-            params![key, now as i64, step_rate],
         )?;
         Ok(())
     }

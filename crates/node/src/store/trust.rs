@@ -71,19 +71,6 @@ impl Store {
         version_losses(&self.conn, block)
     }
 
-    /// Whether a worker trains on its own data (its shard is not on the coordinator).
-    pub fn has_own_data(&self, worker: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT data_hash IS NOT NULL FROM workers WHERE key = ?1",
-                [worker],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false))
-    }
-
     /// Notes that an update's decision is in the ledger as receipt `index`.
     pub fn mark_receipted(&self, update: i64, index: u64) -> Result<()> {
         self.conn.execute(
@@ -120,19 +107,6 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?)
-    }
-
-    /// Whether a worker failed a spot check.
-    pub fn is_flagged(&self, worker: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT 1 FROM flags WHERE worker = ?1",
-                [worker],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
     }
 
     /// Counts a failed check against a worker.

@@ -83,17 +83,18 @@ impl Store {
     }
 
     /// Pending updates of a block's round, oldest first.
-    pub fn pending(&self, block: usize, version: u64) -> Result<Vec<PendingUpdate>> {
+    pub fn pending(&self, block: usize, version: u64) -> Result<Vec<crate::core::Pending>> {
         let mut st = self.conn.prepare(
-            "SELECT id, hash, steps, received_ms FROM updates
+            "SELECT id, hash, steps, received_ms, lease FROM updates
              WHERE block = ?1 AND version = ?2 AND state = 'pending' ORDER BY id",
         )?;
         let rows = st.query_map(params![block as i64, version as i64], |r| {
-            Ok(PendingUpdate {
-                id: r.get(0)?,
+            Ok(crate::core::Pending {
+                update: r.get(0)?,
                 hash: r.get(1)?,
                 steps: r.get(2)?,
                 received_ms: r.get::<_, i64>(3)? as u64,
+                lease: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -1,0 +1,454 @@
+//! The coordinator's decisions as a pure state machine: who trains which block from
+//! which version, which lease holds which slot, when a lease lapses, and when a round is
+//! ready to close. It is modelled on Psyche's coordinator `tick`: plain data in memory,
+//! every transition a method that takes the time (and nothing else from the outside),
+//! no I/O, no database, no tensors. Its unit tests (`core/tests.rs`) need neither a
+//! temporary directory nor libtorch.
+//!
+//! The [`crate::coordinator::Coordinator`] is the shell around it: it rebuilds the core
+//! from SQLite at start-up ([`Rebuild`]), journals what must survive a crash (a
+//! registration, an issued lease, a decided upload, a flag, a committed version) before
+//! it replies, and does the compute (vetting, merging) the decisions call for.
+//!
+//! Two kinds of state:
+//! - **hard** (journaled before the reply): workers and their flags, issued leases and
+//!   their decided states, pending updates, block versions. The shell changes these
+//!   only while it also holds its own lock, so the journal and the core never disagree.
+//! - **soft** (in memory, written to the journal at the next tick, [`Core::take_soft`]):
+//!   heartbeat renewals, lapses, revivals, a worker's last contact and step rate. A
+//!   crash loses at most one tick of it, which is harmless: a restarted coordinator gives
+//!   every open lease a fresh life anyway. This is what lets a heartbeat or a work
+//!   request that hands out nothing be answered from memory, without SQLite and without
+//!   waiting for compute ([`crate::server`] does so).
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use blocktrain_protocol::wire::Lease;
+
+mod lease;
+mod round;
+#[cfg(test)]
+mod tests;
+
+pub use lease::{sampled, Beat, Registered, Work};
+pub use round::StallChange;
+
+/// Lease states.
+pub mod lease_state {
+    /// Training; renewed by heartbeats.
+    pub const ACTIVE: &str = "active";
+    /// Its update arrived.
+    pub const DELIVERED: &str = "delivered";
+    /// No heartbeat in time; its slot was freed.
+    pub const EXPIRED: &str = "expired";
+    /// The round closed without it.
+    pub const SUPERSEDED: &str = "superseded";
+    /// Its one upload was refused (screen, norm, claim, shape): the lease is closed, and
+    /// the slot is re-leased with a fresh seed.
+    pub const REFUSED: &str = "refused";
+    /// A spot check found its update false: closed, and never revived.
+    pub const VOID: &str = "void";
+}
+
+/// A lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseRow {
+    /// Id.
+    pub id: i64,
+    /// Holder.
+    pub worker: String,
+    /// Block.
+    pub block: usize,
+    /// Base version.
+    pub version: u64,
+    /// Shard slot.
+    pub slot: u32,
+    /// Local steps.
+    pub steps: i64,
+    /// Seed.
+    pub seed: u64,
+    /// When it was issued.
+    pub issued_ms: u64,
+    /// Deadline.
+    pub expires_ms: u64,
+    /// State ([`lease_state`]).
+    pub state: String,
+    /// Trained on the run's shard although the worker has its own data (a check lease).
+    pub public: bool,
+}
+
+/// The run's rules, as the core needs them (from the run's configuration).
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// Blocks.
+    pub blocks: usize,
+    /// Versions every block goes through.
+    pub rounds: u64,
+    /// Workers a block takes per round.
+    pub workers_per_block: u32,
+    /// Accepted updates that close a round.
+    pub quorum: u32,
+    /// A lease lapses this long after its last renewal, ms.
+    pub lease_ms: u64,
+    /// ... and this long after it was issued, whatever its renewals, ms.
+    pub max_lease_ms: u64,
+    /// A round closes this long after its first update with what it has, ms.
+    pub round_timeout_ms: u64,
+    /// Unfinished blocks with no progress for this long are stalled, ms.
+    pub stall_ms: u64,
+    /// H, local steps at the reference rate.
+    pub local_steps: i64,
+    /// Target seconds per round (0: always H steps).
+    pub round_seconds: f64,
+    /// Length of every block's LR schedule.
+    pub schedule_total: i64,
+    /// Windows per step.
+    pub batch: i64,
+    /// Update codec workers use.
+    pub codec: String,
+    /// Fraction of an own-data worker's leases trained on the run's shard (and checked).
+    pub spot_check_fraction: f64,
+    /// The run's public seed (lease seeds follow block, version and slot).
+    pub run_seed: u64,
+    /// Rough memory to train each block, bytes.
+    pub train_memory: Vec<u64>,
+    /// Who may register.
+    pub admission: Admission,
+}
+
+/// Registration rules (`[auth]`).
+#[derive(Clone, Debug, Default)]
+pub struct Admission {
+    /// Keys allowed to register (empty: any).
+    pub allow: Vec<String>,
+    /// The run's join secret.
+    pub join_secret: Option<String>,
+    /// Invite tokens, each bound to the first key that uses it.
+    pub invites: Vec<String>,
+}
+
+/// Keys derived from the coordinator's secret: draws no worker can predict or choose.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    /// Re-seeds a slot after a refusal.
+    pub reseed: [u8; 32],
+    /// Picks an own-data worker's check leases.
+    pub check_lease: [u8; 32],
+}
+
+/// A registered worker.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerState {
+    /// Measured steps/s.
+    pub step_rate: Option<f64>,
+    /// The block it trained last (its checkpoint is cached there).
+    pub last_block: Option<usize>,
+    /// It trains on its own data.
+    pub own_data: bool,
+    /// A spot check found it false: no more work.
+    pub flagged: bool,
+    /// Last contact.
+    pub last_seen_ms: u64,
+}
+
+/// An accepted update waiting for its round to close.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    /// Update id.
+    pub update: i64,
+    /// Its lease.
+    pub lease: Option<i64>,
+    /// blake3 of its body.
+    pub hash: String,
+    /// Local steps it represents.
+    pub steps: i64,
+    /// When it arrived.
+    pub received_ms: u64,
+}
+
+/// One block: its version and the round open on it.
+#[derive(Clone, Debug)]
+struct BlockState {
+    version: u64,
+    /// blake3 of the copy of this version workers download.
+    wire: String,
+    /// This round's leases, by id (older rounds' leases live in the journal only).
+    leases: BTreeMap<i64, LeaseRow>,
+    /// Leases of this round whose one upload was decided.
+    decided: HashSet<i64>,
+    pending: Vec<Pending>,
+    /// Last accepted update or commit.
+    last_progress_ms: u64,
+    stalled: bool,
+}
+
+impl BlockState {
+    /// Active leases and leases issued, this round.
+    fn counts(&self) -> (u32, u32) {
+        let active = self
+            .leases
+            .values()
+            .filter(|l| l.state == lease_state::ACTIVE)
+            .count();
+        (active as u32, self.leases.len() as u32)
+    }
+
+    /// Workers on this round: active leases and delivered updates.
+    fn busy(&self) -> u32 {
+        self.counts().0 + self.pending.len() as u32
+    }
+
+    /// Slots held by active leases or delivered updates.
+    fn slot_taken(&self, slot: u32) -> bool {
+        self.leases.values().any(|l| {
+            l.slot == slot && (l.state == lease_state::ACTIVE || l.state == lease_state::DELIVERED)
+        })
+    }
+
+    /// Leases of `slot` closed by a refusal or a failed spot check, this round.
+    fn refusals(&self, slot: u32) -> u32 {
+        self.leases
+            .values()
+            .filter(|l| {
+                l.slot == slot && (l.state == lease_state::REFUSED || l.state == lease_state::VOID)
+            })
+            .count() as u32
+    }
+}
+
+/// What the journal holds, to rebuild the core from at start-up.
+#[derive(Clone, Debug, Default)]
+pub struct Rebuild {
+    /// Registered workers.
+    pub workers: HashMap<String, WorkerState>,
+    /// Per block: committed version, its wire hash, last progress (ms).
+    pub blocks: Vec<(u64, String, u64)>,
+    /// Leases of each block's current version.
+    pub leases: Vec<LeaseRow>,
+    /// Leases (of current versions) with a decided upload.
+    pub decided: Vec<i64>,
+    /// Pending updates of current versions, by block.
+    pub pending: Vec<(usize, Pending)>,
+    /// Invite token ids (blake3 of the token) and the key each is bound to.
+    pub invites: HashMap<String, String>,
+    /// The highest lease id ever issued.
+    pub last_lease: i64,
+}
+
+/// Soft state changed since the last [`Core::take_soft`], for the journal.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Soft {
+    /// (lease id, state, expires_ms).
+    pub leases: Vec<(i64, String, u64)>,
+    /// (key, last_seen_ms, step_rate).
+    pub workers: Vec<(String, u64, Option<f64>)>,
+}
+
+/// The coordinator's decision state.
+#[derive(Clone, Debug)]
+pub struct Core {
+    rules: Rules,
+    secrets: Secrets,
+    workers: HashMap<String, WorkerState>,
+    blocks: Vec<BlockState>,
+    /// Block of every lease of a current round.
+    lease_block: HashMap<i64, usize>,
+    /// The active lease each worker holds.
+    active_of: HashMap<String, i64>,
+    /// Leases with an upload admitted and not yet decided.
+    vetting: HashSet<i64>,
+    invites: HashMap<String, String>,
+    next_lease: i64,
+    /// No active lease lapses before this (a lower bound: renewals only push it later).
+    next_lapse_ms: u64,
+    dirty_leases: HashSet<i64>,
+    dirty_workers: HashSet<String>,
+}
+
+impl Core {
+    /// The core of a run whose journal holds `from`; every active lease gets at least
+    /// `lease_ms` from `now` (a restart's downtime is not charged to the workers).
+    pub fn new(rules: Rules, secrets: Secrets, from: Rebuild, now: u64) -> Self {
+        let mut blocks: Vec<BlockState> = from
+            .blocks
+            .iter()
+            .map(|(version, wire, progress)| BlockState {
+                version: *version,
+                wire: wire.clone(),
+                leases: BTreeMap::new(),
+                decided: HashSet::new(),
+                pending: Vec::new(),
+                last_progress_ms: *progress,
+                stalled: false,
+            })
+            .collect();
+        let mut core = Core {
+            rules,
+            secrets,
+            workers: from.workers,
+            blocks: Vec::new(),
+            lease_block: HashMap::new(),
+            active_of: HashMap::new(),
+            vetting: HashSet::new(),
+            invites: from.invites,
+            next_lease: from.last_lease + 1,
+            next_lapse_ms: 0,
+            dirty_leases: HashSet::new(),
+            dirty_workers: HashSet::new(),
+        };
+        let decided: HashSet<i64> = from.decided.into_iter().collect();
+        for mut l in from.leases {
+            let Some(b) = blocks.get_mut(l.block).filter(|b| b.version == l.version) else {
+                continue;
+            };
+            if l.state == lease_state::ACTIVE {
+                l.expires_ms = l.expires_ms.max(now + core.rules.lease_ms);
+                core.active_of.insert(l.worker.clone(), l.id);
+            }
+            if decided.contains(&l.id) {
+                b.decided.insert(l.id);
+            }
+            core.lease_block.insert(l.id, l.block);
+            b.leases.insert(l.id, l);
+        }
+        for (block, p) in from.pending {
+            if let Some(b) = blocks.get_mut(block) {
+                b.pending.push(p);
+            }
+        }
+        core.blocks = blocks;
+        core
+    }
+
+    /// The rules it runs by.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// A registered worker.
+    pub fn worker(&self, key: &str) -> Option<&WorkerState> {
+        self.workers.get(key)
+    }
+
+    /// Registered workers.
+    pub fn workers(&self) -> impl Iterator<Item = (&String, &WorkerState)> {
+        self.workers.iter()
+    }
+
+    /// A lease of a current round (None: unknown, or its round has closed).
+    pub fn lease(&self, id: i64) -> Option<&LeaseRow> {
+        let b = self.lease_block.get(&id)?;
+        self.blocks[*b].leases.get(&id)
+    }
+
+    /// Block `b`'s committed version.
+    pub fn version(&self, b: usize) -> u64 {
+        self.blocks[b].version
+    }
+
+    /// Every block's committed version.
+    pub fn versions(&self) -> Vec<u64> {
+        self.blocks.iter().map(|b| b.version).collect()
+    }
+
+    /// Every block has all its versions.
+    pub fn done(&self) -> bool {
+        self.blocks.iter().all(|b| b.version >= self.rules.rounds)
+    }
+
+    /// Active leases of block `b`'s round.
+    pub fn active_leases(&self, b: usize) -> u32 {
+        self.blocks[b].counts().0
+    }
+
+    /// Updates waiting for block `b`'s round to close.
+    pub fn pending(&self, b: usize) -> &[Pending] {
+        &self.blocks[b].pending
+    }
+
+    /// Whether block `b` is marked stalled ([`Core::watch_stalls`]).
+    pub fn stalled(&self, b: usize) -> bool {
+        self.blocks[b].stalled
+    }
+
+    /// What a worker holding `l` is told (`POST /v1/work`).
+    pub fn lease_reply(&self, l: &LeaseRow) -> Lease {
+        let r = &self.rules;
+        Lease {
+            id: l.id,
+            block: l.block,
+            version: l.version,
+            weights_hash: self.blocks[l.block].wire.clone(),
+            steps: l.steps,
+            batch: r.batch,
+            seed: l.seed,
+            shard_index: l.slot,
+            shard_count: r.workers_per_block,
+            schedule_step: l.version as i64 * r.local_steps,
+            schedule_total: r.schedule_total,
+            schedule_span: r.local_steps,
+            codec: r.codec.clone(),
+            lease_ms: r.lease_ms,
+            public_shard: l.public,
+        }
+    }
+
+    /// Soft state changed since the last call (the shell writes it at every tick).
+    pub fn take_soft(&mut self) -> Soft {
+        let mut soft = Soft::default();
+        for id in std::mem::take(&mut self.dirty_leases) {
+            if let Some(l) = self.lease(id) {
+                soft.leases.push((id, l.state.clone(), l.expires_ms));
+            }
+        }
+        for key in std::mem::take(&mut self.dirty_workers) {
+            if let Some(w) = self.workers.get(&key) {
+                soft.workers.push((key, w.last_seen_ms, w.step_rate));
+            }
+        }
+        soft.leases.sort_by_key(|l| l.0);
+        soft.workers.sort_by(|a, b| a.0.cmp(&b.0));
+        soft
+    }
+
+    /// Records a worker's contact (soft state).
+    fn touch(&mut self, key: &str, step_rate: Option<f64>, now: u64) {
+        if let Some(w) = self.workers.get_mut(key) {
+            w.last_seen_ms = w.last_seen_ms.max(now);
+            if step_rate.is_some() {
+                w.step_rate = step_rate;
+            }
+            if !self.dirty_workers.contains(key) {
+                self.dirty_workers.insert(key.to_string());
+            }
+        }
+    }
+
+    /// A lease of a current round, to change.
+    fn lease_mut(&mut self, id: i64) -> Option<&mut LeaseRow> {
+        let b = *self.lease_block.get(&id)?;
+        self.blocks[b].leases.get_mut(&id)
+    }
+
+    /// Sets a lease's state, keeping the index of active leases.
+    fn set_state(&mut self, id: i64, state: &str) {
+        let Some(l) = self.lease_mut(id) else {
+            return;
+        };
+        let was_active = l.state == lease_state::ACTIVE;
+        l.state = state.to_string();
+        let worker = l.worker.clone();
+        if was_active && state != lease_state::ACTIVE && self.active_of.get(&worker) == Some(&id) {
+            self.active_of.remove(&worker);
+        }
+        if state == lease_state::ACTIVE {
+            self.active_of.insert(worker, id);
+        }
+    }
+}
+
+/// A lease's seed: the run's seed, block, version and slot (so a lapsed lease does not
+/// change what the next holder of its slot computes).
+pub fn seed_of(run_seed: u64, block: usize, version: u64, slot: u32) -> u64 {
+    let h = blake3::hash(format!("{run_seed}/{block}/{version}/{slot}").as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}

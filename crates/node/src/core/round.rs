@@ -1,0 +1,203 @@
+//! Uploads and rounds: whether a lease may still deliver, its one decided upload, flags,
+//! when a round is ready to close, the commit that opens the next one, and stalls.
+//!
+//! - **One decided upload per lease**: accepted (delivered) or refused; a refusal
+//!   closes the lease and the slot is re-leased with a fresh seed.
+//! - **Round close**: block b's round closes when its quorum of accepted updates is in,
+//!   or `round_timeout_ms` after its first update with whatever has arrived.
+//! - **Stale rule**: an update is merged only into the version it was computed from;
+//!   after a commit the old round's leases are no longer current ([`Core::lease`]).
+//! - **Stalls**: an unfinished block with nothing accepted or committed for
+//!   `stall_ms` is stalled (no workers, or every update refused).
+use super::*;
+use crate::short;
+use crate::NodeError;
+
+/// A block's stall state changed ([`Core::watch_stalls`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StallChange {
+    /// Block.
+    pub block: usize,
+    /// Stalled now (else moving again).
+    pub stalled: bool,
+    /// Its version.
+    pub version: u64,
+    /// Time since its last progress, ms.
+    pub idle_ms: u64,
+}
+
+impl Core {
+    /// Whether `key` may upload at all: registered, and not flagged.
+    pub fn may_upload(&self, key: &str) -> crate::Result<()> {
+        if self.require_registered(key)?.flagged {
+            return Err(NodeError::Forbidden(format!(
+                "worker {} failed a spot check: its updates are no longer accepted in this run; nothing stored",
+                short(key)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether lease `l` may still deliver: not delivered, refused or void, no upload
+    /// decided on it, and of its block's current round (the shell answers leases that
+    /// are not current as stale).
+    pub fn lease_open(&self, l: &LeaseRow) -> crate::Result<()> {
+        let l = self.lease(l.id).unwrap_or(l);
+        match l.state.as_str() {
+            lease_state::DELIVERED => {
+                return Err(NodeError::Rejected(format!(
+                    "lease {} already delivered its update",
+                    l.id
+                )))
+            }
+            lease_state::REFUSED | lease_state::VOID => {
+                return Err(NodeError::Rejected(format!(
+                    "lease {} already had its one upload refused; ask for new work",
+                    l.id
+                )))
+            }
+            _ => {}
+        }
+        // A decision with the lease still open: a crash between recording a refusal and
+        // closing the lease. It stays closed.
+        if self.is_decided(l.id) {
+            return Err(NodeError::Rejected(format!(
+                "lease {} already had its one upload decided; ask for new work",
+                l.id
+            )));
+        }
+        let head = self.blocks[l.block].version;
+        if l.version != head || l.state == lease_state::SUPERSEDED {
+            return Err(NodeError::Stale(format!(
+                "block {} is at version {head}; this update was computed from version {}",
+                l.block + 1,
+                l.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether an upload on lease `id` (of a current round) was decided.
+    pub fn is_decided(&self, id: i64) -> bool {
+        self.lease_block
+            .get(&id)
+            .is_some_and(|b| self.blocks[*b].decided.contains(&id))
+    }
+
+    /// Marks an upload on `id` as being vetted; false if one already is.
+    pub fn begin_vetting(&mut self, id: i64) -> bool {
+        self.vetting.insert(id)
+    }
+
+    /// The upload on `id` was decided (or its vetting died).
+    pub fn end_vetting(&mut self, id: i64) {
+        self.vetting.remove(&id);
+    }
+
+    /// Whether an upload on `id` is being vetted.
+    pub fn is_vetting(&self, id: i64) -> bool {
+        self.vetting.contains(&id)
+    }
+
+    /// The one upload on lease `id` was refused: it is decided, and the lease closes
+    /// (`void` after a failed spot check: never revived). Returns the lease's new state
+    /// for the journal, or None when it was already closed (or is not current).
+    pub fn refuse(&mut self, id: i64, void: bool) -> Option<&'static str> {
+        let b = *self.lease_block.get(&id)?;
+        self.blocks[b].decided.insert(id);
+        let state = self.blocks[b].leases.get(&id)?.state.clone();
+        let new = match (void, state.as_str()) {
+            (true, _) => lease_state::VOID,
+            (false, lease_state::ACTIVE | lease_state::EXPIRED) => lease_state::REFUSED,
+            _ => return None,
+        };
+        self.set_state(id, new);
+        self.dirty_leases.remove(&id);
+        Some(new)
+    }
+
+    /// The one upload on lease `p.lease` was accepted: it waits for its round.
+    pub fn accept(&mut self, block: usize, p: Pending, now: u64) {
+        if let Some(id) = p.lease {
+            if let Some(b) = self.lease_block.get(&id).copied() {
+                self.blocks[b].decided.insert(id);
+                self.set_state(id, lease_state::DELIVERED);
+                self.dirty_leases.remove(&id);
+            }
+        }
+        let b = &mut self.blocks[block];
+        b.last_progress_ms = b.last_progress_ms.max(now);
+        b.pending.push(p);
+    }
+
+    /// Flags `key` after a failed spot check: no more work or uploads.
+    pub fn flag(&mut self, key: &str) {
+        if let Some(w) = self.workers.get_mut(key) {
+            w.flagged = true;
+        }
+    }
+
+    /// Whether block `b`'s round is ready to close: its quorum is in, or its deadline
+    /// (from the first update) passed with at least one.
+    pub fn round_ready(&self, b: usize, now: u64) -> bool {
+        let pending = &self.blocks[b].pending;
+        let Some(first) = pending.iter().map(|p| p.received_ms).min() else {
+            return false;
+        };
+        pending.len() as u32 >= self.rules.quorum
+            || now >= first.saturating_add(self.rules.round_timeout_ms)
+    }
+
+    /// Blocks whose rounds are ready to close.
+    pub fn ready_rounds(&self, now: u64) -> Vec<usize> {
+        (0..self.blocks.len())
+            .filter(|&b| self.round_ready(b, now))
+            .collect()
+    }
+
+    /// A pending update of block `b` could not be merged (its body was unreadable).
+    pub fn drop_pending(&mut self, b: usize, update: i64) {
+        self.blocks[b].pending.retain(|p| p.update != update);
+    }
+
+    /// Block `b` committed `version` (with `wire` as its download): the round's leases
+    /// are no longer current (the journal supersedes the open ones), its pending
+    /// updates were merged, and a new round opens.
+    pub fn committed(&mut self, b: usize, version: u64, wire: &str, now: u64) {
+        let s = &mut self.blocks[b];
+        for (id, l) in std::mem::take(&mut s.leases) {
+            self.lease_block.remove(&id);
+            self.vetting.remove(&id);
+            self.dirty_leases.remove(&id);
+            if self.active_of.get(&l.worker) == Some(&id) {
+                self.active_of.remove(&l.worker);
+            }
+        }
+        let s = &mut self.blocks[b];
+        s.decided.clear();
+        s.pending.clear();
+        s.version = version;
+        s.wire = wire.to_string();
+        s.last_progress_ms = s.last_progress_ms.max(now);
+    }
+
+    /// Marks blocks nobody advances; returns the blocks whose mark changed.
+    pub fn watch_stalls(&mut self, now: u64) -> Vec<StallChange> {
+        let (rounds, stall_ms) = (self.rules.rounds, self.rules.stall_ms);
+        let mut changes = Vec::new();
+        for (block, s) in self.blocks.iter_mut().enumerate() {
+            let idle_ms = now.saturating_sub(s.last_progress_ms);
+            let stalled = s.version < rounds && idle_ms > stall_ms;
+            if stalled != s.stalled {
+                changes.push(StallChange {
+                    block,
+                    stalled,
+                    version: s.version,
+                    idle_ms,
+                });
+            }
+            s.stalled = stalled;
+        }
+        changes
+    }
+}

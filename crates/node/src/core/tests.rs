@@ -1,0 +1,512 @@
+//! The core's rules, checked on plain memory: no temporary directory, no database, no
+//! libtorch. Each test drives transitions with an explicit clock.
+use blocktrain_protocol::wire::{join_proof, DataShard, RegisterRequest, WorkerInfo};
+
+use super::*;
+use crate::NodeError;
+
+fn rules(blocks: usize, per_block: u32) -> Rules {
+    Rules {
+        blocks,
+        rounds: 3,
+        workers_per_block: per_block,
+        quorum: per_block,
+        lease_ms: 10_000,
+        max_lease_ms: 100_000,
+        round_timeout_ms: 30_000,
+        stall_ms: 90_000,
+        local_steps: 8,
+        round_seconds: 0.0,
+        schedule_total: 24,
+        batch: 4,
+        codec: "fp16".into(),
+        spot_check_fraction: 0.0,
+        run_seed: 7,
+        train_memory: vec![1000; blocks],
+        admission: Admission::default(),
+    }
+}
+
+fn secrets(k: u8) -> Secrets {
+    Secrets {
+        reseed: [k; 32],
+        check_lease: [k + 1; 32],
+    }
+}
+
+fn fresh(r: Rules) -> Core {
+    let blocks = (0..r.blocks).map(|b| (0, format!("wire{b}"), 0)).collect();
+    let from = Rebuild {
+        blocks,
+        ..Default::default()
+    };
+    Core::new(r, secrets(1), from, 0)
+}
+
+fn join(core: &mut Core, key: &str) {
+    let req = RegisterRequest {
+        info: WorkerInfo::new("cpu"),
+        join_proof: None,
+    };
+    let reg = core.admit(key, &req).unwrap();
+    core.registered(key, &req.info, &reg, 0);
+}
+
+fn lease(core: &mut Core, key: &str, now: u64) -> LeaseRow {
+    match core.work(key, &WorkerInfo::new("cpu"), now, true).unwrap() {
+        Work::Lease(l, _) => l,
+        other => panic!("{key}: expected a lease, got {other:?}"),
+    }
+}
+
+fn pending(update: i64, lease: &LeaseRow, now: u64) -> Pending {
+    Pending {
+        update,
+        lease: Some(lease.id),
+        hash: format!("h{update}"),
+        steps: lease.steps,
+        received_ms: now,
+    }
+}
+
+#[test]
+fn workers_spread_over_blocks_until_every_slot_is_taken() {
+    let mut core = fresh(rules(2, 2));
+    for k in ["a", "b", "c", "d", "e"] {
+        join(&mut core, k);
+    }
+    let got: Vec<(usize, u32)> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|k| {
+            let l = lease(&mut core, k, 0);
+            (l.block, l.slot)
+        })
+        .collect();
+    // Fewest workers first, then the lower block: 0, 1, 0, 1; slots in order.
+    assert_eq!(got, vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+    assert_eq!(
+        core.work("e", &WorkerInfo::new("cpu"), 0, true).unwrap(),
+        Work::Wait
+    );
+    assert_eq!(core.active_leases(0), 2);
+}
+
+#[test]
+fn a_worker_prefers_the_block_it_trained_last() {
+    let mut core = fresh(rules(2, 2));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let first = lease(&mut core, "b", 0);
+    assert_eq!(first.block, 0);
+    core.refuse(first.id, false);
+    // Block 0 has b's refused lease and block 1 nothing: equal load, and b had block 0.
+    assert_eq!(lease(&mut core, "b", 1).block, 0);
+    // a never trained: the lower block first, which now has one worker: block 1.
+    assert_eq!(lease(&mut core, "a", 1).block, 1);
+}
+
+#[test]
+fn a_retried_request_gets_the_lease_it_holds_and_the_fast_path_issues_nothing() {
+    let mut core = fresh(rules(1, 2));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    assert_eq!(
+        core.work("a", &WorkerInfo::new("cpu"), 0, false).unwrap(),
+        Work::WouldIssue
+    );
+    let l = lease(&mut core, "a", 0);
+    assert_eq!(l.id, 1, "the fast path's answer took no id");
+    assert_eq!(
+        core.work("a", &WorkerInfo::new("cpu"), 5, false).unwrap(),
+        Work::Lease(l.clone(), false)
+    );
+    assert_eq!(lease(&mut core, "b", 0).id, 2);
+}
+
+#[test]
+fn unknown_flagged_and_too_small_workers_are_refused() {
+    let mut r = rules(2, 2);
+    r.train_memory = vec![5000, 2000];
+    let mut core = fresh(r);
+    let info = WorkerInfo::new("cpu");
+    assert!(matches!(
+        core.work("nobody", &info, 0, true),
+        Err(NodeError::Unauthenticated(_))
+    ));
+    join(&mut core, "small");
+    let mut small = info.clone();
+    small.memory_bytes = 1000;
+    assert!(
+        matches!(core.work("small", &small, 0, true), Err(NodeError::Rejected(m)) if m.contains("free memory"))
+    );
+    // A block that does not fit is skipped, though it has fewer workers.
+    small.memory_bytes = 3000;
+    match core.work("small", &small, 0, true).unwrap() {
+        Work::Lease(l, true) => assert_eq!(l.block, 1),
+        other => panic!("{other:?}"),
+    }
+    join(&mut core, "cheat");
+    core.flag("cheat");
+    assert!(matches!(
+        core.work("cheat", &info, 0, true),
+        Err(NodeError::Forbidden(_))
+    ));
+    assert!(matches!(
+        core.may_upload("cheat"),
+        Err(NodeError::Forbidden(_))
+    ));
+}
+
+#[test]
+fn a_lapsed_lease_frees_its_slot_for_the_next_worker_with_the_same_seed() {
+    let mut core = fresh(rules(1, 1));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let a = lease(&mut core, "a", 0);
+    assert_eq!(seed_of(7, 0, 0, 0), a.seed);
+    assert_eq!(
+        core.work("b", &WorkerInfo::new("cpu"), 9_999, true)
+            .unwrap(),
+        Work::Wait
+    );
+    assert_eq!(core.lapse(9_999), 0);
+    let b = lease(&mut core, "b", 10_000);
+    assert_eq!(core.lease(a.id).unwrap().state, lease_state::EXPIRED);
+    assert_eq!((b.slot, b.seed), (a.slot, a.seed));
+    // a's heartbeat cannot take the slot back.
+    assert_eq!(
+        core.heartbeat("a", a.id, 10_001).unwrap(),
+        Beat::Wanted(false)
+    );
+}
+
+#[test]
+fn heartbeats_renew_until_the_longest_life_and_revive_only_a_free_slot() {
+    let mut core = fresh(rules(1, 2));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let a = lease(&mut core, "a", 0);
+    for t in (5_000..100_000).step_by(5_000) {
+        assert_eq!(core.heartbeat("a", a.id, t).unwrap(), Beat::Wanted(true));
+        assert_eq!(core.lapse(t), 0);
+    }
+    assert_eq!(
+        core.lapse(100_000),
+        1,
+        "max_lease_ms ends it, renewed or not"
+    );
+    assert_eq!(
+        core.heartbeat("a", a.id, 100_001).unwrap(),
+        Beat::Wanted(false)
+    );
+    // A lease that lapsed for want of heartbeats comes back while its slot is free...
+    let b = lease(&mut core, "b", 100_000);
+    core.lapse(110_000);
+    assert_eq!(core.lease(b.id).unwrap().state, lease_state::EXPIRED);
+    assert_eq!(
+        core.heartbeat("b", b.id, 110_001).unwrap(),
+        Beat::Wanted(true)
+    );
+    assert_eq!(core.lease(b.id).unwrap().state, lease_state::ACTIVE);
+    // ...and another's lease or an unknown one is not the signer's to renew.
+    assert!(matches!(
+        core.heartbeat("a", b.id, 110_002),
+        Err(NodeError::Forbidden(_))
+    ));
+    assert_eq!(core.heartbeat("a", 999, 110_002).unwrap(), Beat::NotCurrent);
+}
+
+#[test]
+fn a_refusal_closes_the_lease_and_reseeds_its_slot_from_the_secret() {
+    let run = |k: u8| {
+        let blocks = vec![(0, "w".to_string(), 0)];
+        let from = Rebuild {
+            blocks,
+            ..Default::default()
+        };
+        let mut core = Core::new(rules(1, 1), secrets(k), from, 0);
+        join(&mut core, "a");
+        let first = lease(&mut core, "a", 0);
+        assert_eq!(core.refuse(first.id, false), Some(lease_state::REFUSED));
+        assert_eq!(core.refuse(first.id, false), None, "decided once");
+        assert!(core.is_decided(first.id));
+        assert!(matches!(
+            core.lease_open(&first),
+            Err(NodeError::Rejected(_))
+        ));
+        let second = lease(&mut core, "a", 1);
+        assert_eq!(second.slot, first.slot);
+        assert_ne!(second.seed, first.seed, "the slot is re-seeded");
+        second.seed
+    };
+    assert_ne!(
+        run(1),
+        run(9),
+        "the new seed follows the coordinator's secret"
+    );
+}
+
+#[test]
+fn a_round_closes_at_its_quorum_or_its_deadline_and_the_next_one_opens() {
+    let mut core = fresh(rules(1, 2));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    assert!(!core.round_ready(0, 0));
+    core.accept(0, pending(1, &a, 1_000), 1_000);
+    assert!(
+        !core.round_ready(0, 30_999),
+        "one of two, before the deadline"
+    );
+    assert!(
+        core.round_ready(0, 31_000),
+        "the deadline counts from the first update"
+    );
+    assert!(matches!(core.lease_open(&a), Err(NodeError::Rejected(_))));
+    core.accept(0, pending(2, &b, 2_000), 2_000);
+    assert!(core.round_ready(0, 2_000));
+    assert_eq!(core.ready_rounds(2_000), vec![0]);
+    core.committed(0, 1, "wire1", 2_500);
+    assert_eq!(core.version(0), 1);
+    assert!(core.pending(0).is_empty());
+    assert_eq!(
+        core.lease(a.id),
+        None,
+        "the old round's leases are not current"
+    );
+    let next = lease(&mut core, "a", 3_000);
+    assert_eq!((next.version, next.slot), (1, 0));
+    assert_eq!(core.lease_reply(&next).weights_hash, "wire1");
+    assert_eq!(core.lease_reply(&next).schedule_step, 8);
+}
+
+#[test]
+fn the_run_is_done_when_every_block_has_its_rounds() {
+    let mut r = rules(1, 1);
+    r.rounds = 1;
+    let mut core = fresh(r);
+    join(&mut core, "a");
+    let l = lease(&mut core, "a", 0);
+    core.accept(0, pending(1, &l, 1), 1);
+    core.committed(0, 1, "w1", 2);
+    assert!(core.done());
+    assert_eq!(
+        core.work("a", &WorkerInfo::new("cpu"), 3, false).unwrap(),
+        Work::Done
+    );
+}
+
+#[test]
+fn a_rebuilt_core_keeps_leases_decisions_and_pending_updates_of_open_rounds() {
+    let lease_at = |id: i64, version: u64, state: &str, worker: &str| LeaseRow {
+        id,
+        worker: worker.into(),
+        block: 0,
+        version,
+        slot: id as u32 % 2,
+        steps: 8,
+        seed: 1,
+        issued_ms: 0,
+        expires_ms: 5_000,
+        state: state.into(),
+        public: false,
+    };
+    let from = Rebuild {
+        workers: [("a", false), ("b", false), ("c", true)]
+            .into_iter()
+            .map(|(k, flagged)| {
+                let w = WorkerState {
+                    flagged,
+                    ..Default::default()
+                };
+                (k.to_string(), w)
+            })
+            .collect(),
+        blocks: vec![(1, "w1".into(), 0)],
+        leases: vec![
+            lease_at(3, 0, lease_state::ACTIVE, "a"), // an old round's: dropped
+            lease_at(4, 1, lease_state::ACTIVE, "a"),
+            lease_at(5, 1, lease_state::DELIVERED, "b"),
+        ],
+        decided: vec![5],
+        pending: vec![(
+            0,
+            Pending {
+                update: 9,
+                lease: Some(5),
+                hash: "h".into(),
+                steps: 8,
+                received_ms: 100,
+            },
+        )],
+        invites: HashMap::new(),
+        last_lease: 5,
+    };
+    let mut core = Core::new(rules(1, 2), secrets(1), from, 50_000);
+    assert_eq!(core.lease(3), None);
+    assert_eq!(
+        core.lease(4).unwrap().expires_ms,
+        60_000,
+        "a fresh life from now"
+    );
+    assert!(core.is_decided(5));
+    assert_eq!(core.pending(0).len(), 1);
+    assert_eq!(
+        core.work("a", &WorkerInfo::new("cpu"), 50_001, true)
+            .unwrap(),
+        Work::Lease(core.lease(4).unwrap().clone(), false)
+    );
+    // Both slots are taken (a active, b delivered): a third worker waits.
+    join(&mut core, "d");
+    assert_eq!(
+        core.work("d", &WorkerInfo::new("cpu"), 50_001, true)
+            .unwrap(),
+        Work::Wait
+    );
+    assert!(core.may_upload("c").is_err(), "flags survive");
+    core.accept(
+        0,
+        Pending {
+            update: 10,
+            lease: Some(4),
+            hash: "h2".into(),
+            steps: 8,
+            received_ms: 50_002,
+        },
+        50_002,
+    );
+    core.committed(0, 2, "w2", 50_003);
+    assert_eq!(
+        lease(&mut core, "d", 50_004).id,
+        6,
+        "ids go on from the journal's"
+    );
+}
+
+#[test]
+fn soft_state_is_handed_to_the_journal_once() {
+    let mut core = fresh(rules(1, 1));
+    join(&mut core, "a");
+    let l = lease(&mut core, "a", 0);
+    core.take_soft();
+    assert_eq!(core.take_soft(), Soft::default());
+    core.heartbeat("a", l.id, 4_000).unwrap();
+    let soft = core.take_soft();
+    assert_eq!(soft.leases, vec![(l.id, "active".to_string(), 14_000)]);
+    assert_eq!(soft.workers, vec![("a".to_string(), 4_000, None)]);
+    assert_eq!(core.take_soft(), Soft::default());
+    core.lapse(14_000);
+    assert_eq!(
+        core.take_soft().leases,
+        vec![(l.id, "expired".to_string(), 14_000)]
+    );
+    // A hard transition is journaled by the shell at once, not again as soft state.
+    core.heartbeat("a", l.id, 14_001).unwrap();
+    core.refuse(l.id, false);
+    assert!(core.take_soft().leases.is_empty());
+}
+
+#[test]
+fn a_block_nobody_advances_is_stalled_until_it_moves() {
+    let mut core = fresh(rules(2, 1));
+    join(&mut core, "a");
+    assert!(core.watch_stalls(90_000).is_empty());
+    let changes = core.watch_stalls(90_001);
+    assert_eq!(changes.len(), 2);
+    assert!(changes.iter().all(|c| c.stalled && c.idle_ms == 90_001));
+    assert!(core.stalled(0) && core.stalled(1));
+    let l = lease(&mut core, "a", 90_002);
+    core.accept(l.block, pending(1, &l, 90_003), 90_003);
+    let changes = core.watch_stalls(90_004);
+    assert_eq!(changes.len(), 1);
+    assert!(!changes[0].stalled && !core.stalled(l.block));
+}
+
+#[test]
+fn registration_follows_the_allowlist_the_join_secret_and_invites() {
+    let mut r = rules(1, 1);
+    r.admission = Admission {
+        allow: vec![],
+        join_secret: Some("s3cret".into()),
+        invites: vec!["tok".into()],
+    };
+    let mut core = fresh(r.clone());
+    let req = |key: &str, secret: Option<&str>| RegisterRequest {
+        info: WorkerInfo::new("cpu"),
+        join_proof: secret.map(|s| join_proof(s, key)),
+    };
+    assert!(matches!(
+        core.admit("a", &req("a", None)),
+        Err(NodeError::Forbidden(_))
+    ));
+    assert!(matches!(
+        core.admit("a", &req("a", Some("wrong"))),
+        Err(NodeError::Forbidden(_))
+    ));
+    assert_eq!(
+        core.admit("a", &req("a", Some("s3cret"))).unwrap().invite,
+        None
+    );
+    // An invite belongs to the first key that registers with it.
+    let reg = core.admit("b", &req("b", Some("tok"))).unwrap();
+    assert!(reg.invite.is_some());
+    assert!(core.worker("b").is_none(), "admit alone changes nothing");
+    core.registered("b", &WorkerInfo::new("cpu"), &reg, 0);
+    assert!(core.admit("b", &req("b", Some("tok"))).is_ok());
+    assert!(
+        matches!(core.admit("c", &req("c", Some("tok"))), Err(NodeError::Forbidden(m)) if m.contains("belongs to"))
+    );
+    r.admission = Admission {
+        allow: vec!["a".into()],
+        ..Default::default()
+    };
+    let core = fresh(r);
+    assert!(core.admit("a", &req("a", None)).is_ok());
+    assert!(matches!(
+        core.admit("z", &req("z", None)),
+        Err(NodeError::Forbidden(_))
+    ));
+    let mut old = req("a", None);
+    old.info.wire_version += 1;
+    assert!(matches!(core.admit("a", &old), Err(NodeError::Rejected(_))));
+}
+
+#[test]
+fn own_data_buys_no_exemption_from_check_leases() {
+    let mut r = rules(1, 1);
+    r.spot_check_fraction = 1.0;
+    let mut core = fresh(r.clone());
+    let mut info = WorkerInfo::new("cpu");
+    info.data = Some(DataShard {
+        blake3: "d".repeat(64),
+        bytes: 10,
+    });
+    let req = RegisterRequest {
+        info: info.clone(),
+        join_proof: None,
+    };
+    let reg = core.admit("own", &req).unwrap();
+    core.registered("own", &info, &reg, 0);
+    join(&mut core, "plain");
+    assert!(lease(&mut core, "own", 0).public);
+    r.spot_check_fraction = 0.0;
+    let mut core = fresh(r);
+    core.registered("own", &info, &reg, 0);
+    assert!(!lease(&mut core, "own", 0).public);
+}
+
+#[test]
+fn local_steps_follow_the_measured_rate_within_a_quarter_and_four_times_h() {
+    let mut r = rules(3, 1);
+    r.round_seconds = 10.0;
+    let mut core = fresh(r);
+    for (key, rate, want) in [("slow", 0.1, 2), ("fit", 1.5, 15), ("fast", 100.0, 32)] {
+        join(&mut core, key);
+        let mut info = WorkerInfo::new("cpu");
+        info.step_rate = Some(rate);
+        match core.work(key, &info, 0, true).unwrap() {
+            Work::Lease(l, true) => assert_eq!(l.steps, want, "{key}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
