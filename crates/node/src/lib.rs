@@ -16,6 +16,10 @@
 //!   arrays, with robust (median, trimmed-mean) merge rules.
 //! - [`verify`]: checks of an update before it is merged: a deterministic recompute
 //!   (spot check) and a held-out screen on fixed draws.
+//! - [`local_train`]: a lease's training as a pure function of its inputs, which the
+//!   worker runs and the spot check reruns; [`keys`]: identity key files; [`run_info`]:
+//!   what a registering worker is told. Shared by worker and coordinator, which import
+//!   these and not each other.
 //!
 //! Compute comes from `blocktrain-model`, wire formats from `blocktrain-protocol`.
 #![deny(missing_docs)]
@@ -25,8 +29,11 @@ pub mod config;
 pub mod coordinator;
 pub mod dashboard;
 pub mod inference;
+pub mod keys;
 pub mod ledger;
+pub mod local_train;
 pub mod merge;
+pub mod run_info;
 pub mod server;
 pub mod store;
 pub mod tensors;
