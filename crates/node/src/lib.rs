@@ -1,4 +1,4 @@
-//! BlockTrain's network roles.
+//! BlockTrain's training over the network: the coordinator and its workers.
 //!
 //! - [`coordinator`]: the run's state machine (leases, rounds, merges), durable in
 //!   SQLite ([`store`]) with checkpoints as content-addressed files; no I/O of its own
@@ -10,8 +10,6 @@
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
 //! - [`tls`]: HTTPS for the coordinator (certificates, self-signed, pinning).
-//! - [`inference`]: block servers over TCP and their client (one-traversal
-//!   diffusion generation; the AR pipeline baseline).
 //! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
 //!   arrays, with robust (median, trimmed-mean) merge rules.
 //! - [`verify`]: checks of an update before it is merged: a deterministic recompute
@@ -22,13 +20,14 @@
 //!   these and not each other.
 //!
 //! Compute comes from `blocktrain-model`, wire formats from `blocktrain-protocol`.
+//! Serving (block servers and their client) is `blocktrain-serve`, which needs none of
+//! this crate.
 #![deny(missing_docs)]
 
 pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod dashboard;
-pub mod inference;
 pub mod keys;
 pub mod ledger;
 pub mod local_train;
