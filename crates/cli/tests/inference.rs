@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use blocktrain_node::inference::client::{self, Request};
-use blocktrain_node::inference::hop::HopLimits;
 use blocktrain_protocol::frame::{
     decode_frame, ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, Message, Sampling, Stage,
     DEFAULT_MAX_FRAME, MAGIC, MASK_TOKEN,
 };
+use blocktrain_serve::client::{self, Request};
+use blocktrain_serve::hop::HopLimits;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocktrain");
 

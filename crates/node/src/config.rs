@@ -8,7 +8,7 @@ use blocktrain_model::run::{Family, Manifest, TrainPlan};
 use blocktrain_protocol::codec::Codec;
 use serde::{Deserialize, Serialize};
 
-use crate::merge::MergeRule;
+pub use crate::merge::{Outer, OuterKind};
 use crate::{NodeError, Result};
 
 /// A whole run.
@@ -92,34 +92,6 @@ pub struct Training {
     /// rate x round_seconds (clamped to [H/4, 4H]) so slow and fast workers finish
     /// together. 0 = every worker trains exactly H steps.
     pub round_seconds: f64,
-}
-
-/// The outer optimizer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Outer {
-    /// `average` (plain mean of deltas; the default, best in docs/RESULTS.md at our
-    /// scale) or `nesterov` (DiLoCo).
-    pub optimizer: OuterKind,
-    /// Outer learning rate (nesterov).
-    pub lr: f64,
-    /// Outer momentum (nesterov).
-    pub momentum: f64,
-    /// How a round's deltas combine before the outer step: `mean` (step-weighted; the
-    /// default), `median` or `trimmed:F` (coordinate-wise, unweighted; F in [0, 0.5) is
-    /// the fraction dropped from each end). The robust rules bound what a few bad
-    /// updates can do, at some cost in noise with honest ones.
-    pub merge: String,
-}
-
-/// Outer optimizer kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OuterKind {
-    /// DiLoCo: SGD with Nesterov momentum on the averaged pseudo-gradient.
-    Nesterov,
-    /// New weights = old + mean delta.
-    Average,
 }
 
 /// Update encoding and limits.
@@ -232,17 +204,6 @@ impl Default for Training {
     }
 }
 
-impl Default for Outer {
-    fn default() -> Self {
-        Outer {
-            optimizer: OuterKind::Average,
-            lr: 0.7,
-            momentum: 0.9,
-            merge: "mean".into(),
-        }
-    }
-}
-
 impl Default for Wire {
     fn default() -> Self {
         Wire {
@@ -262,13 +223,6 @@ impl Default for Faults {
             max_skew_secs: 300.0,
             keep_versions: 4,
         }
-    }
-}
-
-impl Outer {
-    /// The parsed `merge` setting.
-    pub fn merge_rule(&self) -> Result<MergeRule> {
-        MergeRule::parse(&self.merge)
     }
 }
 
@@ -401,6 +355,7 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::MergeRule;
 
     #[test]
     fn empty_file_is_the_default_run_and_round_trips() {

@@ -1,4 +1,4 @@
-//! BlockTrain's network roles.
+//! BlockTrain's training over the network: the coordinator and its workers.
 //!
 //! - [`core`]: the coordinator's decisions (assignment, leases, lapses, one decided
 //!   upload per lease, round readiness, stalls) as a pure state machine: in memory,
@@ -13,14 +13,18 @@
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
 //! - [`tls`]: HTTPS for the coordinator (certificates, self-signed, pinning).
-//! - [`inference`]: block servers over TCP and their client (one-traversal
-//!   diffusion generation; the AR pipeline baseline).
 //! - [`merge`]: the outer step (DiLoCo Nesterov or plain averaging) on dense `f32`
 //!   arrays, with robust (median, trimmed-mean) merge rules.
 //! - [`verify`]: checks of an update before it is merged: a deterministic recompute
 //!   (spot check) and a held-out screen on fixed draws.
+//! - [`local_train`]: a lease's training as a pure function of its inputs, which the
+//!   worker runs and the spot check reruns; [`keys`]: identity key files; [`run_info`]:
+//!   what a registering worker is told. Shared by worker and coordinator, which import
+//!   these and not each other.
 //!
 //! Compute comes from `blocktrain-model`, wire formats from `blocktrain-protocol`.
+//! Serving (block servers and their client) is `blocktrain-serve`, which needs none of
+//! this crate.
 #![deny(missing_docs)]
 
 pub mod client;
@@ -28,9 +32,11 @@ pub mod config;
 pub mod coordinator;
 pub mod core;
 pub mod dashboard;
-pub mod inference;
+pub mod keys;
 pub mod ledger;
+pub mod local_train;
 pub mod merge;
+pub mod run_info;
 pub mod server;
 pub mod store;
 pub mod tensors;

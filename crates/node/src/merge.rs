@@ -8,12 +8,61 @@
 //! The round's combined delta can also be a coordinate-wise median or trimmed mean
 //! ([`MergeRule`]): a few wrong or hostile deltas then move a weight by at most the
 //! spread of the honest ones, where they move a mean without bound.
+//!
+//! The settings of all this, `run.toml`'s `[outer]` table ([`Outer`]), live here too;
+//! `config` only assembles the file from its tables, so this module needs nothing of it.
 use std::fmt;
 
 use blocktrain_protocol::codec::{Array, Arrays};
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Outer, OuterKind};
 use crate::{NodeError, Result};
+
+/// The outer optimizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Outer {
+    /// `average` (plain mean of deltas; the default, best in docs/RESULTS.md at our
+    /// scale) or `nesterov` (DiLoCo).
+    pub optimizer: OuterKind,
+    /// Outer learning rate (nesterov).
+    pub lr: f64,
+    /// Outer momentum (nesterov).
+    pub momentum: f64,
+    /// How a round's deltas combine before the outer step: `mean` (step-weighted; the
+    /// default), `median` or `trimmed:F` (coordinate-wise, unweighted; F in [0, 0.5) is
+    /// the fraction dropped from each end). The robust rules bound what a few bad
+    /// updates can do, at some cost in noise with honest ones.
+    pub merge: String,
+}
+
+/// Outer optimizer kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OuterKind {
+    /// DiLoCo: SGD with Nesterov momentum on the averaged pseudo-gradient.
+    Nesterov,
+    /// New weights = old + mean delta.
+    Average,
+}
+
+impl Default for Outer {
+    fn default() -> Self {
+        Outer {
+            optimizer: OuterKind::Average,
+            lr: 0.7,
+            momentum: 0.9,
+            merge: "mean".into(),
+        }
+    }
+}
+
+impl Outer {
+    /// The parsed `merge` setting.
+    pub fn merge_rule(&self) -> Result<MergeRule> {
+        MergeRule::parse(&self.merge)
+    }
+}
 
 /// How a round's deltas are combined into one (`[outer] merge`).
 #[derive(Clone, Copy, Debug, PartialEq)]

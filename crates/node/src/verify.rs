@@ -20,7 +20,7 @@ use blocktrain_model::transformer::Denoiser;
 use blocktrain_protocol::codec::{Arrays, Codec};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::worker::{torch_rng, train_delta, LocalJob};
+use crate::local_train::{torch_rng, train_delta, LocalJob};
 use crate::{NodeError, Result};
 
 /// `||claimed - recomputed|| / max(||recomputed||, 1e-12)`, L2 over all tensors together.

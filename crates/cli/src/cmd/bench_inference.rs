@@ -22,9 +22,9 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use blocktrain_model::logical::LogicalShape;
-use blocktrain_node::inference::client::{self, Plan, Request};
-use blocktrain_node::inference::hop::HopLimits;
 use blocktrain_protocol::frame::Sampling;
+use blocktrain_serve::client::{self, Plan, Request};
+use blocktrain_serve::hop::HopLimits;
 use blocktrain_wanlink::{spawn_link_thread, LinkSpec, ThreadLink};
 use clap::Args;
 use serde_json::json;

@@ -13,12 +13,12 @@ use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
 use blocktrain_node::config::{ObjectiveFamily, RunConfig};
 use blocktrain_node::coordinator::{Coordinator, Status};
-use blocktrain_node::inference::client;
-use blocktrain_node::inference::hop::HopLimits;
-use blocktrain_node::inference::hosted::{Hosted, Source};
-use blocktrain_node::inference::server::{self as block_server, ServeOptions};
 use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::frame::{BlockRange, Sampling};
+use blocktrain_serve::client;
+use blocktrain_serve::hop::HopLimits;
+use blocktrain_serve::hosted::{Hosted, Source};
+use blocktrain_serve::server::{self as block_server, ServeOptions};
 use clap::{Args, ValueEnum};
 
 use crate::args::DeviceArgs;

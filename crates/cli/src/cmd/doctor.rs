@@ -16,9 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use blocktrain_node::client::Client;
-use blocktrain_node::inference::{client as infer, hop::HopLimits};
 use blocktrain_node::tls::{self, TlsTrust};
 use blocktrain_protocol::identity::Identity;
+use blocktrain_serve::{client as infer, hop::HopLimits};
 use clap::Args;
 
 /// Flags of `blocktrain doctor`.

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use blocktrain_node::inference::{client, openai};
+use blocktrain_serve::{client, openai};
 use clap::Args;
 
 /// Flags of `blocktrain gateway`.

@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 use blocktrain_model::run::{Family, Manifest, RunDir};
 use blocktrain_model::sampler::{self, SampleSettings};
 use blocktrain_model::transformer::Denoiser;
-use blocktrain_node::inference::client::{self, Request};
 use blocktrain_protocol::frame::Sampling;
+use blocktrain_serve::client::{self, Request};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -137,7 +137,7 @@ fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
     let (plan, out) = rt.block_on(async {
         let plan = client::discover(&servers, &limits).await?;
         let out = client::generate(&plan, &request, &limits).await?;
-        Ok::<_, blocktrain_node::NodeError>((plan, out))
+        Ok::<_, blocktrain_serve::ServeError>((plan, out))
     })?;
     for u in &plan.unreachable {
         eprintln!("note: left out of the route (did not answer): {u}");

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use blocktrain_model::logical::LogicalShape;
-use blocktrain_node::inference::hop::HopLimits;
-use blocktrain_node::inference::hosted::{Hosted, Source};
-use blocktrain_node::inference::server::{serve, ServeOptions};
 use blocktrain_protocol::frame::{self, BlockRange};
+use blocktrain_serve::hop::HopLimits;
+use blocktrain_serve::hosted::{Hosted, Source};
+use blocktrain_serve::server::{serve, ServeOptions};
 use clap::Args;
 
 use crate::args::DeviceArgs;

@@ -47,6 +47,8 @@ use crate::tensors;
 use crate::trust;
 use crate::{NodeError, Result};
 
+pub use crate::run_info::RunInfo;
+
 mod receipts;
 mod round;
 mod status;
@@ -55,15 +57,6 @@ mod vet;
 
 pub use vet::{Admitted, VetJob, Vetted};
 mod work;
-
-/// What a worker needs to build a block's network (`GET /v1/run`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunInfo {
-    /// The run's manifest (model shape, schedule, inner optimizer).
-    pub manifest: Manifest,
-    /// Update codec.
-    pub codec: String,
-}
 
 /// One block in `/v1/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -308,7 +301,7 @@ impl Coordinator {
             shapes.push(s);
             current.push(Arc::new(w));
         }
-        let identity = crate::worker::load_or_create_key(&state_dir.join("coordinator.key"))?;
+        let identity = crate::keys::load_or_create_key(&state_dir.join("coordinator.key"))?;
         let ledger = Ledger::open(store.conn(), identity.clone())?;
         // Held-out screens (fixed windows and masks) and each current version's loss. The
         // draws are seeded from the coordinator's secret, not the run's public seed, so a

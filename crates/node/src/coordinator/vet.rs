@@ -214,15 +214,15 @@ fn recompute(
     codec: &Codec,
 ) -> Result<crate::verify::SpotCheck> {
     let bytes = std::fs::read(&job.wire_path).map_err(crate::io_err(&job.wire_path))?;
-    let base =
-        crate::worker::decode_checkpoint(&bytes).map_err(|e| NodeError::Config(e.to_string()))?;
-    let shard = crate::worker::shard_of(
+    let base = crate::local_train::decode_checkpoint(&bytes)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let shard = crate::local_train::shard_of(
         &job.corpus,
         job.reply.shard_index,
         job.reply.shard_count,
         job.manifest.model.window,
     );
-    let local = crate::worker::LocalJob {
+    let local = crate::local_train::LocalJob {
         manifest: &job.manifest,
         block: lease.block,
         base: &base,

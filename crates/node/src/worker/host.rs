@@ -1,39 +1,5 @@
-//! What a worker takes from its host: its key file and how much memory it has free.
-use std::path::Path;
-
-use blocktrain_protocol::identity::Identity;
-
-use crate::{io_err, NodeError, Result};
-
-/// Loads the worker's identity, creating it (mode 0600) on first use.
-pub fn load_or_create_key(path: &Path) -> Result<Identity> {
-    if path.exists() {
-        let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let text = String::from_utf8_lossy(&bytes);
-        let secret = hex::decode(text.trim())
-            .map_err(|_| NodeError::Config(format!("{}: not a hex key file", path.display())))?;
-        return Identity::from_secret(&secret)
-            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())));
-    }
-    let id = Identity::generate();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).map_err(io_err(path))?;
-    std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(id.secret())).as_bytes())
-        .map_err(io_err(path))?;
-    eprintln!(
-        "created key {} (public {})",
-        path.display(),
-        id.public_hex()
-    );
-    Ok(id)
-}
-
+//! What a worker takes from its host: how much memory it has free (its key file is
+//! [`crate::keys`]).
 /// MemAvailable from /proc/meminfo, bytes (0 when unknown).
 pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -45,23 +11,4 @@ pub fn available_memory() -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_file_is_created_once_and_reloaded() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("k/worker.key");
-        let a = load_or_create_key(&p).unwrap();
-        let b = load_or_create_key(&p).unwrap();
-        assert_eq!(a.public_hex(), b.public_hex());
-        std::fs::write(&p, "nothex").unwrap();
-        assert!(load_or_create_key(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("hex"));
-    }
 }

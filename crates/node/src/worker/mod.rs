@@ -35,21 +35,25 @@ use rand::SeedableRng;
 use tch::Device;
 
 use crate::client::{content_prefix, Client};
-use crate::coordinator::RunInfo;
+use crate::run_info::RunInfo;
 use crate::{io_err, now_ms, NodeError, Result};
 
 mod audit;
 mod backoff;
 mod heartbeat;
 mod host;
-mod local;
+mod malice;
 mod record;
 
 pub use audit::{audit_receipts, Audit, Seen};
 pub use backoff::{Backoff, WARN_AFTER};
 use heartbeat::Heartbeat;
-pub use host::{available_memory, load_or_create_key};
-pub use local::{decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob, Malice};
+pub use host::available_memory;
+pub use malice::Malice;
+// What a worker trains with and its key file, also here (their homes are shared with
+// the coordinator, which must not import the worker).
+pub use crate::keys::load_or_create_key;
+pub use crate::local_train::{decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob};
 pub use record::{key_dir, Record, Upload, KEY_TAG_LEN};
 
 /// How a worker runs.

@@ -31,9 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex as AsyncMutex};
 use tokio::time::timeout;
 
-use super::framed::{read_message, write_bytes, write_message, ReadError};
-use super::hop::{call_stage, HopLimits};
-use super::hosted::{ArStepOut, Hosted};
+use crate::framed::{read_message, write_bytes, write_message, ReadError};
+use crate::hop::{call_stage, HopLimits};
+use crate::hosted::{ArStepOut, Hosted};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -182,7 +182,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             other => {
                 let m = format!(
                     "a block server does not accept {} frames",
-                    super::kind_name(&other)
+                    crate::kind_name(&other)
                 );
                 let reply = error(0, ErrorCode::BadRequest, m, &shared);
                 send_up(&up, &reply, shared.opts.limits.stall_timeout).await;
@@ -344,7 +344,7 @@ async fn run_denoise(
             keepalive.finish().await;
             // A request it cannot take is the sender's to fix; anything else is ours.
             let code = match e {
-                crate::NodeError::Rejected(_) => ErrorCode::BadRequest,
+                crate::ServeError::Rejected(_) => ErrorCode::BadRequest,
                 _ => ErrorCode::Internal,
             };
             return Err((code, e.to_string()));
@@ -556,7 +556,7 @@ async fn run_ar_step(
             }
             Ok(Ok(Message::Error(e))) => Ok(Message::Error(e)),
             Ok(Ok(other)) => {
-                let what = super::kind_name(&other);
+                let what = crate::kind_name(&other);
                 return Err(unavailable(format!("{addr} sent a {what} frame")));
             }
             Ok(Err(e)) => return Err(unavailable(format!("{addr}: {e}"))),

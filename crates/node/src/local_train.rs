@@ -1,6 +1,7 @@
 //! A lease's local computation, as a pure function of public inputs (checkpoint, shard,
-//! lease): what the worker trains and what a checking coordinator recomputes. Also the
-//! test-only tampering of a malicious worker.
+//! lease): what the worker trains and what a checking coordinator recomputes
+//! (`verify`'s spot check). Its own module, owned by neither side, so the worker and
+//! the coordinator both depend on it and not on each other.
 use std::sync::{Mutex, MutexGuard};
 
 use blocktrain_model::data::WindowSampler;
@@ -12,68 +13,6 @@ use tch::{Device, Kind};
 
 use crate::tensors::{delta, to_arrays};
 use crate::{NodeError, Result};
-
-/// How a malicious test worker tampers with its updates.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Malice {
-    /// Sends -delta.
-    Flip,
-    /// Sends k x delta.
-    Scale(f32),
-    /// Sends Gaussian noise with each tensor's RMS.
-    Random,
-}
-
-impl std::str::FromStr for Malice {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "flip" => Ok(Malice::Flip),
-            "random" => Ok(Malice::Random),
-            _ => s
-                .strip_prefix("scale:")
-                .and_then(|k| k.parse().ok())
-                .map(Malice::Scale)
-                .ok_or_else(|| format!("malice must be flip, random or scale:K, got {s:?}")),
-        }
-    }
-}
-
-impl Malice {
-    /// The tampered version of `delta`.
-    pub fn apply(self, delta: &Arrays, seed: u64) -> Arrays {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        delta
-            .iter()
-            .map(|(name, a)| {
-                let rms = crate::merge::rms(a) as f32;
-                let data = a
-                    .data
-                    .iter()
-                    .map(|&v| match self {
-                        Malice::Flip => -v,
-                        Malice::Scale(k) => k * v,
-                        Malice::Random => {
-                            // Box-Muller: a normal draw scaled to the tensor's RMS.
-                            let (u1, u2): (f32, f32) =
-                                (rng.random::<f32>().max(1e-9), rng.random());
-                            rms * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                        }
-                    })
-                    .collect();
-                (
-                    name.clone(),
-                    blocktrain_protocol::codec::Array {
-                        shape: a.shape.clone(),
-                        data,
-                    },
-                )
-            })
-            .collect()
-    }
-}
 
 /// Everything a lease's local training depends on: the worker and a checking
 /// coordinator build the same job and get the same update.

@@ -14,12 +14,12 @@ use blocktrain_protocol::frame::{
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::framed::{read_message, write_message};
-use super::hop::{call_stage, HopLimits};
-use crate::NodeError;
+use crate::framed::{read_message, write_message};
+use crate::hop::{call_stage, HopLimits};
+use crate::ServeError;
 
 /// Servers named by `--route`: a file of `host:port` lines, or a comma-separated list.
-pub fn load_route(arg: &str) -> Result<Vec<String>, NodeError> {
+pub fn load_route(arg: &str) -> Result<Vec<String>, ServeError> {
     let path = std::path::Path::new(arg);
     let text = if path.is_file() {
         std::fs::read_to_string(path).map_err(crate::io_err(path))?
@@ -33,7 +33,7 @@ pub fn load_route(arg: &str) -> Result<Vec<String>, NodeError> {
         .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
         .collect();
     if servers.is_empty() {
-        return Err(NodeError::Config(format!(
+        return Err(ServeError::Config(format!(
             "--route {arg}: no servers (give a file with one host:port per line, or a comma-separated list)"
         )));
     }
@@ -70,7 +70,7 @@ pub async fn server_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, S
             Ok(Message::ServerInfo(i)) => Ok(i),
             Ok(other) => Err(format!(
                 "answered with a {} frame",
-                super::kind_name(&other)
+                crate::kind_name(&other)
             )),
             Err(e) => Err(e.to_string()),
         }
@@ -81,7 +81,7 @@ pub async fn server_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, S
 }
 
 /// Asks every server what it hosts (in parallel) and builds the route.
-pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, NodeError> {
+pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, ServeError> {
     // A server listed twice would be tried twice when it is down.
     let mut unique: Vec<&String> = Vec::new();
     for s in servers {
@@ -106,7 +106,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
         }
     }
     let Some((_, first)) = infos.first() else {
-        return Err(NodeError::Network(format!(
+        return Err(ServeError::Network(format!(
             "no server of the route answered: {}",
             unreachable.join("; ")
         )));
@@ -116,7 +116,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
         .iter()
         .find(|(_, i)| i.model_id != model_id || i.family != family || i.total != total)
     {
-        return Err(NodeError::Config(format!(
+        return Err(ServeError::Config(format!(
             "{addr} serves {} model {} of {} parts, others serve {family} model {model_id} of {total}",
             i.family, i.model_id, i.total
         )));
@@ -132,14 +132,14 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
     let mut next = 1;
     for ((first, last), replicas) in &by_range {
         if *first > next {
-            return Err(NodeError::Config(format!(
+            return Err(ServeError::Config(format!(
                 "no server hosts blocks {next}..{}: the route's servers host {}",
                 first - 1,
                 describe(&by_range)
             )));
         }
         if *first < next {
-            return Err(NodeError::Config(format!(
+            return Err(ServeError::Config(format!(
                 "servers overlap at blocks {first}..{}: the route's servers host {} (replicas must host the same blocks)",
                 next - 1,
                 describe(&by_range)
@@ -155,7 +155,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, No
         next = last.saturating_add(1);
     }
     if next != total.saturating_add(1) {
-        return Err(NodeError::Config(format!(
+        return Err(ServeError::Config(format!(
             "no server hosts blocks {next}..{total}: the route's servers host {}",
             describe(&by_range)
         )));
@@ -226,8 +226,8 @@ pub struct Generation {
     pub entry_failovers: u32,
 }
 
-fn check_request(plan: &Plan, req: &Request) -> Result<(), NodeError> {
-    let bad = |m: String| Err(NodeError::Config(m));
+fn check_request(plan: &Plan, req: &Request) -> Result<(), ServeError> {
+    let bad = |m: String| Err(ServeError::Config(m));
     if req.len == 0 {
         return bad("the output length must be at least 1 byte".into());
     }
@@ -262,12 +262,12 @@ fn check_request(plan: &Plan, req: &Request) -> Result<(), NodeError> {
 /// A stage's error as the caller's error: a request the servers refused is the
 /// caller's to fix (a `Config` error: HTTP 400 at the gateway), anything else is the
 /// network's.
-fn stage_error(what: String, e: &HopError) -> NodeError {
+fn stage_error(what: String, e: &HopError) -> ServeError {
     let at = e.blocks.map_or("?".into(), |b| b.to_string());
     let m = format!("{what} failed at {at}: {}", e.message);
     match e.code {
-        ErrorCode::BadRequest => NodeError::Config(m),
-        _ => NodeError::Network(m),
+        ErrorCode::BadRequest => ServeError::Config(m),
+        _ => ServeError::Network(m),
     }
 }
 
@@ -277,7 +277,7 @@ pub async fn generate(
     plan: &Plan,
     req: &Request,
     limits: &HopLimits,
-) -> Result<Generation, NodeError> {
+) -> Result<Generation, ServeError> {
     if plan.family == "ar" {
         return generate_ar(plan, req, limits).await;
     }
@@ -312,15 +312,15 @@ pub async fn generate(
             seconds,
             entry_failovers: answer.failovers,
         }),
-        Message::Result(_, bytes) => Err(NodeError::Network(format!(
+        Message::Result(_, bytes) => Err(ServeError::Network(format!(
             "the route returned {} bytes for a {}-byte sequence",
             bytes.len(),
             tokens.len()
         ))),
         Message::Error(e) => Err(stage_error("generation".into(), &e)),
-        other => Err(NodeError::Network(format!(
+        other => Err(ServeError::Network(format!(
             "unexpected {} frame",
-            super::kind_name(&other)
+            crate::kind_name(&other)
         ))),
     }
 }
@@ -342,12 +342,12 @@ pub async fn generate_ar(
     plan: &Plan,
     req: &Request,
     limits: &HopLimits,
-) -> Result<Generation, NodeError> {
+) -> Result<Generation, ServeError> {
     check_request(plan, req)?;
     let window = plan.window as usize;
     let first = &plan.stages[0];
     let addr = first.replicas[0].clone();
-    let net = |m: String| NodeError::Network(format!("AR stage {}: {m}", first.blocks));
+    let net = |m: String| ServeError::Network(format!("AR stage {}: {m}", first.blocks));
     // The AR network reads MASK as its start-of-text token, then the prompt.
     let mut ids: Vec<u16> = std::iter::once(MASK_TOKEN)
         .chain(req.prompt.iter().map(|&b| b as u16))
@@ -423,7 +423,7 @@ pub async fn generate_ar(
             other => {
                 return Err(net(format!(
                     "unexpected {} frame",
-                    super::kind_name(&other)
+                    crate::kind_name(&other)
                 )))
             }
         }

@@ -14,8 +14,8 @@ use blocktrain_protocol::frame::Sampling;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::client::{generate, Plan, Request};
-use super::hop::HopLimits;
+use crate::client::{generate, Plan, Request};
+use crate::hop::HopLimits;
 
 /// Output bytes when a request gives no `max_tokens`.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -154,7 +154,7 @@ async fn completions(
             };
             Json(body).into_response()
         }
-        Err(crate::NodeError::Config(m)) => api_error(StatusCode::BAD_REQUEST, m),
+        Err(crate::ServeError::Config(m)) => api_error(StatusCode::BAD_REQUEST, m),
         Err(e) => api_error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }

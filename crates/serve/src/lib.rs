@@ -1,4 +1,8 @@
-//! Inference across hosts: block servers and their client.
+//! BlockTrain's serving role: inference across hosts, block servers and their client.
+//!
+//! Serving depends on the model and the wire formats only (`blocktrain-model`,
+//! `blocktrain-protocol`), never on the training side (coordinator, SQLite, ledger), so
+//! a block server links none of it.
 //!
 //! - [`hosted`]: the model side of a server (its blocks, or AR layers + KV cache).
 //! - [`server`]: TCP server; runs its blocks and forwards bytes to the next stage.
@@ -6,7 +10,14 @@
 //! - [`client`]: discovers what servers host, builds the route, sends requests.
 //! - [`openai`]: an OpenAI-style `POST /v1/completions` in front of a route.
 //! - [`framed`]: frames ([`blocktrain_protocol::frame`]) on async streams.
+#![deny(missing_docs)]
+
 use blocktrain_protocol::frame::Message;
+
+mod error;
+
+pub(crate) use error::{io_err, now_ms};
+pub use error::{Result, ServeError};
 
 pub mod client;
 pub mod framed;

@@ -28,7 +28,7 @@ use blocktrain_protocol::frame::{
 };
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::NodeError;
+use crate::ServeError;
 
 /// Where a server's weights come from.
 #[derive(Clone, Debug)]
@@ -93,13 +93,13 @@ pub enum ArStepOut {
     Byte(u8),
 }
 
-fn bad(m: impl Into<String>) -> NodeError {
-    NodeError::Config(m.into())
+fn bad(m: impl Into<String>) -> ServeError {
+    ServeError::Config(m.into())
 }
 
 /// A request this server cannot take as sent (the sender's to fix, not a server fault).
-fn refused(m: impl Into<String>) -> NodeError {
-    NodeError::Rejected(m.into())
+fn refused(m: impl Into<String>) -> ServeError {
+    ServeError::Rejected(m.into())
 }
 
 /// A short content id of the weights a route must agree on.
@@ -114,7 +114,7 @@ impl Hosted {
         blocks: BlockRange,
         device: Device,
         max_tokens: u32,
-    ) -> Result<Hosted, NodeError> {
+    ) -> Result<Hosted, ServeError> {
         match source {
             Source::Checkpoint(path) => Self::from_run(path, blocks, device, max_tokens),
             Source::Logical {
@@ -131,7 +131,7 @@ impl Hosted {
         blocks: BlockRange,
         device: Device,
         max_tokens: u32,
-    ) -> Result<Hosted, NodeError> {
+    ) -> Result<Hosted, ServeError> {
         let run = RunDir::open(path).map_err(|e| bad(e.to_string()))?;
         let m = &run.manifest;
         let id_src = serde_json::to_string(&(
@@ -142,7 +142,7 @@ impl Hosted {
             m.parts.iter().map(|p| &p.weights_hash).collect::<Vec<_>>(),
         ))
         .expect("manifest serialises");
-        let load = |part: usize| -> Result<Net, NodeError> {
+        let load = |part: usize| -> Result<Net, ServeError> {
             let t = run.trained(part, device).map_err(|e| bad(e.to_string()))?;
             Ok(Net {
                 _vs: t.vs,
@@ -208,7 +208,7 @@ impl Hosted {
         blocks: BlockRange,
         device: Device,
         max_tokens: u32,
-    ) -> Result<Hosted, NodeError> {
+    ) -> Result<Hosted, ServeError> {
         if ar && shape.embed.is_some() {
             return Err(bad(
                 "an AR pipeline stage reads byte ids: drop embed= from the logical shape or --ar",
@@ -333,7 +333,7 @@ impl Hosted {
         latent: Option<&LatentState>,
         sampling: &Sampling,
         seed: u64,
-    ) -> Result<(Vec<u16>, Option<LatentState>), NodeError> {
+    ) -> Result<(Vec<u16>, Option<LatentState>), ServeError> {
         let settings = settings(sampling);
         let first = self.info.blocks.first as usize;
         match &self.role {
@@ -376,7 +376,7 @@ impl Hosted {
         latent: Option<&LatentState>,
         settings: &SampleSettings,
         seed: u64,
-    ) -> Result<(Vec<u16>, Option<LatentState>), NodeError> {
+    ) -> Result<(Vec<u16>, Option<LatentState>), ServeError> {
         // The prompt is the leading bytes; every position after it is output.
         let prompt_len = tokens
             .iter()
@@ -472,7 +472,7 @@ impl Hosted {
         sampling: &Sampling,
         seed: u64,
         output_index: u64,
-    ) -> Result<ArStepOut, NodeError> {
+    ) -> Result<ArStepOut, ServeError> {
         let Role::Ar {
             net,
             layers,
@@ -553,7 +553,7 @@ fn settings(s: &Sampling) -> SampleSettings {
     }
 }
 
-fn check_range(r: BlockRange, total: u32, what: &str, src: &Path) -> Result<(), NodeError> {
+fn check_range(r: BlockRange, total: u32, what: &str, src: &Path) -> Result<(), ServeError> {
     if r.last > total {
         return Err(bad(format!(
             "--blocks {r}: {} has {total} {what} (numbered 1..{total})",

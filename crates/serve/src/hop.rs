@@ -12,7 +12,7 @@ use blocktrain_protocol::frame::{ErrorCode, HopError, Message, Stage};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::framed::{read_message, write_bytes};
+use crate::framed::{read_message, write_bytes};
 
 /// Timing and size limits of hop calls.
 #[derive(Clone, Debug)]
@@ -129,7 +129,7 @@ async fn call_replica(addr: &str, frame: &[u8], limits: &HopLimits) -> Result<Me
             other => {
                 return Err(retry(format!(
                     "unexpected {} frame",
-                    super::kind_name(&other)
+                    crate::kind_name(&other)
                 )))
             }
         }
