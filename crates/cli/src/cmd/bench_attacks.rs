@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use blocktrain_model::data::Split;
-use blocktrain_node::config::RunConfig;
 use blocktrain_protocol::codec::Codec;
+use blocktrain_train::config::RunConfig;
 use clap::{Args, ValueEnum};
 
 use crate::cmd::bench_attacks_report::{report, Upload};

@@ -2,7 +2,7 @@
 //! per-upload probability of being caught (refused or flagged) and of being barred
 //! (flagged by a spot check: the only verdict that ends a worker's run), with binomial
 //! standard errors and Wilson 95% intervals, and the chance of either within k uploads.
-use blocktrain_node::config::RunConfig;
+use blocktrain_train::config::RunConfig;
 use serde_json::{json, Value};
 
 use crate::cmd::bench_attacks::BenchAttacksArgs;

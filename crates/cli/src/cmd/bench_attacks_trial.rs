@@ -4,15 +4,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use blocktrain_model::run::Manifest;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::Coordinator;
-use blocktrain_node::verify::{relative_error, spot_check_tolerance, Screen};
-use blocktrain_node::worker::{decode_checkpoint, shard_of, train_delta, LocalJob, Malice};
-use blocktrain_node::NodeError;
 use blocktrain_protocol::codec::{self, Arrays, Codec, ErrorFeedback};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{Claim, RECEIPT_VERSION};
 use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo};
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::Coordinator;
+use blocktrain_train::verify::{relative_error, spot_check_tolerance, Screen};
+use blocktrain_train::worker::{decode_checkpoint, shard_of, train_delta, LocalJob, Malice};
+use blocktrain_train::NodeError;
 use tch::Device;
 
 use crate::cmd::bench_attacks::Attacker;
@@ -308,7 +308,7 @@ impl Bench {
             let secret =
                 blake3::derive_key("blocktrain spot-check sample", &trial.coordinator.secret());
             let fraction = self.cfg.trust.spot_check_fraction;
-            blocktrain_node::trust::sampled_for_spot_check(
+            blocktrain_train::trust::sampled_for_spot_check(
                 &secret,
                 &format!("lease/{}", lease.id),
                 fraction,

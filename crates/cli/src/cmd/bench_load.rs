@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blocktrain_node::client::Client;
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{RegisterRequest, WorkReply, WorkerInfo};
+use blocktrain_train::client::Client;
 use clap::Args;
 use serde_json::json;
 
@@ -344,7 +344,7 @@ fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &Mutex<Option<Inst
         let Ok(bytes) = c.checkpoint(&lease.weights_hash, &cache) else {
             continue;
         };
-        let Ok(base) = blocktrain_node::worker::decode_checkpoint(&bytes) else {
+        let Ok(base) = blocktrain_train::worker::decode_checkpoint(&bytes) else {
             continue;
         };
         // A small, distinct, finite delta: passes the norm checks, is screened, and a

@@ -107,9 +107,9 @@ fn ce(model: &Path, split: Split, windows: usize, device: tch::Device) -> Result
     })
 }
 
-fn outer_name(cfg: &blocktrain_node::config::RunConfig) -> String {
+fn outer_name(cfg: &blocktrain_train::config::RunConfig) -> String {
     match cfg.outer.optimizer {
-        blocktrain_node::config::OuterKind::Average => "average".to_string(),
+        blocktrain_train::config::OuterKind::Average => "average".to_string(),
         _ => format!(
             "nesterov lr {} momentum {}",
             cfg.outer.lr, cfg.outer.momentum
@@ -151,8 +151,8 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     cfg.training.rounds = (args.steps_per_block / (args.local_steps * per_block)).max(1) as u64;
     match args.outer.as_deref() {
         None => {}
-        Some("nesterov") => cfg.outer.optimizer = blocktrain_node::config::OuterKind::Nesterov,
-        Some("average") => cfg.outer.optimizer = blocktrain_node::config::OuterKind::Average,
+        Some("nesterov") => cfg.outer.optimizer = blocktrain_train::config::OuterKind::Nesterov,
+        Some("average") => cfg.outer.optimizer = blocktrain_train::config::OuterKind::Average,
         Some(o) => bail!("--outer is nesterov or average, not {o}"),
     }
     cfg.wire.checkpoint_codec = args.checkpoint_codec.clone();
@@ -200,10 +200,10 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, outer_name(&cfg), link_desc
     );
     // Version 0 is written when the coordinator opens the state; evaluate it first.
-    drop(blocktrain_node::coordinator::Coordinator::open(
+    drop(blocktrain_train::coordinator::Coordinator::open(
         &args.out,
         Some(cfg.clone()),
-        blocktrain_node::now_ms(),
+        blocktrain_train::now_ms(),
     )?);
     let model = args.out.join("model");
     let start_ce = ce(&model, split, args.eval_windows, device)?;

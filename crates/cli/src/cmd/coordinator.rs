@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use blocktrain_node::config::{AuthConfig, RunConfig};
-use blocktrain_node::coordinator::Coordinator;
-use blocktrain_node::tls::ServerTls;
-use blocktrain_node::{now_ms, server};
+use blocktrain_train::config::{AuthConfig, RunConfig};
+use blocktrain_train::coordinator::Coordinator;
+use blocktrain_train::tls::ServerTls;
+use blocktrain_train::{now_ms, server};
 use clap::Args;
 
 /// Flags of `blocktrain coordinator`.

@@ -11,14 +11,14 @@ use anyhow::{bail, Context, Result};
 use blocktrain_model::config::EdmConfig;
 use blocktrain_model::data::Split;
 use blocktrain_model::run::RunDir;
-use blocktrain_node::config::{ObjectiveFamily, RunConfig};
-use blocktrain_node::coordinator::{Coordinator, Status};
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::frame::{BlockRange, Sampling};
 use blocktrain_serve::client;
 use blocktrain_serve::hop::HopLimits;
 use blocktrain_serve::hosted::{Hosted, Source};
 use blocktrain_serve::server::{self as block_server, ServeOptions};
+use blocktrain_train::config::{ObjectiveFamily, RunConfig};
+use blocktrain_train::coordinator::{Coordinator, Status};
+use blocktrain_train::{now_ms, server};
 use clap::{Args, ValueEnum};
 
 use crate::args::DeviceArgs;

@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use blocktrain_node::client::Client;
-use blocktrain_node::tls::{self, TlsTrust};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_serve::{client as infer, hop::HopLimits};
+use blocktrain_train::client::Client;
+use blocktrain_train::tls::{self, TlsTrust};
 use clap::Args;
 
 /// Flags of `blocktrain doctor`.
@@ -82,7 +82,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Runs every check that its flags ask for; exit status 1 if any failed.
 pub fn run(args: DoctorArgs) -> Result<()> {
     let mut r = Report::default();
-    match Some(blocktrain_node::worker::available_memory()).filter(|&b| b > 0) {
+    match Some(blocktrain_train::worker::available_memory()).filter(|&b| b > 0) {
         Some(b) if b as f64 / GIB >= args.min_memory_gb => {
             r.ok("memory", format!("{:.1} GiB available", b as f64 / GIB))
         }

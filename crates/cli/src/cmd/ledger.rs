@@ -6,8 +6,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use blocktrain_node::ledger::{self, open_read_only, Ledger, Log};
 use blocktrain_protocol::receipt::ReceiptProof;
+use blocktrain_train::ledger::{self, open_read_only, Ledger, Log};
 use clap::{Args, Subcommand};
 
 /// Subcommands of `blocktrain ledger`.

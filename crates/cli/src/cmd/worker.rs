@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use blocktrain_node::tls::TlsTrust;
-use blocktrain_node::worker::{Control, WorkerOptions};
+use blocktrain_train::tls::TlsTrust;
+use blocktrain_train::worker::{Control, WorkerOptions};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -52,7 +52,7 @@ pub struct WorkerArgs {
     /// Testing the coordinator's defences only: tamper with every update (flip,
     /// scale:K, random) as a malicious worker would.
     #[arg(long, hide = true)]
-    pub malice: Option<blocktrain_node::worker::Malice>,
+    pub malice: Option<blocktrain_train::worker::Malice>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -7,10 +7,10 @@ pub use std::path::{Path, PathBuf};
 pub use std::process::{Child, Command, Stdio};
 pub use std::time::{Duration, Instant};
 
-pub use blocktrain_node::coordinator::Status;
 pub use blocktrain_protocol::identity::Identity;
 pub use blocktrain_protocol::signed;
 pub use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo};
+pub use blocktrain_train::coordinator::Status;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blocktrain");
 

@@ -9,7 +9,7 @@ fn signed_post(
     body: &[u8],
     tamper: bool,
 ) -> reqwest::blocking::Response {
-    let auth = signed::sign(id, "POST", path, blocktrain_node::now_ms(), body);
+    let auth = signed::sign(id, "POST", path, blocktrain_train::now_ms(), body);
     let mut body = body.to_vec();
     if tamper {
         body.push(b' ');
@@ -30,7 +30,7 @@ fn signed_post(
 fn raw_post(url: &str, id: &Identity, path: &str, declared: u64, body: &[u8]) -> String {
     use std::io::Read;
     let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    let a = signed::sign(id, "POST", path, blocktrain_node::now_ms(), b"");
+    let a = signed::sign(id, "POST", path, blocktrain_train::now_ms(), b"");
     let sig = format!(
         "{}: {}\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\n",
         signed::KEY_HEADER,
@@ -114,7 +114,7 @@ fn hostile_requests_get_clear_errors_and_leave_checkpoints_intact() {
             .send()
             .unwrap()
     };
-    let once = signed::sign(&id, "POST", "/v1/work", blocktrain_node::now_ms(), &body);
+    let once = signed::sign(&id, "POST", "/v1/work", blocktrain_train::now_ms(), &body);
     assert!(replay(&once).status().is_success());
     let r = replay(&once);
     assert_eq!(r.status(), 401);
@@ -135,7 +135,7 @@ fn hostile_requests_get_clear_errors_and_leave_checkpoints_intact() {
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     // The uploader dies mid-body: 1000 of 100000 bytes, then the connection closes.
     let mut tcp = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    let a = signed::sign(&id, "POST", &path, blocktrain_node::now_ms(), b"");
+    let a = signed::sign(&id, "POST", &path, blocktrain_train::now_ms(), b"");
     write!(
         tcp,
         "POST {path} HTTP/1.1\r\nhost: x\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\n{}: {}\r\ncontent-length: 100000\r\n\r\n",

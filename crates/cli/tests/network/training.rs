@@ -146,7 +146,7 @@ fn coordinator_killed_and_restarted_loses_no_version() {
 /// its last version, for each seed. (These seeds also finished on the build before the
 /// fix; the stall's mechanism, a refused slot re-leased with the same seed, is
 /// reproduced deterministically by `a_refused_slot_is_reseeded_and_a_lapsed_one_is_not`
-/// in crates/node/tests/trust_rules.rs.)
+/// in crates/train/tests/trust_rules.rs.)
 #[test]
 fn the_stalling_setup_reaches_every_last_version_for_each_seed() {
     for seed in [1, 2] {

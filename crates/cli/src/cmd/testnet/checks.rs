@@ -11,7 +11,7 @@ pub(super) fn check_training(
     args: &TestnetArgs,
     failures: &mut Vec<String>,
 ) -> Result<()> {
-    let db = blocktrain_node::ledger::open_read_only(state)?;
+    let db = blocktrain_train::ledger::open_read_only(state)?;
     for block in 0..2i64 {
         let versions: Vec<i64> = db
             .prepare("SELECT version FROM versions WHERE block = ?1 ORDER BY version")?
@@ -56,7 +56,7 @@ pub(super) fn check_training(
     if unexplained > 0 {
         failures.push(format!("{unexplained} rejections without a reason"));
     }
-    if let Err(e) = blocktrain_node::ledger::verify_all(&db) {
+    if let Err(e) = blocktrain_train::ledger::verify_all(&db) {
         failures.push(format!("ledger: {e}"));
     }
     let run = blocktrain_model::run::RunDir::open(&state.join("model"))?;

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::Coordinator;
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::frame::Sampling;
 use blocktrain_serve::client::{self as infer, Request};
 use blocktrain_serve::hop::HopLimits;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::Coordinator;
+use blocktrain_train::{now_ms, server};
 use blocktrain_wanlink::{spawn_link_thread_with_cuts, Cuts, LinkSpec};
 use clap::{Args, ValueEnum};
 use rand::{Rng, SeedableRng};

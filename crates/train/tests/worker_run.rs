@@ -10,13 +10,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Router;
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::config::{OuterKind, RunConfig};
-use blocktrain_node::coordinator::Coordinator;
-use blocktrain_node::ledger::Ledger;
-use blocktrain_node::worker::{
+use blocktrain_train::config::{OuterKind, RunConfig};
+use blocktrain_train::coordinator::Coordinator;
+use blocktrain_train::ledger::Ledger;
+use blocktrain_train::worker::{
     key_dir, load_or_create_key, Backoff, Control, Malice, WorkerOptions, WorkerSummary,
 };
-use blocktrain_node::{now_ms, server, NodeError};
+use blocktrain_train::{now_ms, server, NodeError};
 
 mod support;
 use support::{serve, Served};

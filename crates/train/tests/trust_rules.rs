@@ -79,7 +79,7 @@ fn receipts_a_crash_left_out_are_issued_at_start_up() {
     db.execute("DELETE FROM receipted", []).unwrap();
     drop(db);
     let c = Coordinator::open(dir.path(), None, 5).unwrap();
-    let report = blocktrain_node::ledger::verify_all(c.conn()).unwrap();
+    let report = blocktrain_train::ledger::verify_all(c.conn()).unwrap();
     assert_eq!(
         report.receipts,
         last as u64 + 1,
@@ -271,7 +271,7 @@ fn own_data_buys_no_immunity_check_leases_are_recomputed() {
 
 #[test]
 fn a_second_upload_while_the_first_is_vetted_is_refused_and_records_nothing() {
-    use blocktrain_node::coordinator::Admitted;
+    use blocktrain_train::coordinator::Admitted;
     let dir = tempfile::tempdir().unwrap();
     let mut c = with_two_workers(dir.path(), tiny(1, 2));
     let a = lease(&mut c, &key(1), 0);

@@ -3,7 +3,7 @@
 //! repeatable and sees a harmful update.
 //!
 //! `measure_spot_check_errors` (ignored) prints the numbers behind the tolerances and the
-//! screen's cost for the demo shape: `cargo test -p blocktrain-node --release --test
+//! screen's cost for the demo shape: `cargo test -p blocktrain-train --release --test
 //! verify -- --ignored --nocapture --test-threads=1`.
 use std::sync::Mutex;
 use std::time::Instant;
@@ -12,12 +12,12 @@ use blocktrain_model::config::ModelConfig;
 use blocktrain_model::data::{Dataset, Split};
 use blocktrain_model::run::Manifest;
 use blocktrain_model::trainer::Trainer;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::tensors::to_arrays;
-use blocktrain_node::verify::{relative_error, spot_check, spot_check_tolerance, Screen};
-use blocktrain_node::worker::{decode_checkpoint, shard_of, train_delta, LocalJob};
 use blocktrain_protocol::codec::{self, Array, Arrays, Codec, ErrorFeedback};
 use blocktrain_protocol::wire::Lease;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::tensors::to_arrays;
+use blocktrain_train::verify::{relative_error, spot_check, spot_check_tolerance, Screen};
+use blocktrain_train::worker::{decode_checkpoint, shard_of, train_delta, LocalJob};
 use tch::Device;
 
 /// Exact comparisons need a fixed intra-op thread count; the measurement changes it.

@@ -5,12 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::client::Client;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::{BlockStatus, Coordinator, RunInfo, Status, WorkerStatus};
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{RegisterRequest, WorkerInfo, WIRE_VERSION};
+use blocktrain_train::client::Client;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::{BlockStatus, Coordinator, RunInfo, Status, WorkerStatus};
+use blocktrain_train::{now_ms, server};
 
 /// One sample: family name, labels, value.
 type Sample = (String, HashMap<String, String>, f64);

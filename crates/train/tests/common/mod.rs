@@ -3,13 +3,13 @@
 #![allow(dead_code, unused_imports)] // each test file uses its own subset
 
 pub use blocktrain_model::config::ModelConfig;
-pub use blocktrain_node::config::{OuterKind, RunConfig};
-pub use blocktrain_node::coordinator::Coordinator;
-pub use blocktrain_node::NodeError;
 pub use blocktrain_protocol::codec::{self, Array, Arrays, Codec};
 pub use blocktrain_protocol::identity::Identity;
 pub use blocktrain_protocol::receipt::{Claim, RECEIPT_VERSION};
 pub use blocktrain_protocol::wire::{join_proof, Lease, RegisterRequest, WorkReply, WorkerInfo};
+pub use blocktrain_train::config::{OuterKind, RunConfig};
+pub use blocktrain_train::coordinator::Coordinator;
+pub use blocktrain_train::NodeError;
 
 pub fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     let mut c = RunConfig {

@@ -3,9 +3,9 @@
 //! the other readers) return an error naming the entry, and never panic.
 use std::sync::OnceLock;
 
-use blocktrain_node::ledger::{totals, verify_all, Ledger, Log};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{Claim, Decision, Receipt, TreeHead, RECEIPT_VERSION};
+use blocktrain_train::ledger::{totals, verify_all, Ledger, Log};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;

@@ -3,13 +3,13 @@
 //! nonces, JSON errors everywhere, paged ledger reads, and a probe that stays off the
 //! coordinator's own host.
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::client::Client;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::{Coordinator, RunInfo};
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::signed;
 use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo};
+use blocktrain_train::client::Client;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::{Coordinator, RunInfo};
+use blocktrain_train::{now_ms, server};
 
 fn tiny() -> RunConfig {
     let mut c = RunConfig {
@@ -90,7 +90,7 @@ fn send(
 
 fn receipts(n: &Net) -> usize {
     let st = n.running.coord.lock().unwrap();
-    blocktrain_node::ledger::Ledger::entries(st.conn())
+    blocktrain_train::ledger::Ledger::entries(st.conn())
         .unwrap()
         .len()
 }

@@ -179,7 +179,7 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
             .unwrap_err();
         assert!(e.to_string().contains(why), "expected '{why}' in: {e}");
     }
-    let receipts = blocktrain_node::ledger::Ledger::entries(c.conn())
+    let receipts = blocktrain_train::ledger::Ledger::entries(c.conn())
         .unwrap()
         .len();
     assert_eq!(receipts, cases.len(), "one receipt per refused lease");
@@ -217,7 +217,7 @@ fn bad_updates_are_rejected_with_reasons_and_leave_checkpoints_intact() {
     let s = c.status().unwrap();
     assert_eq!(s.updates["rejected"], cases.len() as u64);
     assert_eq!(
-        blocktrain_node::ledger::Ledger::entries(c.conn())
+        blocktrain_train::ledger::Ledger::entries(c.conn())
             .unwrap()
             .len(),
         receipts

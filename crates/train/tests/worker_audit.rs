@@ -9,11 +9,11 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use blocktrain_node::client::Client;
-use blocktrain_node::ledger::Ledger;
-use blocktrain_node::worker::{audit_receipts, Record, Seen, Upload};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{Claim, Decision, Receipt, ReceiptProof, RECEIPT_VERSION};
+use blocktrain_train::client::Client;
+use blocktrain_train::ledger::Ledger;
+use blocktrain_train::worker::{audit_receipts, Record, Seen, Upload};
 use rusqlite::Connection;
 
 mod support;

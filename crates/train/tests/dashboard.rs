@@ -13,14 +13,14 @@ use axum::response::Html;
 use axum::routing::get;
 use axum::{Json, Router};
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::client::Client;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::{BlockStatus, Coordinator, RunInfo, Status, WorkerStatus};
-use blocktrain_node::dashboard::{ELEMENT_IDS, PAGE};
-use blocktrain_node::store::UpdateRecord;
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_train::client::Client;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::{BlockStatus, Coordinator, RunInfo, Status, WorkerStatus};
+use blocktrain_train::dashboard::{ELEMENT_IDS, PAGE};
+use blocktrain_train::store::UpdateRecord;
+use blocktrain_train::{now_ms, server};
 use serde_json::json;
 
 /// A rejection reason a hostile worker could make the coordinator record: it must come

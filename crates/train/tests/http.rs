@@ -2,12 +2,12 @@
 //! process tests do not reach cheaply: resumable and verified downloads, data residency,
 //! rate-adapted local steps.
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::client::Client;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::{Coordinator, RunInfo};
-use blocktrain_node::{now_ms, server};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{DataShard, RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_train::client::Client;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::{Coordinator, RunInfo};
+use blocktrain_train::{now_ms, server};
 
 fn tiny() -> RunConfig {
     let mut c = RunConfig {
@@ -128,7 +128,7 @@ fn the_checkpoint_cache_keeps_only_the_newest_files() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::fs::write(dir.path().join("x.partial"), b"in progress").unwrap();
-    blocktrain_node::client::prune_cache(dir.path(), 4);
+    blocktrain_train::client::prune_cache(dir.path(), 4);
     let mut left: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

@@ -2,12 +2,12 @@
 //! and catching each way a coordinator (or anyone with the file) could rewrite it.
 use std::path::Path;
 
-use blocktrain_node::ledger::{open_read_only, totals, verify_all, Ledger};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{
     verify_consistency, verify_inclusion, Claim, Decision, Receipt, ReceiptProof, TreeHead,
     RECEIPT_VERSION,
 };
+use blocktrain_train::ledger::{open_read_only, totals, verify_all, Ledger};
 use rusqlite::Connection;
 
 struct Keys {

@@ -5,15 +5,15 @@
 use std::time::{Duration, Instant};
 
 use blocktrain_model::config::ModelConfig;
-use blocktrain_node::client::Client;
-use blocktrain_node::config::RunConfig;
-use blocktrain_node::coordinator::{Coordinator, RunInfo};
-use blocktrain_node::now_ms;
-use blocktrain_node::server::{self, Running};
-use blocktrain_node::tls::{self, Fingerprint, ServerTls, TlsTrust};
-use blocktrain_node::worker::{self, WorkerOptions};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{RegisterRequest, WorkReply, WorkerInfo, WIRE_VERSION};
+use blocktrain_train::client::Client;
+use blocktrain_train::config::RunConfig;
+use blocktrain_train::coordinator::{Coordinator, RunInfo};
+use blocktrain_train::now_ms;
+use blocktrain_train::server::{self, Running};
+use blocktrain_train::tls::{self, Fingerprint, ServerTls, TlsTrust};
+use blocktrain_train::worker::{self, WorkerOptions};
 
 fn tiny() -> RunConfig {
     let mut c = RunConfig {
@@ -37,7 +37,7 @@ fn info() -> WorkerInfo {
     }
 }
 
-fn register(c: &mut Client) -> blocktrain_node::Result<RunInfo> {
+fn register(c: &mut Client) -> blocktrain_train::Result<RunInfo> {
     c.post_json(
         "/v1/register",
         &RegisterRequest {

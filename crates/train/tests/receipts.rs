@@ -44,10 +44,10 @@ fn every_decision_gets_a_signed_receipt_and_replays_and_unsigned_updates_are_ref
     assert_eq!(c.status().unwrap().blocks[0].version, 1);
 
     // 3 rejections + 2 accepted (receipted at the merge), all signed, in one log.
-    let report = blocktrain_node::ledger::verify_all(c.conn()).unwrap();
+    let report = blocktrain_train::ledger::verify_all(c.conn()).unwrap();
     assert_eq!(report.receipts, 5);
     assert_eq!(report.coordinator.as_deref(), Some(c.public_key().as_str()));
-    let entries = blocktrain_node::ledger::Ledger::entries(c.conn()).unwrap();
+    let entries = blocktrain_train::ledger::Ledger::entries(c.conn()).unwrap();
     let accepted: Vec<_> = entries
         .iter()
         .filter(|(_, r)| r.decision.accepted)
