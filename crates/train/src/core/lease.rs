@@ -317,8 +317,12 @@ impl Core {
             _ => return Ok(Beat::Wanted(false)),
         }
         let until = now + self.rules.lease_ms;
+        let max_ms = self.rules.max_lease_ms;
         if let Some(l) = self.lease_mut(id) {
             l.expires_ms = until;
+            // A revived lease is active again: the next lapse scan must see it.
+            let deadline = until.min(l.issued_ms.saturating_add(max_ms));
+            self.next_lapse_ms = self.next_lapse_ms.min(deadline);
         }
         self.dirty_leases.insert(id);
         Ok(Beat::Wanted(true))

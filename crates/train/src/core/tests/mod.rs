@@ -96,15 +96,16 @@ fn workers_spread_over_blocks_until_every_slot_is_taken() {
 #[test]
 fn a_worker_prefers_the_block_it_trained_last() {
     let mut core = fresh(rules(2, 2));
-    join(&mut core, "a");
-    join(&mut core, "b");
-    let first = lease(&mut core, "b", 0);
-    assert_eq!(first.block, 0);
-    core.refuse(first.id, false);
-    // Block 0 has b's refused lease and block 1 nothing: equal load, and b had block 0.
-    assert_eq!(lease(&mut core, "b", 1).block, 0);
-    // a never trained: the lower block first, which now has one worker: block 1.
-    assert_eq!(lease(&mut core, "a", 1).block, 1);
+    join(&mut core, "x");
+    join(&mut core, "y");
+    let (x, y) = (lease(&mut core, "x", 0), lease(&mut core, "y", 0));
+    assert_eq!((x.block, y.block), (0, 1));
+    core.refuse(x.id, false);
+    core.refuse(y.id, false);
+    // Both blocks are empty again: each worker goes back to its own (its checkpoint is
+    // cached), not to the lower block.
+    assert_eq!(lease(&mut core, "y", 1).block, 1);
+    assert_eq!(lease(&mut core, "x", 1).block, 0);
 }
 
 #[test]
@@ -210,12 +211,18 @@ fn heartbeats_renew_until_the_longest_life_and_revive_only_a_free_slot() {
         Beat::Wanted(true)
     );
     assert_eq!(core.lease(b.id).unwrap().state, lease_state::ACTIVE);
-    // ...and another's lease or an unknown one is not the signer's to renew.
+    // ...but not once another worker holds its slot, though the round has room.
+    assert_eq!(core.lapse(120_001), 1);
+    join(&mut core, "c");
+    let c = lease(&mut core, "c", 120_001);
+    assert_eq!(c.slot, b.slot);
+    assert_eq!(core.heartbeat("b", b.id, 120_002).unwrap(), Beat::Wanted(false));
+    // Another's lease or an unknown one is not the signer's to renew.
     assert!(matches!(
-        core.heartbeat("a", b.id, 110_002),
+        core.heartbeat("a", b.id, 120_002),
         Err(NodeError::Forbidden(_))
     ));
-    assert_eq!(core.heartbeat("a", 999, 110_002).unwrap(), Beat::NotCurrent);
+    assert_eq!(core.heartbeat("a", 999, 120_002).unwrap(), Beat::NotCurrent);
 }
 
 #[test]

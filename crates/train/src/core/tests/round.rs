@@ -209,4 +209,14 @@ fn a_block_nobody_advances_is_stalled_until_it_moves() {
     let changes = core.watch_stalls(90_004);
     assert_eq!(changes.len(), 1);
     assert!(!changes[0].stalled && !core.stalled(l.block));
+    // A finished block is never stalled, however long nothing happens to it.
+    let mut r = rules(2, 1);
+    r.rounds = 1;
+    let mut core = fresh(r);
+    join(&mut core, "a");
+    let l = lease(&mut core, "a", 0);
+    core.accept(l.block, pending(1, &l, 1), 1);
+    core.committed(l.block, 1, "w1", 2);
+    core.watch_stalls(1_000_000);
+    assert!(!core.stalled(l.block) && core.stalled(1 - l.block));
 }
