@@ -1,9 +1,10 @@
 //! `blocktrain bench load`: many simulated lightweight workers against one coordinator
 //! process: requests per second it holds, latency percentiles, and its peak memory.
 //!
-//! Each simulated worker has its own key and does what a real worker does on the wire,
-//! without training: registers, asks for work, renews its lease with heartbeats, and
-//! polls `/v1/status` now and then. Every request is signed and verified as usual.
+//! Each simulated worker has its own key and connection and does what a real worker does
+//! on the wire, without training: registers, asks for work, renews its lease with
+//! heartbeats, and polls `/v1/status` now and then (`bench_load_driver.rs`: async tasks,
+//! so the generator's own cost stays small). Every request is signed and verified.
 //! `--uploaders N` adds workers that upload signed updates of the block's real shape
 //! (a fresh key each, since a spot check flags their made-up deltas), so screening and
 //! spot-check recomputation (`--spot-checks`, `--screen-windows`) load the coordinator
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::wire::{RegisterRequest, WorkReply, WorkerInfo};
+
+use super::bench_load_driver::{self as driver, StopAt, Tally};
 use blocktrain_train::client::Client;
 use clap::Args;
 use serde_json::json;
@@ -81,14 +84,6 @@ fn memory_of(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-#[derive(Default)]
-struct Tally {
-    latencies_ms: Vec<f64>,
-    errors: u64,
-    leases: u64,
-    waits: u64,
-}
-
 /// Runs the benchmark (twice with `--compare`), prints the table and writes the JSON.
 pub fn run(args: BenchLoadArgs) -> Result<()> {
     if args.workers == 0 || args.seconds == 0 {
@@ -106,11 +101,11 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
         let label = format!("baseline {}", old.display());
         rows.push(run_once(&args, old, &label, false)?);
     }
-    println!("\n| coordinator | workers | uploaders | spot checks | requests | req/s | p50 ms | p99 ms | max ms | errors | uploads | upload p50 ms | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| coordinator | workers | uploaders | spot checks | requests | req/s | p50 ms | p99 ms | max ms | errors | 429s | uploads | upload p50 ms | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.0} | {:.0} |",
             r["coordinator"].as_str().unwrap_or(""),
             r["workers"],
             r["uploaders"],
@@ -121,6 +116,7 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
             r["p99_ms"].as_f64().unwrap_or(0.0),
             r["max_ms"].as_f64().unwrap_or(0.0),
             r["errors"],
+            r["rate_limited"],
             r["uploads"],
             r["upload_p50_ms"].as_f64().unwrap_or(0.0),
             r["coordinator_peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
@@ -192,76 +188,11 @@ fn run_once(
     );
 
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let start_gate = Arc::new(std::sync::Barrier::new(args.workers + 1));
     let uploads = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let stop_at = Arc::new(Mutex::new(None::<Instant>));
-    let mut threads = Vec::new();
-    for _ in 0..args.workers {
-        let (url, tally, gate, stop_at) = (
-            url.clone(),
-            tally.clone(),
-            start_gate.clone(),
-            stop_at.clone(),
-        );
-        let think = Duration::from_millis(args.think_ms);
-        threads.push(std::thread::spawn(move || {
-            let mut client = Client::new(&url, Identity::generate()).ok();
-            let info = WorkerInfo::new("cpu");
-            let registered = client.as_mut().is_some_and(|c| {
-                c.post_json::<_, serde_json::Value>(
-                    "/v1/register",
-                    &RegisterRequest {
-                        info: info.clone(),
-                        join_proof: None,
-                    },
-                )
-                .is_ok()
-            });
-            gate.wait();
-            let (Some(mut c), true) = (client, registered) else {
-                tally.lock().unwrap().errors += 1;
-                return;
-            };
-            let mut lease = None;
-            let mut i = 0u64;
-            loop {
-                if stop_at.lock().unwrap().is_some_and(|t| Instant::now() >= t) {
-                    return;
-                }
-                i += 1;
-                let t = Instant::now();
-                let (ok, kind) = match (&lease, i % 10) {
-                    (_, 0) => (c.get_json::<serde_json::Value>("/v1/status").is_ok(), 0),
-                    (Some(id), _) => (
-                        c.post_empty::<serde_json::Value>(&format!("/v1/leases/{id}/heartbeat"))
-                            .is_ok(),
-                        0,
-                    ),
-                    (None, _) => match c.post_json::<_, WorkReply>("/v1/work", &info) {
-                        Ok(WorkReply::Lease(l)) => {
-                            lease = Some(l.id);
-                            (true, 1)
-                        }
-                        Ok(_) => (true, 2),
-                        Err(_) => (false, 0),
-                    },
-                };
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                {
-                    let mut tl = tally.lock().unwrap();
-                    if ok {
-                        tl.latencies_ms.push(ms);
-                    } else {
-                        tl.errors += 1;
-                    }
-                    tl.leases += u64::from(kind == 1);
-                    tl.waits += u64::from(kind == 2);
-                }
-                std::thread::sleep(think);
-            }
-        }));
-    }
-    start_gate.wait();
+    let stop_at: StopAt = Arc::new(Mutex::new(None));
+    let think = Duration::from_millis(args.think_ms);
+    let driver = driver::start(&url, args.workers, think, tally.clone(), stop_at.clone())?;
+    let mut threads = vec![driver];
     let began = Instant::now();
     *stop_at.lock().unwrap() = Some(began + Duration::from_secs(args.seconds));
     for _ in 0..args.uploaders {
@@ -301,6 +232,7 @@ fn run_once(
         "seconds": wall, "think_ms": args.think_ms,
         "blocks": args.blocks, "requests": n, "requests_per_s": rps,
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0), "errors": tl.errors,
+        "rate_limited": tl.rate_limited,
         "leases": tl.leases, "waits": tl.waits, "uploads": up.len(),
         "upload_p50_ms": up.get(up.len() / 2).copied().unwrap_or(0.0),
         "coordinator_peak_rss_bytes": peak_bytes, "coordinator_rss_end_bytes": rss,
@@ -313,7 +245,7 @@ fn run_once(
 /// Registers a fresh key, takes a lease, downloads its checkpoint and uploads a small
 /// signed update of its shape; again with a new key until the load ends (a spot check
 /// flags a made-up delta, and its key gets no more work). Records each upload's time.
-fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &Mutex<Option<Instant>>) {
+fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &StopAt) {
     let cache = std::env::temp_dir().join(format!(
         "blocktrain-bench-load-cache-{}-{:?}",
         std::process::id(),

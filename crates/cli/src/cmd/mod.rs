@@ -6,6 +6,7 @@ pub mod bench_attacks_trial;
 pub mod bench_inference;
 pub mod bench_layers;
 pub mod bench_load;
+mod bench_load_driver;
 pub mod bench_network;
 pub mod boundaries;
 pub mod coordinator;

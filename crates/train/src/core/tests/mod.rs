@@ -216,7 +216,10 @@ fn heartbeats_renew_until_the_longest_life_and_revive_only_a_free_slot() {
     join(&mut core, "c");
     let c = lease(&mut core, "c", 120_001);
     assert_eq!(c.slot, b.slot);
-    assert_eq!(core.heartbeat("b", b.id, 120_002).unwrap(), Beat::Wanted(false));
+    assert_eq!(
+        core.heartbeat("b", b.id, 120_002).unwrap(),
+        Beat::Wanted(false)
+    );
     // Another's lease or an unknown one is not the signer's to renew.
     assert!(matches!(
         core.heartbeat("a", b.id, 120_002),
