@@ -55,9 +55,9 @@ pub struct BenchLoadArgs {
     #[arg(long)]
     pub compare: bool,
     /// Also run the load against the coordinator of another `blocktrain` build (e.g. an
-    /// older commit's), side by side.
+    /// older commit's), side by side; may be given more than once.
     #[arg(long)]
-    pub baseline_exe: Option<PathBuf>,
+    pub baseline_exe: Vec<PathBuf>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-load.json")]
     pub json: PathBuf,
@@ -97,7 +97,7 @@ pub fn run(args: BenchLoadArgs) -> Result<()> {
     if args.compare {
         rows.push(run_once(&args, &exe, "fsync per commit", true)?);
     }
-    if let Some(old) = &args.baseline_exe {
+    for old in &args.baseline_exe {
         let label = format!("baseline {}", old.display());
         rows.push(run_once(&args, old, &label, false)?);
     }
