@@ -145,3 +145,70 @@ fn the_checkpoint_cache_keeps_only_the_newest_files() {
         ]
     );
 }
+
+/// Heartbeats and work requests that hand out nothing are answered from the core while
+/// the coordinator's lock is held (as a merge, a decision or a slow disk would hold it);
+/// a request that needs the journal (a new lease) waits for the lock.
+#[test]
+fn heartbeats_and_waits_never_wait_for_the_coordinators_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny();
+    cfg.training.workers_per_block = 2;
+    cfg.training.round_seconds = 0.0;
+    let coord = Coordinator::open(&dir.path().join("state"), Some(cfg), now_ms()).unwrap();
+    let running = server::spawn("127.0.0.1:0".parse().unwrap(), coord).unwrap();
+    let client = |id: Identity| {
+        let mut c = Client::new(&running.url(), id).unwrap();
+        let req = RegisterRequest {
+            info: info(None, None),
+            join_proof: None,
+        };
+        let _: RunInfo = c.post_json("/v1/register", &req).unwrap();
+        c
+    };
+    let (mut a, mut b, mut c) = (
+        client(Identity::generate()),
+        client(Identity::generate()),
+        client(Identity::generate()),
+    );
+    let held = lease(&mut a, None);
+    let busy = running.coord.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = format!("/v1/leases/{}/heartbeat", held.id);
+    let fast = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        let beat: serde_json::Value = a.post_empty(&path).unwrap();
+        let again = lease(&mut a, None);
+        tx.send((t.elapsed(), beat, again.id)).unwrap();
+    });
+    let (took, beat, again) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a heartbeat and a retried work request are answered while the lock is held");
+    assert_eq!(beat["still_wanted"], true);
+    assert_eq!(again, held.id, "the held lease, from memory");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    fast.join().unwrap();
+    // A new lease is journaled before its reply: it waits for the lock.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let slow = std::thread::spawn(move || tx.send(lease(&mut b, None).id).unwrap());
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(500))
+            .is_err(),
+        "a new lease was handed out without the journal"
+    );
+    drop(busy);
+    let issued = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    assert_ne!(issued, held.id);
+    slow.join().unwrap();
+    // Every slot is taken now: the third worker is told to wait, from memory.
+    let busy = running.coord.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiting = std::thread::spawn(move || {
+        let reply: WorkReply = c.post_json("/v1/work", &info(None, None)).unwrap();
+        tx.send(reply).unwrap();
+    });
+    let reply = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert!(matches!(reply, WorkReply::Wait { .. }), "{reply:?}");
+    drop(busy);
+    waiting.join().unwrap();
+}

@@ -56,6 +56,7 @@ mod status;
 mod submit;
 mod vet;
 
+pub use round::{MergeJob, Merged};
 pub use vet::{Admitted, VetJob, Vetted};
 mod work;
 

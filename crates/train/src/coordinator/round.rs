@@ -1,123 +1,249 @@
-//! Round close: averaging a round's updates and committing the block's next version.
+//! Round close: averaging a round's updates and committing the block's next version, in
+//! three steps so that no compute runs under the coordinator's lock:
+//!
+//! 1. [`Coordinator::begin_merge`] (lock held, cheap): the core says the round is ready
+//!    and marks it closing (uploads on it are answered stale from then on, as they would
+//!    be a moment later); the job takes the pending updates, the base weights and paths.
+//! 2. [`MergeJob::run`] (no lock): read and decode the bodies, average them (weighted by
+//!    steps), the outer step, encode and write the new blobs, the held-out loss.
+//! 3. [`Coordinator::finish_merge`] (lock held, cheap): one transaction commits the
+//!    version, the core opens the next round, receipts are issued.
 
 use super::*;
+use crate::config::Outer;
+use crate::merge::MergeRule;
+use crate::store::Blobs;
 
-impl Coordinator {
-    pub(super) fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
-        let pending = {
-            let core = lock(&self.core);
-            if !core.round_ready(block, now) {
-                return Ok(());
-            }
-            core.pending(block).to_vec()
+/// A round's merge, with everything it needs and no handle on the coordinator.
+pub struct MergeJob {
+    block: usize,
+    head: BlockHead,
+    pending: Vec<crate::core::Pending>,
+    base: Arc<Arrays>,
+    shapes: Shapes,
+    blobs: Blobs,
+    outer: Outer,
+    rule: MergeRule,
+    cfg: RunConfig,
+    screen: Option<Arc<Mutex<crate::verify::Screen>>>,
+}
+
+/// What a merge produced.
+pub struct Merged {
+    block: usize,
+    base_version: u64,
+    /// Pending updates whose bodies could not be read back, with why.
+    unreadable: Vec<(i64, String)>,
+    /// The new version (None: nothing was readable), or why it failed.
+    version: Result<Option<NewVersion>>,
+}
+
+struct NewVersion {
+    head: BlockHead,
+    merged: Vec<i64>,
+    weights: Arc<Arrays>,
+    /// The fp32 encoding of `weights` (the exported model's file).
+    bytes: Vec<u8>,
+    heldout: Option<Result<f64>>,
+}
+
+impl MergeJob {
+    /// Reads, averages, steps and writes; holds no lock.
+    pub fn run(self) -> Merged {
+        let mut unreadable = Vec::new();
+        let version = self.merge(&mut unreadable);
+        Merged {
+            block: self.block,
+            base_version: self.head.version,
+            unreadable,
+            version,
+        }
+    }
+
+    fn merge(&self, unreadable: &mut Vec<(i64, String)>) -> Result<Option<NewVersion>> {
+        let decode = |bytes: Vec<u8>| {
+            codec::decode(&bytes, &self.shapes, usize::MAX)
+                .map(|(d, _)| d)
+                .map_err(|e| NodeError::Config(e.to_string()))
         };
-        let head = self.store.heads()?[block].clone();
-        let shapes = self.shapes[block].clone();
-        let shapes = &shapes;
-        let mut deltas = Vec::with_capacity(pending.len());
-        let mut merged = Vec::with_capacity(pending.len());
-        for p in &pending {
+        let mut deltas = Vec::with_capacity(self.pending.len());
+        let mut merged = Vec::with_capacity(self.pending.len());
+        for p in &self.pending {
             // A body that cannot be read back (disk trouble) is rejected, not fatal.
-            let read = self.store.get_blob(&p.hash).and_then(|bytes| {
-                codec::decode(&bytes, shapes, usize::MAX)
-                    .map_err(|e| NodeError::Config(e.to_string()))
-            });
-            match read {
-                Ok((d, _)) => {
+            match self.blobs.get(&p.hash).and_then(decode) {
+                Ok(d) => {
                     deltas.push((d, p.steps));
                     merged.push(p);
                 }
                 Err(e) => {
-                    tracing::error!("update {} unreadable at merge: {e}", p.update);
-                    let reason = format!("stored body unreadable at merge: {e}");
-                    self.store.reject_pending(p.update, &reason)?;
-                    lock(&self.core).drop_pending(block, p.update);
-                    if let Err(r) = self.merge_receipt(p.update, None, Some(reason), now) {
-                        tracing::error!(
-                            "update {}: receipt deferred to the next start: {r}",
-                            p.update
-                        );
-                    }
+                    unreadable.push((p.update, format!("stored body unreadable at merge: {e}")))
                 }
             }
         }
         if deltas.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let pending = merged;
-        let mean = merge::merge_deltas(&deltas, &self.cfg.outer.merge_rule()?);
-        let momentum = match &head.momentum {
-            Some(h) => {
-                codec::decode(&self.store.get_blob(h)?, shapes, usize::MAX)
-                    .map_err(|e| NodeError::Config(e.to_string()))?
-                    .0
-            }
+        let mean = merge::merge_deltas(&deltas, &self.rule);
+        let momentum = match &self.head.momentum {
+            Some(h) => decode(self.blobs.get(h)?)?,
             None => Arrays::new(),
         };
-        let mut weights = (*self.current[block]).clone();
-        let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.cfg.outer);
+        let mut weights = (*self.base).clone();
+        let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.outer);
         let bytes = encode_weights(&weights);
-        let new_head = BlockHead {
-            block,
-            version: head.version + 1,
-            weights: self.store.put_blob(&bytes)?,
-            wire: self.store.put_blob(&encode_wire(&weights, &self.cfg))?,
-            momentum: if momentum.is_empty() {
-                None
-            } else {
-                Some(
-                    self.store
-                        .put_blob(&codec::encode(&momentum, Codec::Fp32))?,
-                )
+        let head = BlockHead {
+            block: self.block,
+            version: self.head.version + 1,
+            weights: self.blobs.put(&bytes)?,
+            wire: self.blobs.put(&encode_wire(&weights, &self.cfg))?,
+            momentum: match momentum.is_empty() {
+                true => None,
+                false => Some(self.blobs.put(&codec::encode(&momentum, Codec::Fp32))?),
             },
-            steps: head.steps + pending.iter().map(|p| p.steps).sum::<i64>(),
+            steps: self.head.steps + merged.iter().map(|p| p.steps).sum::<i64>(),
         };
-        let ids: Vec<i64> = pending.iter().map(|p| p.update).collect();
-        self.store.commit_version(&new_head, &ids, now)?;
+        let heldout = self
+            .screen
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).loss(&weights));
+        Ok(Some(NewVersion {
+            head,
+            merged: merged.iter().map(|p| p.update).collect(),
+            weights: Arc::new(weights),
+            bytes,
+            heldout,
+        }))
+    }
+}
+
+impl Coordinator {
+    /// Merges block `block`'s round if it is ready (in-process callers; the server runs
+    /// the three steps itself so that the merge runs without the lock).
+    pub(super) fn maybe_close(&mut self, block: usize, now: u64) -> Result<()> {
+        match self.begin_merge(block, now)? {
+            Some(job) => self.finish_merge(job.run(), now),
+            None => Ok(()),
+        }
+    }
+
+    /// The merge of block `block`'s round, if it is ready and not already closing.
+    pub fn begin_merge(&mut self, block: usize, now: u64) -> Result<Option<MergeJob>> {
+        let pending = {
+            let mut core = lock(&self.core);
+            if !core.begin_close(block, now) {
+                return Ok(None);
+            }
+            core.pending(block).to_vec()
+        };
+        let job = (|| {
+            Ok(MergeJob {
+                block,
+                head: self.store.heads()?[block].clone(),
+                pending,
+                base: self.current[block].clone(),
+                shapes: self.shapes[block].clone(),
+                blobs: self.store.blobs(),
+                outer: self.cfg.outer.clone(),
+                rule: self.cfg.outer.merge_rule()?,
+                cfg: self.cfg.clone(),
+                screen: self.screens.get(block).cloned(),
+            })
+        })();
+        if job.is_err() {
+            lock(&self.core).abort_close(block);
+        }
+        job.map(Some)
+    }
+
+    /// Blocks whose rounds are ready to merge.
+    pub fn ready_rounds(&self, now: u64) -> Vec<usize> {
+        lock(&self.core).ready_rounds(now)
+    }
+
+    /// Commits what a merge produced: the version, the core's next round, the exported
+    /// model, receipts and the held-out history.
+    pub fn finish_merge(&mut self, merged: Merged, now: u64) -> Result<()> {
+        let Merged {
+            block,
+            base_version,
+            unreadable,
+            version,
+        } = merged;
+        if lock(&self.core).version(block) != base_version {
+            // Cannot happen while the round is marked closing; never commit over another.
+            lock(&self.core).abort_close(block);
+            return Err(NodeError::Config(format!(
+                "block {}: merge of version {base_version} found the block moved on",
+                block + 1
+            )));
+        }
+        for (id, reason) in unreadable {
+            tracing::error!("update {id}: {reason}");
+            self.store.reject_pending(id, &reason)?;
+            lock(&self.core).drop_pending(block, id);
+            if let Err(r) = self.merge_receipt(id, None, Some(reason), now) {
+                tracing::error!("update {id}: receipt deferred to the next start: {r}");
+            }
+        }
+        let v = match version {
+            Ok(Some(v)) => v,
+            other => {
+                lock(&self.core).abort_close(block);
+                return other.map(|_| ());
+            }
+        };
+        if let Err(e) = self.store.commit_version(&v.head, &v.merged, now) {
+            lock(&self.core).abort_close(block);
+            return Err(e);
+        }
         // The version is committed: memory follows it before any bookkeeping that can
         // fail (receipts, held-out history), so a failure there never forks the state.
-        lock(&self.core).committed(block, new_head.version, &new_head.wire, now);
-        self.current[block] = Arc::new(weights);
-        self.model.save_weights(block, &bytes, new_head.steps)?;
-        for &id in &ids {
-            if let Err(e) = self.merge_receipt(id, Some(new_head.version), None, now) {
+        lock(&self.core).committed(block, v.head.version, &v.head.wire, now);
+        self.current[block] = v.weights;
+        self.model.save_weights(block, &v.bytes, v.head.steps)?;
+        for &id in &v.merged {
+            if let Err(e) = self.merge_receipt(id, Some(v.head.version), None, now) {
                 tracing::error!("update {id}: receipt deferred to the next start: {e}");
             }
         }
-        if let Some(screen) = self.screens.get(block) {
-            let loss = screen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .loss(&self.current[block]);
-            match loss {
-                Ok(loss) => {
-                    self.store
-                        .put_version_loss(block, new_head.version, loss, now)?;
-                    self.heldout[block] = loss;
-                }
-                Err(e) => tracing::error!("block {}: held-out loss not computed: {e}", block + 1),
+        match v.heldout {
+            Some(Ok(loss)) => {
+                self.store
+                    .put_version_loss(block, v.head.version, loss, now)?;
+                self.heldout[block] = loss;
             }
+            Some(Err(e)) => {
+                tracing::error!("block {}: held-out loss not computed: {e}", block + 1)
+            }
+            None => {}
         }
         tracing::info!(
             "block {}: version {} -> {} from {} update(s), {} local steps in all",
             block + 1,
-            head.version,
-            new_head.version,
-            ids.len(),
-            new_head.steps
+            base_version,
+            v.head.version,
+            v.merged.len(),
+            v.head.steps
         );
         let keep = self.cfg.faults.keep_versions;
-        if keep > 0 && new_head.version >= keep {
+        if keep > 0 && v.head.version >= keep {
             self.store
-                .prune_versions(block, new_head.version + 1 - keep)?;
+                .prune_versions(block, v.head.version + 1 - keep)?;
         }
-        // Drop merged update bodies nothing else names (identical bodies share a blob):
-        // at once when every commit is durable, else once the group commit has flushed
-        // this one (a power loss could otherwise revert the merge and find the bodies of
-        // its still-pending updates gone).
-        for p in &pending {
-            if !self.store.blob_referenced(&p.hash)? {
-                let path = self.store.blob_path(&p.hash);
+        self.drop_merged_bodies(&v.merged)
+    }
+
+    /// Drops merged update bodies nothing else names (identical bodies share a blob): at
+    /// once when every commit is durable, else once the group commit has flushed this
+    /// one (a power loss could otherwise revert the merge and find the bodies of its
+    /// still-pending updates gone).
+    fn drop_merged_bodies(&mut self, merged: &[i64]) -> Result<()> {
+        for &id in merged {
+            let Some((_, _, Some(hash))) = self.store.update_origin(id)? else {
+                continue;
+            };
+            if !self.store.blob_referenced(&hash)? {
+                let path = self.store.blob_path(&hash);
                 match self.deferred_sync {
                     true => self.doomed.1.push(path),
                     false => {

@@ -36,8 +36,15 @@ impl Coordinator {
         match self.admit_update(key, lease_id, body.to_vec(), loss, claim, now)? {
             Admitted::Replayed(reply) => Ok(reply),
             Admitted::Vet(job) => {
+                let block = job.block();
                 let vetted = job.run();
-                self.decide(vetted, now)
+                let mut reply = self.decide(vetted, now)?;
+                // The round may be ready now (the server merges off the lock instead).
+                if let Err(e) = self.maybe_close(block, now) {
+                    tracing::error!("block {}: round not closed: {e}", block + 1);
+                }
+                reply.block_version = lock(&self.core).version(block);
+                Ok(reply)
             }
         }
     }
@@ -358,7 +365,7 @@ impl Coordinator {
             self.store.put_screening(id, before, after)?;
             self.note_screen_change(lease.block, after - before);
         }
-        let ready = {
+        {
             let mut core = lock(&self.core);
             let pending = crate::core::Pending {
                 update: id,
@@ -369,12 +376,6 @@ impl Coordinator {
             };
             core.accept(lease.block, pending, now);
             core.seen(&job.key, now);
-            core.round_ready(lease.block, now)
-        };
-        if ready {
-            if let Err(e) = self.maybe_close(lease.block, now) {
-                tracing::error!("block {}: round not closed: {e}", lease.block + 1);
-            }
         }
         let block_version = lock(&self.core).version(lease.block);
         Ok(UpdateReply {

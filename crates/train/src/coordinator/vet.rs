@@ -83,6 +83,11 @@ impl VetJob {
         self.lease.id
     }
 
+    /// The block the upload is for.
+    pub fn block(&self) -> usize {
+        self.lease.block
+    }
+
     /// The expensive checks, without the coordinator: decode, norms, codec, held-out
     /// screening, spot check.
     pub fn run(self) -> Vetted {

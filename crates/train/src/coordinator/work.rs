@@ -25,6 +25,18 @@ impl Coordinator {
     /// and closes rounds that are ready. A block whose merge fails is logged and left
     /// for the next tick; the other blocks go on.
     pub fn tick(&mut self, now: u64) -> Result<()> {
+        for block in self.tick_journal(now)? {
+            if let Err(e) = self.maybe_close(block, now) {
+                tracing::error!("block {}: round not closed: {e}", block + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Coordinator::tick`] without the merges: lapses, stalls, the soft state written,
+    /// flushed files deleted; returns the blocks whose rounds are ready to merge (the
+    /// server merges them off the lock).
+    pub fn tick_journal(&mut self, now: u64) -> Result<Vec<usize>> {
         let ready = {
             let mut core = lock(&self.core);
             core.lapse(now);
@@ -53,12 +65,7 @@ impl Coordinator {
             let _ = std::fs::remove_file(path);
         }
         self.doomed.0 = std::mem::take(&mut self.doomed.1);
-        for block in ready {
-            if let Err(e) = self.maybe_close(block, now) {
-                tracing::error!("block {}: round not closed: {e}", block + 1);
-            }
-        }
-        Ok(())
+        Ok(ready)
     }
 
     /// How long a block may go without an accepted update or a commit before it counts

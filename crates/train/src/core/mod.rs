@@ -179,6 +179,8 @@ struct BlockState {
     /// Last accepted update or commit.
     last_progress_ms: u64,
     stalled: bool,
+    /// Its round is being merged (off the coordinator's lock): no more uploads join it.
+    closing: bool,
 }
 
 impl BlockState {
@@ -279,6 +281,7 @@ impl Core {
                 pending: Vec::new(),
                 last_progress_ms: *progress,
                 stalled: false,
+                closing: false,
             })
             .collect();
         let mut core = Core {

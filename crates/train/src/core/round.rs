@@ -66,7 +66,14 @@ impl Core {
                 l.id
             )));
         }
-        let head = self.blocks[l.block].version;
+        let b = &self.blocks[l.block];
+        let head = b.version;
+        if b.closing && l.version == head {
+            return Err(NodeError::Stale(format!(
+                "block {}'s round at version {head} is closing; ask for new work",
+                l.block + 1
+            )));
+        }
         if l.version != head || l.state == lease_state::SUPERSEDED {
             return Err(NodeError::Stale(format!(
                 "block {} is at version {head}; this update was computed from version {}",
@@ -148,11 +155,26 @@ impl Core {
             || now >= first.saturating_add(self.rules.round_timeout_ms)
     }
 
-    /// Blocks whose rounds are ready to close.
+    /// Blocks whose rounds are ready to close and not closing yet.
     pub fn ready_rounds(&self, now: u64) -> Vec<usize> {
         (0..self.blocks.len())
-            .filter(|&b| self.round_ready(b, now))
+            .filter(|&b| self.round_ready(b, now) && !self.blocks[b].closing)
             .collect()
+    }
+
+    /// Starts closing block `b`'s round if it is ready and not closing already: until
+    /// [`Core::committed`] or [`Core::abort_close`], uploads on it are stale.
+    pub fn begin_close(&mut self, b: usize, now: u64) -> bool {
+        if !self.round_ready(b, now) || self.blocks[b].closing {
+            return false;
+        }
+        self.blocks[b].closing = true;
+        true
+    }
+
+    /// The merge of block `b`'s round failed: the round is open again as it was.
+    pub fn abort_close(&mut self, b: usize) {
+        self.blocks[b].closing = false;
     }
 
     /// A pending update of block `b` could not be merged (its body was unreadable).
@@ -174,6 +196,7 @@ impl Core {
             }
         }
         let s = &mut self.blocks[b];
+        s.closing = false;
         s.decided.clear();
         s.pending.clear();
         s.version = version;

@@ -151,6 +151,21 @@ pub(crate) async fn with<T: Send + 'static>(
     .map_err(|e| NodeError::Network(format!("coordinator task failed: {e}")))?
 }
 
+/// Merges block `block`'s round if it is ready: the job is taken under the coordinator's
+/// lock, runs on the blocking pool without it (heartbeats, work requests and decisions
+/// go on meanwhile), and is committed under the lock again; the commit is flushed before
+/// this returns.
+pub(crate) async fn close_round(s: &AppState, block: usize) -> Reply<()> {
+    let Some(job) = with(&s.coord, move |co| co.begin_merge(block, now_ms())).await? else {
+        return Ok(());
+    };
+    let merged = tokio::task::spawn_blocking(move || job.run())
+        .await
+        .map_err(|e| NodeError::Network(format!("merge task failed: {e}")))?;
+    with(&s.coord, move |co| co.finish_merge(merged, now_ms())).await?;
+    s.synced().await
+}
+
 /// Every error a client sees is the JSON error body: axum's own rejections (bad JSON,
 /// wrong content type, a bad path, an unknown route, an oversized body) come as text,
 /// and are rewrapped here.
@@ -322,14 +337,27 @@ pub async fn serve_with(
         loop {
             every.tick().await;
             let ticked = with(&ticker, move |co| {
-                if let Err(e) = co.tick(now_ms()) {
+                let ready = co.tick_journal(now_ms()).unwrap_or_else(|e| {
                     tracing::error!("tick: {e}");
-                }
-                co.status()
+                    Vec::new()
+                });
+                Ok((ready, co.status()?))
             });
-            match ticked.await {
-                Ok(status) => store_snapshot(status, &state.snapshot),
-                Err(e) => tracing::error!("status snapshot not refreshed: {e}"),
+            let ready = match ticked.await {
+                Ok((ready, status)) => {
+                    store_snapshot(status, &state.snapshot);
+                    ready
+                }
+                Err(e) => {
+                    tracing::error!("status snapshot not refreshed: {e}");
+                    Vec::new()
+                }
+            };
+            // Rounds at their deadline merge off the lock, one block after another.
+            for block in ready {
+                if let Err(e) = close_round(&state, block).await {
+                    tracing::error!("block {}: round not closed: {e}", block + 1);
+                }
             }
             // What the tick committed (lapsed leases, closed rounds, receipts and tree
             // heads) is flushed before the next tick, whether or not a request follows.

@@ -264,7 +264,7 @@ pub(super) async fn update(
         }
         Admitted::Vet(job) => job,
     };
-    let lease_id = job.lease_id();
+    let (lease_id, block) = (job.lease_id(), job.block());
     // Vetting and the decision run in a task of their own, holding their pool slot:
     // a client that hangs up does not free the slot while the compute goes on, and an
     // admitted upload is always decided (the lease is marked as vetting until then).
@@ -285,7 +285,14 @@ pub(super) async fn update(
         .map_err(|e| NodeError::Network(format!("vetting task failed: {e}")))?;
         let reply = with(&st.coord, move |co| co.decide(vetted, now_ms())).await;
         st.synced().await?;
-        reply
+        let mut reply = reply?;
+        // This upload may have completed the round's quorum: merge it now (off the lock),
+        // so the reply names the version it went into.
+        if let Err(e) = super::close_round(&st, block).await {
+            tracing::error!("block {}: round not closed: {e}", block + 1);
+        }
+        reply.block_version = lock(&st.core).version(block);
+        Ok::<_, NodeError>(reply)
     });
     let reply = match decided.await {
         Ok(reply) => reply?,

@@ -160,6 +160,42 @@ pub struct Traffic {
     pub down: u64,
 }
 
+/// The content-addressed blob directory: files are written before any row names them,
+/// so work off the coordinator's lock may write here (a blob no row names is removed at
+/// the next start).
+#[derive(Clone, Debug)]
+pub struct Blobs(PathBuf);
+
+impl Blobs {
+    /// Path of a blob (it may not exist).
+    pub fn path(&self, hash: &str) -> PathBuf {
+        self.0.join(format!("{hash}.safetensors"))
+    }
+
+    /// Stores bytes under their blake3 (temp file, fsync, rename); returns the hash.
+    pub fn put(&self, bytes: &[u8]) -> Result<String> {
+        let hash = content_hash(bytes);
+        let path = self.path(&hash);
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(hash)
+    }
+
+    /// Reads a blob and checks its hash.
+    pub fn get(&self, hash: &str) -> Result<Vec<u8>> {
+        let path = self.path(hash);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if content_hash(&bytes) != hash {
+            return Err(NodeError::Config(format!(
+                "{}: content does not match its name (disk corruption?)",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
 /// Durable state of one coordinator.
 pub struct Store {
     conn: Connection,
@@ -223,30 +259,22 @@ impl Store {
 
     /// Path of a blob (it may not exist).
     pub fn blob_path(&self, hash: &str) -> PathBuf {
-        self.blobs.join(format!("{hash}.safetensors"))
+        Blobs(self.blobs.clone()).path(hash)
     }
 
     /// Stores bytes under their blake3; returns the hash.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
-        let hash = content_hash(bytes);
-        let path = self.blob_path(&hash);
-        if !path.exists() {
-            write_atomic(&path, bytes)?;
-        }
-        Ok(hash)
+        Blobs(self.blobs.clone()).put(bytes)
     }
 
     /// Reads a blob and checks its hash.
     pub fn get_blob(&self, hash: &str) -> Result<Vec<u8>> {
-        let path = self.blob_path(hash);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        if content_hash(&bytes) != hash {
-            return Err(NodeError::Config(format!(
-                "{}: content does not match its name (disk corruption?)",
-                path.display()
-            )));
-        }
-        Ok(bytes)
+        Blobs(self.blobs.clone()).get(hash)
+    }
+
+    /// The blob directory, for work done without the store (a merge off the lock).
+    pub fn blobs(&self) -> Blobs {
+        Blobs(self.blobs.clone())
     }
 
     /// Removes blobs (and temp files) no row refers to; returns how many.

@@ -220,3 +220,28 @@ fn a_block_nobody_advances_is_stalled_until_it_moves() {
     core.watch_stalls(1_000_000);
     assert!(!core.stalled(l.block) && core.stalled(1 - l.block));
 }
+
+#[test]
+fn a_closing_round_takes_no_more_uploads_until_it_commits_or_reopens() {
+    let mut r = rules(1, 3);
+    r.quorum = 1;
+    let mut core = fresh(r);
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    assert!(!core.begin_close(0, 0), "nothing to merge yet");
+    core.accept(0, pending(1, &a, 1), 1);
+    assert!(core.begin_close(0, 2));
+    assert!(!core.begin_close(0, 2), "one merge at a time");
+    assert!(core.ready_rounds(2).is_empty());
+    assert!(matches!(core.lease_open(&b), Err(NodeError::Stale(m)) if m.contains("closing")));
+    // A failed merge reopens the round as it was.
+    core.abort_close(0);
+    assert!(core.lease_open(&b).is_ok());
+    assert_eq!(core.ready_rounds(3), vec![0]);
+    assert!(core.begin_close(0, 3));
+    core.committed(0, 1, "w1", 4);
+    assert!(!core.begin_close(0, 5));
+    let next = lease(&mut core, "a", 5);
+    assert!(core.lease_open(&next).is_ok(), "the next round is open");
+}
