@@ -260,3 +260,72 @@ fn the_probe_refuses_privileged_ports() {
     assert_eq!(status, 422, "{reply}");
     assert!(reply["error"].as_str().unwrap().contains("1024"));
 }
+
+/// A client that sends part of a request's headers and then nothing (slowloris) is cut
+/// off after the header deadline; a whole request on another connection is answered
+/// meanwhile.
+#[test]
+fn a_request_whose_headers_trickle_is_cut_off() {
+    use std::io::{Read, Write};
+    let n = net();
+    let mut slow = std::net::TcpStream::connect(n.running.addr).unwrap();
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status: serde_json::Value =
+        reqwest::blocking::get(format!("{}/v1/status", n.running.url()))
+            .unwrap()
+            .json()
+            .unwrap();
+    assert!(status["blocks"].is_array());
+    let mut buf = [0u8; 1024];
+    // The server answers the cut (a 408 or a bare close); the read ends either way.
+    let read = slow.read(&mut buf);
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the half-sent request held its connection for {took:?}"
+    );
+    match read {
+        Ok(0) => {}
+        Ok(k) => assert!(
+            String::from_utf8_lossy(&buf[..k]).starts_with("HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&buf[..k])
+        ),
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "no cut within 20 s"
+        ),
+    }
+}
+
+/// A coordinator that is not on loopback never probes loopback for a caller (behind a
+/// local proxy every caller looks like loopback, and its own host must not be scanned);
+/// one that is on loopback does (a single-machine run).
+#[test]
+fn the_probe_dials_loopback_only_for_a_coordinator_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::open(&dir.path().join("state"), Some(tiny()), now_ms()).unwrap();
+    let running = server::spawn("0.0.0.0:0".parse().unwrap(), coord).unwrap();
+    let url = format!("http://127.0.0.1:{}", running.addr.port());
+    let mut client = Client::new(&url, Identity::generate()).unwrap();
+    let req = RegisterRequest {
+        info: WorkerInfo::new("cpu"),
+        join_proof: None,
+    };
+    let _: RunInfo = client.post_json("/v1/register", &req).unwrap();
+    let port = serde_json::json!({ "port": running.addr.port() });
+    match client.post_json::<_, serde_json::Value>("/v1/probe", &port) {
+        Err(blocktrain_train::NodeError::Forbidden(m)) => assert!(m.contains("loopback"), "{m}"),
+        other => panic!("a loopback probe from a coordinator on 0.0.0.0: {other:?}"),
+    }
+    let n = net();
+    let mut client = n.client;
+    let port = serde_json::json!({ "port": n.running.addr.port() });
+    let reply: serde_json::Value = client.post_json("/v1/probe", &port).unwrap();
+    assert_eq!(reply["reachable"], true, "{reply}");
+}

@@ -1,7 +1,7 @@
 //! The coordinator's HTTP API. Handlers authenticate (signature over the raw body,
 //! timestamp, nonce), bound the body, then call the [`Coordinator`] on a blocking
 //! thread; every error is a JSON `{"error": ...}` with a status that says whose fault
-//! it was. With a [`ServerTls`] it serves HTTPS (see `https`); a plain-HTTP request
+//! it was. With a [`ServerTls`] it serves HTTPS (see `accept`); a plain-HTTP request
 //! on that port gets a 400 saying to use https://.
 //!
 //! | route | what |
@@ -27,9 +27,9 @@ use crate::coordinator::{Coordinator, Status};
 use crate::tls::{Fingerprint, ServerTls};
 use crate::{now_ms, NodeError};
 
+mod accept;
 mod auth;
 mod durable;
-mod https;
 mod limits;
 mod metrics;
 mod reads;
@@ -366,16 +366,7 @@ pub async fn serve_with(
             }
         }
     });
-    let result = match tls {
-        Some(tls) => https::serve(listener, app, tls.config, shutdown).await,
-        None => {
-            // Connect info: `/v1/probe` dials back the caller's own address only.
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    };
+    let result = accept::serve(listener, app, tls.map(|t| t.config), shutdown).await;
     tick.abort();
     result
 }
