@@ -8,7 +8,7 @@ impl Coordinator {
     /// authenticated uploads get here: the HTTP layer records nothing before the
     /// signature over the bytes holds.
     pub fn record_rejection(
-        &mut self,
+        &self,
         claimed_key: &str,
         lease: Option<i64>,
         bytes: u64,
@@ -36,9 +36,10 @@ impl Coordinator {
     }
 
     /// Records a refused authenticated upload: an update row with its reason, the claim
-    /// (the worker's signed one when valid, else the coordinator's account), and a
-    /// receipt. A failure to write the receipt is logged, not returned: the refusal
-    /// stands, and the receipt is issued at the next start-up.
+    /// (the worker's signed one when valid, else the coordinator's account) and, with
+    /// `lease_state`, the lease's new state, all in one transaction; then a receipt. A
+    /// failure to write the receipt is logged, not returned: the refusal stands, and the
+    /// receipt is issued at the next start-up.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn reject(
         &mut self,
@@ -48,9 +49,9 @@ impl Coordinator {
         reason: &str,
         body_hash: Option<&str>,
         claim: Option<(Claim, String)>,
+        lease_state: Option<&str>,
         now: u64,
     ) -> Result<i64> {
-        let id = self.record_rejection(key, lease, bytes, reason, now)?;
         let row = lease.and_then(|l| self.find_lease(l).ok().flatten());
         let (claim, sig) = match claim {
             Some((c, s)) => (c, Some(s)),
@@ -60,7 +61,13 @@ impl Coordinator {
             ),
         };
         let json = serde_json::to_string(&claim).expect("claims serialise");
+        let tx = self.store.conn().unchecked_transaction()?;
+        let id = self.record_rejection(key, lease, bytes, reason, now)?;
         self.store.put_claim(id, &json, sig.as_deref())?;
+        if let (Some(l), Some(state)) = (lease, lease_state) {
+            self.store.set_lease_state(l, state)?;
+        }
+        tx.commit()?;
         let decision = Decision {
             accepted: false,
             reason: Some(reason.to_string()),

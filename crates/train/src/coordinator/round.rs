@@ -163,6 +163,22 @@ impl Coordinator {
     /// Commits what a merge produced: the version, the core's next round, the exported
     /// model, receipts and the held-out history.
     pub fn finish_merge(&mut self, merged: Merged, now: u64) -> Result<()> {
+        let block = merged.block;
+        let result = self.commit_merge(merged, now);
+        // Whatever failed before the commit, the round opens again (a commit has
+        // cleared the mark already); the next tick retries the merge.
+        if result.is_err() {
+            lock(&self.core).abort_close(block);
+        }
+        result
+    }
+
+    /// The merge given up (its task died): the round opens again.
+    pub fn abort_merge(&mut self, block: usize) {
+        lock(&self.core).abort_close(block);
+    }
+
+    fn commit_merge(&mut self, merged: Merged, now: u64) -> Result<()> {
         let Merged {
             block,
             base_version,
@@ -171,7 +187,6 @@ impl Coordinator {
         } = merged;
         if lock(&self.core).version(block) != base_version {
             // Cannot happen while the round is marked closing; never commit over another.
-            lock(&self.core).abort_close(block);
             return Err(NodeError::Config(format!(
                 "block {}: merge of version {base_version} found the block moved on",
                 block + 1
@@ -187,20 +202,21 @@ impl Coordinator {
         }
         let v = match version {
             Ok(Some(v)) => v,
-            other => {
+            Ok(None) => {
                 lock(&self.core).abort_close(block);
-                return other.map(|_| ());
+                return Ok(());
             }
+            Err(e) => return Err(e),
         };
-        if let Err(e) = self.store.commit_version(&v.head, &v.merged, now) {
-            lock(&self.core).abort_close(block);
-            return Err(e);
-        }
+        self.store.commit_version(&v.head, &v.merged, now)?;
         // The version is committed: memory follows it before any bookkeeping that can
         // fail (receipts, held-out history), so a failure there never forks the state.
         lock(&self.core).committed(block, v.head.version, &v.head.wire, now);
         self.current[block] = v.weights;
-        self.model.save_weights(block, &v.bytes, v.head.steps)?;
+        // From here on a failure is logged, not returned: the version stands.
+        if let Err(e) = self.model.save_weights(block, &v.bytes, v.head.steps) {
+            tracing::error!("block {}: model export not written: {e}", block + 1);
+        }
         for &id in &v.merged {
             if let Err(e) = self.merge_receipt(id, Some(v.head.version), None, now) {
                 tracing::error!("update {id}: receipt deferred to the next start: {e}");
@@ -208,9 +224,13 @@ impl Coordinator {
         }
         match v.heldout {
             Some(Ok(loss)) => {
-                self.store
-                    .put_version_loss(block, v.head.version, loss, now)?;
                 self.heldout[block] = loss;
+                if let Err(e) = self
+                    .store
+                    .put_version_loss(block, v.head.version, loss, now)
+                {
+                    tracing::error!("block {}: held-out loss not recorded: {e}", block + 1);
+                }
             }
             Some(Err(e)) => {
                 tracing::error!("block {}: held-out loss not computed: {e}", block + 1)
@@ -227,10 +247,14 @@ impl Coordinator {
         );
         let keep = self.cfg.faults.keep_versions;
         if keep > 0 && v.head.version >= keep {
-            self.store
-                .prune_versions(block, v.head.version + 1 - keep)?;
+            if let Err(e) = self.store.prune_versions(block, v.head.version + 1 - keep) {
+                tracing::error!("block {}: old versions not pruned: {e}", block + 1);
+            }
         }
-        self.drop_merged_bodies(&v.merged)
+        if let Err(e) = self.drop_merged_bodies(&v.merged) {
+            tracing::error!("block {}: merged bodies not dropped: {e}", block + 1);
+        }
+        Ok(())
     }
 
     /// Drops merged update bodies nothing else names (identical bodies share a blob): at

@@ -13,16 +13,34 @@ impl Coordinator {
     /// The run's status (blocks, workers, bytes moved, recent updates).
     pub fn status(&self) -> Result<Status> {
         let traffic: Vec<Traffic> = self.store.traffic()?;
+        // What the core knows, copied out first: heartbeats and waits take its lock, and
+        // must not wait for the queries below.
+        let (live_blocks, live_workers, done) = {
+            let core = lock(&self.core);
+            let blocks: Vec<(u32, usize, bool)> = (0..self.cfg.blocks)
+                .map(|b| {
+                    (
+                        core.active_leases(b),
+                        core.pending(b).len(),
+                        core.stalled(b),
+                    )
+                })
+                .collect();
+            let workers: HashMap<String, (u64, Option<f64>)> = core
+                .workers()
+                .map(|(k, w)| (k.clone(), (w.last_seen_ms, w.step_rate)))
+                .collect();
+            (blocks, workers, core.done())
+        };
         let heads = self.store.heads()?;
-        let core = lock(&self.core);
         let mut blocks = Vec::new();
         for h in &heads {
             blocks.push(BlockStatus {
                 block: h.block,
                 version: h.version,
                 rounds: self.cfg.training.rounds,
-                active_leases: core.active_leases(h.block),
-                pending_updates: core.pending(h.block).len(),
+                active_leases: live_blocks[h.block].0,
+                pending_updates: live_blocks[h.block].1,
                 steps: h.steps,
                 weights: h.weights.clone(),
                 bytes_up: traffic
@@ -36,7 +54,7 @@ impl Coordinator {
                     .map(|t| t.down)
                     .sum(),
                 heldout: self.heldout.get(h.block).copied(),
-                stalled: core.stalled(h.block),
+                stalled: live_blocks[h.block].2,
             });
         }
         // Bytes per worker in one pass (the ticker builds this status every 250 ms: a
@@ -53,13 +71,12 @@ impl Coordinator {
             .map(
                 |(key, device, step_rate, data_blake3, data_bytes, last_seen_ms)| {
                     // Contact and step rate are soft state: the core's copy is the fresher.
-                    let live = core.worker(&key);
+                    let live = live_workers.get(&key);
                     WorkerStatus {
                         bytes_up: per_worker.get(key.as_str()).map_or(0, |b| b.0),
                         bytes_down: per_worker.get(key.as_str()).map_or(0, |b| b.1),
-                        step_rate: live.and_then(|w| w.step_rate).or(step_rate),
-                        last_seen_ms: live
-                            .map_or(last_seen_ms, |w| w.last_seen_ms.max(last_seen_ms)),
+                        step_rate: live.and_then(|w| w.1).or(step_rate),
+                        last_seen_ms: live.map_or(last_seen_ms, |w| w.0.max(last_seen_ms)),
                         key,
                         device,
                         data_blake3,
@@ -69,7 +86,7 @@ impl Coordinator {
             )
             .collect();
         Ok(Status {
-            done: core.done(),
+            done,
             blocks,
             workers,
             updates: self.store.update_counts()?.into_iter().collect(),

@@ -115,7 +115,15 @@ impl Coordinator {
                 ) {
                     return Err(e);
                 }
-                self.refuse_once(&lease, body.len() as u64, &mut e, &body_hash, claim, now)?;
+                self.refuse_once(
+                    &lease,
+                    body.len() as u64,
+                    &mut e,
+                    &body_hash,
+                    claim,
+                    false,
+                    now,
+                )?;
                 Err(e)
             }
         }
@@ -190,24 +198,23 @@ impl Coordinator {
     /// Whether the lease may still deliver: not delivered, refused or void, no upload
     /// decided on it, and at its block's current version.
     fn lease_open(&self, lease: &LeaseRow) -> Result<()> {
-        let core = lock(&self.core);
-        if core.lease(lease.id).is_none()
-            && !matches!(
-                lease.state.as_str(),
-                lease_state::DELIVERED | lease_state::REFUSED | lease_state::VOID
-            )
-        {
-            // Of a closed round: its decision, if any, is in the journal only.
-            drop(core);
-            if self.store.lease_decided(lease.id)? {
-                return Err(NodeError::Rejected(format!(
-                    "lease {} already had its one upload decided; ask for new work",
-                    lease.id
-                )));
-            }
-            return lock(&self.core).lease_open(lease);
+        let current = lock(&self.core).lease(lease.id).is_some();
+        let closed = matches!(
+            lease.state.as_str(),
+            lease_state::DELIVERED | lease_state::REFUSED | lease_state::VOID
+        );
+        if current || closed {
+            lock(&self.core).lease_open(lease)?;
         }
-        core.lease_open(lease)
+        // The journal has the last word on a decision (the core follows it after the
+        // commit, and knows nothing of closed rounds).
+        if self.store.lease_decided(lease.id)? {
+            return Err(NodeError::Rejected(format!(
+                "lease {} already had its one upload decided; ask for new work",
+                lease.id
+            )));
+        }
+        lock(&self.core).lease_open(lease)
     }
 
     /// The spot check's inputs when this lease is sampled (a draw keyed with the
@@ -313,12 +320,18 @@ impl Coordinator {
             }
         }
         if let Err(mut e) = self.lease_open(&lease) {
+            // A round being merged: nothing recorded, the lease stays open, and the
+            // upload is retried (stale after the commit, or taken if the merge failed).
+            if matches!(e, NodeError::Busy(_)) {
+                return Err(e);
+            }
             self.refuse_once(
                 &lease,
                 job.body.len() as u64,
                 &mut e,
                 &job.body_hash,
                 Some(job.claim),
+                false,
                 now,
             )?;
             return Err(e);
@@ -333,16 +346,17 @@ impl Coordinator {
                 };
                 let mut e = NodeError::Rejected(reason);
                 let bytes = job.body.len() as u64;
-                self.refuse_once(&lease, bytes, &mut e, &job.body_hash, Some(job.claim), now)?;
-                if flagged {
-                    lock(&self.core).refuse(lease.id, true);
-                    self.store.set_lease_state(lease.id, lease_state::VOID)?;
-                }
+                let claim = Some(job.claim);
+                self.refuse_once(&lease, bytes, &mut e, &job.body_hash, claim, flagged, now)?;
                 return Err(e);
             }
         };
         let hash = self.store.put_blob(&job.body)?;
         let pending_hash = hash.clone();
+        let (c, sig) = job.claim;
+        let json = serde_json::to_string(&c).expect("claims serialise");
+        // The row, its lease delivered, its bytes, its claim and its screening: one
+        // transaction, and the core follows once the journal holds it.
         let id = self.store.accept_update(
             &NewUpdate {
                 lease: Some(lease.id),
@@ -356,13 +370,11 @@ impl Coordinator {
                 state: update_state::PENDING,
                 reason: None,
             },
+            (&json, &sig),
+            verdict.heldout,
             now,
         )?;
-        let (c, sig) = job.claim;
-        let json = serde_json::to_string(&c).expect("claims serialise");
-        self.store.put_claim(id, &json, Some(&sig))?;
         if let Some((before, after)) = verdict.heldout {
-            self.store.put_screening(id, before, after)?;
             self.note_screen_change(lease.block, after - before);
         }
         {
@@ -397,6 +409,7 @@ impl Coordinator {
     /// its reason, the claim and a receipt, and the lease closed (its slot is re-leased
     /// with a fresh seed). Further refusals on that lease are answered, not recorded, so
     /// no one can grow the ledger faster than leases are issued.
+    #[allow(clippy::too_many_arguments)]
     fn refuse_once(
         &mut self,
         lease: &LeaseRow,
@@ -404,6 +417,7 @@ impl Coordinator {
         e: &mut NodeError,
         body_hash: &str,
         claim: Option<(Claim, String)>,
+        void: bool,
         now: u64,
     ) -> Result<()> {
         let decided =
@@ -414,6 +428,14 @@ impl Coordinator {
         }
         let key = lease.worker.clone();
         let reason = e.to_string();
+        // The lease closes with its refusal, in the same transaction; the core follows
+        // once the journal holds it.
+        let fresh = self.find_lease(lease.id)?.unwrap_or_else(|| lease.clone());
+        let state = match (void, fresh.state.as_str()) {
+            (true, _) => Some(lease_state::VOID),
+            (false, lease_state::ACTIVE | lease_state::EXPIRED) => Some(lease_state::REFUSED),
+            _ => None,
+        };
         self.reject(
             &key,
             Some(lease.id),
@@ -421,19 +443,10 @@ impl Coordinator {
             &reason,
             Some(body_hash),
             claim,
+            state,
             now,
         )?;
-        let current = lock(&self.core).lease(lease.id).is_some();
-        if current {
-            if let Some(state) = lock(&self.core).refuse(lease.id, false) {
-                self.store.set_lease_state(lease.id, state)?;
-            }
-        } else if matches!(
-            lease.state.as_str(),
-            lease_state::ACTIVE | lease_state::EXPIRED
-        ) {
-            self.store.set_lease_state(lease.id, lease_state::REFUSED)?;
-        }
+        lock(&self.core).refuse(lease.id, void);
         Ok(())
     }
 }

@@ -77,6 +77,10 @@ impl Coordinator {
     /// Hands the worker a lease, tells it to wait, or that the run is done. A new lease
     /// is journaled before the reply.
     pub fn request_work(&mut self, key: &str, info: &WorkerInfo, now: u64) -> Result<WorkReply> {
+        // Lapses are soft state: written before a lease that may reuse a lapsed slot, so
+        // a crash cannot bring back two active leases on one slot.
+        lock(&self.core).lapse(now);
+        self.flush_soft()?;
         let mut core = lock(&self.core);
         match core.work(key, info, now, true)? {
             Work::Lease(lease, issued) => {

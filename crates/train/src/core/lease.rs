@@ -17,6 +17,11 @@ use super::*;
 use crate::short;
 use crate::NodeError;
 
+/// Refused leases a worker may have in one block's round before it waits for the next
+/// round there: an honest worker is refused rarely (and gets a fresh seed each time), and
+/// a junk uploader cannot take lease after lease, each with a receipt.
+pub const MAX_REFUSALS_PER_ROUND: u32 = 2;
+
 /// The answer to a work request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
@@ -78,6 +83,18 @@ impl Core {
             return Err(NodeError::Forbidden(
                 "this run needs its join secret or an invite (worker --join-secret), and the one given is missing or wrong".into(),
             ));
+        }
+        // Whether a worker trains on its own data decides how its leases are checked:
+        // it is fixed at first registration (a key that could drop it before an upload
+        // would skip its spot checks).
+        if let Some(w) = self.workers.get(key) {
+            if w.own_data != req.info.data.is_some() {
+                return Err(NodeError::Rejected(format!(
+                    "worker {} registered {} its own data; a key cannot change that: use a new key",
+                    short(key),
+                    if w.own_data { "with" } else { "without" }
+                )));
+            }
         }
         let mut claimed = None;
         if let Some(token) = invite.filter(|_| !by_secret) {
@@ -209,7 +226,13 @@ impl Core {
             .blocks
             .iter()
             .enumerate()
-            .filter(|(b, s)| s.version < r.rounds && fits(*b) && s.busy() < cap)
+            .filter(|(b, s)| {
+                s.version < r.rounds
+                    && fits(*b)
+                    && s.busy() < cap
+                    && !s.closing
+                    && s.refused_of(key) < MAX_REFUSALS_PER_ROUND
+            })
             .min_by_key(|(b, s)| (s.busy(), last_block != Some(*b), s.version, *b))
             .map(|(b, _)| b);
         let Some(block) = best else {

@@ -2,7 +2,7 @@
 //! which version, which lease holds which slot, when a lease lapses, and when a round is
 //! ready to close. It is modelled on Psyche's coordinator `tick`: plain data in memory,
 //! every transition a method that takes the time (and nothing else from the outside),
-//! no I/O, no database, no tensors. Its unit tests (`core/tests.rs`) need neither a
+//! no I/O, no database, no tensors. Its unit tests (`core/tests/`) need neither a
 //! temporary directory nor libtorch.
 //!
 //! The [`crate::coordinator::Coordinator`] is the shell around it: it rebuilds the core
@@ -13,11 +13,13 @@
 //! Two kinds of state:
 //! - **hard** (journaled before the reply): workers and their flags, issued leases and
 //!   their decided states, pending updates, block versions. The shell changes these
-//!   only while it also holds its own lock, so the journal and the core never disagree.
+//!   only while it also holds its own lock, and only after the journal's transaction
+//!   committed, so a failed write leaves the core as it was.
 //! - **soft** (in memory, written to the journal at the next tick, [`Core::take_soft`]):
 //!   heartbeat renewals, lapses, revivals, a worker's last contact and step rate. A
-//!   crash loses at most one tick of it, which is harmless: a restarted coordinator gives
-//!   every open lease a fresh life anyway. This is what lets a heartbeat or a work
+//!   crash loses what changed since the last write, which is harmless: a restarted
+//!   coordinator gives every open lease a fresh life anyway, and the soft state is
+//!   written before every new lease, so a lapse whose slot was re-leased is never lost. This is what lets a heartbeat or a work
 //!   request that hands out nothing be answered from memory, without SQLite and without
 //!   waiting for compute ([`crate::server`] does so).
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,7 +31,7 @@ mod round;
 #[cfg(test)]
 mod tests;
 
-pub use lease::{sampled, Beat, Registered, Work};
+pub use lease::{sampled, Beat, Registered, Work, MAX_REFUSALS_PER_ROUND};
 pub use round::StallChange;
 
 /// Lease states.
@@ -206,6 +208,17 @@ impl BlockState {
         })
     }
 
+    /// Leases of `worker` closed by a refusal or a failed spot check, this round.
+    fn refused_of(&self, worker: &str) -> u32 {
+        self.leases
+            .values()
+            .filter(|l| {
+                l.worker == worker
+                    && (l.state == lease_state::REFUSED || l.state == lease_state::VOID)
+            })
+            .count() as u32
+    }
+
     /// Leases of `slot` closed by a refusal or a failed spot check, this round.
     fn refusals(&self, slot: u32) -> u32 {
         self.leases
@@ -303,12 +316,18 @@ impl Core {
             let Some(b) = blocks.get_mut(l.block).filter(|b| b.version == l.version) else {
                 continue;
             };
+            if decided.contains(&l.id) {
+                b.decided.insert(l.id);
+                // A decision whose lease was left open (journals from before decisions
+                // were one transaction): the lease is closed, and the journal learns it.
+                if l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED {
+                    l.state = lease_state::REFUSED.into();
+                    core.dirty_leases.insert(l.id);
+                }
+            }
             if l.state == lease_state::ACTIVE {
                 l.expires_ms = l.expires_ms.max(now + core.rules.lease_ms);
                 core.active_of.insert(l.worker.clone(), l.id);
-            }
-            if decided.contains(&l.id) {
-                b.decided.insert(l.id);
             }
             core.lease_block.insert(l.id, l.block);
             b.leases.insert(l.id, l);

@@ -69,8 +69,10 @@ impl Core {
         let b = &self.blocks[l.block];
         let head = b.version;
         if b.closing && l.version == head {
-            return Err(NodeError::Stale(format!(
-                "block {}'s round at version {head} is closing; ask for new work",
+            // Not the worker's fault and not final: the merge may fail and reopen the
+            // round. Nothing is recorded; the upload is retried.
+            return Err(NodeError::Busy(format!(
+                "block {}'s round at version {head} is being merged; nothing stored, retry shortly",
                 l.block + 1
             )));
         }

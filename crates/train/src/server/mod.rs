@@ -159,9 +159,17 @@ pub(crate) async fn close_round(s: &AppState, block: usize) -> Reply<()> {
     let Some(job) = with(&s.coord, move |co| co.begin_merge(block, now_ms())).await? else {
         return Ok(());
     };
-    let merged = tokio::task::spawn_blocking(move || job.run())
-        .await
-        .map_err(|e| NodeError::Network(format!("merge task failed: {e}")))?;
+    let merged = match tokio::task::spawn_blocking(move || job.run()).await {
+        Ok(merged) => merged,
+        Err(e) => {
+            with(&s.coord, move |co| {
+                co.abort_merge(block);
+                Ok(())
+            })
+            .await?;
+            return Err(NodeError::Network(format!("merge task failed: {e}")));
+        }
+    };
     with(&s.coord, move |co| co.finish_merge(merged, now_ms())).await?;
     s.synced().await
 }
@@ -353,11 +361,16 @@ pub async fn serve_with(
                     Vec::new()
                 }
             };
-            // Rounds at their deadline merge off the lock, one block after another.
+            // Rounds at their deadline merge off the lock, in tasks of their own, so the
+            // ticker goes on writing soft state and snapshots meanwhile (the core marks a
+            // round closing: it is never merged twice).
             for block in ready {
-                if let Err(e) = close_round(&state, block).await {
-                    tracing::error!("block {}: round not closed: {e}", block + 1);
-                }
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = close_round(&state, block).await {
+                        tracing::error!("block {}: round not closed: {e}", block + 1);
+                    }
+                });
             }
             // What the tick committed (lapsed leases, closed rounds, receipts and tree
             // heads) is flushed before the next tick, whether or not a request follows.

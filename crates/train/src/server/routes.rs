@@ -133,7 +133,13 @@ pub(super) async fn work(
         }
     };
     if let Some(reply) = fast {
-        return Ok(Json(reply?));
+        let reply = reply?;
+        // The held lease's own reply waited for its flush; a retry waits too, so that
+        // no worker trains on a lease a power loss could take back.
+        if matches!(reply, WorkReply::Lease(_)) {
+            s.synced().await?;
+        }
+        return Ok(Json(reply));
     }
     let (reply, status) = with(&s.coord, move |co| {
         let reply = co.request_work(&key, &info, now_ms())?;
@@ -281,8 +287,19 @@ pub(super) async fn update(
             drop(slot);
             vetted
         })
-        .await
-        .map_err(|e| NodeError::Network(format!("vetting task failed: {e}")))?;
+        .await;
+        let vetted = match vetted {
+            Ok(v) => v,
+            Err(e) => {
+                // The vetting panicked: forget it, so the lease can take an upload again.
+                with(&st.coord, move |co| {
+                    co.abandon_vetting(lease_id);
+                    Ok(())
+                })
+                .await?;
+                return Err(NodeError::Network(format!("vetting task failed: {e}")));
+            }
+        };
         let reply = with(&st.coord, move |co| co.decide(vetted, now_ms())).await;
         st.synced().await?;
         let mut reply = reply?;

@@ -8,10 +8,27 @@ impl Store {
     }
 
     /// Accepts an update in one transaction: its row (pending), its lease delivered, its
-    /// bytes counted. Returns the update id.
-    pub fn accept_update(&mut self, u: &NewUpdate, now: u64) -> Result<i64> {
+    /// bytes counted, the worker's signed claim `(json, signature)` and the held-out
+    /// screening `(before, after)`. Returns the update id.
+    pub fn accept_update(
+        &mut self,
+        u: &NewUpdate,
+        claim: (&str, &str),
+        screening: Option<(f64, f64)>,
+        now: u64,
+    ) -> Result<i64> {
         let tx = self.conn.transaction()?;
         let id = insert_update(&tx, u, update_state::PENDING, now)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO claims (update_id, claim, sig) VALUES (?1, ?2, ?3)",
+            params![id, claim.0, claim.1],
+        )?;
+        if let Some((before, after)) = screening {
+            tx.execute(
+                "INSERT OR REPLACE INTO screening (update_id, before, after) VALUES (?1, ?2, ?3)",
+                params![id, before, after],
+            )?;
+        }
         tx.execute(
             "UPDATE leases SET state = 'delivered' WHERE id = ?1",
             [u.lease],

@@ -272,6 +272,17 @@ fn registration_follows_the_allowlist_the_join_secret_and_invites() {
         core.admit("z", &req("z", None)),
         Err(NodeError::Forbidden(_))
     ));
+    // Own data is fixed at first registration: dropping it would skip check leases.
+    let mut core = fresh(rules(1, 1));
+    join(&mut core, "plain");
+    let mut with_data = req("plain", None);
+    with_data.info.data = Some(DataShard {
+        blake3: "d".repeat(64),
+        bytes: 1,
+    });
+    assert!(
+        matches!(core.admit("plain", &with_data), Err(NodeError::Rejected(m)) if m.contains("cannot change"))
+    );
     let mut old = req("a", None);
     old.info.wire_version += 1;
     assert!(matches!(core.admit("a", &old), Err(NodeError::Rejected(_))));

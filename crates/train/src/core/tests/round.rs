@@ -234,7 +234,7 @@ fn a_closing_round_takes_no_more_uploads_until_it_commits_or_reopens() {
     assert!(core.begin_close(0, 2));
     assert!(!core.begin_close(0, 2), "one merge at a time");
     assert!(core.ready_rounds(2).is_empty());
-    assert!(matches!(core.lease_open(&b), Err(NodeError::Stale(m)) if m.contains("closing")));
+    assert!(matches!(core.lease_open(&b), Err(NodeError::Busy(m)) if m.contains("merged")));
     // A failed merge reopens the round as it was.
     core.abort_close(0);
     assert!(core.lease_open(&b).is_ok());
@@ -244,4 +244,80 @@ fn a_closing_round_takes_no_more_uploads_until_it_commits_or_reopens() {
     assert!(!core.begin_close(0, 5));
     let next = lease(&mut core, "a", 5);
     assert!(core.lease_open(&next).is_ok(), "the next round is open");
+}
+
+#[test]
+fn a_closing_round_hands_out_no_lease() {
+    let mut r = rules(1, 3);
+    r.quorum = 1;
+    let mut core = fresh(r);
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let a = lease(&mut core, "a", 0);
+    core.accept(0, pending(1, &a, 1), 1);
+    assert!(core.begin_close(0, 2));
+    assert_eq!(
+        core.work("b", &WorkerInfo::new("cpu"), 3, true).unwrap(),
+        Work::Wait,
+        "a lease of a version about to be left would be wasted work"
+    );
+    core.abort_close(0);
+    assert!(matches!(
+        core.work("b", &WorkerInfo::new("cpu"), 4, true).unwrap(),
+        Work::Lease(_, true)
+    ));
+}
+
+#[test]
+fn a_worker_refused_twice_in_a_round_waits_for_the_next() {
+    let mut core = fresh(rules(1, 4));
+    join(&mut core, "junk");
+    for t in 0..MAX_REFUSALS_PER_ROUND as u64 {
+        let l = lease(&mut core, "junk", t);
+        core.refuse(l.id, false);
+    }
+    assert_eq!(
+        core.work("junk", &WorkerInfo::new("cpu"), 9, true).unwrap(),
+        Work::Wait
+    );
+    join(&mut core, "honest");
+    assert!(matches!(
+        core.work("honest", &WorkerInfo::new("cpu"), 9, true)
+            .unwrap(),
+        Work::Lease(_, true)
+    ));
+}
+
+#[test]
+fn a_decided_lease_left_open_in_the_journal_is_closed_at_rebuild() {
+    let from = Rebuild {
+        workers: [("a".to_string(), WorkerState::default())].into(),
+        blocks: vec![(0, "w".into(), 0)],
+        leases: vec![LeaseRow {
+            id: 1,
+            worker: "a".into(),
+            block: 0,
+            version: 0,
+            slot: 0,
+            steps: 8,
+            seed: 1,
+            issued_ms: 0,
+            expires_ms: 5_000,
+            state: lease_state::ACTIVE.into(),
+            public: false,
+        }],
+        decided: vec![1],
+        last_lease: 1,
+        ..Default::default()
+    };
+    let mut core = Core::new(rules(1, 1), secrets(1), from, 0);
+    assert_eq!(core.lease(1).unwrap().state, lease_state::REFUSED);
+    assert_eq!(
+        core.take_soft().leases,
+        vec![(1, "refused".to_string(), 5_000)]
+    );
+    assert!(matches!(
+        core.work("a", &WorkerInfo::new("cpu"), 1, true).unwrap(),
+        Work::Lease(l, true) if l.id == 2
+    ));
 }
