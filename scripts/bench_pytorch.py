@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plain-PyTorch CPU step time for one BlockTrain block, for side-by-side comparison.
 
-Mirrors crates/model/src/transformer.rs (the Denoiser: pre-norm byte transformer,
+Mirrors crates/model/src/transformer/ (the Denoiser: pre-norm byte transformer,
 rotary GPT-NeoX half-split, F.rms_norm, SDPA, tanh-GELU MLP) and the interval
 loss of crates/model/src/diffusion.rs, with AdamW + global-norm clipping as in the
 Rust trainer. Shapes, ops and inits match; random bytes stand in for data (timing only).

@@ -17,11 +17,6 @@ use super::*;
 use crate::short;
 use crate::NodeError;
 
-/// Refused leases a worker may have in one block's round before it waits for the next
-/// round there: an honest worker is refused rarely (and gets a fresh seed each time), and
-/// a junk uploader cannot take lease after lease, each with a receipt.
-pub const MAX_REFUSALS_PER_ROUND: u32 = 2;
-
 /// The answer to a work request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
@@ -226,13 +221,7 @@ impl Core {
             .blocks
             .iter()
             .enumerate()
-            .filter(|(b, s)| {
-                s.version < r.rounds
-                    && fits(*b)
-                    && s.busy() < cap
-                    && !s.closing
-                    && s.refused_of(key) < MAX_REFUSALS_PER_ROUND
-            })
+            .filter(|(b, s)| s.version < r.rounds && fits(*b) && s.busy() < cap && !s.closing)
             .min_by_key(|(b, s)| (s.busy(), last_block != Some(*b), s.version, *b))
             .map(|(b, _)| b);
         let Some(block) = best else {

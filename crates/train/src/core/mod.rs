@@ -31,7 +31,7 @@ mod round;
 #[cfg(test)]
 mod tests;
 
-pub use lease::{sampled, Beat, Registered, Work, MAX_REFUSALS_PER_ROUND};
+pub use lease::{sampled, Beat, Registered, Work};
 pub use round::StallChange;
 
 /// Lease states.
@@ -206,17 +206,6 @@ impl BlockState {
         self.leases.values().any(|l| {
             l.slot == slot && (l.state == lease_state::ACTIVE || l.state == lease_state::DELIVERED)
         })
-    }
-
-    /// Leases of `worker` closed by a refusal or a failed spot check, this round.
-    fn refused_of(&self, worker: &str) -> u32 {
-        self.leases
-            .values()
-            .filter(|l| {
-                l.worker == worker
-                    && (l.state == lease_state::REFUSED || l.state == lease_state::VOID)
-            })
-            .count() as u32
     }
 
     /// Leases of `slot` closed by a refusal or a failed spot check, this round.

@@ -269,26 +269,6 @@ fn a_closing_round_hands_out_no_lease() {
 }
 
 #[test]
-fn a_worker_refused_twice_in_a_round_waits_for_the_next() {
-    let mut core = fresh(rules(1, 4));
-    join(&mut core, "junk");
-    for t in 0..MAX_REFUSALS_PER_ROUND as u64 {
-        let l = lease(&mut core, "junk", t);
-        core.refuse(l.id, false);
-    }
-    assert_eq!(
-        core.work("junk", &WorkerInfo::new("cpu"), 9, true).unwrap(),
-        Work::Wait
-    );
-    join(&mut core, "honest");
-    assert!(matches!(
-        core.work("honest", &WorkerInfo::new("cpu"), 9, true)
-            .unwrap(),
-        Work::Lease(_, true)
-    ));
-}
-
-#[test]
 fn a_decided_lease_left_open_in_the_journal_is_closed_at_rebuild() {
     let from = Rebuild {
         workers: [("a".to_string(), WorkerState::default())].into(),
