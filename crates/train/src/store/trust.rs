@@ -1,13 +1,17 @@
 //! Trust rows: claims, screening results, held-out history, flags, invites.
 use super::*;
 
+/// A claim row (an update's, from the worker or the coordinator's own account).
+pub(super) const CLAIM_ROW: &str =
+    "INSERT OR REPLACE INTO claims (update_id, claim, sig) VALUES (?1, ?2, ?3)";
+/// A screening row: the held-out loss before and after the update alone.
+pub(super) const SCREENING_ROW: &str =
+    "INSERT OR REPLACE INTO screening (update_id, before, after) VALUES (?1, ?2, ?3)";
+
 impl Store {
     /// Stores the worker's claim (JSON) and its signature for an update.
     pub fn put_claim(&self, update: i64, claim: &str, sig: Option<&str>) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO claims (update_id, claim, sig) VALUES (?1, ?2, ?3)",
-            params![update, claim, sig],
-        )?;
+        self.conn.execute(CLAIM_ROW, params![update, claim, sig])?;
         Ok(())
     }
 
@@ -21,15 +25,6 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
-    }
-
-    /// Records an update's held-out loss before and after applying it.
-    pub fn put_screening(&self, update: i64, before: f64, after: f64) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO screening (update_id, before, after) VALUES (?1, ?2, ?3)",
-            params![update, before, after],
-        )?;
-        Ok(())
     }
 
     /// An update's held-out loss before and after.

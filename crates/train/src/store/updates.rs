@@ -19,15 +19,9 @@ impl Store {
     ) -> Result<i64> {
         let tx = self.conn.transaction()?;
         let id = insert_update(&tx, u, update_state::PENDING, now)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO claims (update_id, claim, sig) VALUES (?1, ?2, ?3)",
-            params![id, claim.0, claim.1],
-        )?;
+        tx.execute(trust::CLAIM_ROW, params![id, claim.0, claim.1])?;
         if let Some((before, after)) = screening {
-            tx.execute(
-                "INSERT OR REPLACE INTO screening (update_id, before, after) VALUES (?1, ?2, ?3)",
-                params![id, before, after],
-            )?;
+            tx.execute(trust::SCREENING_ROW, params![id, before, after])?;
         }
         tx.execute(
             "UPDATE leases SET state = 'delivered' WHERE id = ?1",
