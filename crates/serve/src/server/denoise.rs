@@ -1,0 +1,125 @@
+//! Diffusion requests (`Denoise`, `Latent`): run this stage's blocks, then answer with
+//! the `Result` (last stage) or forward to the next stage and relay its answer.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blocktrain_protocol::frame::{
+    encode_tokens, DenoiseMeta, ErrorCode, HopStat, LatentState, Message, ResultMeta, MASK_TOKEN,
+};
+
+use super::check::{check_route, check_sampling};
+use super::conn::{error, send_up, Keepalive};
+use super::{Shared, Upstream};
+use crate::hop::call_stage;
+
+pub(super) async fn denoise(
+    up: &Upstream,
+    meta: DenoiseMeta,
+    tokens: Vec<u16>,
+    latent: Option<LatentState>,
+    shared: &Arc<Shared>,
+) -> bool {
+    let id = meta.request_id;
+    let reply = match run_denoise(up, meta, tokens, latent, shared).await {
+        Ok(m) => m,
+        Err((code, message)) => error(id, code, message, shared),
+    };
+    send_up(up, &reply, shared.opts.limits.stall_timeout).await
+}
+
+async fn run_denoise(
+    up: &Upstream,
+    mut meta: DenoiseMeta,
+    tokens: Vec<u16>,
+    latent: Option<LatentState>,
+    shared: &Arc<Shared>,
+) -> Result<Message, (ErrorCode, String)> {
+    check_route(shared, &meta.model_id, &meta.route, meta.hop, true)?;
+    check_sampling(&meta.sampling).map_err(|m| (ErrorCode::BadRequest, m))?;
+    if tokens.is_empty() || tokens.len() > shared.info.max_tokens as usize {
+        return Err((
+            ErrorCode::BadRequest,
+            format!(
+                "{} tokens: this server takes 1..={}",
+                tokens.len(),
+                shared.info.max_tokens
+            ),
+        ));
+    }
+    let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
+    let started = Instant::now();
+    let work = {
+        let shared = shared.clone();
+        let (sampling, seed) = (meta.sampling.clone(), meta.seed);
+        tokio::task::spawn_blocking(move || {
+            let hosted = shared.hosted.lock().unwrap_or_else(|p| p.into_inner());
+            hosted.denoise(&tokens, latent.as_ref(), &sampling, seed)
+        })
+    };
+    let (tokens, latent) = match work.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            keepalive.finish().await;
+            // A request it cannot take is the sender's to fix; anything else is ours.
+            let code = match e {
+                crate::ServeError::Rejected(_) => ErrorCode::BadRequest,
+                _ => ErrorCode::Internal,
+            };
+            return Err((code, e.to_string()));
+        }
+        Err(e) => {
+            keepalive.finish().await;
+            return Err((ErrorCode::Internal, format!("compute failed: {e}")));
+        }
+    };
+    shared.served.fetch_add(1, Ordering::Relaxed);
+    let last = meta.hop as usize + 1 == meta.route.len();
+    // What goes on down the stack: bytes + mask bitmap, and the f16 latent if any.
+    let bytes_out = if last {
+        0
+    } else {
+        encode_tokens(&tokens).len() + latent.as_ref().map_or(0, |z| 2 * z.values.len())
+    };
+    meta.hops.push(HopStat {
+        blocks: shared.info.blocks,
+        server: shared.opts.name.clone(),
+        compute_ms: started.elapsed().as_secs_f64() * 1e3,
+        failovers: 0,
+        bytes_out: bytes_out as u64,
+    });
+    let reply = if last {
+        if tokens.iter().any(|&t| t >= MASK_TOKEN) {
+            keepalive.finish().await;
+            return Err((
+                ErrorCode::Internal,
+                "positions left masked after block 1".into(),
+            ));
+        }
+        let bytes = tokens.iter().map(|&t| t as u8).collect();
+        Message::Result(
+            ResultMeta {
+                request_id: meta.request_id,
+                hops: meta.hops,
+            },
+            bytes,
+        )
+    } else {
+        meta.hop += 1;
+        let next = meta.route[meta.hop as usize].clone();
+        let answer = call_stage(&next, meta.request_id, &shared.opts.limits, |failovers| {
+            let mut m = meta.clone();
+            if let Some(me) = m.hops.last_mut() {
+                me.failovers = failovers;
+            }
+            match &latent {
+                Some(z) => Message::Latent(m, tokens.clone(), z.clone()).encode(),
+                None => Message::Denoise(m, tokens.clone()).encode(),
+            }
+        })
+        .await;
+        answer.message
+    };
+    keepalive.finish().await;
+    Ok(reply)
+}
