@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::signed;
 use blocktrain_protocol::wire::{RegisterRequest, WorkReply, WorkerInfo};
+use blocktrain_train::now_ms;
 
 /// What the simulated workers saw.
 #[derive(Default)]
@@ -33,12 +34,6 @@ pub type StopAt = Arc<Mutex<Option<Instant>>>;
 struct Worker {
     http: reqwest::Client,
     id: Identity,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Worker {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use super::vet::{Refusal, ScreenJob, SpotJob};
 use super::*;
-use crate::store::lease_state;
 
 /// An honest update moves weights: the RMS of a whole delta below this fraction of the
 /// learning rate is an empty update (credit for no work), whatever its claim says.
@@ -198,23 +197,18 @@ impl Coordinator {
     /// Whether the lease may still deliver: not delivered, refused or void, no upload
     /// decided on it, and at its block's current version.
     fn lease_open(&self, lease: &LeaseRow) -> Result<()> {
-        let current = lock(&self.core).lease(lease.id).is_some();
-        let closed = matches!(
-            lease.state.as_str(),
-            lease_state::DELIVERED | lease_state::REFUSED | lease_state::VOID
-        );
-        if current || closed {
-            lock(&self.core).lease_open(lease)?;
-        }
+        let open = lock(&self.core).lease_open(lease);
         // The journal has the last word on a decision (the core follows it after the
-        // commit, and knows nothing of closed rounds).
-        if self.store.lease_decided(lease.id)? {
+        // commit, and knows nothing of closed rounds' decisions): it comes before stale.
+        if matches!(open, Ok(()) | Err(NodeError::Stale(_)))
+            && self.store.lease_decided(lease.id)?
+        {
             return Err(NodeError::Rejected(format!(
                 "lease {} already had its one upload decided; ask for new work",
                 lease.id
             )));
         }
-        lock(&self.core).lease_open(lease)
+        open
     }
 
     /// The spot check's inputs when this lease is sampled (a draw keyed with the
@@ -431,11 +425,7 @@ impl Coordinator {
         // The lease closes with its refusal, in the same transaction; the core follows
         // once the journal holds it.
         let fresh = self.find_lease(lease.id)?.unwrap_or_else(|| lease.clone());
-        let state = match (void, fresh.state.as_str()) {
-            (true, _) => Some(lease_state::VOID),
-            (false, lease_state::ACTIVE | lease_state::EXPIRED) => Some(lease_state::REFUSED),
-            _ => None,
-        };
+        let state = crate::core::refusal_state(&fresh.state, void);
         self.reject(
             &key,
             Some(lease.id),

@@ -32,7 +32,7 @@ mod round;
 mod tests;
 
 pub use lease::{sampled, Beat, Registered, Work};
-pub use round::StallChange;
+pub use round::{refusal_state, StallChange};
 
 /// Lease states.
 pub mod lease_state {

@@ -13,6 +13,16 @@ use super::*;
 use crate::short;
 use crate::NodeError;
 
+/// The state a lease in `state` takes when its one upload is refused: void after a failed
+/// spot check (never revived), else refused if it was still open; None if it was closed.
+pub fn refusal_state(state: &str, void: bool) -> Option<&'static str> {
+    match (void, state) {
+        (true, _) => Some(lease_state::VOID),
+        (false, lease_state::ACTIVE | lease_state::EXPIRED) => Some(lease_state::REFUSED),
+        _ => None,
+    }
+}
+
 /// A block's stall state changed ([`Core::watch_stalls`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StallChange {
@@ -114,12 +124,7 @@ impl Core {
     pub fn refuse(&mut self, id: i64, void: bool) -> Option<&'static str> {
         let b = *self.lease_block.get(&id)?;
         self.blocks[b].decided.insert(id);
-        let state = self.blocks[b].leases.get(&id)?.state.clone();
-        let new = match (void, state.as_str()) {
-            (true, _) => lease_state::VOID,
-            (false, lease_state::ACTIVE | lease_state::EXPIRED) => lease_state::REFUSED,
-            _ => return None,
-        };
+        let new = refusal_state(&self.blocks[b].leases.get(&id)?.state, void)?;
         self.set_state(id, new);
         self.dirty_leases.remove(&id);
         Some(new)
