@@ -1,0 +1,7 @@
+//! Inference across hosts with real processes on loopback: block servers started as a
+//! user starts them, a request crossing them once, replicas stalled and killed, and
+//! hostile frames sent by hand.
+
+mod faults;
+mod harness;
+mod traversal;
