@@ -70,8 +70,17 @@ impl fmt::Display for Precision {
 }
 
 /// A transformer shape with a precision, written `d=8192,layers=32,heads=64,dtype=f16`
-/// (optional `mlp=4`, `window=1024`, and `embed=E`: an embedding-diffusion network
-/// reading an E-wide latent, with the default EDM settings otherwise).
+/// (optional `mlp=4`, `window=1024`, `embed=E`: an embedding-diffusion network
+/// reading an E-wide latent, with the default EDM settings otherwise, and `tie=K`).
+///
+/// **Tied layers** (`tie=K`): every run of K consecutive layer applications shares one
+/// physical layer, so `layers=32,tie=32` is one layer's weights applied 32 times. The
+/// compute per token is that of `layers` layers (each application really runs and has its
+/// own KV cache entry); the weights take `ceil(layers / K)` layers of memory. This is how
+/// a shape too large for the machine is served at its full per-token cost: weights are
+/// random anyway, and serving cost does not depend on their values (though a layer
+/// re-read from memory K times is the same traffic as K distinct layers only once the
+/// layer is far larger than the caches, as it is at d = 8192: 1.6 GB in bf16).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogicalShape {
     /// Width of the residual stream.
@@ -88,14 +97,19 @@ pub struct LogicalShape {
     pub window: i64,
     /// Embedding diffusion: the latent's width (None: byte-id input).
     pub embed: Option<i64>,
+    /// Consecutive layer applications sharing one physical layer (1: untied).
+    pub tie: i64,
 }
+
+/// Largest `tie=`: far more applications of one layer than any shape here needs.
+const MAX_TIE: i64 = 1 << 16;
 
 impl FromStr for LogicalShape {
     type Err = ModelError;
     fn from_str(s: &str) -> crate::Result<Self> {
         let bad = |m: String| ModelError::Config(format!("logical shape '{s}': {m}"));
         let (mut d, mut layers, mut heads, mut precision) = (None, None, None, None);
-        let (mut mlp, mut window, mut embed) = (None, None, None);
+        let (mut mlp, mut window, mut embed, mut tie) = (None, None, None, None);
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item
                 .split_once('=')
@@ -118,17 +132,16 @@ impl FromStr for LogicalShape {
                 "mlp" => int(&mut mlp)?,
                 "window" => int(&mut window)?,
                 "embed" => int(&mut embed)?,
+                "tie" => int(&mut tie)?,
                 "dtype" => {
                     if precision.is_some() {
                         return Err(bad("`dtype` given twice".into()));
                     }
                     precision = Some(value.parse::<Precision>().map_err(|e| bad(e.to_string()))?);
                 }
-                other => {
-                    return Err(bad(format!(
-                        "unknown key `{other}` (use d, layers, heads, dtype, mlp, window, embed)"
-                    )))
-                }
+                other => return Err(bad(format!(
+                    "unknown key `{other}` (use d, layers, heads, dtype, mlp, window, embed, tie)"
+                ))),
             }
         }
         let need = |v: Option<i64>, key: &str| v.ok_or_else(|| bad(format!("missing `{key}`")));
@@ -140,7 +153,13 @@ impl FromStr for LogicalShape {
             precision: precision.ok_or_else(|| bad("missing `dtype`".into()))?,
             window: window.unwrap_or(1024),
             embed,
+            tie: tie.unwrap_or(1),
         };
+        if !(1..=MAX_TIE).contains(&shape.tie) {
+            return Err(bad(format!(
+                "`tie` must be 1..={MAX_TIE} (layer applications per physical layer)"
+            )));
+        }
         shape
             .model_config()
             .validate()
@@ -156,10 +175,14 @@ impl fmt::Display for LogicalShape {
             "d={},layers={},heads={},mlp={},dtype={},window={}",
             self.d_model, self.n_layers, self.n_heads, self.mlp_ratio, self.precision, self.window
         )?;
-        match self.embed {
-            Some(e) => write!(f, ",embed={e}"),
-            None => Ok(()),
+        if let Some(e) = self.embed {
+            write!(f, ",embed={e}")?;
         }
+        // Untied shapes print as before, so their model ids do not change.
+        if self.tie != 1 {
+            write!(f, ",tie={}", self.tie)?;
+        }
+        Ok(())
     }
 }
 
@@ -171,10 +194,25 @@ impl LogicalShape {
         4 * d * d + 2 * self.mlp_ratio * d * d + 2 * d
     }
 
-    /// Whole network: layers, input embeddings (257 x d), head (d x 256), final norm.
+    /// Physical layers (distinct weights): `ceil(n_layers / tie)`.
+    pub fn physical_layers(&self) -> i64 {
+        (self.n_layers + self.tie.max(1) - 1) / self.tie.max(1)
+    }
+
+    /// Whole network as stored: physical layers, input embeddings (257 x d), head
+    /// (d x 256), final norm. Untied, the same as [`LogicalShape::logical_params`].
     pub fn params(&self) -> i64 {
         let d = self.d_model;
-        self.n_layers * self.params_per_layer() + INPUT_VOCAB * d + d * OUTPUT_VOCAB + d
+        self.physical_layers() * self.params_per_layer() + INPUT_VOCAB * d + d * OUTPUT_VOCAB + d
+    }
+
+    /// Parameters the network would have untied: what its compute per token corresponds to.
+    pub fn logical_params(&self) -> i64 {
+        LogicalShape {
+            tie: 1,
+            ..self.clone()
+        }
+        .params()
     }
 
     /// Weight bytes in this precision.
@@ -208,15 +246,16 @@ impl LogicalShape {
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(self.precision.kind()); // empty store: sets the kind new variables get
         tch::manual_seed(seed);
-        let net = Denoiser::new(&vs.root(), &cfg);
+        let net = Denoiser::new_tied(&vs.root(), &cfg, self.tie.max(1) as usize);
         vs.freeze();
         (vs, net)
     }
 
-    /// Smallest number of layers (same d/heads/mlp) whose params() reach `target` params.
+    /// Smallest number of layers (same d/heads/mlp, untied) whose params reach `target`.
     pub fn layers_for(&self, target_params: f64) -> i64 {
         let fixed = LogicalShape {
             n_layers: 0,
+            tie: 1,
             ..self.clone()
         }
         .params() as f64;
@@ -238,6 +277,7 @@ mod tests {
             precision,
             window: 16,
             embed: None,
+            tie: 1,
         }
     }
 
@@ -258,6 +298,59 @@ mod tests {
     }
 
     #[test]
+    fn tied_layers_apply_one_layer_l_times() {
+        let tied = LogicalShape {
+            n_layers: 3,
+            tie: 3,
+            ..small(Precision::F32)
+        };
+        let one = LogicalShape {
+            n_layers: 1,
+            ..tied.clone()
+        };
+        let (vs, net) = tied.build(Device::Cpu, 4, false);
+        let real: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(
+            (tied.params(), one.params()),
+            (real, real),
+            "stores one layer"
+        );
+        assert_eq!(tied.logical_params() - real, 2 * tied.params_per_layer());
+        assert_eq!((net.n_layers(), net.physical_layers()), (3, 1));
+        let tokens = Tensor::from_slice(&[1i64, 2, 3, 256, 5, 6]).view([1, 6]);
+        let x = tch::no_grad(|| net.embed(&tokens));
+        let all = tch::no_grad(|| net.forward_layers(0..3, &x));
+        let mut by_hand = x.shallow_clone();
+        for _ in 0..3 {
+            by_hand = tch::no_grad(|| net.forward_layers(0..1, &by_hand));
+        }
+        assert!(all.allclose(&by_hand, 1e-5, 1e-5, false), "3 applications");
+        let once = tch::no_grad(|| net.forward_layers(0..1, &x));
+        let moved = f64::try_from((&all - &once).abs().max()).unwrap();
+        assert!(moved > 1e-3, "the tied stack ran only once ({moved})");
+
+        // Causal and cached: each application keeps its own keys and values.
+        let (_vs, causal) = tied.build(Device::Cpu, 4, true);
+        let full = tch::no_grad(|| causal.forward(&tokens, None));
+        let mut cache = crate::transformer::KvCache::new();
+        let h: Vec<Tensor> = tch::no_grad(|| {
+            [
+                tokens.narrow(1, 0, 4),
+                tokens.narrow(1, 4, 1),
+                tokens.narrow(1, 5, 1),
+            ]
+            .iter()
+            .map(|c| causal.forward_layers_cached(0..3, &causal.embed(c), &mut cache))
+            .collect()
+        });
+        let cached = causal.head_logits(&Tensor::cat(&h, 1));
+        assert!(
+            cached.allclose(&full, 1e-4, 1e-4, false),
+            "tied cached != full"
+        );
+    }
+
+    #[test]
     fn parses_displays_and_names_bad_keys() {
         let s: LogicalShape = "d=8192,layers=32,heads=64,dtype=f16".parse().unwrap();
         assert_eq!(
@@ -272,6 +365,14 @@ mod tests {
         assert!(err("d=64,layers=2,dtype=f32").contains("`heads`"));
         assert!(err("d=64,layers=2,heads=3,dtype=f32").contains("heads"));
         assert!(err("d=64,d=64,layers=2,heads=2,dtype=f32").contains("twice"));
+        assert!(err("d=64,layers=2,heads=2,dtype=f32,tie=0").contains("`tie`"));
+        let t: LogicalShape = "d=64,layers=95,heads=2,dtype=bf16,tie=32".parse().unwrap();
+        assert_eq!((t.tie, t.physical_layers()), (32, 3));
+        assert_eq!(t.to_string().parse::<LogicalShape>().unwrap(), t);
+        assert!(
+            !s.to_string().contains("tie"),
+            "untied shapes print as before"
+        );
     }
 
     #[test]

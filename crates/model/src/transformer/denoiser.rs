@@ -83,7 +83,10 @@ enum Input {
 pub struct Denoiser {
     input: Input,
     t_proj: Option<nn::Linear>,
+    /// Physical layers; layer application `i` runs `layers[i / tie]`.
     layers: Vec<Layer>,
+    /// Consecutive applications that share one physical layer (1: untied).
+    tie: usize,
     norm_f: RmsNorm,
     /// Byte logits: from the residual stream (tokens), or from the preconditioned
     /// denoised latent D (latent input), with a bias as a learned byte prior.
@@ -95,6 +98,17 @@ pub struct Denoiser {
 impl Denoiser {
     /// Builds the network's variables under `p` (its own `VarStore`, one per block).
     pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        Self::new_tied(p, cfg, 1)
+    }
+
+    /// [`Denoiser::new`] with tied layers: `cfg.n_layers` layer applications, each run of
+    /// `tie` consecutive applications sharing one physical layer (`ceil(n_layers / tie)`
+    /// of them, keys `layers/0..`). Every application still computes (and keeps its own
+    /// KV cache entry), so the cost per token is that of `n_layers` layers while the
+    /// weights take `1/tie` of the memory: for measuring serving cost at a scale whose
+    /// untied weights would not fit. `tie` 0 counts as 1.
+    pub fn new_tied(p: &nn::Path, cfg: &ModelConfig, tie: usize) -> Self {
+        let tie = tie.max(1);
         let emb_cfg = nn::EmbeddingConfig {
             ws_init: nn::Init::Randn {
                 mean: 0.0,
@@ -139,7 +153,8 @@ impl Denoiser {
         // Embedding diffusion is always conditioned on its noise level.
         let t_proj = (cfg.t_cond || cfg.edm.is_some())
             .then(|| linear(p / "t_proj", 2 * T_FEATURES, cfg.d_model, INIT_STD));
-        let layers = (0..cfg.n_layers)
+        let physical = (cfg.n_layers as usize).div_ceil(tie);
+        let layers = (0..physical)
             .map(|i| Layer::new(p / "layers" / i, cfg))
             .collect();
         let norm_f = RmsNorm::new(p / "norm_f", cfg.d_model);
@@ -149,6 +164,7 @@ impl Denoiser {
             input,
             t_proj,
             layers,
+            tie,
             norm_f,
             head,
             rope: Rope::new(cfg.window, cfg.head_dim(), p.device()),
@@ -170,7 +186,7 @@ impl Denoiser {
             // (N, 1, d) broadcast over T, in the net's dtype.
             x += proj.forward(&t_features(t).to_kind(x.kind())).unsqueeze(1);
         }
-        self.head_logits(&self.forward_layers(0..self.layers.len(), &x))
+        self.head_logits(&self.forward_layers(0..self.n_layers(), &x))
     }
 
     /// Token embeddings (N, T) int64 -> (N, T, d) in the network's dtype.
@@ -194,7 +210,7 @@ impl Denoiser {
                 .forward(&t_features(c_noise).to_kind(x.kind()))
                 .unsqueeze(1);
         }
-        let h = self.forward_layers(0..self.layers.len(), &x);
+        let h = self.forward_layers(0..self.n_layers(), &x);
         out.forward(&self.norm_f.forward(&h)) // (N, T, e)
     }
 
@@ -216,6 +232,11 @@ impl Denoiser {
         }
     }
 
+    /// The physical layers that layer applications `range` run, in order.
+    fn applied(&self, range: Range<usize>) -> impl Iterator<Item = &Layer> {
+        range.map(move |i| &self.layers[i / self.tie])
+    }
+
     /// Runs layers `layers` on `x` (N, T, d) without a cache: the network's own attention
     /// (causal or bidirectional) over positions `0..T`.
     pub fn forward_layers(&self, layers: Range<usize>, x: &Tensor) -> Tensor {
@@ -230,8 +251,12 @@ impl Denoiser {
         } else {
             AttnMask::None
         };
+        assert!(
+            layers.end <= self.n_layers(),
+            "layer range {layers:?} out of bounds"
+        );
         let mut x = x.shallow_clone();
-        for layer in &self.layers[layers] {
+        for layer in self.applied(layers) {
             x = layer.forward(&x, &rope, None, &mask);
         }
         x
@@ -248,7 +273,7 @@ impl Denoiser {
     ) -> Tensor {
         assert!(self.cfg.causal, "a KV cache needs a causal network");
         assert!(
-            layers.end <= self.layers.len(),
+            layers.end <= self.n_layers(),
             "layer range {layers:?} out of bounds"
         );
         match &cache.layers {
@@ -288,7 +313,7 @@ impl Denoiser {
             AttnMask::Explicit(&explicit)
         };
         let mut x = x.shallow_clone();
-        for (layer, past) in self.layers[layers].iter().zip(cache.kv.iter_mut()) {
+        for (layer, past) in self.applied(layers).zip(cache.kv.iter_mut()) {
             x = layer.forward(&x, &rope, Some(past), &mask);
         }
         cache.positions = end;
@@ -300,8 +325,13 @@ impl Denoiser {
         self.head.forward(&self.norm_f.forward(x))
     }
 
-    /// Number of layers.
+    /// Number of layer applications (the network's depth; tied ones counted each time).
     pub fn n_layers(&self) -> usize {
+        self.cfg.n_layers as usize
+    }
+
+    /// Number of physical layers (distinct weights): `n_layers()` unless tied.
+    pub fn physical_layers(&self) -> usize {
         self.layers.len()
     }
 }
