@@ -19,8 +19,15 @@
 //! The reader stops when the link is busy (and when > max(4 MiB, 2·BDP) is buffered), so
 //! the sender feels backpressure as on a real link. EOF travels with the same delay and
 //! half-closes the other side; an error on either side (reset, broken pipe) closes both
-//! sockets, a read error one delay later. Not modelled: jitter, loss, reordering, delay of
-//! the TCP handshake itself. Timers add -0.25..+0.75 ms per one-way trip.
+//! sockets, a read error one delay later. Timers add -0.25..+0.75 ms per one-way trip.
+//!
+//! **Connection set-up costs one RTT**, as a TCP handshake does: the proxy carries nothing
+//! for 2·delay after it accepts a connection (and only then connects upstream), so the
+//! first request/response on a new connection takes ≈ 2 RTT and later exchanges ≈ 1 RTT.
+//! The client's `connect()` itself returns at once (the local kernel accepted it); the
+//! cost shows on its first byte. Without this a new connection would be free and a
+//! benchmark could not see what connection reuse saves. Not modelled: jitter, loss,
+//! reordering.
 //!
 //! # Why not `noxious`
 //! `noxious` 1.0.4 (the Rust Toxiproxy port) was checked as a library: its latency toxic

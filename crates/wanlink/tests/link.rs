@@ -25,6 +25,41 @@ async fn rtt_is_twice_the_delay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_costs_one_rtt_before_its_first_byte() {
+    // 40 ms each way: RTT 80 ms. Connect + the first echo crosses the handshake and one
+    // round trip (~160 ms); later echoes on the same connection one round trip (~80 ms).
+    // Timers never fire early, so the lower bounds hold on a loaded machine; the upper
+    // bounds are generous and use the fastest of a few trips.
+    let rtt = 80.0;
+    let echo = spawn_echo(any()).await.unwrap();
+    let link = spawn_link(any(), echo.local_addr(), spec("40ms"))
+        .await
+        .unwrap();
+    let mut msg = [7u8; 64];
+    let t = Instant::now();
+    let mut c = TcpStream::connect(link.local_addr()).await.unwrap();
+    c.write_all(b"E").await.unwrap(); // the echo server's echo mode
+    c.write_all(&msg).await.unwrap();
+    c.read_exact(&mut msg).await.unwrap();
+    let first = t.elapsed().as_secs_f64() * 1e3;
+    let mut later = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        c.write_all(&msg).await.unwrap();
+        c.read_exact(&mut msg).await.unwrap();
+        later = later.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    eprintln!("first exchange {first:.1} ms, later {later:.1} ms (RTT {rtt} ms)");
+    assert!(first >= 2.0 * rtt - 2.0, "set-up was free: {first:.1} ms");
+    assert!(first <= 3.5 * rtt, "first exchange {first:.1} ms");
+    assert!(
+        (rtt - 2.0..=1.5 * rtt).contains(&later),
+        "later {later:.1} ms"
+    );
+    assert!(first - later >= 0.75 * rtt, "{first:.1} vs {later:.1} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_transfer_takes_delay_plus_size_over_rate() {
     // 20 ms of delay: sleeping it per chunk instead of pipelining would take seconds.
     let s = spec("20ms,20mbit");
