@@ -9,6 +9,8 @@
 //! - [`receipt`]: training receipts (a worker's signed claim, the coordinator's signed
 //!   decision) and the signed heads, inclusion and consistency proofs of their
 //!   append-only Merkle log (RFC 6962 via `ct-merkle`).
+//! - [`registry`]: block servers' announcements to a coordinator, and the live list
+//!   clients build routes from.
 //! - [`frame`]: inference frames between block servers and clients over TCP
 //!   (length-prefixed, versioned, size-capped; tokens as bytes + a mask bitmap).
 //!
@@ -20,6 +22,7 @@ pub mod codec;
 pub mod frame;
 pub mod identity;
 pub mod receipt;
+pub mod registry;
 pub mod signed;
 pub mod wire;
 

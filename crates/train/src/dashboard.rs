@@ -27,6 +27,8 @@ pub const ELEMENT_IDS: &[&str] = &[
     "bytes",
     "workers-table",
     "updates-table",
+    "servers-table",
+    "coverage",
     "receipts-table",
 ];
 

@@ -10,6 +10,8 @@
 //!   `/v1/status`, `/metrics`.
 //! - [`dashboard`]: the web page the server shows at `/` (blocks, held-out CE chart,
 //!   bytes moved, receipts), polling the JSON API; self-contained, works offline.
+//! - [`registry`]: block servers' announcements (soft state, bounded) and their
+//!   coverage of each model's blocks, for clients building routes.
 //! - [`worker`]: register, lease, download, train H steps, upload the delta, repeat.
 //! - [`client`]: signed HTTP requests with retries and resumable downloads.
 //! - [`tls`]: HTTPS for the coordinator (certificates, self-signed, pinning).
@@ -36,6 +38,7 @@ pub mod keys;
 pub mod ledger;
 pub mod local_train;
 pub mod merge;
+pub mod registry;
 pub mod run_info;
 pub mod server;
 pub mod store;

@@ -191,7 +191,30 @@ fn chromium_renders_a_live_coordinator() {
         .record_rejection("stranger", None, 0, HOSTILE, now_ms())
         .unwrap();
 
+    // The worker's key announces a block server whose model id is markup: listed as
+    // text, with the model's coverage and its gap.
+    let announcement = blocktrain_protocol::registry::Announcement {
+        model_id: "<i>m</i>".into(),
+        family: "block".into(),
+        blocks: blocktrain_protocol::frame::BlockRange { first: 1, last: 1 },
+        total: 2,
+        addr: "10.1.2.3:7100".into(),
+        served: 5,
+        passes_per_s: 1.5,
+        pass_ms: Some(12.0),
+        ttl_secs: 60,
+        join_proof: None,
+    };
+    let _: serde_json::Value = c.post_json("/v1/servers/announce", &announcement).unwrap();
+
     let dom = dump_dom(&chromium, &format!("{}/", running.url()));
+    assert_eq!(dom.matches("class=\"server-row\"").count(), 1, "{dom}");
+    assert!(dom.contains("10.1.2.3:7100"));
+    assert!(
+        text_of(&dom, "coverage").contains("no server for blocks 2"),
+        "{dom}"
+    );
+    assert!(dom.contains("&lt;i&gt;m&lt;/i&gt;") && !dom.contains("<i>m</i>"));
     // The blocks table was filled from /v1/status: one row per block.
     assert!(dom.contains("id=\"blocks-table\""));
     assert_eq!(dom.matches("class=\"block-row\"").count(), 2, "{dom}");

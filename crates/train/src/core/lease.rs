@@ -110,6 +110,39 @@ impl Core {
         Ok(Registered { invite: claimed })
     }
 
+    /// Whether `key` may announce a block server: a registered worker that is not
+    /// flagged, or a key that passes the run's allowlist and join secret as a
+    /// registration would. Invites are for workers: an invited operator registers first.
+    pub fn may_announce(&self, key: &str, join_proof: Option<&str>) -> crate::Result<()> {
+        if let Some(w) = self.workers.get(key) {
+            return match w.flagged {
+                true => Err(NodeError::Forbidden(format!(
+                    "key {} is flagged on this run and may not announce servers",
+                    short(key)
+                ))),
+                false => Ok(()),
+            };
+        }
+        let auth = &self.rules.admission;
+        if !auth.allow.is_empty() && !auth.allow.iter().any(|k| k == key) {
+            return Err(NodeError::Forbidden(format!(
+                "key {} is not on this run's allowlist",
+                short(key)
+            )));
+        }
+        match &auth.join_secret {
+            Some(secret) if !join_proof.is_some_and(|p| join_proof_matches(secret, key, p)) => {
+                Err(NodeError::Forbidden(
+                    "announcing a server on this run needs its join secret (serve --join-secret-file), and the proof given is missing or wrong".into(),
+                ))
+            }
+            None if !auth.invites.is_empty() => Err(NodeError::Forbidden(
+                "this run admits by invite: register the key as a worker first, then announce".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Records an admitted registration ([`Core::admit`]) and what the worker reported.
     pub fn registered(&mut self, key: &str, info: &WorkerInfo, reg: &Registered, now: u64) {
         if let Some(token) = &reg.invite {

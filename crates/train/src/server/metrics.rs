@@ -22,6 +22,9 @@ pub(super) async fn metrics(State(st): State<AppState>) -> Reply<impl IntoRespon
     // A worker seen within one lease period is working or polling for work (lease
     // holders heartbeat every lease / 3).
     let mut text = prometheus_text(&snap.0, now_ms(), st.lease_ms);
+    text.push_str(&super::servers::metrics_text(&super::servers::live(
+        &st, None,
+    )));
     text.push_str(&process_text());
     Ok((
         [(

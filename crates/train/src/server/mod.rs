@@ -13,6 +13,8 @@
 //! | `GET /v1/blobs/{blake3}` | a checkpoint (HTTP Range for resuming) |
 //! | `POST /v1/updates/{lease}` | a delta (safetensors, codec in its metadata) |
 //! | `GET /v1/status` | blocks, workers, bytes moved, recent updates (JSON) |
+//! | `POST /v1/servers/announce` | a block server's announcement (signed, admitted like a worker) |
+//! | `GET /v1/servers` | live block servers and each model's block coverage and gaps |
 //! | `GET /metrics` | the same in Prometheus text format |
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -34,6 +36,7 @@ mod limits;
 mod metrics;
 mod reads;
 mod routes;
+mod servers;
 
 pub use auth::Gate;
 pub use metrics::{process_text, prometheus_text};
@@ -70,6 +73,8 @@ pub struct AppState {
     /// Bounds the upload bodies buffered at once (before their signature can be checked,
     /// a body must be read whole): beyond it, uploads are told to retry.
     pub(crate) upload_bodies: Arc<tokio::sync::Semaphore>,
+    /// Block servers' announcements ([`crate::registry`]): soft state, not journaled.
+    pub(crate) registry: Arc<Mutex<crate::registry::Registry>>,
 }
 
 impl AppState {
@@ -273,6 +278,7 @@ pub(crate) fn app(
         lease_ms,
         prefix_proofs: Arc::new(Mutex::new(None)),
         upload_bodies: Arc::new(tokio::sync::Semaphore::new(UPLOAD_BODIES)),
+        registry: Arc::new(Mutex::new(crate::registry::Registry::default())),
     };
     // Uploads and downloads carry their own limits (a body deadline; a file served in
     // ranges); everything else answers within REQUEST_TIMEOUT.
@@ -287,6 +293,7 @@ pub(crate) fn app(
         .route("/v1/ledger/receipts", get(reads::ledger_receipts))
         .route("/v1/ledger/receipts/{index}", get(reads::ledger_receipt))
         .route("/v1/ledger/consistency", get(reads::ledger_consistency))
+        .route("/v1/servers", get(servers::list))
         .route("/metrics", get(metrics::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -297,7 +304,8 @@ pub(crate) fn app(
         .route("/v1/run", get(routes::run_info))
         .route("/v1/work", post(routes::work))
         .route("/v1/leases/{id}/heartbeat", post(routes::heartbeat))
-        .route("/v1/probe", post(routes::probe));
+        .route("/v1/probe", post(routes::probe))
+        .route("/v1/servers/announce", post(servers::announce));
     let timed = public
         .merge(signed)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
