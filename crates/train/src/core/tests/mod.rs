@@ -289,6 +289,49 @@ fn registration_follows_the_allowlist_the_join_secret_and_invites() {
 }
 
 #[test]
+fn servers_announce_as_registered_workers_or_by_the_run_admission() {
+    let mut r = rules(1, 1);
+    r.admission = Admission {
+        allow: vec![],
+        join_secret: Some("s3cret".into()),
+        invites: vec![],
+    };
+    let mut core = fresh(r.clone());
+    let forbidden = |x: crate::Result<()>| matches!(x, Err(NodeError::Forbidden(_)));
+    assert!(forbidden(core.may_announce("s", None)));
+    assert!(forbidden(core.may_announce("s", Some(&join_proof("wrong", "s")))));
+    // A proof is bound to its key.
+    assert!(forbidden(core.may_announce("s", Some(&join_proof("s3cret", "t")))));
+    assert!(core.may_announce("s", Some(&join_proof("s3cret", "s"))).is_ok());
+    // A registered worker's key needs no proof, until it is flagged.
+    let req = RegisterRequest {
+        info: WorkerInfo::new("cpu"),
+        join_proof: Some(join_proof("s3cret", "w")),
+    };
+    let reg = core.admit("w", &req).unwrap();
+    core.registered("w", &req.info, &reg, 0);
+    assert!(core.may_announce("w", None).is_ok());
+    core.flag("w");
+    assert!(forbidden(core.may_announce("w", None)));
+    // An allowlist binds servers too; an invite-only run wants a registered key.
+    r.admission = Admission {
+        allow: vec!["a".into()],
+        ..Default::default()
+    };
+    let core = fresh(r.clone());
+    assert!(core.may_announce("a", None).is_ok());
+    assert!(forbidden(core.may_announce("z", None)));
+    r.admission = Admission {
+        invites: vec!["tok".into()],
+        ..Default::default()
+    };
+    let core = fresh(r);
+    assert!(forbidden(core.may_announce("a", Some(&join_proof("tok", "a")))));
+    // An open run lets any key announce.
+    assert!(fresh(rules(1, 1)).may_announce("any", None).is_ok());
+}
+
+#[test]
 fn own_data_buys_no_exemption_from_check_leases() {
     let mut r = rules(1, 1);
     r.spot_check_fraction = 1.0;
