@@ -86,11 +86,13 @@ impl Hosted {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn logical(
         shape: &LogicalShape,
         ar: bool,
         total: u32,
         seed: i64,
+        block_layers: Option<&[u32]>,
         blocks: BlockRange,
         device: Device,
         max_tokens: u32,
@@ -102,7 +104,12 @@ impl Hosted {
         }
         let what = if ar { "layers" } else { "blocks" };
         check_range(blocks, total, what, Path::new("the logical shape"))?;
-        let id = model_id(&format!("logical:{shape}:{ar}:{total}:{seed}"));
+        let mut id_src = format!("logical:{shape}:{ar}:{total}:{seed}");
+        if let Some(per) = block_layers {
+            check_block_layers(per, ar, total)?;
+            id_src += &format!(":{per:?}");
+        }
+        let id = model_id(&id_src);
         if ar {
             // Only the hosted layers are built: a stage never holds the others.
             let mut stage = shape.clone();
@@ -121,7 +128,11 @@ impl Hosted {
         }
         let nets = (blocks.first..=blocks.last)
             .map(|b| {
-                let (vs, net) = shape.build(device, seed + b as i64, false);
+                let mut block = shape.clone();
+                if let Some(per) = block_layers {
+                    block.n_layers = per[b as usize - 1] as i64; // checked: total entries
+                }
+                let (vs, net) = block.build(device, seed + b as i64, false);
                 Net { _vs: vs, net }
             })
             .collect();
@@ -152,4 +163,27 @@ impl Hosted {
             device,
         })
     }
+}
+
+/// Most layer applications one block of a logical model may have.
+const MAX_BLOCK_LAYERS: u32 = 1 << 16;
+
+fn check_block_layers(per: &[u32], ar: bool, total: u32) -> Result<(), ServeError> {
+    if ar {
+        return Err(bad(
+            "--block-layers splits diffusion blocks; an AR stage's layers are its --blocks",
+        ));
+    }
+    if per.len() != total as usize {
+        return Err(bad(format!(
+            "--block-layers lists {} blocks, the model has --total {total}",
+            per.len()
+        )));
+    }
+    if let Some(n) = per.iter().find(|n| !(1..=MAX_BLOCK_LAYERS).contains(*n)) {
+        return Err(bad(format!(
+            "--block-layers: {n} layers in a block (use 1..={MAX_BLOCK_LAYERS})"
+        )));
+    }
+    Ok(())
 }

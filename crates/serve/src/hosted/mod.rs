@@ -45,6 +45,10 @@ pub enum Source<'a> {
         total: u32,
         /// Seeds the weights.
         seed: i64,
+        /// Diffusion: layer applications of each block, `total` entries (block b has
+        /// `block_layers[b - 1]`, overriding the shape's `layers`), so a model's depth can
+        /// split unevenly; None: every block has the shape's. Part of the model id.
+        block_layers: Option<&'a [u32]>,
     },
 }
 
@@ -127,7 +131,17 @@ impl Hosted {
                 ar,
                 total,
                 seed,
-            } => Self::logical(shape, ar, total, seed, blocks, device, max_tokens),
+                block_layers,
+            } => Self::logical(
+                shape,
+                ar,
+                total,
+                seed,
+                block_layers,
+                blocks,
+                device,
+                max_tokens,
+            ),
         }
     }
 
@@ -183,3 +197,6 @@ fn check_range(r: BlockRange, total: u32, what: &str, src: &Path) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
