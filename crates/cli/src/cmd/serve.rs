@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// With --logical-shape: seed of the random weights (all servers of a route must agree).
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// With --logical-shape (diffusion): layer applications of each block of --total, e.g.
+    /// `31,32,32` for 95 over 3 blocks (overrides the shape's `layers` per block; every
+    /// server of a route must give the same list, it is part of the model id).
+    #[arg(long, value_delimiter = ',', requires = "logical_shape")]
+    pub block_layers: Option<Vec<u32>>,
     /// Longest prompt + output accepted, in tokens.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: u32,
@@ -129,6 +134,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             ar: args.ar,
             total: args.total,
             seed: args.seed,
+            block_layers: args.block_layers.as_deref(),
         },
         (None, None) => bail!("give --checkpoint DIR or --logical-shape SHAPE"),
     };
