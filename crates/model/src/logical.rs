@@ -101,6 +101,9 @@ pub struct LogicalShape {
     pub tie: i64,
 }
 
+/// The keys a shape string may use.
+const KEYS: &str = "d, layers, heads, dtype, mlp, window, embed, tie";
+
 /// Largest `tie=`: far more applications of one layer than any shape here needs.
 const MAX_TIE: i64 = 1 << 16;
 
@@ -139,9 +142,7 @@ impl FromStr for LogicalShape {
                     }
                     precision = Some(value.parse::<Precision>().map_err(|e| bad(e.to_string()))?);
                 }
-                other => return Err(bad(format!(
-                    "unknown key `{other}` (use d, layers, heads, dtype, mlp, window, embed, tie)"
-                ))),
+                other => return Err(bad(format!("unknown key `{other}` (use {KEYS})"))),
             }
         }
         let need = |v: Option<i64>, key: &str| v.ok_or_else(|| bad(format!("missing `{key}`")));
