@@ -16,6 +16,17 @@
 //!
 //! Weights: random ones of `--shape` by default (serving cost does not depend on their
 //! values), or trained runs with `--checkpoint` / `--ar-checkpoint` (/ `--edm-checkpoint`).
+//! With random weights, `--total-layers N` sets the model's depth (split over the hosts as
+//! evenly as possible, host k holding the same number of layer applications in every
+//! system), and a shape with `tie=K` shares one physical layer among K applications, so a
+//! depth whose weights would not fit in memory runs at its full compute per token.
+//!
+//! Every link charges a new connection one round trip before its first byte (the TCP
+//! handshake), so a hop that opens a connection per request pays it on every traversal
+//! and a persistent one (the AR session's) once.
+//!
+//! Files: this one (flags, deployment, timing, the report), `sources` (what each host
+//! serves).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +43,9 @@ use serde_json::json;
 use crate::args::DeviceArgs;
 use crate::cmd::bench_network::Hosts;
 
+mod sources;
+use sources::sources;
+
 const HOSTS: u32 = 3;
 
 /// Flags of `blocktrain bench inference`.
@@ -47,8 +61,16 @@ pub struct BenchInferenceArgs {
     #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
     pub lens: Vec<usize>,
     /// Shape of one diffusion block (random weights); the AR reference gets 3x its layers.
+    /// `tie=K` ties K consecutive layer applications to one physical layer (see
+    /// `--total-layers`).
     #[arg(long, default_value = "d=128,layers=2,heads=4,dtype=f32,window=128")]
     pub shape: LogicalShape,
+    /// With random weights: layer applications in the whole model (default 3x the shape's
+    /// `layers`), split over the 3 hosts as evenly as possible (the hosts a traversal
+    /// reaches first take the extra ones: 95 is 32 + 32 + 31), the same per host for the
+    /// diffusion blocks and the AR pipeline.
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub total_layers: Option<u32>,
     /// Trained block run (3 blocks) to serve instead of random weights.
     #[arg(long, requires = "ar_checkpoint")]
     pub checkpoint: Option<PathBuf>,
@@ -274,111 +296,6 @@ pub fn run(args: BenchInferenceArgs) -> Result<()> {
     result
 }
 
-/// `serve` arguments of each host (host k at index k-1), diffusion and AR, and a
-/// description of the weights.
-struct Sources {
-    diffusion: Vec<Vec<String>>,
-    edm: Vec<Vec<String>>,
-    ar: Vec<Vec<String>>,
-    weights: String,
-}
-
-/// `serve` arguments of host k (1..=3) for one block of a diffusion run.
-fn block_sources(run: &std::path::Path) -> Vec<Vec<String>> {
-    (1..=HOSTS)
-        .map(|k| {
-            vec![
-                "--checkpoint".to_string(),
-                run.to_string_lossy().into_owned(),
-                "--blocks".to_string(),
-                k.to_string(),
-            ]
-        })
-        .collect()
-}
-
-/// The AR layers host k (1..=3) serves, `per` per host: host 3 holds the first
-/// (it embeds), host 1 the last (it samples), so AR hops go 3 -> 2 -> 1 like diffusion's.
-fn ar_layers_of_host(k: i64, per: i64) -> String {
-    let stage = HOSTS as i64 - k;
-    format!("{}..{}", stage * per + 1, (stage + 1) * per)
-}
-
-fn sources(args: &BenchInferenceArgs) -> Result<Sources> {
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    if let (Some(bt), Some(ar)) = (&args.checkpoint, &args.ar_checkpoint) {
-        let ar_run = blocktrain_model::run::RunDir::open(ar)?;
-        let layers = ar_run.manifest.model.n_layers;
-        if layers % HOSTS as i64 != 0 {
-            bail!("--ar-checkpoint has {layers} layers; the bench splits them evenly over 3 hosts");
-        }
-        let per = layers / HOSTS as i64;
-        let diffusion = block_sources(bt);
-        let edm = args
-            .edm_checkpoint
-            .as_deref()
-            .map_or_else(Vec::new, block_sources);
-        let arv = (1..=HOSTS as i64)
-            .map(|k| {
-                let r = ar_layers_of_host(k, per);
-                s(&["--checkpoint", &ar.to_string_lossy(), "--blocks", &r])
-            })
-            .collect();
-        return Ok(Sources {
-            diffusion,
-            edm,
-            ar: arv,
-            weights: format!("trained: {} and {}", bt.display(), ar.display()),
-        });
-    }
-    let shape = args.shape.to_string();
-    let per = args.shape.n_layers;
-    let total_layers = (per * HOSTS as i64).to_string();
-    let logical_blocks = |shape: &str| -> Vec<Vec<String>> {
-        (1..=HOSTS)
-            .map(|k| {
-                s(&[
-                    "--logical-shape",
-                    shape,
-                    "--total",
-                    "3",
-                    "--blocks",
-                    &k.to_string(),
-                ])
-            })
-            .collect()
-    };
-    let diffusion = logical_blocks(&shape);
-    let edm_shape = LogicalShape {
-        embed: Some(args.embed_dim),
-        ..args.shape.clone()
-    };
-    let edm = logical_blocks(&edm_shape.to_string());
-    let arv = (1..=HOSTS as i64)
-        .map(|k| {
-            let r = ar_layers_of_host(k, per);
-            s(&[
-                "--logical-shape",
-                &shape,
-                "--ar",
-                "--total",
-                &total_layers,
-                "--blocks",
-                &r,
-            ])
-        })
-        .collect();
-    Ok(Sources {
-        diffusion,
-        edm,
-        ar: arv,
-        weights: format!(
-            "random weights, block shape {shape} (edm: embed={}); AR: {total_layers} layers of it",
-            args.embed_dim
-        ),
-    })
-}
-
 fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
     let limits = HopLimits {
         stall_timeout: std::time::Duration::from_secs(120),
@@ -478,6 +395,10 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "weights": sources.weights,
         "steps_per_block": args.steps_per_block,
         "shape": args.shape.to_string(),
+        "tie": args.shape.tie,
+        "host_layers": sources.host_layers,
+        "total_layers": sources.host_layers.iter().sum::<i64>(),
+        "logical_params": logical_params(args, &sources),
         "embed_dim": args.embed_dim,
         "systems": args.systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "reps": args.reps,
@@ -489,4 +410,17 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     println!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// Parameters of the AR reference the hosts' layer applications correspond to (untied), or
+/// None for trained weights.
+fn logical_params(args: &BenchInferenceArgs, sources: &sources::Sources) -> Option<i64> {
+    args.checkpoint.is_none().then(|| {
+        LogicalShape {
+            n_layers: sources.host_layers.iter().sum(),
+            tie: 1,
+            ..args.shape.clone()
+        }
+        .params()
+    })
 }
