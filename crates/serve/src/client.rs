@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::framed::{read_message, write_message};
-use crate::hop::{call_stage, HopLimits};
+use crate::hop::{call_stage, Expect, HopLimits};
 use crate::ServeError;
 
 /// Servers named by `--route`: a file of `host:port` lines, or a comma-separated list.
@@ -59,25 +59,10 @@ pub struct Plan {
     pub unreachable: Vec<String>,
 }
 
-/// Asks one server what it hosts (and how many passes it has computed).
+/// Asks one server what it hosts (and how many passes it has computed); its greeting
+/// on a fresh connection, or an `Info` over a pooled one.
 pub async fn server_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> {
-    let io = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        write_message(&mut s, &Message::Info)
-            .await
-            .map_err(|e| e.to_string())?;
-        match read_message(&mut s, limits.max_frame).await {
-            Ok(Message::ServerInfo(i)) => Ok(i),
-            Ok(other) => Err(format!(
-                "answered with a {} frame",
-                crate::kind_name(&other)
-            )),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    timeout(limits.connect_timeout + limits.stall_timeout, io)
-        .await
-        .unwrap_or_else(|_| Err("no answer in time".into()))
+    crate::hop::info(addr, limits).await
 }
 
 /// Asks every server what it hosts (in parallel) and builds the route.
@@ -299,7 +284,11 @@ pub async fn generate(
         hops: Vec::new(),
     };
     let started = Instant::now();
-    let answer = call_stage(&plan.stages[0], request_id, limits, |_| {
+    let expect = Expect {
+        model_id: Some(&plan.model_id),
+        ..Expect::default()
+    };
+    let answer = call_stage(&plan.stages[0], request_id, limits, &expect, |_| {
         Message::Denoise(meta.clone(), tokens.clone()).encode()
     })
     .await;
@@ -368,11 +357,14 @@ pub async fn generate_ar(
         let s = match &mut stream {
             Some(s) => s,
             None => {
-                let s = timeout(limits.connect_timeout, TcpStream::connect(&addr))
+                let expect = Expect {
+                    model_id: Some(&plan.model_id),
+                    blocks: Some(first.blocks),
+                    ..Expect::default()
+                };
+                let (s, _) = crate::hop::connect(&addr, limits, &expect)
                     .await
-                    .map_err(|_| net(format!("{addr}: connect timed out")))?
                     .map_err(|e| net(format!("{addr}: {e}")))?;
-                let _ = s.set_nodelay(true);
                 session = rand::random::<u64>();
                 cached = 0;
                 stream.insert(s)

@@ -1,7 +1,11 @@
 //! Reading and writing [`Message`] frames on async streams.
 //!
 //! The header is read and checked ([`parse_header`]) before the payload buffer is
-//! allocated, so an oversized or foreign frame costs the receiver 16 bytes.
+//! allocated, so an oversized or foreign frame costs the receiver 16 bytes. A reader
+//! with a [`FrameDeadline`] also bounds how long a frame may take once its first byte
+//! has arrived, so a peer that trickles bytes (slowloris) cannot hold a connection.
+use std::time::Duration;
+
 use blocktrain_protocol::frame::{parse_header, Message, HEADER_LEN};
 use blocktrain_protocol::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,6 +22,65 @@ pub enum ReadError {
     /// The bytes are not a frame this node accepts.
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
+    /// A frame that had started did not complete within its deadline.
+    #[error("{0}")]
+    TooSlow(String),
+}
+
+/// How long a frame may take once its first byte has arrived: the rest of the header
+/// within `header`, the payload within `header` plus its size at `min_bytes_per_s`.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameDeadline {
+    /// For the 16-byte header (and the base of the payload's deadline).
+    pub header: Duration,
+    /// Slowest transfer rate accepted for a payload, bytes per second.
+    pub min_bytes_per_s: u64,
+}
+
+impl Default for FrameDeadline {
+    fn default() -> Self {
+        FrameDeadline {
+            header: Duration::from_secs(10),
+            // 256 KiB/s: a 16 MiB frame gets 74 s, a few-KB request 10 s.
+            min_bytes_per_s: 256 * 1024,
+        }
+    }
+}
+
+impl FrameDeadline {
+    /// The payload's deadline: the header's plus its size at the slowest rate.
+    pub fn payload(&self, len: usize) -> Duration {
+        self.header + Duration::from_secs_f64(len as f64 / self.min_bytes_per_s.max(1) as f64)
+    }
+}
+
+/// Reads one frame as [`read_message`], waiting for its first byte as long as it takes
+/// (the caller bounds idleness) and then holding the frame to `deadline`.
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame: u32,
+    deadline: &FrameDeadline,
+) -> Result<Message, ReadError> {
+    let mut head = [0u8; HEADER_LEN];
+    if r.read(&mut head[..1]).await? == 0 {
+        return Err(ReadError::Closed);
+    }
+    let slow = |what: &str, limit: Duration| {
+        ReadError::TooSlow(format!(
+            "the frame's {what} did not arrive within {:.1} s",
+            limit.as_secs_f64()
+        ))
+    };
+    tokio::time::timeout(deadline.header, r.read_exact(&mut head[1..]))
+        .await
+        .map_err(|_| slow("header", deadline.header))??;
+    let header = parse_header(&head, max_frame)?;
+    let mut payload = vec![0u8; header.payload_len()];
+    let limit = deadline.payload(payload.len());
+    tokio::time::timeout(limit, r.read_exact(&mut payload))
+        .await
+        .map_err(|_| slow("payload", limit))??;
+    Ok(Message::decode(&header, &payload)?)
 }
 
 /// Reads one frame; `max_frame` bounds its metadata + body.

@@ -30,6 +30,8 @@ pub mod server;
 pub(crate) fn kind_name(m: &Message) -> &'static str {
     match m {
         Message::Info => "Info",
+        Message::Greeting(_) => "Greeting",
+        Message::Hello(_) => "Hello",
         Message::ServerInfo(_) => "ServerInfo",
         Message::Denoise(..) => "Denoise",
         Message::Keepalive => "Keepalive",

@@ -9,7 +9,8 @@ use blocktrain_model::logical::LogicalShape;
 use blocktrain_protocol::frame::{self, BlockRange};
 use blocktrain_serve::hop::HopLimits;
 use blocktrain_serve::hosted::{Hosted, Source};
-use blocktrain_serve::server::{serve, ServeOptions};
+use blocktrain_serve::framed::FrameDeadline;
+use blocktrain_serve::server::{serve, Caps, ClientAuth, ServeOptions};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -64,7 +65,122 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub keepalive_ms: u64,
     #[command(flatten)]
+    pub guard: GuardArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// Who may use a block server, where it forwards, and how much it takes.
+#[derive(Args, Debug, Clone)]
+pub struct GuardArgs {
+    /// This server's key file (hex secret seed, created on first use): it signs the
+    /// server's Hello to the next stage and is shown in its greeting. Default: a fresh
+    /// key each start (enough with --join-secret-file; an allowlist needs a fixed key).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Admit only clients (and upstream servers) whose public key is in this file, one
+    /// 64-hex-digit key per line. Requests then need a Hello signing the connection's
+    /// challenge.
+    #[arg(long)]
+    pub allow_keys: Option<PathBuf>,
+    /// Admit only clients that prove they know the secret in this file (its first line),
+    /// besides signing their Hello. Servers of a route share it and use it downstream.
+    #[arg(long)]
+    pub join_secret_file: Option<PathBuf>,
+    /// The only addresses this server forwards to, as routes write them: a file of
+    /// host:port lines or a comma-separated list. Exclusive: a route naming any other
+    /// address is refused. Without it, any address on the route whose greeting shows
+    /// this model and the route's blocks (and, for a server not on loopback, not this
+    /// host).
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// Most open TCP connections.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Most open TCP connections from one client IP address.
+    #[arg(long, default_value_t = 128)]
+    pub max_connections_per_ip: usize,
+    /// Most requests computing or waiting for the compute at once (more are refused as
+    /// busy, and the caller tries another replica).
+    #[arg(long, default_value_t = 64)]
+    pub max_inflight: usize,
+    /// Compute budget of one diffusion request: tokens x steps per block.
+    #[arg(long, default_value_t = 1 << 22)]
+    pub max_token_steps: u64,
+    /// Requests per second per client (its key, or its IP when anonymous); 0: no limit.
+    /// An upstream server counts as one client for all the requests it forwards.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Requests a client may make at once before --rate applies.
+    #[arg(long, default_value_t = 200.0)]
+    pub burst: f64,
+    /// Seconds after which an idle connection is closed.
+    #[arg(long, default_value_t = 300.0)]
+    pub idle_timeout: f64,
+    /// Seconds a frame's header may take once its first byte has arrived.
+    #[arg(long, default_value_t = 10.0)]
+    pub frame_timeout: f64,
+    /// Slowest transfer of a frame's payload accepted, KiB/s (its deadline is
+    /// --frame-timeout plus its size at this rate).
+    #[arg(long, default_value_t = 256)]
+    pub min_frame_rate_kib: u64,
+}
+
+impl GuardArgs {
+    /// The server options these flags set (over `opts`).
+    pub fn apply(&self, opts: ServeOptions) -> Result<ServeOptions> {
+        use blocktrain_serve::server::auth;
+        if !(self.idle_timeout > 0.0 && self.frame_timeout > 0.0) {
+            bail!("--idle-timeout and --frame-timeout must be positive");
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 || self.max_inflight == 0 {
+            bail!(
+                "--max-connections, --max-connections-per-ip and --max-inflight must be at least 1"
+            );
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite() && self.burst >= 1.0) {
+            bail!("--rate must be 0 or more and --burst at least 1");
+        }
+        let identity = match &self.key {
+            Some(p) => auth::load_or_create_key(p)?,
+            None => opts.identity.clone(),
+        };
+        let peers = match &self.peers {
+            Some(arg) => Some(blocktrain_serve::client::load_route(arg).context("--peers")?),
+            None => None,
+        };
+        Ok(ServeOptions {
+            identity,
+            peers,
+            auth: ClientAuth {
+                allow: self
+                    .allow_keys
+                    .as_deref()
+                    .map(auth::load_allow_keys)
+                    .transpose()?,
+                join_secret: self
+                    .join_secret_file
+                    .as_deref()
+                    .map(auth::load_join_secret)
+                    .transpose()?,
+            },
+            caps: Caps {
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                max_inflight: self.max_inflight,
+                max_token_steps: self.max_token_steps,
+                rate: self.rate,
+                burst: self.burst,
+                ..Caps::default()
+            },
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            frame_deadline: FrameDeadline {
+                header: Duration::from_secs_f64(self.frame_timeout),
+                min_bytes_per_s: self.min_frame_rate_kib.max(1) * 1024,
+            },
+            ..opts
+        })
+    }
 }
 
 /// Starts `blocktrain serve ARGS` as a child process (inside network namespace `ns` when
@@ -120,6 +236,7 @@ pub fn limits(stall: f64, connect: f64, max_frame_mb: u32) -> Result<HopLimits> 
         connect_timeout: Duration::from_secs_f64(connect),
         stall_timeout: Duration::from_secs_f64(stall),
         max_frame: max_frame_mb.saturating_mul(1 << 20),
+        ..HopLimits::default()
     })
 }
 
@@ -152,12 +269,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
             );
         }
     }
-    let opts = ServeOptions {
+    let opts = args.guard.apply(ServeOptions {
         limits,
         keepalive: Duration::from_millis(args.keepalive_ms.max(10)),
         name: args.name.clone().unwrap_or_default(),
         ..ServeOptions::default()
-    };
+    })?;
+    let key = opts.identity.public_hex();
+    if !args.listen.ip().is_loopback() && !opts.auth.required() {
+        eprintln!(
+            "note: serving on {} to any client (give --allow-keys or --join-secret-file to restrict it)",
+            args.listen
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -166,7 +290,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         let i = &hosted.info;
         println!(
-            "serving {} {} {} of {} (model {}) on {addr}",
+            "serving {} {} {} of {} (model {}, key {key}) on {addr}",
             i.family,
             if i.family == "ar" { "layers" } else { "blocks" },
             i.blocks,

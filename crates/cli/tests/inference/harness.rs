@@ -206,7 +206,8 @@ pub fn other_kill(s: &Server) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
-/// Sends raw bytes, returns the frame the server answers with.
+/// Sends raw bytes, returns the frame the server answers with (after its greeting and
+/// any keepalives).
 pub fn raw(addr: &str, bytes: &[u8]) -> Message {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -214,19 +215,24 @@ pub fn raw(addr: &str, bytes: &[u8]) -> Message {
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = s.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if let Ok(m) = decode_frame(&reply, DEFAULT_MAX_FRAME) {
-            if m != Message::Keepalive {
+        // Every whole frame received so far, in order.
+        while reply.len() >= 16 {
+            let len =
+                |at: usize| u32::from_le_bytes(reply[at..at + 4].try_into().unwrap()) as usize;
+            let total = 16 + len(8) + len(12);
+            if reply.len() < total {
+                break;
+            }
+            let m = decode_frame(&reply[..total], DEFAULT_MAX_FRAME).expect("a reply frame");
+            reply.drain(..total);
+            if !matches!(m, Message::Keepalive | Message::Greeting(_)) {
                 return m;
             }
-            reply.clear();
         }
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert!(n > 0, "connection closed with no reply frame");
+        reply.extend_from_slice(&buf[..n]);
     }
-    decode_frame(&reply, DEFAULT_MAX_FRAME).expect("a reply frame")
 }
 
 pub fn expect_error(m: Message, code: ErrorCode, needle: &str) {

@@ -2,6 +2,7 @@
 //! [`Message::decode`].
 use serde::{Deserialize, Serialize};
 
+use super::greeting::Hello;
 use super::header::{frame, parse_header, Header, Kind, HEADER_LEN};
 use super::message::{
     ArPayload, ArStepMeta, DenoiseMeta, LatentMeta, LatentState, Message, MASK_TOKEN,
@@ -94,6 +95,8 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Message::Info => frame(Kind::Info, b"{}", &[]),
+            Message::Greeting(g) => frame(Kind::Greeting, &json(g), &[]),
+            Message::Hello(h) => frame(Kind::Hello, &json(h), &[]),
             Message::ServerInfo(i) => frame(Kind::ServerInfo, &json(i), &[]),
             Message::Denoise(m, t) => frame(Kind::Denoise, &json(m), &encode_tokens(t)),
             Message::Keepalive => frame(Kind::Keepalive, b"{}", &[]),
@@ -151,6 +154,16 @@ impl Message {
             Kind::Keepalive => {
                 no_body()?;
                 Message::Keepalive
+            }
+            Kind::Greeting => {
+                no_body()?;
+                Message::Greeting(parse(header.kind, meta)?)
+            }
+            Kind::Hello => {
+                no_body()?;
+                let h: Hello = parse(header.kind, meta)?;
+                h.check_shape()?;
+                Message::Hello(h)
             }
             Kind::ServerInfo => {
                 no_body()?;

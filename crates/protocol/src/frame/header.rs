@@ -35,6 +35,10 @@ pub enum Kind {
     ArOutput = 8,
     /// An embedding-diffusion request between stages: tokens plus the latent z.
     Latent = 9,
+    /// The server's first frame on a connection: what it hosts, its key, a challenge.
+    Greeting = 10,
+    /// The client's signed answer to a greeting's challenge.
+    Hello = 11,
 }
 
 impl Kind {
@@ -49,6 +53,8 @@ impl Kind {
             7 => Kind::ArStep,
             8 => Kind::ArOutput,
             9 => Kind::Latent,
+            10 => Kind::Greeting,
+            11 => Kind::Hello,
             _ => return None,
         })
     }

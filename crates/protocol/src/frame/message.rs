@@ -1,6 +1,7 @@
 //! What frames carry: the metadata structs and the decoded [`Message`].
 use serde::{Deserialize, Serialize};
 
+use super::greeting::{Greeting, Hello};
 use super::route::{BlockRange, Stage};
 
 /// Token id of a still-masked position (the model's MASK id).
@@ -122,6 +123,18 @@ pub enum ErrorCode {
     Unavailable,
     /// The server failed while computing.
     Internal,
+    /// The server is at a capacity limit (connections, requests queued, request rate):
+    /// a transient refusal, so callers try the next replica. The message names the limit.
+    Busy,
+    /// The request asks for more than this server computes for one request (tokens x
+    /// steps): another replica with the same settings would refuse it too.
+    LimitExceeded,
+    /// The connection is not authenticated (no, bad or replayed `Hello`) or its key is
+    /// not admitted.
+    Unauthorized,
+    /// The server will not forward to a stage of the route: the address is not a
+    /// verified server of this model (or not a configured peer).
+    Refused,
 }
 
 /// Metadata of a [`Message::Error`].
@@ -189,6 +202,10 @@ pub enum ArPayload {
 /// A decoded frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
+    /// The first frame of every connection, from the server (before it reads anything).
+    Greeting(Greeting),
+    /// The client's authentication for this connection (answers the greeting).
+    Hello(Hello),
     /// "What do you host?"
     Info,
     /// The answer.

@@ -17,15 +17,22 @@
 //! ([`Message::Latent`]) also carry the latent z between stages: positions x width
 //! values as f16, at the noise level sigma the previous stage stopped at.
 //!
+//! Every connection starts with the server's [`Greeting`] (what it hosts, its key, a
+//! fresh challenge), sent before the server reads a byte: a caller checks it is talking
+//! to a server of the right model before it sends anything, and a client authenticates
+//! the connection once with a [`Hello`] signing that challenge.
+//!
 //! Files: `header` (layout, [`parse_header`]), `route` ([`BlockRange`], [`Stage`] and
-//! the route limits), `message` (metadata and [`Message`]), `encoding` (bodies, encode
-//! and decode).
+//! the route limits), `message` (metadata and [`Message`]), `greeting` (the handshake),
+//! `encoding` (bodies, encode and decode).
 mod encoding;
+mod greeting;
 mod header;
 mod message;
 mod route;
 
 pub use encoding::{decode_frame, decode_tokens, encode_tokens};
+pub use greeting::{hello_message, Greeting, Hello, CHALLENGE_HEX};
 pub use header::{
     parse_header, Header, Kind, DEFAULT_MAX_FRAME, FRAME_VERSION, HEADER_LEN, MAGIC, MAX_META,
 };

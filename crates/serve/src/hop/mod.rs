@@ -2,19 +2,54 @@
 //!
 //! Used by clients (stage 0) and by servers forwarding downstream. A replica is given
 //! up on when it refuses the connection, breaks it, sends garbage, says it failed
-//! internally or does not host what the route says, or stays silent for
+//! internally, is busy or does not host what the route says, or stays silent for
 //! `stall_timeout` (servers send keepalives while they work, so silence means stalled,
 //! not slow). Errors that another replica would repeat (a bad request, or a stage
 //! further down that is unavailable) end the call at once.
+//!
+//! Before anything is sent, the replica's greeting must show the model and blocks the
+//! call expects ([`Expect`]): a server forwards only to servers of its own model, never
+//! to whatever address a request names. Connections come from, and go back to, the
+//! [`Pool`] of the [`HopLimits`] (unless it has none); a reused connection that turns
+//! out dead before any reply byte is retried once on a fresh connection.
+use std::sync::Arc;
 use std::time::Duration;
 
 use blocktrain_protocol::frame::{ErrorCode, HopError, Message, Stage};
-use tokio::net::TcpStream;
+use blocktrain_protocol::identity::Identity;
 use tokio::time::timeout;
 
-use crate::framed::{read_message, write_bytes};
+use crate::framed::{read_message, write_bytes, ReadError};
 
-/// Timing and size limits of hop calls.
+mod conn;
+mod pool;
+
+pub use conn::{connect, info, Expect};
+pub(crate) use conn::{open, Conn};
+pub use pool::{Pool, PoolSettings};
+
+/// Who a caller is to servers that admit only authenticated clients.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The caller's key: it signs each connection's challenge.
+    pub identity: Identity,
+    /// The route's join secret, when its servers require one.
+    pub join_secret: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = if self.join_secret.is_some() {
+            ", join secret"
+        } else {
+            ""
+        };
+        write!(f, "Credentials({}{secret})", self.identity.public_hex())
+    }
+}
+
+/// Timing and size limits of hop calls, the connection pool and the caller's key.
+/// Clones share the pool.
 #[derive(Clone, Debug)]
 pub struct HopLimits {
     /// Longest wait for a TCP connection.
@@ -23,6 +58,11 @@ pub struct HopLimits {
     pub stall_timeout: Duration,
     /// Largest frame accepted.
     pub max_frame: u32,
+    /// Connections kept for the next call to the same server; None: a fresh connection
+    /// per call (for comparison in benches).
+    pub pool: Option<Arc<Pool>>,
+    /// The caller's key, for servers that require a `Hello`; None: anonymous.
+    pub credentials: Option<Arc<Credentials>>,
 }
 
 impl Default for HopLimits {
@@ -31,7 +71,16 @@ impl Default for HopLimits {
             connect_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             max_frame: blocktrain_protocol::frame::DEFAULT_MAX_FRAME,
+            pool: Some(Arc::new(Pool::default())),
+            credentials: None,
         }
+    }
+}
+
+impl HopLimits {
+    /// The same limits without a pool: every call opens (and closes) its connections.
+    pub fn unpooled(self) -> Self {
+        HopLimits { pool: None, ..self }
     }
 }
 
@@ -43,38 +92,74 @@ pub struct Answer {
     pub failovers: u32,
 }
 
-/// Why one replica was given up on.
-enum Failed {
-    Retry(String),
+/// Why one replica was given up on: the error code it counts as, and why.
+pub(crate) struct Failed {
+    pub(crate) code: ErrorCode,
+    pub(crate) why: String,
 }
 
-/// Sends the frame `make_frame(failovers)` to each replica of `stage` in turn and
-/// returns the first final answer; with none, an `Unavailable` error naming the stage.
+impl Failed {
+    pub(crate) fn new(code: ErrorCode, why: impl Into<String>) -> Failed {
+        Failed {
+            code,
+            why: why.into(),
+        }
+    }
+
+    /// Unreachable, broken or stalled: another replica may do.
+    pub(crate) fn retry(why: String) -> Failed {
+        Failed::new(ErrorCode::Unavailable, why)
+    }
+}
+
+/// Sends the frame `make_frame(failovers)` to each replica of `stage` that greets as
+/// `expect` requires, in turn, and returns the first final answer; with none, an error
+/// naming the stage: `Refused` or `Busy` when every replica was refused or busy,
+/// `Unavailable` otherwise.
 pub async fn call_stage(
     stage: &Stage,
     request_id: u64,
     limits: &HopLimits,
+    expect: &Expect<'_>,
     make_frame: impl Fn(u32) -> Vec<u8>,
 ) -> Answer {
+    let expect = Expect {
+        blocks: Some(stage.blocks),
+        ..*expect
+    };
     let mut failures = Vec::new();
+    let mut codes = Vec::new();
     for (i, addr) in stage.replicas.iter().enumerate() {
-        match call_replica(addr, &make_frame(i as u32), limits).await {
+        match call_replica(addr, &make_frame(i as u32), limits, &expect).await {
             Ok(message) => {
                 return Answer {
                     message,
                     failovers: i as u32,
                 }
             }
-            Err(Failed::Retry(why)) => {
-                tracing::warn!(%addr, blocks = %stage.blocks, "replica failed: {why}");
-                failures.push(format!("{addr}: {why}"));
+            Err(f) => {
+                tracing::warn!(%addr, blocks = %stage.blocks, "replica failed: {}", f.why);
+                failures.push(format!("{addr}: {}", f.why));
+                codes.push(f.code);
             }
         }
     }
+    let code = match codes.first() {
+        Some(&c)
+            if codes.iter().all(|&x| x == c)
+                && matches!(
+                    c,
+                    ErrorCode::Refused | ErrorCode::Busy | ErrorCode::Unauthorized
+                ) =>
+        {
+            c
+        }
+        _ => ErrorCode::Unavailable,
+    };
     Answer {
         message: Message::Error(HopError {
             request_id,
-            code: ErrorCode::Unavailable,
+            code,
             message: format!(
                 "no server of blocks {} answered ({})",
                 stage.blocks,
@@ -86,28 +171,59 @@ pub async fn call_stage(
     }
 }
 
-async fn call_replica(addr: &str, frame: &[u8], limits: &HopLimits) -> Result<Message, Failed> {
-    let retry = |m: String| Failed::Retry(m);
-    let mut stream = match timeout(limits.connect_timeout, TcpStream::connect(addr)).await {
-        Err(_) => {
-            return Err(retry(format!(
-                "no connection within {:?}",
-                limits.connect_timeout
-            )))
+async fn call_replica(
+    addr: &str,
+    frame: &[u8],
+    limits: &HopLimits,
+    expect: &Expect<'_>,
+) -> Result<Message, Failed> {
+    let conn = open(addr, limits, expect, true).await?;
+    let reused = conn.reused;
+    match exchange(conn, frame, limits).await {
+        // An idle connection the server closed (its idle timeout, a restart) shows as
+        // a dead one before any reply: the request never ran, so it is sent again.
+        Err(Exchange::NoReply(why)) if reused => {
+            tracing::debug!(%addr, "pooled connection dead ({why}): reconnecting");
+            let conn = open(addr, limits, expect, false).await?;
+            exchange(conn, frame, limits)
+                .await
+                .map_err(Exchange::failed)
         }
-        Ok(Err(e)) => return Err(retry(format!("cannot connect: {e}"))),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    match timeout(limits.stall_timeout, write_bytes(&mut stream, frame)).await {
+        other => other.map_err(Exchange::failed),
+    }
+}
+
+/// How an exchange on one connection failed.
+enum Exchange {
+    /// Before any reply byte: the connection was dead when the request went out.
+    NoReply(String),
+    /// After the replica had started answering.
+    Failed(Failed),
+}
+
+impl Exchange {
+    fn failed(self) -> Failed {
+        match self {
+            Exchange::NoReply(why) => Failed::retry(why),
+            Exchange::Failed(f) => f,
+        }
+    }
+}
+
+/// One request and its answer on `conn`; the connection goes back to the pool after a
+/// complete successful answer (an error reply may be followed by a close).
+async fn exchange(mut conn: Conn, frame: &[u8], limits: &HopLimits) -> Result<Message, Exchange> {
+    let retry = |m: String| Exchange::Failed(Failed::retry(m));
+    match timeout(limits.stall_timeout, write_bytes(&mut conn.stream, frame)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(retry(format!("sending the request: {e}"))),
+        Ok(Err(e)) => return Err(Exchange::NoReply(format!("sending the request: {e}"))),
         Err(_) => return Err(retry("stopped reading the request".into())),
     }
+    let mut replied = false;
     loop {
         let msg = match timeout(
             limits.stall_timeout,
-            read_message(&mut stream, limits.max_frame),
+            read_message(&mut conn.stream, limits.max_frame),
         )
         .await
         {
@@ -117,15 +233,31 @@ async fn call_replica(addr: &str, frame: &[u8], limits: &HopLimits) -> Result<Me
                     limits.stall_timeout.as_secs_f64()
                 )))
             }
+            Ok(Err(e @ (ReadError::Closed | ReadError::Io(_)))) if !replied => {
+                return Err(Exchange::NoReply(e.to_string()))
+            }
             Ok(Err(e)) => return Err(retry(e.to_string())),
             Ok(Ok(m)) => m,
         };
+        replied = true;
         match msg {
             Message::Keepalive => continue,
-            Message::Error(e) if matches!(e.code, ErrorCode::Internal | ErrorCode::Mismatch) => {
-                return Err(retry(format!("{:?}: {}", e.code, e.message)))
+            Message::Error(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::Internal | ErrorCode::Mismatch | ErrorCode::Busy
+                ) =>
+            {
+                return Err(Exchange::Failed(Failed::new(
+                    e.code,
+                    format!("{:?}: {}", e.code, e.message),
+                )))
             }
-            m @ (Message::Result(..) | Message::ArOutput(_) | Message::Error(_)) => return Ok(m),
+            m @ (Message::Result(..) | Message::ArOutput(_)) => {
+                conn.release(limits);
+                return Ok(m);
+            }
+            m @ Message::Error(_) => return Ok(m),
             other => {
                 return Err(retry(format!(
                     "unexpected {} frame",

@@ -9,13 +9,13 @@ use blocktrain_protocol::frame::{
     ArOutput, ArPayload, ArSetup, ArStepMeta, ErrorCode, HopStat, Message,
 };
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::check::{check_route, check_sampling};
 use super::conn::{error, send_up, Keepalive};
 use super::{Shared, Upstream};
 use crate::framed::{read_message, write_bytes};
+use crate::hop::Expect;
 use crate::hosted::ArStepOut;
 
 /// One AR session's state on this server.
@@ -70,6 +70,8 @@ async fn run_ar_step(
             "the first step of an AR session must carry its setup".into(),
         ));
     };
+    // Each step is admitted as a request (the session's compute is its steps').
+    let permit = shared.gate.admit(None)?;
     let started = Instant::now();
     let mut cache = session.cache.take().unwrap_or_default();
     let work = {
@@ -91,6 +93,7 @@ async fn run_ar_step(
         Ok((Err(e), _)) => return Err((ErrorCode::BadRequest, e.to_string())),
         Err(e) => return Err((ErrorCode::Internal, format!("compute failed: {e}"))),
     };
+    drop(permit);
     let mut me = HopStat {
         blocks: shared.info.blocks,
         server: shared.opts.name.clone(),
@@ -137,12 +140,14 @@ async fn run_ar_step(
     };
     if session.next.is_none() {
         let addr = next.replicas[0].clone();
-        let stream = match timeout(limits.connect_timeout, TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(unavailable(format!("{addr}: {e}"))),
-            Err(_) => return Err(unavailable(format!("{addr}: connect timed out"))),
+        let expect = Expect {
+            blocks: Some(next.blocks),
+            ..shared.expect()
         };
-        let _ = stream.set_nodelay(true);
+        // Greeted and checked before anything is sent (no relay to a non-server).
+        let (stream, _) = crate::hop::connect(&addr, limits, &expect)
+            .await
+            .map_err(|why| unavailable(format!("{addr}: {why}")))?;
         let (r, w) = stream.into_split();
         session.next = Some((r, w, addr));
     }

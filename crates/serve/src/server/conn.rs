@@ -1,18 +1,20 @@
-//! One connection: reads its frames, dispatches them, writes replies and keepalives.
+//! One connection: greets, reads its frames, admits and dispatches them, writes replies
+//! and keepalives.
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blocktrain_protocol::frame::{ErrorCode, HopError, Message};
+use blocktrain_protocol::frame::{ErrorCode, Greeting, HopError, Message, ServerInfo};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex as AsyncMutex};
 use tokio::time::timeout;
 
 use super::ar::{ar_step, ArSession};
 use super::denoise::denoise;
+use super::gate::ConnSlot;
 use super::{Shared, Upstream};
-use crate::framed::{read_message, write_message, ReadError};
+use crate::framed::{read_message_within, write_message, ReadError};
 /// Writes a frame upstream, giving up on a caller that stops reading (a full socket
 /// buffer would otherwise hold this handler, and its KV cache, forever).
 pub(super) async fn send_up(up: &Upstream, message: &Message, limit: Duration) -> bool {
@@ -39,37 +41,92 @@ pub(super) fn error(request_id: u64, code: ErrorCode, message: String, shared: &
     })
 }
 
-pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Answers a connection over a limit with the refusal instead of a greeting.
+pub(super) async fn refuse(stream: TcpStream, code: ErrorCode, why: String, shared: Arc<Shared>) {
+    let (_rd, wr) = stream.into_split();
+    let up: Upstream = Arc::new(AsyncMutex::new(wr));
+    let reply = error(0, code, why, &shared);
+    send_up(&up, &reply, Duration::from_secs(1)).await;
+}
+
+/// Who is on the other end of a connection, once known.
+struct Peer {
+    addr: SocketAddr,
+    /// The key its `Hello` proved, if any.
+    key: Option<String>,
+}
+
+impl Peer {
+    /// Rates are kept per key when there is one, else per IP address.
+    fn client(&self) -> String {
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.addr.ip().to_string())
+    }
+}
+
+pub(super) async fn handle(
+    stream: TcpStream,
+    addr: SocketAddr,
+    _slot: ConnSlot,
+    shared: Arc<Shared>,
+) {
     let (mut rd, wr) = stream.into_split();
     let up: Upstream = Arc::new(AsyncMutex::new(wr));
+    let stall = shared.opts.limits.stall_timeout;
+    let challenge = hex::encode(rand::random::<[u8; 16]>());
+    let greeting = Greeting {
+        info: info_now(&shared),
+        key: shared.key.clone(),
+        challenge: challenge.clone(),
+        auth: shared.opts.auth.required(),
+        idle_timeout_ms: shared.opts.idle_timeout.as_millis() as u64,
+        connections: shared.accepted.load(Ordering::Relaxed),
+    };
+    if !send_up(&up, &Message::Greeting(greeting), stall).await {
+        return;
+    }
+    let mut peer = Peer { addr, key: None };
     let mut session: Option<ArSession> = None;
     loop {
         let read = timeout(
             shared.opts.idle_timeout,
-            read_message(&mut rd, shared.opts.limits.max_frame),
+            read_message_within(
+                &mut rd,
+                shared.opts.limits.max_frame,
+                &shared.opts.frame_deadline,
+            ),
         )
         .await;
         let msg = match read {
             Err(_) | Ok(Err(ReadError::Closed)) | Ok(Err(ReadError::Io(_))) => return,
+            Ok(Err(ReadError::TooSlow(why))) => {
+                tracing::warn!(%addr, "closing a slow connection: {why}");
+                let reply = error(0, ErrorCode::BadRequest, why, &shared);
+                send_up(&up, &reply, Duration::from_secs(1)).await;
+                return;
+            }
             Ok(Err(ReadError::Protocol(e))) => {
-                tracing::warn!(%peer, "bad frame: {e}");
+                tracing::warn!(%addr, "bad frame: {e}");
                 let reply = error(0, ErrorCode::BadRequest, format!("bad frame: {e}"), &shared);
-                send_up(&up, &reply, shared.opts.limits.stall_timeout).await;
+                send_up(&up, &reply, stall).await;
                 return; // the stream may be out of step: close it
             }
             Ok(Ok(m)) => m,
         };
-        let ok = match msg {
-            Message::Info => {
-                let mut info = shared.info.clone();
-                info.served = shared.served.load(Ordering::Relaxed);
-                send_up(
-                    &up,
-                    &Message::ServerInfo(info),
-                    shared.opts.limits.stall_timeout,
-                )
-                .await
+        if let Err((id, code, why)) = admit(&msg, &mut peer, &challenge, &shared) {
+            tracing::warn!(%addr, "refused: {why}");
+            send_up(&up, &error(id, code, why, &shared), stall).await;
+            // A failed Hello or an unauthenticated request ends the connection; a
+            // client over its rate may try again later on it.
+            if code == ErrorCode::Unauthorized {
+                return;
             }
+            continue;
+        }
+        let ok = match msg {
+            Message::Hello(_) => true,
+            Message::Info => send_up(&up, &Message::ServerInfo(info_now(&shared)), stall).await,
             Message::Denoise(meta, tokens) => denoise(&up, meta, tokens, None, &shared).await,
             Message::Latent(meta, tokens, z) => denoise(&up, meta, tokens, Some(z), &shared).await,
             Message::ArStep(meta, payload) => {
@@ -82,7 +139,7 @@ pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
                     crate::kind_name(&other)
                 );
                 let reply = error(0, ErrorCode::BadRequest, m, &shared);
-                send_up(&up, &reply, shared.opts.limits.stall_timeout).await;
+                send_up(&up, &reply, stall).await;
                 false
             }
         };
@@ -90,6 +147,55 @@ pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             return;
         }
     }
+}
+
+fn info_now(shared: &Shared) -> ServerInfo {
+    let mut info = shared.info.clone();
+    info.served = shared.served.load(Ordering::Relaxed);
+    info
+}
+
+/// Whether this connection may have `msg` served: a `Hello` is checked (once per
+/// connection), requests need one when the server requires it, and new requests (a
+/// diffusion request, an AR session's first step) take from the client's rate.
+fn admit(
+    msg: &Message,
+    peer: &mut Peer,
+    challenge: &str,
+    shared: &Shared,
+) -> Result<(), (u64, ErrorCode, String)> {
+    let unauthorized = |id, m: String| Err((id, ErrorCode::Unauthorized, m));
+    let id = match msg {
+        Message::Hello(hello) => {
+            if peer.key.is_some() {
+                return unauthorized(0, "this connection is already authenticated".into());
+            }
+            let key = shared
+                .opts
+                .auth
+                .check(hello, challenge, &shared.key)
+                .map_err(|m| (0, ErrorCode::Unauthorized, m))?;
+            peer.key = Some(key);
+            return Ok(());
+        }
+        Message::Denoise(m, _) | Message::Latent(m, ..) => m.request_id,
+        Message::ArStep(m, _) => m.session,
+        _ => return Ok(()),
+    };
+    if shared.opts.auth.required() && peer.key.is_none() {
+        return unauthorized(
+            id,
+            "this server serves authenticated clients only: send a Hello signing the greeting's challenge first".into(),
+        );
+    }
+    let new_request = !matches!(msg, Message::ArStep(m, _) if m.setup.is_none());
+    if new_request {
+        shared
+            .gate
+            .rate(&peer.client())
+            .map_err(|(code, why)| (id, code, why))?;
+    }
+    Ok(())
 }
 
 /// Sends keepalives upstream until stopped; stopping waits for a write in progress, so

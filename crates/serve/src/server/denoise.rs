@@ -47,6 +47,10 @@ async fn run_denoise(
             ),
         ));
     }
+    // Admitted here, or refused before any compute: within the compute budget and with
+    // a place among the requests computing or queued (held until the compute is done).
+    let token_steps = tokens.len() as u64 * meta.sampling.steps_per_block as u64;
+    let permit = shared.gate.admit(Some(token_steps))?;
     let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
     let started = Instant::now();
     let work = {
@@ -73,6 +77,7 @@ async fn run_denoise(
             return Err((ErrorCode::Internal, format!("compute failed: {e}")));
         }
     };
+    drop(permit); // waiting for the next stage is not compute
     shared.served.fetch_add(1, Ordering::Relaxed);
     let last = meta.hop as usize + 1 == meta.route.len();
     // What goes on down the stack: bytes + mask bitmap, and the f16 latent if any.
@@ -107,16 +112,23 @@ async fn run_denoise(
     } else {
         meta.hop += 1;
         let next = meta.route[meta.hop as usize].clone();
-        let answer = call_stage(&next, meta.request_id, &shared.opts.limits, |failovers| {
-            let mut m = meta.clone();
-            if let Some(me) = m.hops.last_mut() {
-                me.failovers = failovers;
-            }
-            match &latent {
-                Some(z) => Message::Latent(m, tokens.clone(), z.clone()).encode(),
-                None => Message::Denoise(m, tokens.clone()).encode(),
-            }
-        })
+        let expect = shared.expect();
+        let answer = call_stage(
+            &next,
+            meta.request_id,
+            &shared.opts.limits,
+            &expect,
+            |failovers| {
+                let mut m = meta.clone();
+                if let Some(me) = m.hops.last_mut() {
+                    me.failovers = failovers;
+                }
+                match &latent {
+                    Some(z) => Message::Latent(m, tokens.clone(), z.clone()).encode(),
+                    None => Message::Denoise(m, tokens.clone()).encode(),
+                }
+            },
+        )
         .await;
         answer.message
     };

@@ -18,25 +18,48 @@
 //! pool; a panic in it becomes an `Internal` error for that request, never a dead
 //! server. A bad frame gets an error reply and the connection is closed.
 //!
+//! Every peer is treated as hostile:
+//! - **No open relay.** A server forwards only to replicas whose greeting shows its own
+//!   model and the blocks the route names (and, with `peers`, only to those addresses;
+//!   a server not on loopback never forwards to its own host unless it is a peer), so
+//!   a route naming `127.0.0.1:22` or another model's server gets a `Refused` error and
+//!   nothing is written there.
+//! - **Caps** ([`Caps`]): connections in all and per client IP (refused before the
+//!   greeting), a request rate per client, requests computing or queued, and a compute
+//!   budget (tokens x steps) per request; each refusal names its limit.
+//! - **Deadlines**: an idle connection is closed after `idle_timeout`, and a frame that
+//!   has started must complete within `frame_deadline` (slowloris).
+//! - **Authentication** (optional, [`ClientAuth`]): a `Hello` per connection signing its
+//!   greeting's challenge, checked against an allowlist and/or a join secret. A server
+//!   authenticates downstream with its own key.
+//!
 //! Here: options, the accept loop, the state connections share (with the pass
-//! counter); `conn` reads a connection's frames and replies, `check` holds the checks
-//! every hop makes, `denoise` and `ar` run and forward the two kinds of request.
+//! counter); `conn` reads a connection's frames and replies, `gate` admits connections
+//! and requests, `auth` checks `Hello`s, `check` holds the checks every hop makes,
+//! `denoise` and `ar` run and forward the two kinds of request.
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blocktrain_protocol::identity::Identity;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::hop::HopLimits;
+use crate::framed::FrameDeadline;
+use crate::hop::{Credentials, Expect, HopLimits};
 use crate::hosted::Hosted;
 
 mod ar;
+pub mod auth;
 mod check;
 mod conn;
 mod denoise;
+mod gate;
+
+pub use auth::ClientAuth;
+pub use gate::Caps;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -49,6 +72,19 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Name reported in hop statistics (default: the listen address).
     pub name: String,
+    /// A frame that has started must complete within this (slowloris).
+    pub frame_deadline: FrameDeadline,
+    /// Connection, rate, concurrency and compute limits.
+    pub caps: Caps,
+    /// Who may connect (default: anyone).
+    pub auth: ClientAuth,
+    /// This server's key: in its greeting, and its `Hello` to the next stage (unless
+    /// `limits.credentials` names another).
+    pub identity: Identity,
+    /// When set, the only addresses this server forwards to (as routes write them);
+    /// each must still greet as a server of this model. None: any address on the
+    /// route whose greeting shows this model and the route's blocks.
+    pub peers: Option<Vec<String>>,
 }
 
 impl Default for ServeOptions {
@@ -58,6 +94,11 @@ impl Default for ServeOptions {
             keepalive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(300),
             name: String::new(),
+            frame_deadline: FrameDeadline::default(),
+            caps: Caps::default(),
+            auth: ClientAuth::default(),
+            identity: Identity::generate(),
+            peers: None,
         }
     }
 }
@@ -68,22 +109,49 @@ struct Shared {
     opts: ServeOptions,
     /// Passes computed: diffusion requests run, AR steps run.
     served: AtomicU64,
+    /// Connections accepted since start (admitted or not).
+    accepted: AtomicU64,
+    gate: Arc<gate::Gate>,
+    /// Listening off loopback: never forward to this host (except to peers).
+    public: bool,
+    key: String,
+}
+
+impl Shared {
+    /// What a replica of the next stage must be (its blocks come from the route).
+    fn expect(&self) -> Expect<'_> {
+        Expect {
+            model_id: Some(&self.info.model_id),
+            blocks: None,
+            peers: self.opts.peers.as_deref(),
+            no_loopback: self.public,
+        }
+    }
 }
 
 type Upstream = Arc<AsyncMutex<OwnedWriteHalf>>;
 
 /// Serves `hosted` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions) {
+    let local = listener.local_addr().ok();
     if opts.name.is_empty() {
-        opts.name = listener
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
+        opts.name = local.map_or_else(|| "?".into(), |a| a.to_string());
+    }
+    if opts.limits.credentials.is_none() {
+        opts.limits.credentials = Some(Arc::new(Credentials {
+            identity: opts.identity.clone(),
+            join_secret: opts.auth.join_secret.clone(),
+        }));
     }
     let shared = Arc::new(Shared {
         info: hosted.info.clone(),
         hosted: Mutex::new(hosted),
+        gate: Arc::new(gate::Gate::new(opts.caps.clone())),
+        key: opts.identity.public_hex(),
         opts,
         served: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        public: local.is_none_or(|a| !a.ip().is_loopback()),
     });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -96,7 +164,11 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(conn::handle(stream, peer, shared.clone()));
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        match shared.gate.connect(peer.ip()) {
+            Ok(slot) => tokio::spawn(conn::handle(stream, peer, slot, shared.clone())),
+            Err((code, why)) => tokio::spawn(conn::refuse(stream, code, why, shared.clone())),
+        };
     }
 }
 

@@ -1,0 +1,146 @@
+//! Each cap refuses with its name; a busy replica is passed over for the next one; a
+//! frame that has started must finish within its deadline.
+use std::time::{Duration, Instant};
+
+use blocktrain_protocol::frame::{ErrorCode, Message};
+use blocktrain_serve::framed::{read_message, FrameDeadline};
+use blocktrain_serve::hop::HopLimits;
+use blocktrain_serve::server::{Caps, ServeOptions};
+use tokio::io::AsyncWriteExt;
+
+use super::support::*;
+
+fn capped(caps: Caps) -> ServeOptions {
+    ServeOptions {
+        caps,
+        ..ServeOptions::default()
+    }
+}
+
+/// One server hosting the whole model: a one-stage route.
+fn whole(addr: &str) -> Vec<blocktrain_protocol::frame::Stage> {
+    vec![stage("1..2", &[addr])]
+}
+
+#[test]
+fn the_compute_budget_the_rate_and_the_connection_caps_refuse_by_name() {
+    let s = Srv::new(
+        "1..2",
+        0,
+        capped(Caps {
+            max_token_steps: 100,
+            rate: 0.5,
+            burst: 3.0,
+            max_connections_per_ip: 3,
+            ..Caps::default()
+        }),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let limits = HopLimits::default().unpooled();
+        // 6 tokens x 20 steps = 120 > 100.
+        let a = call_sized(&s.model, whole(&s.addr), &limits, 4, 20).await;
+        expect_err(&a.message, ErrorCode::LimitExceeded, "--max-token-steps");
+        // That took one of the burst of 3; one more passes, then the rate refuses.
+        expect_ok(&call(&s.model, whole(&s.addr), &limits).await);
+        expect_ok(&call(&s.model, whole(&s.addr), &limits).await);
+        let a = call(&s.model, whole(&s.addr), &limits).await;
+        expect_err(&a.message, ErrorCode::Busy, "--rate");
+
+        // Three connections held open: the fourth is refused instead of greeted.
+        let held = [raw(&s.addr).await, raw(&s.addr).await, raw(&s.addr).await];
+        let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        let m = read_message(&mut c, 1 << 20).await.unwrap();
+        expect_err(&m, ErrorCode::Busy, "--max-connections-per-ip");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        raw(&s.addr).await; // places free again when connections close
+    });
+}
+
+#[test]
+fn a_busy_replica_is_passed_over_for_the_next() {
+    let busy = Srv::new(
+        "1..2",
+        0,
+        capped(Caps {
+            max_inflight: 1,
+            ..Caps::default()
+        }),
+    );
+    let spare = Srv::new("1..2", 0, ServeOptions::default());
+    let rt = rt();
+    rt.block_on(async {
+        // A long request keeps the only place busy (1000 positions, one revealed a step).
+        let (meta, tokens) = request(&busy.model, whole(&busy.addr), 1000, 1000);
+        let (mut long, _) = raw(&busy.addr).await;
+        send(&mut long, &Message::Denoise(meta, tokens)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let stages = vec![stage("1..2", &[&busy.addr, &spare.addr])];
+        let a = call(&busy.model, stages, &HopLimits::default()).await;
+        expect_ok(&a);
+        assert_eq!(a.failovers, 1, "answered by the spare");
+        // Asked alone, the busy one says which limit it is at.
+        let a = call(&busy.model, whole(&busy.addr), &HopLimits::default()).await;
+        expect_err(&a.message, ErrorCode::Busy, "--max-inflight");
+        assert!(
+            matches!(reply(&mut long).await, Message::Result(..)),
+            "the long request was still running after {:?}: the test did not test",
+            started.elapsed()
+        );
+    });
+}
+
+#[test]
+fn a_frame_trickled_slowly_is_cut_off_at_its_deadline() {
+    let s = Srv::new(
+        "1..2",
+        0,
+        ServeOptions {
+            frame_deadline: FrameDeadline {
+                header: Duration::from_secs(1),
+                min_bytes_per_s: 1000,
+            },
+            idle_timeout: Duration::from_secs(60),
+            ..ServeOptions::default()
+        },
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let (meta, tokens) = request(&s.model, whole(&s.addr), 4, 2);
+        let frame = Message::Denoise(meta, tokens).encode();
+        // Half a header, then nothing: closed after about 1 s, not at the idle timeout.
+        let (mut c, _) = raw(&s.addr).await;
+        c.write_all(&frame[..8]).await.unwrap();
+        let t = Instant::now();
+        expect_err(
+            &reply(&mut c).await,
+            ErrorCode::BadRequest,
+            "header did not arrive within 1.0 s",
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            read_message(&mut c, 1 << 20).await.is_err(),
+            "closed after the error"
+        );
+        // A whole header, then the payload one byte at a time, slower than 1000 B/s.
+        let (mut c, _) = raw(&s.addr).await;
+        let (mut r, mut w) = c.split();
+        w.write_all(&frame[..16]).await.unwrap();
+        let t = Instant::now();
+        let trickle = async {
+            for b in &frame[16..] {
+                let _ = w.write_all(&[*b]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            m = read_message(&mut r, 1 << 20) => {
+                expect_err(&m.unwrap(), ErrorCode::BadRequest, "payload did not arrive");
+            }
+            _ = trickle => panic!("the whole frame was taken at 10 B/s"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    });
+}
