@@ -332,6 +332,18 @@ pub async fn generate_ar(
     req: &Request,
     limits: &HopLimits,
 ) -> Result<Generation, ServeError> {
+    generate_ar_with(plan, req, limits, &mut |_| true).await
+}
+
+/// [`generate_ar`], handing each byte to `on_byte` as soon as it is sampled (for
+/// streaming). `on_byte` returns whether to go on: `false` ends the generation early
+/// (a stop sequence matched, or the reader went away) and the bytes so far are returned.
+pub async fn generate_ar_with(
+    plan: &Plan,
+    req: &Request,
+    limits: &HopLimits,
+    on_byte: &mut (dyn FnMut(u8) -> bool + Send),
+) -> Result<Generation, ServeError> {
     check_request(plan, req)?;
     let window = plan.window as usize;
     let first = &plan.stages[0];
@@ -400,6 +412,7 @@ pub async fn generate_ar(
         match reply {
             Message::ArOutput(o) => {
                 output.push(o.byte);
+                let go_on = on_byte(o.byte);
                 ids.push(o.byte as u16);
                 traversals += traversals_in(&o.hops, first);
                 if hops.is_empty() {
@@ -409,6 +422,9 @@ pub async fn generate_ar(
                         sum.compute_ms += h.compute_ms;
                         sum.bytes_out += h.bytes_out;
                     }
+                }
+                if !go_on {
+                    break;
                 }
             }
             Message::Error(e) => return Err(stage_error(format!("AR step {i}"), &e)),
