@@ -8,7 +8,8 @@
 //! - [`server`]: TCP server; runs its blocks and forwards bytes to the next stage.
 //! - [`hop`]: calling a stage, replica after replica, with connect and stall timeouts.
 //! - [`client`]: discovers what servers host, builds the route, sends requests.
-//! - [`openai`]: an OpenAI-style `POST /v1/completions` in front of a route.
+//! - [`openai`]: an OpenAI-compatible HTTP gateway (completions, chat, models, health,
+//!   metrics) in front of a route.
 //! - [`framed`]: frames ([`blocktrain_protocol::frame`]) on async streams.
 #![deny(missing_docs)]
 

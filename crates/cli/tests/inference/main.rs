@@ -4,5 +4,6 @@
 
 mod faults;
 mod gateway;
+mod gateway_api;
 mod harness;
 mod traversal;
