@@ -57,6 +57,9 @@ pub struct Plan {
     pub window: u32,
     /// Servers that did not answer, with why (left out of the plan).
     pub unreachable: Vec<String>,
+    /// Each answering server's `Info` round trip when the plan was made, ms (connect
+    /// included): what [`crate::rank`] orders replicas by.
+    pub latency_ms: BTreeMap<String, f64>,
 }
 
 /// Asks one server what it hosts (and how many passes it has computed); its greeting
@@ -77,16 +80,21 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, Se
     let answers = futures_join_all(unique.into_iter().map(|a| {
         let (a, limits) = (a.clone(), limits.clone());
         async move {
+            let asked = Instant::now();
             let info = server_info(&a, &limits).await;
-            (a, info)
+            (a, info.map(|i| (i, asked.elapsed().as_secs_f64() * 1e3)))
         }
     }))
     .await;
     let mut infos = Vec::new();
     let mut unreachable = Vec::new();
+    let mut latency_ms = BTreeMap::new();
     for (addr, answer) in answers {
         match answer {
-            Ok(info) => infos.push((addr, info)),
+            Ok((info, ms)) => {
+                latency_ms.insert(addr.clone(), ms);
+                infos.push((addr, info))
+            }
             Err(why) => unreachable.push(format!("{addr}: {why}")),
         }
     }
@@ -156,6 +164,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, Se
         max_tokens: infos.iter().map(|(_, i)| i.max_tokens).min().unwrap_or(0),
         window: infos.iter().map(|(_, i)| i.window).min().unwrap_or(0),
         unreachable,
+        latency_ms,
     })
 }
 

@@ -7,6 +7,8 @@
 //! - [`hosted`]: the model side of a server (its blocks, or AR layers + KV cache).
 //! - [`server`]: TCP server; runs its blocks and forwards bytes to the next stage.
 //! - [`hop`]: calling a stage, replica after replica, with connect and stall timeouts.
+//! - [`rank`]: orders each stage's replicas by measured latency and load (routes built
+//!   from a registry).
 //! - [`client`]: discovers what servers host, builds the route, sends requests.
 //! - [`openai`]: an OpenAI-compatible HTTP gateway (completions, chat, models, health,
 //!   metrics) in front of a route.
@@ -25,6 +27,7 @@ pub mod framed;
 pub mod hop;
 pub mod hosted;
 pub mod openai;
+pub mod rank;
 pub mod server;
 
 /// A frame's kind in words, for error messages.

@@ -18,13 +18,20 @@ use crate::args::DeviceArgs;
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Run directory written by `blocktrain train` (generate on this machine).
-    #[arg(long, required_unless_present = "route", conflicts_with = "route")]
+    #[arg(
+        long,
+        required_unless_present_any = ["route", "registry"],
+        conflicts_with_all = ["route", "registry"]
+    )]
     pub checkpoint: Option<PathBuf>,
     /// Block servers to generate on instead: a file with one host:port per line, or a
     /// comma-separated list. What each hosts is asked over the wire.
     #[arg(long)]
     pub route: Option<String>,
-    /// With --route: seconds of silence after which a server is given up on.
+    /// Or build the route from a coordinator's server registry.
+    #[command(flatten)]
+    pub registry: crate::cmd::registry::RegistryClientArgs,
+    /// With --route or --registry: seconds of silence after which a server is given up on.
     #[arg(long, default_value_t = 30.0)]
     pub stall_timeout: f64,
     /// Prompt bytes (kept unmasked; the output follows them).
@@ -114,12 +121,12 @@ pub fn local(
 }
 
 /// Generates across block servers; reports the route and timing on stderr.
-fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
+fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
     if !(args.temperature.is_finite() && args.temperature > 0.0) {
         bail!("--temperature must be positive");
     }
     let limits = crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?;
-    let servers = client::load_route(route)?;
+    let servers = route.map(client::load_route).transpose()?;
     let request = Request {
         prompt: args.prompt.as_bytes().to_vec(),
         len: args.len,
@@ -135,9 +142,12 @@ fn sample_route(route: &str, args: &GenerateArgs) -> Result<Vec<u8>> {
         .enable_all()
         .build()?;
     let (plan, out) = rt.block_on(async {
-        let plan = client::discover(&servers, &limits).await?;
+        let plan = match &servers {
+            Some(servers) => client::discover(servers, &limits).await?,
+            None => crate::cmd::registry::plan(&args.registry, &limits).await?,
+        };
         let out = client::generate(&plan, &request, &limits).await?;
-        Ok::<_, blocktrain_serve::ServeError>((plan, out))
+        Ok::<_, anyhow::Error>((plan, out))
     })?;
     for u in &plan.unreachable {
         eprintln!("note: left out of the route (did not answer): {u}");
@@ -184,12 +194,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--len must be at least 1");
     }
     let out = match (&args.route, &args.checkpoint) {
-        (Some(route), _) => sample_route(route, &args)?,
+        (Some(route), _) => sample_route(Some(route), &args)?,
+        (None, _) if args.registry.registry.is_some() => sample_route(None, &args)?,
         (None, Some(dir)) => {
             let device = args.device.setup()?;
             sample(&RunDir::open(dir)?, &args, device)?
         }
-        (None, None) => bail!("give --checkpoint DIR or --route SERVERS"),
+        (None, None) => bail!("give --checkpoint DIR, --route SERVERS or --registry URL"),
     };
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{}{}", args.prompt, String::from_utf8_lossy(&out))?;

@@ -18,6 +18,7 @@ pub mod generate;
 pub mod judge;
 pub mod ledger;
 pub mod link;
+pub mod registry;
 pub mod serve;
 pub mod testnet;
 pub mod train;

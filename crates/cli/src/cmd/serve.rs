@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use blocktrain_model::logical::LogicalShape;
 use blocktrain_protocol::frame::{self, BlockRange};
+use blocktrain_serve::framed::FrameDeadline;
 use blocktrain_serve::hop::HopLimits;
 use blocktrain_serve::hosted::{Hosted, Source};
-use blocktrain_serve::framed::FrameDeadline;
 use blocktrain_serve::server::{serve, Caps, ClientAuth, ServeOptions};
 use clap::Args;
 
@@ -66,6 +66,9 @@ pub struct ServeArgs {
     pub keepalive_ms: u64,
     #[command(flatten)]
     pub guard: GuardArgs,
+    /// Announcing this server to a coordinator's registry.
+    #[command(flatten)]
+    pub announce: crate::cmd::registry::AnnounceArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -297,8 +300,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             i.total,
             i.model_id
         );
+        let announce = crate::cmd::registry::announce_forever(
+            args.announce.clone(),
+            addr.to_string(),
+            hosted.info.clone(),
+        );
         tokio::select! {
             _ = serve(listener, hosted, opts) => {}
+            r = announce, if args.announce.registry.is_some() => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
         }
         Ok(())

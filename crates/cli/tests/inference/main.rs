@@ -1,9 +1,11 @@
 //! Inference across hosts with real processes on loopback: block servers started as a
 //! user starts them, a request crossing them once, replicas stalled and killed, and
-//! hostile frames sent by hand, and the OpenAI-compatible gateway.
+//! hostile frames sent by hand, the OpenAI-compatible gateway, and routes built from a
+//! coordinator's registry.
 
 mod faults;
 mod gateway;
 mod gateway_api;
 mod harness;
+mod registry;
 mod traversal;

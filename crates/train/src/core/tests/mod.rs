@@ -299,10 +299,16 @@ fn servers_announce_as_registered_workers_or_by_the_run_admission() {
     let mut core = fresh(r.clone());
     let forbidden = |x: crate::Result<()>| matches!(x, Err(NodeError::Forbidden(_)));
     assert!(forbidden(core.may_announce("s", None)));
-    assert!(forbidden(core.may_announce("s", Some(&join_proof("wrong", "s")))));
+    assert!(forbidden(
+        core.may_announce("s", Some(&join_proof("wrong", "s")))
+    ));
     // A proof is bound to its key.
-    assert!(forbidden(core.may_announce("s", Some(&join_proof("s3cret", "t")))));
-    assert!(core.may_announce("s", Some(&join_proof("s3cret", "s"))).is_ok());
+    assert!(forbidden(
+        core.may_announce("s", Some(&join_proof("s3cret", "t")))
+    ));
+    assert!(core
+        .may_announce("s", Some(&join_proof("s3cret", "s")))
+        .is_ok());
     // A registered worker's key needs no proof, until it is flagged.
     let req = RegisterRequest {
         info: WorkerInfo::new("cpu"),
@@ -326,7 +332,9 @@ fn servers_announce_as_registered_workers_or_by_the_run_admission() {
         ..Default::default()
     };
     let core = fresh(r);
-    assert!(forbidden(core.may_announce("a", Some(&join_proof("tok", "a")))));
+    assert!(forbidden(
+        core.may_announce("a", Some(&join_proof("tok", "a")))
+    ));
     // An open run lets any key announce.
     assert!(fresh(rules(1, 1)).may_announce("any", None).is_ok());
 }
