@@ -252,6 +252,7 @@ fn message() -> impl Strategy<Value = Message> {
                         d_model,
                         window,
                         served,
+                        busy_ms: 0.5,
                     })
                 }
             ),

@@ -242,8 +242,10 @@ pub async fn announce_forever(args: AnnounceArgs, own: String, info: ServerInfo)
             Some((t, s0, b0)) if served >= s0 => {
                 let dt = t.elapsed().as_secs_f64().max(1e-3);
                 let n = served - s0;
+                // The recent mean while it works; idle, its mean since start.
                 let pass = match (busy_ms, b0) {
                     (Some(b), Some(b0)) if n > 0 => Some((b - b0).max(0.0) / n as f64),
+                    (Some(b), _) if served > 0 => Some(b / served as f64),
                     _ => None,
                 };
                 (n as f64 / dt, pass)
@@ -267,11 +269,10 @@ pub async fn announce_forever(args: AnnounceArgs, own: String, info: ServerInfo)
             join_proof: proof.clone(),
         };
         let (back, sent) = tokio::task::spawn_blocking(move || {
-            let r: blocktrain_train::Result<serde_json::Value> = c
-                .0
-                .as_mut()
-                .expect("held until dropped")
-                .post_json("/v1/servers/announce", &a);
+            let r: blocktrain_train::Result<serde_json::Value> =
+                c.0.as_mut()
+                    .expect("held until dropped")
+                    .post_json("/v1/servers/announce", &a);
             (c, r)
         })
         .await
@@ -305,9 +306,9 @@ impl Drop for OffRuntime {
     }
 }
 
-/// A server's passes and, when it reports them, the compute milliseconds they took.
+/// A server's passes and the milliseconds they took.
 fn busy_of(i: &ServerInfo) -> (u64, Option<f64>) {
-    (i.served, None)
+    (i.served, Some(i.busy_ms))
 }
 
 #[cfg(test)]

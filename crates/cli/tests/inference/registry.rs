@@ -184,6 +184,22 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         "{report}"
     );
     assert_eq!(served(&top.addr), before + 1);
+    // Its next announcements carry the pass it measured: a mean time per pass and the
+    // rate, which clients rank replicas by.
+    wait_until(
+        Duration::from_secs(15),
+        "the top server's load figures",
+        || {
+            servers(&co.url)["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| {
+                    let a = &s["announcement"];
+                    a["addr"] == top.addr.as_str() && a["pass_ms"].as_f64().is_some_and(|m| m > 0.0)
+                })
+        },
+    );
 
     // /metrics shows the coverage per block.
     let metrics = reqwest::blocking::get(format!("{}/metrics", co.url))

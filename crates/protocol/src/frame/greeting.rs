@@ -114,6 +114,7 @@ mod tests {
                 d_model: 16,
                 window: 32,
                 served: 0,
+                busy_ms: 0.0,
             },
             key: key.into(),
             challenge: challenge.into(),

@@ -60,6 +60,11 @@ pub struct ServerInfo {
     /// how many traversals a generation really made.
     #[serde(default)]
     pub served: u64,
+    /// Milliseconds those passes took, each from its admission to its result (the time
+    /// its hop report gives as compute): with `served`, the server's mean time per pass,
+    /// which clients rank replicas by.
+    #[serde(default)]
+    pub busy_ms: f64,
 }
 
 /// Metadata of a [`Message::Denoise`].

@@ -47,6 +47,7 @@ fn samples() -> Vec<Message> {
             d_model: 128,
             window: 128,
             served: 3,
+            busy_ms: 1.5,
         }),
         Message::Denoise(
             DenoiseMeta {

@@ -47,6 +47,7 @@ impl Hosted {
                 d_model: net.net.config().d_model as u32,
                 window: net.net.config().window as u32,
                 served: 0,
+                busy_ms: 0.0,
             },
             role: Role::Ar {
                 net: Box::new(net),

@@ -152,6 +152,7 @@ pub(super) async fn handle(
 fn info_now(shared: &Shared) -> ServerInfo {
     let mut info = shared.info.clone();
     info.served = shared.served.load(Ordering::Relaxed);
+    info.busy_ms = shared.busy_us.load(Ordering::Relaxed) as f64 / 1e3;
     info
 }
 

@@ -1,6 +1,5 @@
 //! Diffusion requests (`Denoise`, `Latent`): run this stage's blocks, then answer with
 //! the `Result` (last stage) or forward to the next stage and relay its answer.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,7 +77,7 @@ async fn run_denoise(
         }
     };
     drop(permit); // waiting for the next stage is not compute
-    shared.served.fetch_add(1, Ordering::Relaxed);
+    shared.passed(started);
     let last = meta.hop as usize + 1 == meta.route.len();
     // What goes on down the stack: bytes + mask bitmap, and the f16 latent if any.
     let bytes_out = if last {

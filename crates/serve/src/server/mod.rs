@@ -109,6 +109,8 @@ struct Shared {
     opts: ServeOptions,
     /// Passes computed: diffusion requests run, AR steps run.
     served: AtomicU64,
+    /// Microseconds those passes took (admission to result).
+    busy_us: AtomicU64,
     /// Connections accepted since start (admitted or not).
     accepted: AtomicU64,
     gate: Arc<gate::Gate>,
@@ -118,6 +120,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts one computed pass that began (was admitted) at `started`.
+    fn passed(&self, started: std::time::Instant) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_us.fetch_add(us, Ordering::Relaxed);
+    }
+
     /// What a replica of the next stage must be (its blocks come from the route).
     fn expect(&self) -> Expect<'_> {
         Expect {
@@ -150,6 +159,7 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
         key: opts.identity.public_hex(),
         opts,
         served: AtomicU64::new(0),
+        busy_us: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         public: local.is_none_or(|a| !a.ip().is_loopback()),
     });
