@@ -181,3 +181,85 @@ pub fn generate(
         &mut SampleRng::for_readout(seed),
     )
 }
+
+/// [`denoise_sigma_interval`] for several latents of one length at once: `z` (N, T, e),
+/// row i continuing `prompts[i]`. The ODE draws nothing, so only the network's
+/// evaluations are shared; each step's level is one value for every row, passed as a
+/// one-element level so its conditioning is computed as for a row alone.
+pub fn denoise_sigma_interval_batch(
+    net: &Denoiser,
+    z: &Tensor,
+    prompts: &[&[u8]],
+    u_lo: f64,
+    u_hi: f64,
+    s: &SampleSettings,
+) -> Tensor {
+    let cfg = net.config().edm.as_ref().expect("an edm network");
+    let device = z.device();
+    let (rows, total) = (z.size()[0], z.size()[1]);
+    assert_eq!(rows, prompts.len() as i64, "one prompt per row");
+    let table = net.table();
+    let clean: Vec<Tensor> = prompts
+        .iter()
+        .map(|p| prompt_embedding(table, p, total, device))
+        .collect();
+    let keep: Vec<Tensor> = prompts
+        .iter()
+        .map(|p| output_positions(p.len(), total, device))
+        .collect();
+    let (clean, keep) = (Tensor::cat(&clean, 0), Tensor::cat(&keep, 0));
+    let denoise = |z: &Tensor, sigma: f64| {
+        let level = Tensor::full([1], sigma, (Kind::Float, device));
+        let x_hat = expected_embedding(&net.latent_logits(z, &level), table);
+        &x_hat * &keep + &clean * (1.0 - &keep)
+    };
+    let levels = step_levels(cfg, u_lo, u_hi, s.steps_per_block);
+    let mut z = z.to_kind(Kind::Float);
+    tch::no_grad(|| {
+        for w in levels.windows(2) {
+            let (from, to) = (w[0], w[1]);
+            let slope = (&z - denoise(&z, from)) / from;
+            let euler = &z + &slope * (to - from);
+            z = if s.heun {
+                let slope2 = (&euler - denoise(&euler, to)) / to;
+                &z + (slope + slope2) * (0.5 * (to - from))
+            } else {
+                euler
+            };
+        }
+    });
+    z
+}
+
+/// [`readout`] for a batch: one evaluation of the lowest block on `z` (N, T, e), then
+/// row i's bytes after its `prompt_lens[i]` drawn with its own settings and stream.
+pub fn readout_batch(
+    net: &Denoiser,
+    z: &Tensor,
+    prompt_lens: &[usize],
+    settings: &[&SampleSettings],
+    rngs: &mut [SampleRng],
+) -> Vec<Vec<u8>> {
+    let cfg = net.config().edm.as_ref().expect("an edm network");
+    let total = z.size()[1];
+    assert!(
+        prompt_lens.len() == z.size()[0] as usize
+            && settings.len() == prompt_lens.len()
+            && rngs.len() == prompt_lens.len(),
+        "one prompt length, settings and stream per row"
+    );
+    let logits = tch::no_grad(|| {
+        let level = Tensor::full([1], cfg.sigma_min, (Kind::Float, z.device()));
+        net.latent_logits(&z.to_kind(Kind::Float), &level)
+    });
+    prompt_lens
+        .iter()
+        .zip(settings)
+        .zip(rngs.iter_mut())
+        .enumerate()
+        .map(|(r, ((&p, s), rng))| {
+            let row = logits.get(r as i64).narrow(0, p as i64, total - p as i64);
+            sample_bytes(&row, s, rng)
+        })
+        .collect()
+}
