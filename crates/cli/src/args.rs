@@ -24,6 +24,49 @@ impl DeviceArgs {
     }
 }
 
+/// A client's key for block servers that authenticate their clients (`serve
+/// --allow-keys` / `--join-secret-file`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct ClientKeyArgs {
+    /// This client's key file (hex secret seed, created on first use, mode 0600): it
+    /// signs each connection's Hello to the block servers.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+    /// The route's join secret, in this file's first line, when its servers ask one.
+    #[arg(long)]
+    pub join_secret_file: Option<std::path::PathBuf>,
+}
+
+impl ClientKeyArgs {
+    /// The credentials these flags name, set on `limits` (a join secret alone signs
+    /// with a fresh key).
+    pub fn apply(
+        &self,
+        limits: blocktrain_serve::hop::HopLimits,
+    ) -> Result<blocktrain_serve::hop::HopLimits> {
+        use blocktrain_serve::server::auth;
+        if self.key.is_none() && self.join_secret_file.is_none() {
+            return Ok(limits);
+        }
+        let identity = match &self.key {
+            Some(p) => auth::load_or_create_key(p)?,
+            None => blocktrain_protocol::identity::Identity::generate(),
+        };
+        let join_secret = self
+            .join_secret_file
+            .as_deref()
+            .map(auth::load_join_secret)
+            .transpose()?;
+        Ok(blocktrain_serve::hop::HopLimits {
+            credentials: Some(std::sync::Arc::new(blocktrain_serve::hop::Credentials {
+                identity,
+                join_secret,
+            })),
+            ..limits
+        })
+    }
+}
+
 /// Parses `0,0.3,0.6,1` into boundaries.
 pub fn parse_boundaries(s: &str) -> Result<Vec<f64>> {
     s.split(',')

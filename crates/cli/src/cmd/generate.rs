@@ -31,6 +31,9 @@ pub struct GenerateArgs {
     /// Or build the route from a coordinator's server registry.
     #[command(flatten)]
     pub registry: crate::cmd::registry::RegistryClientArgs,
+    /// With --route or --registry: this client's key, for servers that authenticate.
+    #[command(flatten)]
+    pub client_key: crate::args::ClientKeyArgs,
     /// With --route or --registry: seconds of silence after which a server is given up on.
     #[arg(long, default_value_t = 30.0)]
     pub stall_timeout: f64,
@@ -125,7 +128,9 @@ fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
     if !(args.temperature.is_finite() && args.temperature > 0.0) {
         bail!("--temperature must be positive");
     }
-    let limits = crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?;
+    let limits = args
+        .client_key
+        .apply(crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?)?;
     let servers = route.map(client::load_route).transpose()?;
     let request = Request {
         prompt: args.prompt.as_bytes().to_vec(),

@@ -56,13 +56,11 @@ pub struct AnnounceArgs {
     /// when listening on 0.0.0.0 or ::).
     #[arg(long, requires = "registry")]
     pub public_addr: Option<String>,
-    /// With --registry: this server's ed25519 key file (created on first use, mode 0600).
-    #[arg(long, default_value = "server.key")]
-    pub registry_key: PathBuf,
-    /// With --registry: the run's join secret, when the coordinator has one and this key
-    /// is not a registered worker's.
+    /// With --registry: the coordinator's run join secret, when the run has one and this
+    /// server's key (--key) is not a registered worker's. (--join-secret-file is another
+    /// secret: the one this server asks of its own clients.)
     #[arg(long, env = "BLOCKTRAIN_JOIN_SECRET", requires = "registry")]
-    pub join_secret: Option<String>,
+    pub registry_join_secret: Option<String>,
     /// With --registry: seconds between announcements (each lives 3 times as long).
     #[arg(long, default_value_t = 10.0, requires = "registry")]
     pub announce_every: f64,
@@ -200,10 +198,16 @@ pub async fn plan(args: &RegistryClientArgs, limits: &HopLimits) -> Result<Plan>
     Ok(plan)
 }
 
-/// Announces the server at `own` (which hosts `info`) to the registry until the task
-/// is dropped: every `announce_every` seconds, with the passes per second and mean
-/// pass time measured since the last announcement (asked of the server itself).
-pub async fn announce_forever(args: AnnounceArgs, own: String, info: ServerInfo) -> Result<()> {
+/// Announces the server at `own` (which hosts `info`, with key `id`) to the registry
+/// until the task is dropped: every `announce_every` seconds, with the passes per second
+/// and mean pass time measured since the last announcement (asked of the server itself).
+pub async fn announce_forever(
+    args: AnnounceArgs,
+    own: String,
+    info: ServerInfo,
+    id: Identity,
+    limits: HopLimits,
+) -> Result<()> {
     let Some(url) = args.registry.clone() else {
         return Ok(());
     };
@@ -213,9 +217,8 @@ pub async fn announce_forever(args: AnnounceArgs, own: String, info: ServerInfo)
     };
     blocktrain_protocol::registry::check_addr(&public)
         .map_err(|e| anyhow::anyhow!("serve --registry: {e} (give --public-addr host:port)"))?;
-    let id = blocktrain_train::keys::load_or_create_key(&args.registry_key)?;
     let proof = args
-        .join_secret
+        .registry_join_secret
         .as_deref()
         .map(|s| join_proof(s, &id.public_hex()));
     // reqwest's blocking client runs a runtime of its own: it is made, used and dropped
@@ -232,7 +235,6 @@ pub async fn announce_forever(args: AnnounceArgs, own: String, info: ServerInfo)
     .context("registry client")??;
     let every = Duration::from_secs_f64(args.announce_every.clamp(1.0, 200.0));
     let ttl_secs = (3.0 * every.as_secs_f64()).ceil().clamp(5.0, 600.0) as u32;
-    let limits = HopLimits::default();
     let mut last: Option<(Instant, u64, Option<f64>)> = None;
     let mut announced = false;
     loop {

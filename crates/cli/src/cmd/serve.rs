@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use blocktrain_model::logical::LogicalShape;
 use blocktrain_protocol::frame::{self, BlockRange};
 use blocktrain_serve::framed::FrameDeadline;
-use blocktrain_serve::hop::HopLimits;
+use blocktrain_serve::hop::{Credentials, HopLimits};
 use blocktrain_serve::hosted::{Hosted, Source};
 use blocktrain_serve::server::{serve, Caps, ClientAuth, ServeOptions};
 use clap::Args;
@@ -300,10 +300,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
             i.total,
             i.model_id
         );
+        // Asking its own server for its counters, it authenticates as any client would.
+        let own_limits = HopLimits {
+            credentials: Some(std::sync::Arc::new(Credentials {
+                identity: opts.identity.clone(),
+                join_secret: opts.auth.join_secret.clone(),
+            })),
+            ..HopLimits::default()
+        };
         let announce = crate::cmd::registry::announce_forever(
             args.announce.clone(),
             addr.to_string(),
             hosted.info.clone(),
+            opts.identity.clone(),
+            own_limits,
         );
         tokio::select! {
             _ = serve(listener, hosted, opts) => {}

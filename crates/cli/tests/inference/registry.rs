@@ -78,7 +78,7 @@ fn announced(dir: &Path, url: &str, blocks: &str, name: &str, extra: &[&str]) ->
         "64",
         "--registry",
         url,
-        "--registry-key",
+        "--key",
         key.to_str().unwrap(),
         "--announce-every",
         "1",
@@ -212,6 +212,10 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         "{metrics}"
     );
 
+    // A gateway on the registry, rebuilding its route every second.
+    let (_gw, gw_url) = gateway(&co.url);
+    assert_eq!(completion_status(&gw_url), 200);
+
     // The only server of block 2 dies: its announcement expires (3 renewals' worth, at
     // least 5 s), the list names the gap, and the client says which blocks nobody serves.
     drop(top);
@@ -232,14 +236,74 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lacks blocks 2"), "{err}");
+
+    // A new server of block 2, at another address, announces itself: the gateway's
+    // next rebuild routes through it, with no restart and no route file.
+    let top2 = announced(&dir, &co.url, "2", "top2", &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the gateway to route via the new server",
+        || completion_status(&gw_url) == 200,
+    );
+    assert!(
+        served(&top2.addr) >= 1,
+        "the new server computed the request"
+    );
     drop((low_a, low_b));
+}
+
+/// `gateway --registry URL --refresh 1` on a free port; returns it and its base URL.
+fn gateway(registry: &str) -> (Server, String) {
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--registry", registry, "--listen", "127.0.0.1:0"])
+        .args([
+            "--refresh",
+            "1",
+            "--steps-per-block",
+            "2",
+            "--stall-timeout",
+            "3",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|u| u.strip_suffix("/v1/completions"))
+        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+        .to_string();
+    let addr = base.clone();
+    (Server { child, addr }, base)
+}
+
+fn completion_status(base: &str) -> u16 {
+    reqwest::blocking::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&serde_json::json!({"prompt": "ab", "max_tokens": 4, "temperature": 0}))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .map_or(0, |r| r.status().as_u16())
 }
 
 #[test]
 fn a_server_the_run_does_not_admit_is_refused_at_once() {
     let dir = scratch("registry-refused");
     let co = coordinator(&dir, Some("s3cret"));
-    let mut wrong = announced(&dir, &co.url, "1", "wrong", &["--join-secret", "guess"]);
+    let mut wrong = announced(
+        &dir,
+        &co.url,
+        "1",
+        "wrong",
+        &["--registry-join-secret", "guess"],
+    );
     let status = wait_exit(&mut wrong.child, Duration::from_secs(30));
     assert!(!status.success());
     let log = std::fs::read_dir(&dir)
@@ -254,7 +318,13 @@ fn a_server_the_run_does_not_admit_is_refused_at_once() {
     );
     assert!(servers(&co.url)["servers"].as_array().unwrap().is_empty());
     // With the secret, the same run lists it.
-    let _right = announced(&dir, &co.url, "1", "right", &["--join-secret", "s3cret"]);
+    let _right = announced(
+        &dir,
+        &co.url,
+        "1",
+        "right",
+        &["--registry-join-secret", "s3cret"],
+    );
     wait_until(Duration::from_secs(30), "the admitted server", || {
         servers(&co.url)["servers"]
             .as_array()
@@ -271,4 +341,50 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         assert!(start.elapsed() < limit, "the process did not exit");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn generate_signs_with_its_key_for_servers_that_authenticate() {
+    let dir = scratch("client-key");
+    let id = blocktrain_protocol::identity::Identity::generate();
+    let key = dir.join("client.key");
+    std::fs::write(&key, format!("{}\n", hex_of(&id.secret()))).unwrap();
+    let allow = dir.join("allow.txt");
+    std::fs::write(&allow, format!("{}\n", id.public_hex())).unwrap();
+    let server = serve_logical(
+        &dir,
+        "1",
+        &[
+            "--logical-shape",
+            "d=16,layers=1,heads=2,dtype=f32",
+            "--total",
+            "1",
+            "--max-tokens",
+            "64",
+            "--allow-keys",
+            allow.to_str().unwrap(),
+        ],
+    );
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--route", &server.addr, "--len", "4"];
+        args.extend(extra);
+        bt(&args)
+    };
+    let refused = gen(&[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("authenticated clients only"), "{err}");
+    // With the allowlisted key it runs (the servers' own count of passes, in the report;
+    // an anonymous Info is refused here too).
+    let signed = gen(&["--key", key.to_str().unwrap()]);
+    ok(&signed);
+    let report = String::from_utf8_lossy(&signed.stderr);
+    assert!(report.contains("1 traversal of 1 stages"), "{report}");
+    // Another key is refused as the anonymous client is.
+    let other = dir.join("other.key");
+    assert!(!gen(&["--key", other.to_str().unwrap()]).status.success());
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -22,7 +22,7 @@ pub type HealthCache = tokio::sync::Mutex<Option<(Instant, StatusCode, Value)>>;
 
 fn model_object(g: &Gateway) -> Value {
     json!({
-        "id": g.plan.model_id,
+        "id": g.plan().model_id,
         "object": "model",
         "created": g.started_s,
         "owned_by": "blocktrain",
@@ -36,7 +36,7 @@ pub async fn models(State(g): State<Arc<Gateway>>) -> Json<Value> {
 
 /// `GET /v1/models/{id}`: that model, or 404 `model_not_found`.
 pub async fn model(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    if id == g.plan.model_id {
+    if id == g.plan().model_id {
         Json(model_object(&g)).into_response()
     } else {
         ApiError::model_not_found(&id).into_response()
@@ -60,10 +60,10 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
     };
     // Every replica is asked at once, so one dead server costs its timeout once.
     let mut asks = tokio::task::JoinSet::new();
-    for (i, stage) in g.plan.stages.iter().enumerate() {
+    for (i, stage) in g.plan().stages.iter().enumerate() {
         for addr in &stage.replicas {
             let (addr, limits, stage) = (addr.clone(), limits.clone(), stage.clone());
-            let model = g.plan.model_id.clone();
+            let model = g.plan().model_id.clone();
             asks.spawn(async move {
                 let info = server_info(&addr, &limits).await;
                 (
@@ -73,7 +73,7 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
             });
         }
     }
-    let mut answering = vec![0usize; g.plan.stages.len()];
+    let mut answering = vec![0usize; g.plan().stages.len()];
     while let Some(done) = asks.join_next().await {
         if let Ok((i, true)) = done {
             answering[i] += 1;
@@ -81,7 +81,7 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
     }
     let all_ok = answering.iter().all(|&n| n > 0);
     let stages: Vec<Value> = g
-        .plan
+        .plan()
         .stages
         .iter()
         .zip(&answering)
@@ -96,8 +96,8 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
     let in_flight = g.max_concurrent - g.slots.available_permits();
     let body = json!({
         "ok": all_ok,
-        "model": g.plan.model_id,
-        "family": g.plan.family,
+        "model": g.plan().model_id,
+        "family": g.plan().family,
         "route_reachable": all_ok,
         "stages": stages,
         "generations_in_flight": in_flight,

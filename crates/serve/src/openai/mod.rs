@@ -61,9 +61,18 @@ pub struct GatewayOptions {
     pub cors_origins: Vec<String>,
 }
 
+/// The route a gateway serves, swappable while it runs (a registry's refresher replaces
+/// it; a generation in flight keeps the route it started on).
+pub type SharedPlan = Arc<std::sync::RwLock<Arc<Plan>>>;
+
+/// A [`SharedPlan`] holding `plan`.
+pub fn shared_plan(plan: Plan) -> SharedPlan {
+    Arc::new(std::sync::RwLock::new(Arc::new(plan)))
+}
+
 /// The shared state of the handlers.
 struct Gateway {
-    plan: Plan,
+    plan: SharedPlan,
     limits: HopLimits,
     default_steps: u32,
     slots: Arc<Semaphore>,
@@ -74,10 +83,26 @@ struct Gateway {
     started_s: u64,
 }
 
+impl Gateway {
+    /// The route now.
+    fn plan(&self) -> Arc<Plan> {
+        self.plan.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// The gateway's router for `plan`; refuses a bad option (a zero limit, an origin that
 /// is not a header value).
 pub fn router(
     plan: Plan,
+    limits: HopLimits,
+    options: GatewayOptions,
+) -> Result<Router, ServeError> {
+    router_shared(shared_plan(plan), limits, options)
+}
+
+/// [`router`] over a route that may be replaced while the gateway runs.
+pub fn router_shared(
+    plan: SharedPlan,
     limits: HopLimits,
     options: GatewayOptions,
 ) -> Result<Router, ServeError> {

@@ -40,12 +40,12 @@ pub async fn run_choice(
     live: Option<Live<'_>>,
 ) -> Result<usize, ApiError> {
     let started = Instant::now();
-    let result = if g.plan.family == "ar" {
+    let result = if g.plan().family == "ar" {
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded_channel::<u8>();
         let generation = async move {
             // The callback ends the generation once the reader below has stopped.
             let mut on_byte = move |b| bytes_tx.send(b).is_ok();
-            client::generate_ar_with(&g.plan, &req, &g.limits, &mut on_byte).await
+            client::generate_ar_with(&g.plan(), &req, &g.limits, &mut on_byte).await
         };
         let text = &mut *text;
         let live = live.as_ref();
@@ -65,7 +65,7 @@ pub async fn run_choice(
         };
         tokio::join!(generation, reader).0
     } else {
-        let result = client::generate(&g.plan, &req, &g.limits).await;
+        let result = client::generate(&g.plan(), &req, &g.limits).await;
         if let Ok(out) = &result {
             for &b in &out.output {
                 if !text.push(b) {
