@@ -6,8 +6,16 @@ use blocktrain_model::sampler::{edm as edm_sampler, SampleRng, SampleSettings};
 use blocktrain_protocol::frame::{LatentState, MASK_TOKEN};
 use tch::{Device, Kind, Tensor};
 
-use super::{bad, refused, Hosted, Net};
+use super::{bad, refused, settings, DenoiseJob, DenoiseOut, Hosted, Net};
 use crate::ServeError;
+
+/// A request checked and ready for this stage's blocks.
+struct Started {
+    /// The leading bytes; every position after them is output.
+    prompt: Vec<u8>,
+    /// The latent (1, T, e) at the top of this stage's blocks.
+    z: Tensor,
+}
 
 impl Hosted {
     #[allow(clippy::too_many_arguments)]
@@ -21,6 +29,107 @@ impl Hosted {
         settings: &SampleSettings,
         seed: u64,
     ) -> Result<(Vec<u16>, Option<LatentState>), ServeError> {
+        let Started { prompt, mut z } =
+            self.start_latent(nets, schedule, edm, tokens, latent, seed)?;
+        let first = self.info.blocks.first;
+        for (i, net) in nets.iter().enumerate().rev() {
+            let block = first as usize + i; // 1-based
+            let (u_lo, u_hi) = schedule.interval(block - 1);
+            z = edm_sampler::denoise_sigma_interval(&net.net, &z, &prompt, u_lo, u_hi, settings);
+            if block > 1 {
+                // As on one host: the latent is rounded to f16 between any two blocks,
+                // whether the next one is here or on the next server.
+                z = edm_sampler::hand_off(&z);
+            }
+        }
+        if first == 1 {
+            let mut rng = SampleRng::for_readout(seed);
+            let bytes = edm_sampler::readout(&nets[0].net, &z, prompt.len(), settings, &mut rng);
+            let out = prompt.iter().chain(&bytes).map(|&b| b as u16).collect();
+            return Ok((out, None));
+        }
+        Ok((tokens.to_vec(), Some(self.latent_out(schedule, edm, &z)?)))
+    }
+
+    /// [`Hosted::denoise_latent`] for jobs of one batch key: each block integrates all
+    /// their latents together (the ODE draws nothing), the top stage draws each starting
+    /// latent and block 1 each read-out from the job's own streams.
+    pub(super) fn latent_batch(
+        &self,
+        nets: &[Net],
+        schedule: &Schedule,
+        edm: &EdmConfig,
+        jobs: &[&DenoiseJob],
+    ) -> Vec<DenoiseOut> {
+        let mut out: Vec<Option<DenoiseOut>> = jobs.iter().map(|_| None).collect();
+        let mut rows: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut zs: Vec<Tensor> = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let started =
+                self.start_latent(nets, schedule, edm, &j.tokens, j.latent.as_ref(), j.seed);
+            match started {
+                Ok(Started { prompt, z }) => {
+                    rows.push((i, prompt));
+                    zs.push(z);
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if !rows.is_empty() {
+            // The batch shares steps and Heun's choice; temperature and top-k are the rows'.
+            let each: Vec<SampleSettings> = rows
+                .iter()
+                .map(|(i, _)| settings(&jobs[*i].sampling))
+                .collect();
+            let prompts: Vec<&[u8]> = rows.iter().map(|(_, p)| p.as_slice()).collect();
+            let mut z = Tensor::cat(&zs, 0);
+            let first = self.info.blocks.first;
+            for (i, net) in nets.iter().enumerate().rev() {
+                let block = first as usize + i; // 1-based
+                let (u_lo, u_hi) = schedule.interval(block - 1);
+                z = edm_sampler::denoise_sigma_interval_batch(
+                    &net.net, &z, &prompts, u_lo, u_hi, &each[0],
+                );
+                if block > 1 {
+                    z = edm_sampler::hand_off(&z);
+                }
+            }
+            if first == 1 {
+                let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+                let refs: Vec<&SampleSettings> = each.iter().collect();
+                let mut rngs: Vec<SampleRng> = rows
+                    .iter()
+                    .map(|(i, _)| SampleRng::for_readout(jobs[*i].seed))
+                    .collect();
+                let bytes = edm_sampler::readout_batch(&nets[0].net, &z, &lens, &refs, &mut rngs);
+                for ((i, prompt), b) in rows.iter().zip(bytes) {
+                    let ids = prompt.iter().chain(&b).map(|&b| b as u16).collect();
+                    out[*i] = Some(Ok((ids, None)));
+                }
+            } else {
+                for (r, (i, _)) in rows.iter().enumerate() {
+                    let zr = z.narrow(0, r as i64, 1);
+                    let state = self.latent_out(schedule, edm, &zr);
+                    out[*i] = Some(state.map(|s| (jobs[*i].tokens.clone(), Some(s))));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
+    }
+
+    /// Checks a request against this stage and gives the latent its blocks start from:
+    /// drawn from the prior (top stage) or the one the stage above handed on.
+    fn start_latent(
+        &self,
+        nets: &[Net],
+        schedule: &Schedule,
+        edm: &EdmConfig,
+        tokens: &[u16],
+        latent: Option<&LatentState>,
+        seed: u64,
+    ) -> Result<Started, ServeError> {
         // The prompt is the leading bytes; every position after it is output.
         let prompt_len = tokens
             .iter()
@@ -77,31 +186,23 @@ impl Hosted {
                     .to_device(self.device)
             }
         };
-        let mut z = z;
-        for (i, net) in nets.iter().enumerate().rev() {
-            let block = first as usize + i; // 1-based
-            let (u_lo, u_hi) = schedule.interval(block - 1);
-            z = edm_sampler::denoise_sigma_interval(&net.net, &z, &prompt, u_lo, u_hi, settings);
-            if block > 1 {
-                // As on one host: the latent is rounded to f16 between any two blocks,
-                // whether the next one is here or on the next server.
-                z = edm_sampler::hand_off(&z);
-            }
-        }
-        if first == 1 {
-            let mut rng = SampleRng::for_readout(seed);
-            let bytes = edm_sampler::readout(&nets[0].net, &z, prompt_len, settings, &mut rng);
-            let out = prompt.iter().chain(&bytes).map(|&b| b as u16).collect();
-            return Ok((out, None));
-        }
+        Ok(Started { prompt, z })
+    }
+
+    /// The latent (1, T, e) this stage hands on, at the sigma its lowest block ends at.
+    fn latent_out(
+        &self,
+        schedule: &Schedule,
+        edm: &EdmConfig,
+        z: &Tensor,
+    ) -> Result<LatentState, ServeError> {
         let values: Vec<f32> =
             Vec::try_from(z.to_kind(Kind::Float).to_device(Device::Cpu).view([-1]))
                 .map_err(|e| bad(format!("reading the latent back: {e}")))?;
-        let state = LatentState {
-            width: e as u32,
-            sigma: edm.sigma_at(schedule.interval(first as usize - 1).0),
+        Ok(LatentState {
+            width: edm.embed_dim as u32,
+            sigma: edm.sigma_at(schedule.interval(self.info.blocks.first as usize - 1).0),
             values,
-        };
-        Ok((tokens.to_vec(), Some(state)))
+        })
     }
 }

@@ -179,6 +179,86 @@ impl Hosted {
     }
 }
 
+/// One diffusion request of a batch: what [`Hosted::denoise`] takes.
+#[derive(Clone, Debug)]
+pub struct DenoiseJob {
+    /// Bytes or MASK.
+    pub tokens: Vec<u16>,
+    /// The latent the stage above handed on (embedding family).
+    pub latent: Option<LatentState>,
+    /// The request's sampling settings.
+    pub sampling: Sampling,
+    /// The request's seed.
+    pub seed: u64,
+}
+
+/// What one diffusion request's result is.
+pub type DenoiseOut = Result<(Vec<u16>, Option<LatentState>), ServeError>;
+
+/// What requests must share to be computed in one batch: the sequence length (no
+/// padding: bucketed by length), steps per block and, for the embedding family,
+/// Heun's steps (they change the network's evaluations). Temperature and top-k are
+/// each row's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// Tokens (prompt + output).
+    pub len: usize,
+    /// Steps per block.
+    pub steps: u32,
+    /// Heun's steps (embedding family; always false for masked blocks).
+    pub heun: bool,
+}
+
+impl Hosted {
+    /// The batch a request with `len` tokens and `sampling` may join.
+    pub fn batch_key(&self, len: usize, sampling: &Sampling) -> BatchKey {
+        BatchKey {
+            len,
+            steps: sampling.steps_per_block.max(1),
+            heun: sampling.heun && matches!(self.role, Role::Latent { .. }),
+        }
+    }
+
+    /// [`Hosted::denoise`] for several requests at once: requests of one
+    /// [`BatchKey`] share each network evaluation, and each gets exactly what it gets
+    /// alone (its own random streams; see ARCHITECTURE.md on when a batched matmul
+    /// equals the lone one bit for bit). One result per job, in order; a job this
+    /// server cannot take gets its error and the others go on. Jobs of different keys
+    /// are computed in one batch per key.
+    pub fn denoise_batch(&self, jobs: &[DenoiseJob]) -> Vec<DenoiseOut> {
+        let mut out: Vec<Option<DenoiseOut>> = jobs.iter().map(|_| None).collect();
+        let keys: Vec<BatchKey> = jobs
+            .iter()
+            .map(|j| self.batch_key(j.tokens.len(), &j.sampling))
+            .collect();
+        let mut left: Vec<usize> = (0..jobs.len()).collect();
+        while let Some(&head) = left.first() {
+            let (group, rest): (Vec<usize>, Vec<usize>) =
+                left.iter().partition(|&&i| keys[i] == keys[head]);
+            let rows: Vec<&DenoiseJob> = group.iter().map(|&i| &jobs[i]).collect();
+            let results = match &self.role {
+                Role::Blocks { nets, schedule } => self.masked_batch(nets, schedule, &rows),
+                Role::Latent {
+                    nets,
+                    schedule,
+                    edm,
+                } => self.latent_batch(nets, schedule, edm, &rows),
+                Role::Ar { .. } => rows
+                    .iter()
+                    .map(|_| Err(bad("this server hosts AR layers, not diffusion blocks")))
+                    .collect(),
+            };
+            for (i, r) in group.into_iter().zip(results) {
+                out[i] = Some(r);
+            }
+            left = rest;
+        }
+        out.into_iter()
+            .map(|r| r.expect("every job is in one group"))
+            .collect()
+    }
+}
+
 fn settings(s: &Sampling) -> SampleSettings {
     SampleSettings {
         steps_per_block: s.steps_per_block as usize,
@@ -198,5 +278,7 @@ fn check_range(r: BlockRange, total: u32, what: &str, src: &Path) -> Result<(), 
     Ok(())
 }
 
+#[cfg(test)]
+mod batch_tests;
 #[cfg(test)]
 mod tests;
