@@ -25,8 +25,13 @@
 //! handshake), so a hop that opens a connection per request pays it on every traversal
 //! and a persistent one (the AR session's) once.
 //!
-//! Files: this one (flags, deployment, timing, the report), `sources` (what each host
-//! serves).
+//! `--clients 1,4,16` runs each system under N concurrent clients, each sending its
+//! requests back to back (`load`): requests/s, p50 and p99 per request (and per token for
+//! the AR pipeline), and whether throughput grows with N while p99 at N = 4 stays below 3x
+//! the one-client p99. One client is always measured (the latency table is its run).
+//!
+//! Files: this one (flags, deployment, the report), `sources` (what each host serves),
+//! `load` (the clients and their timing).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,7 +48,9 @@ use serde_json::json;
 use crate::args::DeviceArgs;
 use crate::cmd::bench_network::Hosts;
 
+mod load;
 mod sources;
+use load::{run_load, Load};
 use sources::sources;
 
 const HOSTS: u32 = 3;
@@ -86,12 +93,19 @@ pub struct BenchInferenceArgs {
     /// Denoising steps each block takes.
     #[arg(long, default_value_t = blocktrain_model::sampler::DEFAULT_STEPS_PER_BLOCK as u32)]
     pub steps_per_block: u32,
-    /// Timed BlockTrain requests per length (the median is reported).
+    /// Timed BlockTrain requests per length and client (one client's median is the
+    /// latency table's figure).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Timed AR generations per length (each already averages over one traversal per byte).
+    /// Timed AR generations per length and client (each already averages over one
+    /// traversal per byte).
     #[arg(long, default_value_t = 1)]
     pub ar_reps: usize,
+    /// Concurrent clients to measure each system under, e.g. `1,4,16`: each client (its
+    /// own connections) sends its `--reps` (AR: `--ar-reps`) requests back to back. One
+    /// client is always measured.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub clients: Vec<usize>,
     /// Systems to measure (deploying only these saves memory at large shapes).
     #[arg(
         long,
@@ -159,6 +173,10 @@ fn start_server(
         &device.device,
         "--max-tokens",
         "8192",
+        // The bench's clients all reach host 3 through one link address: a rate per
+        // address would count them as one client.
+        "--rate",
+        "0",
     ] {
         args.push(a.to_string());
     }
@@ -237,33 +255,6 @@ fn deploy(
     })
 }
 
-struct Measured {
-    seconds: f64,
-    bytes: u64,
-    traversals: usize,
-    compute_s: f64,
-}
-
-fn measure(d: &Deployment, req: &Request, reps: usize, limits: &HopLimits) -> Result<Measured> {
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut runs = Vec::new();
-    for _ in 0..reps.max(1) {
-        let before = d.link_bytes();
-        let g = rt.block_on(client::generate(&d.plan, req, limits))?;
-        // Link counters are updated as chunks are delivered; the reply has been read, so
-        // every byte of this request has passed.
-        let bytes = d.link_bytes() - before;
-        runs.push(Measured {
-            seconds: g.seconds,
-            bytes,
-            traversals: g.traversals,
-            compute_s: g.hops.iter().map(|h| h.compute_ms).sum::<f64>() / 1e3,
-        });
-    }
-    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-    Ok(runs.swap_remove(runs.len() / 2))
-}
-
 /// Runs the benchmark.
 pub fn run(args: BenchInferenceArgs) -> Result<()> {
     if args.lens.is_empty() || args.lens.contains(&0) {
@@ -335,53 +326,75 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         },
         seed: 0,
     };
-    // Warm every path (first-touch allocations, TCP slow start) before timing.
-    for (system, d) in &deployed {
-        let warm = if *system == System::Ar { 4 } else { 8 };
-        measure(d, &request(warm), 1, &limits)?;
+    let mut clients = args.clients.clone();
+    clients.push(1);
+    clients.sort_unstable();
+    clients.dedup();
+    if clients.contains(&0) {
+        bail!("--clients must list positive counts");
     }
     let mut rows = Vec::new();
+    let mut loads: Vec<(usize, System, Vec<Load>)> = Vec::new();
     println!("\n| output bytes | system | latency s | vs AR pipeline | bytes/traversal | traversals | compute s |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    let per = |m: &Measured| m.bytes as f64 / m.traversals as f64;
     for &len in &args.lens {
-        let mut results: Vec<(System, Measured)> = Vec::new();
+        let mut results: Vec<(System, Vec<Load>)> = Vec::new();
         for (system, d) in &deployed {
-            let reps = match system {
+            let (reps, warm) = match system {
                 System::Ar if len > args.ar_max_len => continue,
-                System::Ar => args.ar_reps,
-                _ => args.reps,
+                System::Ar => (args.ar_reps, 4),
+                _ => (args.reps, 8),
             };
-            results.push((*system, measure(d, &request(len), reps, &limits)?));
+            let runs = clients
+                .iter()
+                .map(|&n| {
+                    run_load(
+                        d,
+                        *system,
+                        (&request(warm), &request(len)),
+                        n,
+                        reps.max(1),
+                        &limits,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            results.push((*system, runs));
         }
+        // The latency table: one client's median request.
+        let one = |runs: &[Load]| runs[0].median().seconds;
         let ar_s = results
             .iter()
             .find(|(s, _)| *s == System::Ar)
-            .map(|(_, m)| m.seconds);
+            .map(|(_, r)| one(r));
         let mut row = json!({ "len": len });
-        for (system, m) in &results {
+        for (system, runs) in &results {
+            let (l, m) = (&runs[0], runs[0].median());
+            // Mean bytes of one request (all of them the same request).
+            let bytes = (l.bytes as f64 / l.samples.len() as f64).round() as u64;
+            let per = bytes as f64 / m.traversals as f64;
             let speedup = ar_s
                 .filter(|_| *system != System::Ar)
                 .map(|a| a / m.seconds);
             println!(
-                "| {len} | {} | {:.3} | {} | {:.0} | {} | {:.3} |",
+                "| {len} | {} | {:.3} | {} | {per:.0} | {} | {:.3} |",
                 system.name(),
                 m.seconds,
                 speedup.map_or("-".into(), |x| format!("{x:.1}x")),
-                per(m),
                 m.traversals,
                 m.compute_s
             );
-            row[system.name()] = json!({"seconds": m.seconds, "bytes": m.bytes, "traversals": m.traversals, "bytes_per_traversal": per(m), "compute_seconds": m.compute_s, "speedup_vs_ar": speedup});
+            row[system.name()] = json!({"seconds": m.seconds, "bytes": bytes, "traversals": m.traversals, "bytes_per_traversal": per, "compute_seconds": m.compute_s, "speedup_vs_ar": speedup});
         }
         // Kept for the older tables: BlockTrain's speedup over the AR pipeline.
         row["speedup"] = json!(results
             .iter()
             .find(|(s, _)| *s == System::Blocktrain)
             .zip(ar_s)
-            .map(|((_, m), a)| a / m.seconds));
+            .map(|((_, r), a)| a / one(r)));
         rows.push(row);
+        loads.extend(results.into_iter().map(|(s, r)| (len, s, r)));
     }
+    let load_json = load::report(&loads);
     let one_way = args.link.delay_ms as f64 / 1e3;
     println!(
         "\nOne traversal crosses 6 one-way delays ({:.0} ms); the AR pipeline pays that per byte.",
@@ -403,8 +416,10 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "systems": args.systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "reps": args.reps,
         "ar_reps": args.ar_reps,
+        "clients": clients,
         "prompt": args.prompt,
         "rows": rows,
+        "load": load_json,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", args.json.display()))?;
