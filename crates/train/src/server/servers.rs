@@ -55,11 +55,11 @@ pub(super) struct ListQuery {
 
 /// The live servers, without those of keys flagged since they announced.
 pub(super) fn live(s: &AppState, model: Option<&str>) -> ServerList {
-    let mut list = registry(&s).list(model, now_ms());
+    let mut list = registry(s).list(model, now_ms());
     let core = lock(&s.core);
     let flagged = |k: &str| core.worker(k).is_some_and(|w| w.flagged);
     if list.servers.iter().any(|e| flagged(&e.key)) {
-        let mut reg = registry(&s);
+        let mut reg = registry(s);
         for e in list.servers.iter().filter(|e| flagged(&e.key)) {
             reg.remove(&e.key);
         }
