@@ -8,15 +8,14 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use blocktrain_protocol::frame::{
-    ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, HopError, HopStat, Message, Sampling,
-    ServerInfo, Stage, MASK_TOKEN,
+    DenoiseMeta, ErrorCode, HopError, HopStat, Message, Sampling, ServerInfo, Stage, MASK_TOKEN,
 };
-use tokio::net::TcpStream;
-use tokio::time::timeout;
 
-use crate::framed::{read_message, write_message};
 use crate::hop::{call_stage, Expect, HopLimits};
 use crate::ServeError;
+
+mod ar;
+pub use ar::{generate_ar, generate_ar_with};
 
 /// Servers named by `--route`: a file of `host:port` lines, or a comma-separated list.
 pub fn load_route(arg: &str) -> Result<Vec<String>, ServeError> {
@@ -216,8 +215,15 @@ pub struct Generation {
     /// stage computed for this request (1 for diffusion, one per byte for AR).
     pub traversals: usize,
     /// Replicas of the first stage the client gave up on (later stages' failovers are
-    /// in `hops`).
+    /// in `hops`, and for AR in `stage_failovers`).
     pub entry_failovers: u32,
+    /// AR: replicas given up on per stage (plan order), whether one died mid-session
+    /// (a new session and a re-prefill) or the stage before passed over it at a
+    /// session's start (no cost). Empty for diffusion.
+    pub stage_failovers: Vec<u32>,
+    /// AR: positions the servers had cached and recomputed after failovers (the failed
+    /// session's context, re-prefilled on every stage). 0 for diffusion.
+    pub replayed_positions: usize,
 }
 
 fn check_request(plan: &Plan, req: &Request) -> Result<(), ServeError> {
@@ -309,6 +315,8 @@ pub async fn generate(
             hops: meta.hops,
             seconds,
             entry_failovers: answer.failovers,
+            stage_failovers: Vec::new(),
+            replayed_positions: 0,
         }),
         Message::Result(_, bytes) => Err(ServeError::Network(format!(
             "the route returned {} bytes for a {}-byte sequence",
@@ -327,129 +335,4 @@ pub async fn generate(
 /// when it has computed, so this counts traversals as the servers made them.
 fn traversals_in(hops: &[HopStat], first: &Stage) -> usize {
     hops.iter().filter(|h| h.blocks == first.blocks).count()
-}
-
-/// The AR baseline: one traversal of the layer stack per output byte, over one
-/// persistent connection per hop (the KV caches live with the connections).
-///
-/// Samples what [`blocktrain_model::sampler::generate_ar`] samples on one host: the
-/// context starts as MASK + prompt cut to the model's window, and when it would outgrow
-/// the window the session restarts (new connections, empty caches) from the last
-/// `window / 2` ids, so positions stay inside what the model was trained on.
-pub async fn generate_ar(
-    plan: &Plan,
-    req: &Request,
-    limits: &HopLimits,
-) -> Result<Generation, ServeError> {
-    generate_ar_with(plan, req, limits, &mut |_| true).await
-}
-
-/// [`generate_ar`], handing each byte to `on_byte` as soon as it is sampled (for
-/// streaming). `on_byte` returns whether to go on: `false` ends the generation early
-/// (a stop sequence matched, or the reader went away) and the bytes so far are returned.
-pub async fn generate_ar_with(
-    plan: &Plan,
-    req: &Request,
-    limits: &HopLimits,
-    on_byte: &mut (dyn FnMut(u8) -> bool + Send),
-) -> Result<Generation, ServeError> {
-    check_request(plan, req)?;
-    let window = plan.window as usize;
-    let first = &plan.stages[0];
-    let addr = first.replicas[0].clone();
-    let net = |m: String| ServeError::Network(format!("AR stage {}: {m}", first.blocks));
-    // The AR network reads MASK as its start-of-text token, then the prompt.
-    let mut ids: Vec<u16> = std::iter::once(MASK_TOKEN)
-        .chain(req.prompt.iter().map(|&b| b as u16))
-        .collect();
-    let mut start = ids.len().saturating_sub(window); // id at the caches' position 0
-    let mut cached = 0; // positions the servers' caches hold in this session
-    let mut stream: Option<TcpStream> = None;
-    let mut session = 0;
-    let mut output = Vec::with_capacity(req.len);
-    let mut hops: Vec<HopStat> = Vec::new();
-    let mut traversals = 0;
-    let started = Instant::now();
-    for i in 0..req.len {
-        if ids.len() - start > window {
-            start = ids.len() - window / 2;
-            stream = None; // closing the connections ends the session and its caches
-        }
-        let s = match &mut stream {
-            Some(s) => s,
-            None => {
-                let expect = Expect {
-                    model_id: Some(&plan.model_id),
-                    blocks: Some(first.blocks),
-                    ..Expect::default()
-                };
-                let (s, _) = crate::hop::connect(&addr, limits, &expect)
-                    .await
-                    .map_err(|e| net(format!("{addr}: {e}")))?;
-                session = rand::random::<u64>();
-                cached = 0;
-                stream.insert(s)
-            }
-        };
-        let fresh = ids[start + cached..].to_vec();
-        cached += fresh.len();
-        let meta = ArStepMeta {
-            session,
-            output_index: i as u64,
-            hidden: None,
-            setup: (cached == fresh.len()).then(|| ArSetup {
-                model_id: plan.model_id.clone(),
-                sampling: req.sampling.clone(),
-                seed: req.seed,
-                route: plan.stages.clone(),
-                hop: 0,
-            }),
-        };
-        let step = Message::ArStep(meta, ArPayload::Tokens(fresh));
-        timeout(limits.stall_timeout, write_message(s, &step))
-            .await
-            .map_err(|_| net(format!("{addr} stopped reading")))?
-            .map_err(|e| net(format!("{addr}: {e}")))?;
-        let reply = loop {
-            match timeout(limits.stall_timeout, read_message(s, limits.max_frame)).await {
-                Err(_) => return Err(net(format!("{addr} stalled"))),
-                Ok(Err(e)) => return Err(net(format!("{addr}: {e}"))),
-                Ok(Ok(Message::Keepalive)) => continue,
-                Ok(Ok(m)) => break m,
-            }
-        };
-        match reply {
-            Message::ArOutput(o) => {
-                output.push(o.byte);
-                let go_on = on_byte(o.byte);
-                ids.push(o.byte as u16);
-                traversals += traversals_in(&o.hops, first);
-                if hops.is_empty() {
-                    hops = o.hops;
-                } else {
-                    for (sum, h) in hops.iter_mut().zip(&o.hops) {
-                        sum.compute_ms += h.compute_ms;
-                        sum.bytes_out += h.bytes_out;
-                    }
-                }
-                if !go_on {
-                    break;
-                }
-            }
-            Message::Error(e) => return Err(stage_error(format!("AR step {i}"), &e)),
-            other => {
-                return Err(net(format!(
-                    "unexpected {} frame",
-                    crate::kind_name(&other)
-                )))
-            }
-        }
-    }
-    Ok(Generation {
-        output,
-        hops,
-        seconds: started.elapsed().as_secs_f64(),
-        traversals,
-        entry_failovers: 0,
-    })
 }

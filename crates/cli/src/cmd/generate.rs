@@ -167,7 +167,21 @@ fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
         out.seconds,
         plan.stages.len()
     );
-    if out.entry_failovers > 0 {
+    if plan.family == "ar" && out.stage_failovers.iter().any(|&n| n > 0) {
+        // AR: a replica lost mid-session cost a new session and a re-prefill.
+        let per_stage: Vec<String> = plan
+            .stages
+            .iter()
+            .zip(&out.stage_failovers)
+            .filter(|(_, &n)| n > 0)
+            .map(|(s, n)| format!("{n} of layers {}", s.blocks))
+            .collect();
+        eprintln!(
+            "  (failed over: gave up on {} server(s); {} cached position(s) re-prefilled)",
+            per_stage.join(", "),
+            out.replayed_positions
+        );
+    } else if out.entry_failovers > 0 {
         eprintln!(
             "  (gave up on {} server(s) of the first stage)",
             out.entry_failovers

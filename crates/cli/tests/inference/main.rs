@@ -3,6 +3,7 @@
 //! hostile frames sent by hand, the OpenAI-compatible gateway, and routes built from a
 //! coordinator's registry.
 
+mod ar_failover;
 mod faults;
 mod gateway;
 mod gateway_api;
