@@ -165,8 +165,8 @@ fn ar_pipeline_over_three_servers_matches_local_greedy_generation() {
         assert_eq!(served(&s.addr), 48, "one pass of every stage per byte");
     }
 
-    // The AR baseline keeps its KV caches on the servers, so it cannot fail over: a dead
-    // middle stage is a clear error naming its layers.
+    // A dead middle stage with no replica is a clear error naming its layers (failover
+    // to replicas is ar_failover.rs's).
     servers[1].signal("-KILL");
     std::thread::sleep(Duration::from_millis(200));
     let out = generate_route(&route, &greedy);

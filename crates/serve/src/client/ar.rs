@@ -328,3 +328,67 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blocktrain_protocol::frame::BlockRange;
+
+    fn plan() -> Plan {
+        let stage = |l: u32, replicas: &[&str]| Stage {
+            blocks: BlockRange { first: l, last: l },
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+        };
+        Plan {
+            model_id: "m".into(),
+            family: "ar".into(),
+            total: 2,
+            stages: vec![stage(1, &["a"]), stage(2, &["b", "c"])],
+            max_tokens: 64,
+            window: 32,
+            unreachable: Vec::new(),
+            latency_ms: Default::default(),
+        }
+    }
+
+    fn report(layer: u32, failovers: u32) -> HopStat {
+        HopStat {
+            blocks: BlockRange {
+                first: layer,
+                last: layer,
+            },
+            server: "x".into(),
+            compute_ms: 0.0,
+            failovers,
+            bytes_out: 0,
+        }
+    }
+
+    #[test]
+    fn a_replica_passed_over_is_given_up_on_and_the_next_route_skips_it() {
+        let plan = plan();
+        let mut r = Replicas::new(&plan);
+        let route = r.route().unwrap();
+        r.learn(&route, &[report(1, 1), report(2, 0)]);
+        assert_eq!(r.in_use[1].as_deref(), Some("c"));
+        assert_eq!(r.failovers(), vec![0, 1]);
+        assert_eq!(r.route().unwrap()[1].replicas, vec!["c".to_string()]);
+        // Giving up on the last one ends the generation with the stage named.
+        r.give_up(1, vec!["c".into()], "connection closed");
+        let e = r.route().unwrap_err().to_string();
+        assert!(e.contains("AR stage 2..2: no replica left of 2"), "{e}");
+        assert!(e.contains("c: connection closed"), "{e}");
+    }
+
+    #[test]
+    fn a_report_that_cannot_be_true_teaches_nothing() {
+        let plan = plan();
+        let mut r = Replicas::new(&plan);
+        let route = r.route().unwrap();
+        // A hostile first stage claims it passed over more replicas than exist.
+        r.learn(&route, &[report(1, u32::MAX), report(7, 3)]);
+        assert_eq!(r.in_use[1], None);
+        assert_eq!(r.failovers(), vec![0, 0]);
+        assert_eq!(r.route().unwrap()[1].replicas.len(), 2);
+    }
+}
