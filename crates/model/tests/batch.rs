@@ -94,13 +94,29 @@ fn masked_rows_denoised_together_get_the_bytes_each_gets_alone() {
                     rng: SampleRng::for_block(seed, b),
                 })
                 .collect();
-            denoise_interval_batch(&net, &mut br, lo, hi, Device::Cpu);
+            let passes = denoise_interval_batch(&net, &mut br, lo, hi, Device::Cpu);
+            assert!(passes <= 4, "one forward per step at most: {passes}");
             batch = br.into_iter().map(|r| r.ids).collect();
+            let mut passes_alone = 0;
             for (ids, &(_, s, seed)) in alone.iter_mut().zip(&rows) {
+                // The passes this row needs alone, counted by a batch of one.
+                let mut one = [BatchRow {
+                    ids: ids.clone(),
+                    settings: s,
+                    rng: SampleRng::for_block(seed, b),
+                }];
+                passes_alone += denoise_interval_batch(&net, &mut one, lo, hi, Device::Cpu);
                 let x = Tensor::from_slice(ids).view([1, -1]);
                 let mut rng = SampleRng::for_block(seed, b);
                 let y = denoise_interval(&net, &x, lo, hi, s, &mut rng);
                 *ids = Vec::try_from(y.view([-1])).unwrap();
+                assert_eq!(*ids, one[0].ids, "a batch of one is the unbatched sampler");
+            }
+            if len == 24 {
+                assert!(
+                    passes < passes_alone,
+                    "{passes} passes vs {passes_alone} alone"
+                );
             }
         }
         assert_eq!(batch, alone, "length {len}");

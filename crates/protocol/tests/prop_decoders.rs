@@ -253,6 +253,8 @@ fn message() -> impl Strategy<Value = Message> {
                         window,
                         served,
                         busy_ms: 0.5,
+                        batches: 0,
+                        batched: 0,
                     })
                 }
             ),

@@ -108,6 +108,7 @@ pub struct BatchRow<'a> {
 /// the positions it reveals, step by step), and only the network's forward passes are
 /// shared: a step runs one forward over the rows that reveal something there.
 ///
+/// Returns the forward passes it ran (at most one per step, whatever the rows).
 /// Panics if the rows differ in length or in steps per block (bucket them first).
 pub fn denoise_interval_batch(
     net: &Denoiser,
@@ -115,9 +116,9 @@ pub fn denoise_interval_batch(
     lo: f64,
     hi: f64,
     device: Device,
-) {
+) -> usize {
     let Some(first) = rows.first() else {
-        return;
+        return 0;
     };
     let (len, steps) = (first.ids.len(), first.settings.steps_per_block.max(1));
     assert!(
@@ -127,6 +128,7 @@ pub fn denoise_interval_batch(
     );
     // A row with nothing masked is done (the unbatched loop breaks there).
     let mut done = vec![false; rows.len()];
+    let mut passes = 0;
     tch::no_grad(|| {
         for j in 0..steps {
             let from = hi - (hi - lo) * j as f64 / steps as f64;
@@ -163,6 +165,7 @@ pub fn denoise_interval_batch(
             let x = Tensor::from_slice(&flat).view([n, -1]).to_device(device);
             let t = Tensor::full([n], from, (Kind::Float, device));
             let logits = net.forward(&x, Some(&t)); // (n, T, 256)
+            passes += 1;
             for (k, (r, reveal)) in active.iter().enumerate() {
                 let row = &mut rows[*r];
                 let at = Tensor::from_slice(reveal).to_device(device);
@@ -174,4 +177,5 @@ pub fn denoise_interval_batch(
             }
         }
     });
+    passes
 }

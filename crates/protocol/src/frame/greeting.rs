@@ -115,6 +115,8 @@ mod tests {
                 window: 32,
                 served: 0,
                 busy_ms: 0.0,
+                batches: 0,
+                batched: 0,
             },
             key: key.into(),
             challenge: challenge.into(),

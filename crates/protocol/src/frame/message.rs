@@ -65,6 +65,13 @@ pub struct ServerInfo {
     /// which clients rank replicas by.
     #[serde(default)]
     pub busy_ms: f64,
+    /// Diffusion batches this server has computed: one per run of its blocks over the
+    /// requests computed together (a request alone is a batch of one).
+    #[serde(default)]
+    pub batches: u64,
+    /// Diffusion requests those batches computed (`batched / batches`: the mean batch).
+    #[serde(default)]
+    pub batched: u64,
 }
 
 /// Metadata of a [`Message::Denoise`].

@@ -48,6 +48,8 @@ fn samples() -> Vec<Message> {
             window: 128,
             served: 3,
             busy_ms: 1.5,
+            batches: 2,
+            batched: 5,
         }),
         Message::Denoise(
             DenoiseMeta {

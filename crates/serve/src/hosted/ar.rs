@@ -48,6 +48,8 @@ impl Hosted {
                 window: net.net.config().window as u32,
                 served: 0,
                 busy_ms: 0.0,
+                batches: 0,
+                batched: 0,
             },
             role: Role::Ar {
                 net: Box::new(net),

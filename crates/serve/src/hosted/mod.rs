@@ -209,14 +209,22 @@ pub struct BatchKey {
     pub heun: bool,
 }
 
-impl Hosted {
-    /// The batch a request with `len` tokens and `sampling` may join.
-    pub fn batch_key(&self, len: usize, sampling: &Sampling) -> BatchKey {
+impl BatchKey {
+    /// The batch a request with `len` tokens and `sampling` may join, on a server of
+    /// the embedding family (`latent`) or not.
+    pub fn new(len: usize, sampling: &Sampling, latent: bool) -> BatchKey {
         BatchKey {
             len,
             steps: sampling.steps_per_block.max(1),
-            heun: sampling.heun && matches!(self.role, Role::Latent { .. }),
+            heun: sampling.heun && latent,
         }
+    }
+}
+
+impl Hosted {
+    /// The batch a request with `len` tokens and `sampling` may join here.
+    pub fn batch_key(&self, len: usize, sampling: &Sampling) -> BatchKey {
+        BatchKey::new(len, sampling, matches!(self.role, Role::Latent { .. }))
     }
 
     /// [`Hosted::denoise`] for several requests at once: requests of one

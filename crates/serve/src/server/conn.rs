@@ -153,6 +153,8 @@ fn info_now(shared: &Shared) -> ServerInfo {
     let mut info = shared.info.clone();
     info.served = shared.served.load(Ordering::Relaxed);
     info.busy_ms = shared.busy_us.load(Ordering::Relaxed) as f64 / 1e3;
+    info.batches = shared.batcher.stats.batches.load(Ordering::Relaxed);
+    info.batched = shared.batcher.stats.requests.load(Ordering::Relaxed);
     info
 }
 

@@ -11,6 +11,7 @@ use super::check::{check_route, check_sampling};
 use super::conn::{error, send_up, Keepalive};
 use super::{Shared, Upstream};
 use crate::hop::call_stage;
+use crate::hosted::DenoiseJob;
 
 pub(super) async fn denoise(
     up: &Upstream,
@@ -52,15 +53,14 @@ async fn run_denoise(
     let permit = shared.gate.admit(Some(token_steps))?;
     let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
     let started = Instant::now();
-    let work = {
-        let shared = shared.clone();
-        let (sampling, seed) = (meta.sampling.clone(), meta.seed);
-        tokio::task::spawn_blocking(move || {
-            let hosted = shared.hosted.lock().unwrap_or_else(|p| p.into_inner());
-            hosted.denoise(&tokens, latent.as_ref(), &sampling, seed)
-        })
+    // Computed in the next batch of its length and steps (alone if none joins it).
+    let job = DenoiseJob {
+        tokens,
+        latent,
+        sampling: meta.sampling.clone(),
+        seed: meta.seed,
     };
-    let (tokens, latent) = match work.await {
+    let (tokens, latent) = match shared.batcher.compute(job).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             keepalive.finish().await;
@@ -73,7 +73,7 @@ async fn run_denoise(
         }
         Err(e) => {
             keepalive.finish().await;
-            return Err((ErrorCode::Internal, format!("compute failed: {e}")));
+            return Err((ErrorCode::Internal, e));
         }
     };
     drop(permit); // waiting for the next stage is not compute

@@ -14,8 +14,11 @@
 //! against the session's KV cache and goes on over a persistent connection to the next
 //! stage; the last stage samples the byte and the `ArOutput` travels back.
 //!
-//! Compute is serialised (one request's blocks at a time) and runs on the blocking
-//! pool; a panic in it becomes an `Internal` error for that request, never a dead
+//! Compute is serialised (one batch or AR step at a time) off the async threads:
+//! diffusion requests on the compute thread of `batch`, which computes concurrent
+//! requests of one length and steps together ([`BatchOptions`]; each keeps its own
+//! random draws, so its output is the same batched or not), AR steps on the blocking
+//! pool. A panic in it becomes an `Internal` error for that request, never a dead
 //! server. A bad frame gets an error reply and the connection is closed.
 //!
 //! Every peer is treated as hostile:
@@ -36,7 +39,8 @@
 //! Here: options, the accept loop, the state connections share (with the pass
 //! counter); `conn` reads a connection's frames and replies, `gate` admits connections
 //! and requests, `auth` checks `Hello`s, `check` holds the checks every hop makes,
-//! `denoise` and `ar` run and forward the two kinds of request.
+//! `denoise` and `ar` run and forward the two kinds of request, `batch` computes
+//! diffusion requests in batches.
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,12 +57,14 @@ use crate::hosted::Hosted;
 
 mod ar;
 pub mod auth;
+mod batch;
 mod check;
 mod conn;
 mod denoise;
 mod gate;
 
 pub use auth::ClientAuth;
+pub use batch::{BatchOptions, MAX_BATCH_LIMIT};
 pub use gate::Caps;
 
 /// Server settings.
@@ -85,6 +91,8 @@ pub struct ServeOptions {
     /// each must still greet as a server of this model. None: any address on the
     /// route whose greeting shows this model and the route's blocks.
     pub peers: Option<Vec<String>>,
+    /// How diffusion requests are batched.
+    pub batch: BatchOptions,
 }
 
 impl Default for ServeOptions {
@@ -99,12 +107,15 @@ impl Default for ServeOptions {
             auth: ClientAuth::default(),
             identity: Identity::generate(),
             peers: None,
+            batch: BatchOptions::default(),
         }
     }
 }
 
 struct Shared {
-    hosted: Mutex<Hosted>,
+    hosted: Arc<Mutex<Hosted>>,
+    /// Computes diffusion requests in batches (on its own thread, sharing `hosted`).
+    batcher: batch::Batcher,
     info: blocktrain_protocol::frame::ServerInfo,
     opts: ServeOptions,
     /// Passes computed: diffusion requests run, AR steps run.
@@ -152,9 +163,12 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
             join_secret: opts.auth.join_secret.clone(),
         }));
     }
+    let info = hosted.info.clone();
+    let hosted = Arc::new(Mutex::new(hosted));
     let shared = Arc::new(Shared {
-        info: hosted.info.clone(),
-        hosted: Mutex::new(hosted),
+        info,
+        batcher: batch::Batcher::start(hosted.clone(), opts.batch.clone()),
+        hosted,
         gate: Arc::new(gate::Gate::new(opts.caps.clone())),
         key: opts.identity.public_hex(),
         opts,
