@@ -10,7 +10,9 @@ use blocktrain_protocol::frame::{self, BlockRange};
 use blocktrain_serve::framed::FrameDeadline;
 use blocktrain_serve::hop::{Credentials, HopLimits};
 use blocktrain_serve::hosted::{Hosted, Source};
-use blocktrain_serve::server::{serve, Caps, ClientAuth, ServeOptions};
+use blocktrain_serve::server::{
+    serve, BatchOptions, Caps, ClientAuth, ServeOptions, MAX_BATCH_LIMIT,
+};
 use clap::Args;
 
 use crate::args::DeviceArgs;
@@ -64,6 +66,15 @@ pub struct ServeArgs {
     /// Milliseconds between keepalives sent upstream while a request is in progress.
     #[arg(long, default_value_t = 1000)]
     pub keepalive_ms: u64,
+    /// Most diffusion requests computed together in one batch (requests of one length
+    /// and steps per block; each keeps its own random draws, so its output does not
+    /// change). 1: every request alone. AR steps are never batched.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Milliseconds a batch waits for more requests of its length after the first
+    /// (requests that arrived while the last batch computed join at once).
+    #[arg(long, default_value_t = 1.0)]
+    pub batch_window_ms: f64,
     #[command(flatten)]
     pub guard: GuardArgs,
     /// Announcing this server to a coordinator's registry.
@@ -272,10 +283,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
             );
         }
     }
+    if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
+        bail!("--max-batch must be 1..={MAX_BATCH_LIMIT}");
+    }
+    if !(0.0..=1000.0).contains(&args.batch_window_ms) {
+        bail!("--batch-window-ms must be 0..=1000");
+    }
     let opts = args.guard.apply(ServeOptions {
         limits,
         keepalive: Duration::from_millis(args.keepalive_ms.max(10)),
         name: args.name.clone().unwrap_or_default(),
+        batch: BatchOptions {
+            max_batch: args.max_batch,
+            window: Duration::from_secs_f64(args.batch_window_ms / 1e3),
+        },
         ..ServeOptions::default()
     })?;
     let key = opts.identity.public_hex();
