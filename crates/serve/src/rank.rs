@@ -5,11 +5,13 @@
 //!
 //! Petals routes by ping and by the throughput servers announce (Borzunov et al.,
 //! "Distributed Inference and Fine-tuning of Large Language Models Over The Internet",
-//! 2023). Here a server announces its recent passes per second `λ` and its mean compute
-//! time per pass `S`, so its utilisation is `ρ = λ·S` and, treating it as an M/M/1
-//! queue, a new request spends `S / (1 − ρ)` there (waiting and computing). The score is
-//! `rtt + S / (1 − ρ)`, with `ρ` capped below 1 so an overloaded server ranks last rather
-//! than at infinity. A server without load figures scores its round trip alone.
+//! 2023). Here a server announces `W`, the mean time its recent passes took from
+//! admission to result: its compute plus the queueing it had under its recent load, so
+//! a busy server's `W` grows with its queue and an idle one's is its compute time. The
+//! score is `rtt + W`. (`W` already holds the queueing: no queueing model is applied on
+//! top of it, which would count the load twice.) Announced figures are claims: they are
+//! clamped, and a server that lies about its load costs a client a slow first try at
+//! most, since a failing or slow replica is passed over.
 //!
 //! Failover needs no separate mechanism: a replica that fails is given up on and the
 //! next one tried, so a bad first choice costs one failed attempt.
@@ -20,33 +22,26 @@ use crate::client::Plan;
 /// What a registry says of a server's load.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Load {
-    /// Passes per second recently computed.
+    /// Passes per second recently computed (shown; the score uses `pass_ms`, which
+    /// already reflects the load).
     pub passes_per_s: f64,
-    /// Mean compute time of one pass, ms.
+    /// Mean time of a recent pass from admission to result (queueing included), ms.
     pub pass_ms: Option<f64>,
 }
 
-/// Utilisation at most this, for the score (an overloaded server ranks last, finitely).
-const MAX_UTILISATION: f64 = 0.95;
+/// The longest time per pass a score counts, ms (announced figures are clamped to it).
+const MAX_PASS_MS: f64 = 600_000.0;
 
-/// Expected milliseconds a request spends on the server at `addr`: round trip plus time
-/// in system (see the module docs). Unknown round trips count as one second.
+/// Expected milliseconds a request spends on the server: round trip plus its recent
+/// time per pass (see the module docs). Unknown round trips count as one second.
 pub fn score(rtt_ms: Option<f64>, load: Option<&Load>) -> f64 {
     let rtt = rtt_ms
         .filter(|r| r.is_finite() && *r >= 0.0)
         .unwrap_or(1000.0);
-    let Some(Load {
-        passes_per_s,
-        pass_ms: Some(s),
-    }) = load.copied()
-    else {
-        return rtt;
-    };
-    if !(s.is_finite() && s >= 0.0 && passes_per_s.is_finite() && passes_per_s >= 0.0) {
-        return rtt;
+    match load.and_then(|l| l.pass_ms) {
+        Some(w) if w.is_finite() && w >= 0.0 => rtt + w.min(MAX_PASS_MS),
+        _ => rtt,
     }
-    let rho = (passes_per_s * s / 1000.0).min(MAX_UTILISATION);
-    rtt + s / (1.0 - rho)
 }
 
 /// Orders every stage's replicas by [`score`], best first (ties keep their order).
@@ -91,26 +86,24 @@ mod tests {
     }
 
     #[test]
-    fn the_score_is_round_trip_plus_time_in_system() {
+    fn the_score_is_round_trip_plus_recent_time_per_pass() {
         assert_eq!(score(Some(20.0), None), 20.0);
-        // λ = 5/s, S = 100 ms: ρ = 0.5, time in system 200 ms.
         let busy = Load {
             passes_per_s: 5.0,
-            pass_ms: Some(100.0),
+            pass_ms: Some(200.0),
         };
         assert!((score(Some(20.0), Some(&busy)) - 220.0).abs() < 1e-9);
-        // Idle: the compute time alone.
-        let idle = Load {
+        // Claims are clamped; nonsense is ignored.
+        let absurd = Load {
             passes_per_s: 0.0,
-            pass_ms: Some(100.0),
+            pass_ms: Some(1e300),
         };
-        assert!((score(Some(20.0), Some(&idle)) - 120.0).abs() < 1e-9);
-        // Overloaded: finite, capped at ρ = 0.95 (S / 0.05 = 20 S).
-        let over = Load {
-            passes_per_s: 50.0,
-            pass_ms: Some(100.0),
+        assert_eq!(score(Some(0.0), Some(&absurd)), MAX_PASS_MS);
+        let nan = Load {
+            passes_per_s: 0.0,
+            pass_ms: Some(f64::NAN),
         };
-        assert!((score(Some(0.0), Some(&over)) - 2000.0).abs() < 1e-6);
+        assert_eq!(score(Some(7.0), Some(&nan)), 7.0);
         assert_eq!(score(None, None), 1000.0);
         assert_eq!(score(Some(f64::NAN), None), 1000.0);
     }
@@ -121,14 +114,14 @@ mod tests {
         let mut p = plan(&["far:1", "near:1"], &[80.0, 10.0]);
         order_replicas(&mut p, &BTreeMap::new());
         assert_eq!(p.stages[0].replicas, vec!["near:1", "far:1"]);
-        // The near one is loaded (ρ = 0.9, S = 50 ms: 500 ms in system): the far idle
-        // one (80 + 50 ms) goes first.
+        // The near one is loaded (its passes recently took 500 ms, queueing included):
+        // the far idle one (80 + 50 ms) goes first.
         let mut loads = BTreeMap::new();
         loads.insert(
             "near:1".to_string(),
             Load {
                 passes_per_s: 18.0,
-                pass_ms: Some(50.0),
+                pass_ms: Some(500.0),
             },
         );
         loads.insert(

@@ -155,7 +155,7 @@ fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
         Ok::<_, anyhow::Error>((plan, out))
     })?;
     for u in &plan.unreachable {
-        eprintln!("note: left out of the route (did not answer): {u}");
+        eprintln!("note: left out of the route: {u}");
     }
     let traversals = match out.traversals {
         1 => "1 traversal".to_string(),

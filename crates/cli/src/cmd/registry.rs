@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blocktrain_protocol::frame::ServerInfo;
+use blocktrain_protocol::frame::{BlockRange, ServerInfo};
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::registry::{Announcement, ServerList};
 use blocktrain_protocol::wire::join_proof;
@@ -112,12 +112,32 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// The model to route to and its servers' addresses and loads: `model` when given,
-/// else the one model the live servers cover fully.
+/// A listed server of the chosen model: where, and what it announced it hosts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// `host:port`.
+    pub addr: String,
+    /// The blocks it announced.
+    pub blocks: BlockRange,
+}
+
+/// What a route over the registry's servers must be: the model and its shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wanted {
+    /// Model id.
+    pub model: String,
+    /// Its family.
+    pub family: String,
+    /// Its blocks.
+    pub total: u32,
+}
+
+/// The model to route to, its listed servers and their loads: `model` when given, else
+/// the one model the live servers cover fully.
 pub fn choose(
     list: &ServerList,
     model: Option<&str>,
-) -> Result<(String, Vec<String>, BTreeMap<String, Load>)> {
+) -> Result<(Wanted, Vec<Candidate>, BTreeMap<String, Load>)> {
     let full: Vec<&str> = list
         .models
         .iter()
@@ -159,24 +179,72 @@ pub fn choose(
             ),
         },
     };
-    let mut addrs = Vec::new();
+    let cov = list
+        .models
+        .iter()
+        .find(|c| c.model_id == chosen)
+        .context("the chosen model has a coverage entry")?;
+    let wanted = Wanted {
+        model: chosen.clone(),
+        family: cov.family.clone(),
+        total: cov.total,
+    };
+    let mut candidates: Vec<Candidate> = Vec::new();
     let mut loads = BTreeMap::new();
+    // Newest announcement first: for an address listed twice, the newest figures count.
     for e in list
         .servers
         .iter()
         .filter(|e| e.announcement.model_id == chosen)
     {
         let a = &e.announcement;
-        addrs.push(a.addr.clone());
-        loads.insert(
-            a.addr.clone(),
-            Load {
-                passes_per_s: a.passes_per_s,
-                pass_ms: a.pass_ms,
-            },
-        );
+        let c = Candidate {
+            addr: a.addr.clone(),
+            blocks: a.blocks,
+        };
+        if !candidates.contains(&c) {
+            candidates.push(c);
+        }
+        loads.entry(a.addr.clone()).or_insert(Load {
+            passes_per_s: a.passes_per_s,
+            pass_ms: a.pass_ms,
+        });
     }
-    Ok((chosen, addrs, loads))
+    Ok((wanted, candidates, loads))
+}
+
+/// A tiling of blocks `1..=total` by `ranges` (each with its replica count), preferring
+/// the tiling whose thinnest stage has the most replicas, then the one with fewer
+/// stages. None when the ranges cannot tile the model.
+pub fn tile(ranges: &BTreeMap<(u32, u32), usize>, total: u32) -> Option<Vec<(u32, u32)>> {
+    let n = total as usize;
+    // best[b]: from block b on, (thinnest stage's replicas, -stages, first range).
+    type Best = Option<(usize, i64, (u32, u32))>;
+    let mut best: Vec<Best> = vec![None; n + 2];
+    let end = (usize::MAX, 0, (0, 0));
+    best[n + 1] = Some(end);
+    for b in (1..=n).rev() {
+        for (&(first, last), &count) in ranges.range((b as u32, 0)..(b as u32 + 1, 0)) {
+            if first as usize != b || last < first || last as usize > n {
+                continue;
+            }
+            let Some((thin, stages, _)) = best[last as usize + 1] else {
+                continue;
+            };
+            let cand = (thin.min(count), stages - 1, (first, last));
+            if best[b].is_none_or(|cur| (cand.0, cand.1) > (cur.0, cur.1)) {
+                best[b] = Some(cand);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut b = 1usize;
+    while b <= n {
+        let (_, _, r) = best[b]?;
+        out.push(r);
+        b = r.1 as usize + 1;
+    }
+    Some(out)
 }
 
 /// The route from the registry: its live servers of the chosen model, each asked what
@@ -186,16 +254,93 @@ pub async fn plan(args: &RegistryClientArgs, limits: &HopLimits) -> Result<Plan>
     let list = tokio::task::spawn_blocking(move || fetch(&fetch_args))
         .await
         .context("registry task")??;
-    let (model, addrs, loads) = choose(&list, args.model.as_deref())?;
-    let mut plan = client::discover(&addrs, limits).await?;
-    if plan.model_id != model {
+    let (wanted, candidates, loads) = choose(&list, args.model.as_deref())?;
+    let (kept, mut left_out) = verify(&wanted, candidates, limits).await;
+    let mut ranges: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+    for c in &kept {
+        *ranges.entry((c.blocks.first, c.blocks.last)).or_default() += 1;
+    }
+    let Some(tiling) = tile(&ranges, wanted.total) else {
         bail!(
-            "the registry lists model {model}, but its servers answer for {}",
+            "the servers of model {} that answer as announced do not cover its {} blocks{}",
+            wanted.model,
+            wanted.total,
+            match left_out.is_empty() {
+                true => String::new(),
+                false => format!(" (left out: {})", left_out.join("; ")),
+            }
+        );
+    };
+    let mut addrs = Vec::new();
+    for c in kept {
+        match tiling.contains(&(c.blocks.first, c.blocks.last)) {
+            true => addrs.push(c.addr),
+            false => left_out.push(format!(
+                "{}: hosts blocks {}, not a stage of the chosen tiling",
+                c.addr, c.blocks
+            )),
+        }
+    }
+    let mut plan = client::discover(&addrs, limits).await?;
+    if plan.model_id != wanted.model {
+        bail!(
+            "the registry lists model {}, but its servers answer for {}",
+            wanted.model,
             plan.model_id
         );
     }
+    plan.unreachable.extend(left_out);
     order_replicas(&mut plan, &loads);
     Ok(plan)
+}
+
+/// Asks every candidate what it hosts (its greeting; no Hello is signed for it) and
+/// keeps those that answer for the wanted model, family and size with the blocks they
+/// announced; the others are returned as why they were left out. A lying or foreign
+/// announcement thus costs one greeting, never the route.
+async fn verify(
+    wanted: &Wanted,
+    candidates: Vec<Candidate>,
+    limits: &HopLimits,
+) -> (Vec<Candidate>, Vec<String>) {
+    let mut asks = tokio::task::JoinSet::new();
+    for (i, c) in candidates.iter().enumerate() {
+        let (addr, limits) = (c.addr.clone(), limits.clone());
+        asks.spawn(async move { (i, client::server_info(&addr, &limits).await) });
+    }
+    let mut answers: Vec<Option<Result<ServerInfo, String>>> = vec![None; candidates.len()];
+    while let Some(done) = asks.join_next().await {
+        if let Ok((i, a)) = done {
+            answers[i] = Some(a);
+        }
+    }
+    let mut kept = Vec::new();
+    let mut left_out = Vec::new();
+    for (c, answer) in candidates.into_iter().zip(answers) {
+        match answer.unwrap_or_else(|| Err("the check failed".into())) {
+            Ok(i)
+                if i.model_id == wanted.model
+                    && i.family == wanted.family
+                    && i.total == wanted.total
+                    && i.blocks == c.blocks =>
+            {
+                kept.push(c)
+            }
+            Ok(i) => left_out.push(format!(
+                "{}: announced {} blocks {} of {}, answers for {} {} blocks {} of {}",
+                c.addr,
+                wanted.model,
+                c.blocks,
+                wanted.total,
+                i.family,
+                i.model_id,
+                i.blocks,
+                i.total
+            )),
+            Err(e) => left_out.push(format!("{}: {e}", c.addr)),
+        }
+    }
+    (kept, left_out)
 }
 
 /// Announces the server at `own` (which hosts `info`, with key `id`) to the registry
@@ -236,28 +381,36 @@ pub async fn announce_forever(
     let every = Duration::from_secs_f64(args.announce_every.clamp(1.0, 200.0));
     let ttl_secs = (3.0 * every.as_secs_f64()).ceil().clamp(5.0, 600.0) as u32;
     let mut last: Option<(Instant, u64, Option<f64>)> = None;
+    // What the last reading gave: passes, passes per second, ms per pass.
+    let mut figures: (u64, f64, Option<f64>) = (0, 0.0, None);
     let mut announced = false;
     loop {
-        let now = client::server_info(&own, &limits).await.ok();
-        let (served, busy_ms) = now.as_ref().map_or((0, None), busy_of);
-        let (passes_per_s, pass_ms) = match last {
-            Some((t, s0, b0)) if served >= s0 => {
-                let dt = t.elapsed().as_secs_f64().max(1e-3);
-                let n = served - s0;
-                // The recent mean while it works; idle, its mean since start.
-                let pass = match (busy_ms, b0) {
-                    (Some(b), Some(b0)) if n > 0 => Some((b - b0).max(0.0) / n as f64),
-                    (Some(b), _) if served > 0 => Some(b / served as f64),
-                    _ => None,
-                };
-                (n as f64 / dt, pass)
-            }
-            _ => (
-                0.0,
-                busy_ms.filter(|_| served > 0).map(|b| b / served as f64),
-            ),
-        };
-        last = Some((Instant::now(), served, busy_ms));
+        // Its own counters. When they cannot be read this time, the last figures are
+        // announced again and the interval goes on: a reading of 0 passes would make
+        // the next one count every pass since start as one interval's.
+        if let Ok(now) = client::server_info(&own, &limits).await {
+            let (served, busy_ms) = busy_of(&now);
+            let (passes_per_s, pass_ms) = match last {
+                Some((t, s0, b0)) if served >= s0 => {
+                    let dt = t.elapsed().as_secs_f64().max(1e-3);
+                    let n = served - s0;
+                    // The recent mean while it works; idle, its mean since start.
+                    let pass = match (busy_ms, b0) {
+                        (Some(b), Some(b0)) if n > 0 => Some((b - b0).max(0.0) / n as f64),
+                        (Some(b), _) if served > 0 => Some(b / served as f64),
+                        _ => None,
+                    };
+                    (n as f64 / dt, pass)
+                }
+                _ => (
+                    0.0,
+                    busy_ms.filter(|_| served > 0).map(|b| b / served as f64),
+                ),
+            };
+            last = Some((Instant::now(), served, busy_ms));
+            figures = (served, passes_per_s, pass_ms);
+        }
+        let (served, passes_per_s, pass_ms) = figures;
         let a = Announcement {
             model_id: info.model_id.clone(),
             family: info.family.clone(),
@@ -286,10 +439,12 @@ pub async fn announce_forever(
                 announced = true;
             }
             Ok(_) => {}
-            // A refusal of the first announcement is a configuration error: say so and stop.
-            Err(e) if !announced && !matches!(e, blocktrain_train::NodeError::Network(_)) => {
-                bail!("the registry at {url} refused this server: {e}")
-            }
+            // Not admitted is a configuration error: say so and stop. Anything else (a
+            // full registry, a conflict, the network) may pass: retried at the next renewal.
+            Err(
+                e @ (blocktrain_train::NodeError::Forbidden(_)
+                | blocktrain_train::NodeError::Unauthenticated(_)),
+            ) if !announced => bail!("the registry at {url} refused this server: {e}"),
             Err(e) => eprintln!("warning: announcing to {url}: {e}"),
         }
         tokio::time::sleep(every).await;
@@ -361,8 +516,9 @@ mod tests {
             servers: vec![entry("a", "h1:1"), entry("b", "h2:1")],
             models: vec![cov("a", false), cov("b", true)],
         };
-        let (m, addrs, loads) = choose(&list, None).unwrap();
-        assert_eq!((m.as_str(), addrs), ("a", vec!["h1:1".to_string()]));
+        let (m, cands, loads) = choose(&list, None).unwrap();
+        let addrs: Vec<&str> = cands.iter().map(|c| c.addr.as_str()).collect();
+        assert_eq!((m.model.as_str(), addrs), ("a", vec!["h1:1"]));
         assert_eq!(loads["h1:1"].pass_ms, Some(10.0));
         let e = choose(&list, Some("b")).unwrap_err().to_string();
         assert!(e.contains("hosts blocks 1"), "{e}");
@@ -374,12 +530,32 @@ mod tests {
         };
         let e = choose(&two, None).unwrap_err().to_string();
         assert!(e.contains("--model"), "{e}");
-        assert_eq!(choose(&two, Some("b")).unwrap().1, vec!["h2:1".to_string()]);
+        assert_eq!(choose(&two, Some("b")).unwrap().1[0].addr, "h2:1");
         let empty = ServerList {
             servers: vec![],
             models: vec![],
         };
         assert!(choose(&empty, None).is_err());
+    }
+
+    #[test]
+    fn a_tiling_prefers_the_best_replicated_stages_and_fails_on_a_gap() {
+        let r = |v: &[((u32, u32), usize)]| v.iter().copied().collect::<BTreeMap<_, _>>();
+        // 1..2 (1 replica) or 1..1 + 2..2 (2 each), then 3..3 (1): both tilings' thinnest
+        // stage has 1 replica, so the one with fewer stages wins.
+        let ranges = r(&[((1, 2), 1), ((1, 1), 2), ((2, 2), 2), ((3, 3), 1)]);
+        assert_eq!(tile(&ranges, 3), Some(vec![(1, 2), (3, 3)]));
+        // A lone (perhaps hostile) 1..3 loses to stages with 2 replicas each; with 1 each
+        // it wins on stage count.
+        let ranges = r(&[((1, 3), 1), ((1, 1), 2), ((2, 2), 2), ((3, 3), 2)]);
+        assert_eq!(tile(&ranges, 3), Some(vec![(1, 1), (2, 2), (3, 3)]));
+        let ranges = r(&[((1, 3), 1), ((1, 1), 1), ((2, 2), 1), ((3, 3), 1)]);
+        assert_eq!(tile(&ranges, 3), Some(vec![(1, 3)]));
+        // Overlaps no longer stop a route: 1..2 and 2..3 overlap, 3..3 completes 1..2.
+        let ranges = r(&[((1, 2), 1), ((2, 3), 1), ((3, 3), 1)]);
+        assert_eq!(tile(&ranges, 3), Some(vec![(1, 2), (3, 3)]));
+        assert_eq!(tile(&r(&[((1, 1), 1), ((3, 3), 1)]), 3), None);
+        assert_eq!(tile(&r(&[((1, 4), 1)]), 3), None);
     }
 
     #[test]

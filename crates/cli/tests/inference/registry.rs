@@ -166,6 +166,30 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         );
     }
 
+    // A hostile key announces the model's blocks 1..2 at block 1's server: the client
+    // asks that address, finds it answering for 1..1, leaves the lie out, and routes on.
+    let model = list["models"][0]["model_id"].as_str().unwrap().to_string();
+    let lie = blocktrain_protocol::registry::Announcement {
+        model_id: model,
+        family: "block".into(),
+        blocks: blocktrain_protocol::frame::BlockRange { first: 1, last: 2 },
+        total: 2,
+        addr: low_a.addr.clone(),
+        served: 0,
+        passes_per_s: 0.0,
+        pass_ms: Some(0.0),
+        // Not renewed: it expires with the dead server below.
+        ttl_secs: 5,
+        join_proof: None,
+    };
+    let mut liar = blocktrain_train::client::Client::new(
+        &co.url,
+        blocktrain_protocol::identity::Identity::generate(),
+    )
+    .unwrap();
+    let _: serde_json::Value = liar.post_json("/v1/servers/announce", &lie).unwrap();
+    assert_eq!(servers(&co.url)["servers"].as_array().unwrap().len(), 4);
+
     // A client builds its route from the list: one traversal, counted by the servers.
     let before = served(&top.addr);
     let out = bt(&[
@@ -182,6 +206,10 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
     assert!(
         report.contains("8 bytes in") && report.contains("1 traversal of 2 stages"),
         "{report}"
+    );
+    assert!(
+        report.contains("answers for block") && report.contains("blocks 1..1 of 2"),
+        "the lie is reported as left out: {report}"
     );
     assert_eq!(served(&top.addr), before + 1);
     // Its next announcements carry the pass it measured: a mean time per pass and the
@@ -201,14 +229,16 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         },
     );
 
-    // /metrics shows the coverage per block.
+    // /metrics shows the coverage per block, as announced (the lie counts there: the
+    // registry lists claims; clients check them).
     let metrics = reqwest::blocking::get(format!("{}/metrics", co.url))
         .unwrap()
         .text()
         .unwrap();
     assert!(
         metrics.contains("blocktrain_registry_uncovered_blocks{model=")
-            && metrics.contains(",block=\"1\"} 2"),
+            && metrics.contains(",block=\"1\"} 3")
+            && metrics.contains(",block=\"2\"} 2"),
         "{metrics}"
     );
 

@@ -109,15 +109,24 @@ pub async fn connect(
 /// connection when one is idle.
 pub async fn info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, String> {
     let io = async {
-        let mut c = open(addr, limits, &Expect::default(), true)
-            .await
-            .map_err(|f| f.why)?;
-        if !c.reused {
-            // A fresh greeting is the answer (counts included): no round trip more.
-            let info = c.greeting.info.clone();
-            c.release(limits);
-            return Ok(info);
-        }
+        let key = pool_key(addr, limits);
+        let pooled = limits.pool.as_ref().and_then(|p| p.take(&key));
+        let Some((std, greeting)) = pooled else {
+            // A fresh greeting is the answer (counts included). No Hello is signed for
+            // it: an address is asked what it hosts before it is trusted with one (a
+            // hostile listed server could relay a signed Hello), and the connection,
+            // unauthenticated, is not pooled.
+            let (_, greeting) = dial_as(addr, limits, &Expect::default(), false)
+                .await
+                .map_err(|f| f.why)?;
+            return Ok(greeting.info);
+        };
+        let mut c = Conn {
+            stream: TcpStream::from_std(std).map_err(|e| e.to_string())?,
+            greeting,
+            reused: true,
+            key,
+        };
         write_message(&mut c.stream, &Message::Info)
             .await
             .map_err(|e| e.to_string())?;
@@ -148,6 +157,17 @@ async fn dial(
     limits: &HopLimits,
     expect: &Expect<'_>,
 ) -> Result<(TcpStream, Greeting), Failed> {
+    dial_as(addr, limits, expect, true).await
+}
+
+/// [`dial`]; `hello`: authenticate with the caller's credentials (else the connection
+/// is only greeted, as for reading what a server hosts).
+async fn dial_as(
+    addr: &str,
+    limits: &HopLimits,
+    expect: &Expect<'_>,
+    hello: bool,
+) -> Result<(TcpStream, Greeting), Failed> {
     let peer = expect.peers.is_some_and(|p| p.iter().any(|a| a == addr));
     if expect.peers.is_some() && !peer {
         return Err(Failed::new(
@@ -157,10 +177,11 @@ async fn dial(
     }
     let targets = resolve(addr, limits.connect_timeout).await?;
     if expect.no_loopback && !peer {
-        if let Some(t) = targets
-            .iter()
-            .find(|t| t.ip().is_loopback() || t.ip().is_unspecified())
-        {
+        // An IPv4-mapped IPv6 address (::ffff:127.0.0.1) reaches the same host.
+        if let Some(t) = targets.iter().find(|t| {
+            let ip = t.ip().to_canonical();
+            ip.is_loopback() || ip.is_unspecified()
+        }) {
             return Err(Failed::new(
                 ErrorCode::Refused,
                 format!("refused: {t} is this host (a server not on loopback forwards there only to --peers)"),
@@ -181,6 +202,9 @@ async fn dial(
     set_keepalive(&stream);
     let greeting = read_greeting(&mut stream, limits).await?;
     check_greeting(&greeting, expect)?;
+    if !hello {
+        return Ok((stream, greeting));
+    }
     if let Some(c) = &limits.credentials {
         let hello = Hello::sign(&c.identity, &greeting, c.join_secret.as_deref());
         // Sent now and not waited on: the request follows on the same connection, and

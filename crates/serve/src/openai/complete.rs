@@ -73,7 +73,8 @@ pub fn usage(job: &Job, completion: usize) -> Value {
 }
 
 async fn answer(g: Arc<Gateway>, body: Body, endpoint: Endpoint) -> Result<Response, ApiError> {
-    let job = check(body, endpoint, &g.plan(), g.default_steps)?;
+    let plan = g.plan();
+    let job = check(body, endpoint, &plan, g.default_steps)?;
     let slot = take_slot(&g)?;
     let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
@@ -83,7 +84,7 @@ async fn answer(g: Arc<Gateway>, body: Body, endpoint: Endpoint) -> Result<Respo
         endpoint,
         id: format!("{prefix}-{:016x}", rand::random::<u64>()),
         created: crate::now_ms() / 1000,
-        model: g.plan().model_id.clone(),
+        model: plan.model_id.clone(),
     };
     if job.stream {
         return Ok(super::stream::respond(g, job, head, slot));

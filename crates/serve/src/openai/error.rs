@@ -129,10 +129,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        // A body declared as something else is refused, so a browser's "simple"
-        // cross-origin form post (which skips CORS preflight) cannot start generations.
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("");
+        // A body not declared as JSON is refused, so a browser's "simple" cross-origin
+        // request (a form post, or a fetch of a Blob with no type: both skip the CORS
+        // preflight) cannot start generations.
+        {
+            let ct = req.headers().get(header::CONTENT_TYPE);
+            let declared = ct.map_or("(none)", |ct| ct.to_str().unwrap_or(""));
+            let essence = declared.split(';').next().unwrap_or("");
             let essence = essence.trim().to_ascii_lowercase();
             if essence != "application/json" && !essence.ends_with("+json") {
                 return Err(ApiError::status(

@@ -53,6 +53,8 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
             return (*status, Json(body.clone())).into_response();
         }
     }
+    // One route for the whole check: a refresh may swap it meanwhile.
+    let plan = g.plan();
     let limits = HopLimits {
         connect_timeout: Duration::from_secs(1),
         stall_timeout: Duration::from_secs(2),
@@ -60,10 +62,10 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
     };
     // Every replica is asked at once, so one dead server costs its timeout once.
     let mut asks = tokio::task::JoinSet::new();
-    for (i, stage) in g.plan().stages.iter().enumerate() {
+    for (i, stage) in plan.stages.iter().enumerate() {
         for addr in &stage.replicas {
             let (addr, limits, stage) = (addr.clone(), limits.clone(), stage.clone());
-            let model = g.plan().model_id.clone();
+            let model = plan.model_id.clone();
             asks.spawn(async move {
                 let info = server_info(&addr, &limits).await;
                 (
@@ -73,15 +75,14 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
             });
         }
     }
-    let mut answering = vec![0usize; g.plan().stages.len()];
+    let mut answering = vec![0usize; plan.stages.len()];
     while let Some(done) = asks.join_next().await {
         if let Ok((i, true)) = done {
             answering[i] += 1;
         }
     }
     let all_ok = answering.iter().all(|&n| n > 0);
-    let stages: Vec<Value> = g
-        .plan()
+    let stages: Vec<Value> = plan
         .stages
         .iter()
         .zip(&answering)
@@ -96,8 +97,8 @@ pub async fn health(State(g): State<Arc<Gateway>>) -> Response {
     let in_flight = g.max_concurrent - g.slots.available_permits();
     let body = json!({
         "ok": all_ok,
-        "model": g.plan().model_id,
-        "family": g.plan().family,
+        "model": plan.model_id,
+        "family": plan.family,
         "route_reachable": all_ok,
         "stages": stages,
         "generations_in_flight": in_flight,

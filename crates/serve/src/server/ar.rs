@@ -8,7 +8,6 @@
 //! one costs nothing; it is reported in `HopStat::failovers`), and when the replica
 //! serving a session fails later, the error sent up names that stage (`blocks`) and
 //! replica, so the client knows which one to leave out.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -128,7 +127,7 @@ async fn run_ar_step(
     let out = match work.await {
         Ok((Ok(out), cache)) => {
             session.cache = Some(cache);
-            shared.served.fetch_add(1, Ordering::Relaxed);
+            shared.passed(started);
             out
         }
         Ok((Err(e), _)) => return Err((ErrorCode::BadRequest, e.to_string()).into()),
