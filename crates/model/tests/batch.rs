@@ -31,6 +31,7 @@ fn settings(steps: usize, temperature: f64, top_k: i64, heun: bool) -> SampleSet
         steps_per_block: steps,
         temperature,
         top_k,
+        top_p: 1.0,
         heun,
     }
 }

@@ -43,6 +43,7 @@ fn sampling_is_seeded_per_block_and_fills_every_mask() {
         steps_per_block: 4,
         temperature: 1.0,
         top_k: 20,
+        top_p: 1.0,
         heun: false,
     };
     let gen = |seed| sampler::generate(&nets, &schedule, b"Hi", 24, &s, seed, Device::Cpu);

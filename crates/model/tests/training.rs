@@ -175,6 +175,7 @@ fn generation_keeps_the_prompt_fills_every_mask_and_is_seeded() {
         steps_per_block: 4,
         temperature: 1.0,
         top_k: 20,
+        top_p: 1.0,
         heun: false,
     };
     let a = sampler::generate(&nets, &schedule, b"Hello", 20, &settings, 42, Device::Cpu);

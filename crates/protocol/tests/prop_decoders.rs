@@ -138,6 +138,7 @@ fn sampling() -> impl Strategy<Value = Sampling> {
             steps_per_block,
             temperature,
             top_k,
+            top_p: 1.0,
             heun,
         },
     )

@@ -108,6 +108,7 @@ async fn generate(
             steps_per_block: steps,
             temperature: r.temperature,
             top_k: 0,
+            top_p: 1.0,
             heun: false,
         },
         seed: r.seed,

@@ -285,6 +285,7 @@ fn sample_over_servers(
             steps_per_block: blocktrain_model::sampler::DEFAULT_STEPS_PER_BLOCK as u32,
             temperature: 0.8,
             top_k: 0,
+            top_p: 1.0,
             heun: false,
         },
         seed: args.seed,

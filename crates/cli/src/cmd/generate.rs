@@ -53,6 +53,10 @@ pub struct GenerateArgs {
     /// Sample only from the k most likely bytes (0 = all).
     #[arg(long, default_value_t = 0)]
     pub top_k: i64,
+    /// Nucleus sampling: draw only from the most likely bytes holding this much
+    /// probability (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
@@ -72,6 +76,9 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
     if args.temperature <= 0.0 {
         bail!("--temperature must be positive");
     }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
     let m = &run.manifest;
     let total = args.prompt.len() + args.len;
     if total as i64 > m.model.window {
@@ -84,6 +91,7 @@ pub fn sample(run: &RunDir, args: &GenerateArgs, device: tch::Device) -> Result<
         steps_per_block: args.steps_per_block,
         temperature: args.temperature,
         top_k: args.top_k,
+        top_p: args.top_p,
         heun: args.heun,
     };
     let trainers = (0..m.parts.len())
@@ -128,6 +136,9 @@ fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
     if !(args.temperature.is_finite() && args.temperature > 0.0) {
         bail!("--temperature must be positive");
     }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
     let limits = args
         .client_key
         .apply(crate::cmd::serve::limits(args.stall_timeout, 5.0, 16)?)?;
@@ -139,6 +150,7 @@ fn sample_route(route: Option<&str>, args: &GenerateArgs) -> Result<Vec<u8>> {
             steps_per_block: args.steps_per_block.try_into()?,
             temperature: args.temperature,
             top_k: args.top_k.max(0).try_into()?,
+            top_p: args.top_p,
             heun: args.heun,
         },
         seed: args.seed as u64,

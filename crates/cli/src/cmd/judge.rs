@@ -173,6 +173,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
                 steps_per_block: count.unwrap_or(1),
                 temperature: args.temperature,
                 top_k: 0,
+                top_p: 1.0,
                 heun: args.heun,
             };
             let label = count.map_or("—".to_string(), |c| c.to_string());

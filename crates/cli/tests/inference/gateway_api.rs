@@ -37,6 +37,11 @@ fn completions_follow_openai_semantics_and_refuse_in_its_error_shape() {
     let sampled = json!({"prompt": "ROMEO: ", "max_tokens": 24, "temperature": 0.9, "seed": 11});
     let s11 = text_of(&g.complete(sampled.clone()), 0);
     assert_eq!(text_of(&g.complete(sampled), 0), s11);
+    // top_p reaches the servers' samplers: a nucleus this small holds the likeliest byte
+    // only, so at any temperature it samples what greedy samples with the same seed.
+    let nucleus = json!({"prompt": "ROMEO: ", "max_tokens": 24, "temperature": 0.9,
+        "top_p": 0.001, "seed": 0});
+    assert_eq!(text_of(&g.complete(nucleus), 0), t);
     let one = |g: &mut Gateway, prompt: &str, seed: u64| {
         let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "seed": seed});
         text_of(&g.complete(body), 0)
@@ -108,7 +113,8 @@ fn completions_follow_openai_semantics_and_refuse_in_its_error_shape() {
             "logprobs",
             "diffusion",
         ),
-        (json!({"prompt": "x", "top_p": 0.5}), "top_p", "nucleus"),
+        (json!({"prompt": "x", "top_p": 0}), "top_p", "(0, 1]"),
+        (json!({"prompt": "x", "top_p": 1.5}), "top_p", "(0, 1]"),
         (
             json!({"prompt": "x", "temperature": 3}),
             "temperature",

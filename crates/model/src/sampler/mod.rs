@@ -36,6 +36,9 @@ pub struct SampleSettings {
     pub temperature: f64,
     /// Keep only the k most likely bytes (0 = all 256).
     pub top_k: i64,
+    /// Nucleus sampling: keep the most likely bytes whose probabilities (after the
+    /// temperature) sum to at least this (1 = all; Holtzman et al. 2020).
+    pub top_p: f64,
     /// Embedding diffusion: Heun's second-order steps instead of Euler's (two network
     /// evaluations per step).
     pub heun: bool,
@@ -47,6 +50,7 @@ impl Default for SampleSettings {
             steps_per_block: DEFAULT_STEPS_PER_BLOCK,
             temperature: 1.0,
             top_k: 0,
+            top_p: 1.0,
             heun: false,
         }
     }
@@ -117,8 +121,25 @@ fn top_k(logits: &Tensor, k: i64) -> Tensor {
     logits.masked_fill(&logits.lt_tensor(&floor), f64::NEG_INFINITY)
 }
 
-/// Samples one byte per row of `logits` (N, 256) with temperature/top-k (gumbel-max with
-/// noise from `rng`).
+/// Keeps, per row, the fewest most likely entries whose softmax mass reaches `p` (the
+/// nucleus; entries tied with its least likely one stay too). `p >= 1`: all.
+fn top_p(logits: &Tensor, p: f64) -> Tensor {
+    if p >= 1.0 {
+        return logits.shallow_clone();
+    }
+    let probs = logits.softmax(-1, Kind::Float);
+    let (sorted, _) = probs.sort(-1, true);
+    // An entry is in the nucleus while the mass before it is below p (the first always is).
+    let before = sorted.cumsum(-1, Kind::Float) - &sorted;
+    let outside = before.ge(p);
+    let floor = sorted
+        .masked_fill(&outside, f64::INFINITY)
+        .amin([-1].as_slice(), true);
+    logits.masked_fill(&probs.lt_tensor(&floor), f64::NEG_INFINITY)
+}
+
+/// Samples one byte per row of `logits` (N, 256) with temperature, top-k and top-p
+/// (gumbel-max with noise from `rng`).
 pub fn sample_bytes(logits: &Tensor, s: &SampleSettings, rng: &mut SampleRng) -> Vec<u8> {
     let (n, width) = logits.size2().expect("logits are (N, 256)");
     assert_eq!(width, OUTPUT_VOCAB, "logits are (N, 256)");
@@ -129,7 +150,38 @@ pub fn sample_bytes(logits: &Tensor, s: &SampleSettings, rng: &mut SampleRng) ->
     let noise = Tensor::from_slice(&rng.gumbels((n * width) as usize))
         .view([n, width])
         .to_device(logits.device());
-    let picks = (top_k(&scaled, s.top_k) + noise).argmax(-1, false);
+    let picks = (top_p(&top_k(&scaled, s.top_k), s.top_p) + noise).argmax(-1, false);
     let picks: Vec<i64> = Vec::try_from(picks.to_device(Device::Cpu)).expect("int64 argmax");
     picks.into_iter().map(|b| b as u8).collect()
+}
+
+#[cfg(test)]
+mod nucleus_tests {
+    use super::*;
+
+    /// Bytes drawn over many rows from logits whose softmax is 0.5, 0.3, 0.2 on bytes
+    /// 0, 1, 2 (the rest never drawn).
+    fn drawn(top_p: f64) -> std::collections::BTreeSet<u8> {
+        let mut row = vec![f32::NEG_INFINITY; OUTPUT_VOCAB as usize];
+        row[0] = 0.5f32.ln();
+        row[1] = 0.3f32.ln();
+        row[2] = 0.2f32.ln();
+        let rows = 400;
+        let logits = Tensor::from_slice(&row.repeat(rows)).view([rows as i64, OUTPUT_VOCAB]);
+        let s = SampleSettings {
+            top_p,
+            ..SampleSettings::default()
+        };
+        let mut rng = SampleRng::for_block(7, 0);
+        sample_bytes(&logits, &s, &mut rng).into_iter().collect()
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus_holding_p() {
+        assert_eq!(drawn(1.0), [0, 1, 2].into());
+        // Mass before byte 1 is 0.5 < 0.6: in; before byte 2 it is 0.8: out.
+        assert_eq!(drawn(0.6), [0, 1].into());
+        assert_eq!(drawn(0.4), [0].into());
+        assert_eq!(drawn(0.81), [0, 1, 2].into());
+    }
 }

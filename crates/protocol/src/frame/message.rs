@@ -16,9 +16,16 @@ pub struct Sampling {
     pub temperature: f64,
     /// Keep the k most likely bytes (0 = all).
     pub top_k: u32,
+    /// Nucleus sampling: the most likely bytes holding this much probability (1 = all).
+    #[serde(default = "all_of_it")]
+    pub top_p: f64,
     /// Embedding diffusion: Heun steps instead of Euler's.
     #[serde(default)]
     pub heun: bool,
+}
+
+fn all_of_it() -> f64 {
+    1.0
 }
 
 /// What one server did for a request, reported back to the client.

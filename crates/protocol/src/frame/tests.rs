@@ -5,6 +5,7 @@ fn sampling() -> Sampling {
         steps_per_block: 8,
         temperature: 1.0,
         top_k: 0,
+        top_p: 1.0,
         heun: false,
     }
 }

@@ -27,6 +27,7 @@ fn job(prompt: &[u8], len: usize, seed: u64, temperature: f64, top_k: u32) -> De
             steps_per_block: 3,
             temperature,
             top_k,
+            top_p: 1.0,
             heun: false,
         },
         seed,

@@ -272,6 +272,7 @@ fn settings(s: &Sampling) -> SampleSettings {
         steps_per_block: s.steps_per_block as usize,
         temperature: s.temperature,
         top_k: s.top_k as i64,
+        top_p: s.top_p,
         heun: s.heun,
     }
 }

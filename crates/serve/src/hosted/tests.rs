@@ -53,6 +53,7 @@ fn block_layers_set_each_blocks_depth_and_join_the_model_id() {
                 steps_per_block: 2,
                 temperature: 1.0,
                 top_k: 0,
+                top_p: 1.0,
                 heun: false,
             },
             7,

@@ -15,8 +15,9 @@
 //! run one after another; choice `j` of a prompt samples with `seed + j`. `temperature:
 //! 0` is greedy and deterministic: without a `seed` it samples with seed 0, since the
 //! diffusion samplers' unmasking order depends on the seed even when every byte is the
-//! argmax. Fields OpenAI defines but BlockTrain cannot honour (`logprobs`, `top_p` other
-//! than 1, penalties, `logit_bias`, `suffix`, `best_of > n`) and unknown fields get a 400
+//! argmax. `top_p` is nucleus sampling over the 256 bytes, at every sampling draw of
+//! every family. Fields OpenAI defines but BlockTrain cannot honour (`logprobs`,
+//! penalties, `logit_bias`, `suffix`, `best_of > n`) and unknown fields get a 400
 //! naming them; every error is OpenAI's `{"error": {message, type, param, code}}`.
 //! A missing `model` is allowed (the route serves one); another model's name is a 404.
 use std::sync::Arc;

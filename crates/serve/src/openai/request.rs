@@ -167,6 +167,13 @@ pub fn check(
             format!("temperature must be 0..=2, got {temperature}"),
         ));
     }
+    let top_p = body.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
     let top_k = body.top_k.unwrap_or(0);
     if top_k > 256 {
         return Err(ApiError::invalid(
@@ -211,6 +218,7 @@ pub fn check(
             steps_per_block,
             temperature,
             top_k,
+            top_p,
             heun: false,
         },
         seed,
@@ -242,12 +250,6 @@ fn refuse_unsupported(b: &Body, endpoint: Endpoint, family: &str) -> Result<(), 
         return Err(ApiError::unsupported(
             "logprobs",
             format!("logprobs are not available for this {family} model: {why}"),
-        ));
-    }
-    if b.top_p.is_some_and(|p| p != 1.0) {
-        return Err(ApiError::unsupported(
-            "top_p",
-            "top_p must be 1 or left out: BlockTrain's samplers have no nucleus sampling (use temperature, or the top_k extension)",
         ));
     }
     for (name, v) in [

@@ -62,6 +62,9 @@ pub(super) fn check_sampling(s: &Sampling) -> Result<(), String> {
             s.temperature
         ));
     }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(format!("top_p must be in (0, 1], got {}", s.top_p));
+    }
     if s.steps_per_block == 0 || s.steps_per_block > 4096 {
         return Err(format!(
             "steps_per_block must be 1..=4096, got {}",

@@ -102,6 +102,7 @@ pub fn sampling(steps: u32) -> Sampling {
         steps_per_block: steps,
         temperature: 1.0,
         top_k: 0,
+        top_p: 1.0,
         heun: false,
     }
 }

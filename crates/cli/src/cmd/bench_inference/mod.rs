@@ -322,6 +322,7 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
             steps_per_block: args.steps_per_block,
             temperature: 1.0,
             top_k: 0,
+            top_p: 1.0,
             heun: false,
         },
         seed: 0,

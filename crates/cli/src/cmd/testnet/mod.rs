@@ -368,6 +368,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
                 steps_per_block: 4,
                 temperature: 1.0,
                 top_k: 0,
+                top_p: 1.0,
                 heun: false,
             },
             seed: i as u64,
