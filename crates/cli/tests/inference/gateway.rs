@@ -18,7 +18,7 @@ pub struct Gateway {
 }
 
 pub fn start_gateway(route: &str, extra: &[&str]) -> Gateway {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["gateway", "--route", route, "--listen", "127.0.0.1:0"])
         .args(["--steps-per-block", "4"])
         .args(extra)
@@ -27,20 +27,14 @@ pub fn start_gateway(route: &str, extra: &[&str]) -> Gateway {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    let base = url
+    let proc = started(child, "gateway");
+    let base = proc
+        .addr
         .strip_suffix("/v1/completions")
-        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+        .unwrap_or_else(|| panic!("gateway printed {}", proc.addr))
         .to_string();
     Gateway {
-        _proc: Server {
-            child,
-            addr: base.clone(),
-        },
+        _proc: proc,
         base,
         http: reqwest::blocking::Client::new(),
         seen: BTreeMap::new(),

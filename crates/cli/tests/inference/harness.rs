@@ -111,7 +111,7 @@ pub fn serve(dir: &Path, checkpoint: &Path, blocks: &str) -> Server {
 pub fn serve_with(dir: &Path, checkpoint: &Path, blocks: &str, extra: &[&str]) -> Server {
     let log =
         std::fs::File::create(dir.join(format!("serve-{blocks}-{}.log", rand_suffix()))).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "serve",
             "--checkpoint",
@@ -130,6 +130,12 @@ pub fn serve_with(dir: &Path, checkpoint: &Path, blocks: &str, extra: &[&str]) -
         .stderr(log)
         .spawn()
         .unwrap();
+    started(child, "serving")
+}
+
+/// A process that announces itself with one stdout line starting `first`, its address
+/// the last word (`serve`, `gateway`).
+pub fn started(mut child: Child, first: &str) -> Server {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -138,8 +144,8 @@ pub fn serve_with(dir: &Path, checkpoint: &Path, blocks: &str, extra: &[&str]) -
         .trim()
         .rsplit(' ')
         .next()
-        .filter(|_| line.starts_with("serving"))
-        .unwrap_or_else(|| panic!("server did not start: {line:?}"))
+        .filter(|_| line.starts_with(first))
+        .unwrap_or_else(|| panic!("{first}: did not start: {line:?}"))
         .to_string();
     Server { child, addr }
 }

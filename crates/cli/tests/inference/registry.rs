@@ -91,7 +91,7 @@ fn announced(dir: &Path, url: &str, blocks: &str, name: &str, extra: &[&str]) ->
 fn serve_logical(dir: &Path, blocks: &str, args: &[&str]) -> Server {
     let log =
         std::fs::File::create(dir.join(format!("serve-{blocks}-{}.log", rand_suffix()))).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--blocks", blocks, "--listen", "127.0.0.1:0"])
         .args(["--threads", "1", "--keepalive-ms", "100"])
         .args(args)
@@ -99,18 +99,7 @@ fn serve_logical(dir: &Path, blocks: &str, args: &[&str]) -> Server {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|_| line.starts_with("serving"))
-        .unwrap_or_else(|| panic!("server did not start: {line:?}"))
-        .to_string();
-    Server { child, addr }
+    started(child, "serving")
 }
 
 fn servers(url: &str) -> serde_json::Value {
@@ -284,7 +273,7 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
 
 /// `gateway --registry URL --refresh 1` on a free port; returns it and its base URL.
 fn gateway(registry: &str) -> (Server, String) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["gateway", "--registry", registry, "--listen", "127.0.0.1:0"])
         .args([
             "--refresh",
@@ -299,19 +288,13 @@ fn gateway(registry: &str) -> (Server, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|u| u.strip_suffix("/v1/completions"))
-        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+    let gw = started(child, "gateway");
+    let base = gw
+        .addr
+        .strip_suffix("/v1/completions")
+        .unwrap_or_else(|| panic!("gateway printed {}", gw.addr))
         .to_string();
-    let addr = base.clone();
-    (Server { child, addr }, base)
+    (gw, base)
 }
 
 fn completion_status(base: &str) -> u16 {
