@@ -57,11 +57,23 @@ struct Peer {
 }
 
 impl Peer {
-    /// Rates are kept per key when there is one, else per IP address.
-    fn client(&self) -> String {
-        self.key
-            .clone()
-            .unwrap_or_else(|| self.addr.ip().to_string())
+    /// Rates are kept per key for keys on the allowlist (which cannot be minted), else
+    /// per IP address (an IPv6 client per /64, what one host is usually given): a
+    /// self-signed key is free, so keying rates by it would give every fresh key a fresh
+    /// budget and let one client fill the rate table.
+    fn client(&self, allow: Option<&std::collections::HashSet<String>>) -> String {
+        if let (Some(key), Some(allow)) = (&self.key, allow) {
+            if allow.contains(key) {
+                return key.clone();
+            }
+        }
+        match self.addr.ip().to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            v4 => v4.to_string(),
+        }
     }
 }
 
@@ -195,7 +207,7 @@ fn admit(
     if new_request {
         shared
             .gate
-            .rate(&peer.client())
+            .rate(&peer.client(shared.opts.auth.allow.as_ref()))
             .map_err(|(code, why)| (id, code, why))?;
     }
     Ok(())
@@ -229,5 +241,35 @@ impl Keepalive {
     pub(super) async fn finish(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peer;
+
+    #[test]
+    fn rates_follow_allowlisted_keys_and_otherwise_the_address() {
+        let peer = |addr: &str, key: Option<&str>| Peer {
+            addr: addr.parse().unwrap(),
+            key: key.map(str::to_string),
+        };
+        let allow: std::collections::HashSet<String> = ["good".to_string()].into();
+        // A fresh self-signed key buys no budget of its own.
+        assert_eq!(
+            peer("10.0.0.1:5", Some("fresh")).client(Some(&allow)),
+            "10.0.0.1"
+        );
+        assert_eq!(peer("10.0.0.1:5", Some("fresh")).client(None), "10.0.0.1");
+        assert_eq!(
+            peer("10.0.0.1:5", Some("good")).client(Some(&allow)),
+            "good"
+        );
+        // One IPv6 host is a /64; a v4-mapped address is its IPv4 one.
+        assert_eq!(
+            peer("[2001:db8:1:2:aaaa::1]:5", None).client(None),
+            peer("[2001:db8:1:2:bbbb::9]:5", None).client(None)
+        );
+        assert_eq!(peer("[::ffff:10.0.0.1]:5", None).client(None), "10.0.0.1");
     }
 }
