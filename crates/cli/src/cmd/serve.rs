@@ -121,7 +121,8 @@ pub struct GuardArgs {
     /// Compute budget of one diffusion request: tokens x steps per block.
     #[arg(long, default_value_t = 1 << 22)]
     pub max_token_steps: u64,
-    /// Requests per second per client (its key, or its IP when anonymous); 0: no limit.
+    /// Requests per second per client (its key when the key is on --allow-keys, else its
+    /// IP address, an IPv6 host per /64); 0: no limit.
     /// An upstream server counts as one client for all the requests it forwards.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
