@@ -47,7 +47,10 @@ fn the_compute_budget_the_rate_and_the_connection_caps_refuse_by_name() {
         let a = call(&s.model, whole(&s.addr), &limits).await;
         expect_err(&a.message, ErrorCode::Busy, "--rate");
 
-        // Three connections held open: the fourth is refused instead of greeted.
+        // Three connections held open: the fourth is refused instead of greeted. The
+        // calls above closed theirs; the server frees their places when it sees the
+        // close, so wait for that first (else a held one may be the refused one).
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let held = [raw(&s.addr).await, raw(&s.addr).await, raw(&s.addr).await];
         let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
         let m = read_message(&mut c, 1 << 20).await.unwrap();
