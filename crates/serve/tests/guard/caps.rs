@@ -50,7 +50,7 @@ fn the_compute_budget_the_rate_and_the_connection_caps_refuse_by_name() {
         // Three connections held open: the fourth is refused instead of greeted. The
         // calls above closed theirs; the server frees their places when it sees the
         // close, so wait for that first (else a held one may be the refused one).
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let held = [raw(&s.addr).await, raw(&s.addr).await, raw(&s.addr).await];
         let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
         let m = read_message(&mut c, 1 << 20).await.unwrap();
