@@ -24,7 +24,7 @@
 //! Every peer is treated as hostile:
 //! - **No open relay.** A server forwards only to replicas whose greeting shows its own
 //!   model and the blocks the route names (and, with `peers`, only to those addresses;
-//!   a server not on loopback never forwards to its own host unless it is a peer), so
+//!   a server not on loopback never dials a loopback address unless it is a peer), so
 //!   a route naming `127.0.0.1:22` or another model's server gets a `Refused` error and
 //!   nothing is written there.
 //! - **Caps** ([`Caps`]): connections in all and per client IP (refused before the
