@@ -69,6 +69,14 @@ pub async fn server_info(addr: &str, limits: &HopLimits) -> Result<ServerInfo, S
 
 /// Asks every server what it hosts (in parallel) and builds the route.
 pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, ServeError> {
+    plan_from(ask_all(servers, limits).await)
+}
+
+/// One server's answer to "what do you host": its info and the round trip in ms.
+pub type Answered = (String, Result<(ServerInfo, f64), String>);
+
+/// Asks every server (each once, in parallel) what it hosts, timing each round trip.
+pub async fn ask_all(servers: &[String], limits: &HopLimits) -> Vec<Answered> {
     // A server listed twice would be tried twice when it is down.
     let mut unique: Vec<&String> = Vec::new();
     for s in servers {
@@ -76,7 +84,7 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, Se
             unique.push(s);
         }
     }
-    let answers = futures_join_all(unique.into_iter().map(|a| {
+    futures_join_all(unique.into_iter().map(|a| {
         let (a, limits) = (a.clone(), limits.clone());
         async move {
             let asked = Instant::now();
@@ -84,7 +92,12 @@ pub async fn discover(servers: &[String], limits: &HopLimits) -> Result<Plan, Se
             (a, info.map(|i| (i, asked.elapsed().as_secs_f64() * 1e3)))
         }
     }))
-    .await;
+    .await
+}
+
+/// The route from servers' answers ([`ask_all`]): those that answered, grouped into
+/// stages by the blocks they host.
+pub fn plan_from(answers: Vec<Answered>) -> Result<Plan, ServeError> {
     let mut infos = Vec::new();
     let mut unreachable = Vec::new();
     let mut latency_ms = BTreeMap::new();

@@ -234,7 +234,7 @@ pub async fn plan(args: &RegistryClientArgs, limits: &HopLimits) -> Result<Plan>
     let (wanted, candidates, loads) = choose(&list, args.model.as_deref())?;
     let (kept, mut left_out) = verify(&wanted, candidates, limits).await;
     let mut ranges: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-    for c in &kept {
+    for (c, _) in &kept {
         *ranges.entry((c.blocks.first, c.blocks.last)).or_default() += 1;
     }
     let Some(tiling) = tile(&ranges, wanted.total) else {
@@ -248,17 +248,18 @@ pub async fn plan(args: &RegistryClientArgs, limits: &HopLimits) -> Result<Plan>
             }
         );
     };
-    let mut addrs = Vec::new();
-    for c in kept {
+    // The route is built from the answers already in hand: no server is asked twice.
+    let mut answers = Vec::new();
+    for (c, answer) in kept {
         match tiling.contains(&(c.blocks.first, c.blocks.last)) {
-            true => addrs.push(c.addr),
+            true => answers.push(answer),
             false => left_out.push(format!(
                 "{}: hosts blocks {}, not a stage of the chosen tiling",
                 c.addr, c.blocks
             )),
         }
     }
-    let mut plan = client::discover(&addrs, limits).await?;
+    let mut plan = client::plan_from(answers)?;
     if plan.model_id != wanted.model {
         bail!(
             "the registry lists model {}, but its servers answer for {}",
@@ -273,37 +274,34 @@ pub async fn plan(args: &RegistryClientArgs, limits: &HopLimits) -> Result<Plan>
 
 /// Asks every candidate what it hosts (its greeting; no Hello is signed for it) and
 /// keeps those that answer for the wanted model, family and size with the blocks they
-/// announced; the others are returned as why they were left out. A lying or foreign
-/// announcement thus costs one greeting, never the route.
+/// announced, with their answers; the others are returned as why they were left out. A
+/// lying or foreign announcement thus costs one greeting, never the route.
 async fn verify(
     wanted: &Wanted,
     candidates: Vec<Candidate>,
     limits: &HopLimits,
-) -> (Vec<Candidate>, Vec<String>) {
-    let mut asks = tokio::task::JoinSet::new();
-    for (i, c) in candidates.iter().enumerate() {
-        let (addr, limits) = (c.addr.clone(), limits.clone());
-        asks.spawn(async move { (i, client::server_info(&addr, &limits).await) });
-    }
-    let mut answers: Vec<Option<Result<ServerInfo, String>>> = vec![None; candidates.len()];
-    while let Some(done) = asks.join_next().await {
-        if let Ok((i, a)) = done {
-            answers[i] = Some(a);
-        }
-    }
+) -> (Vec<(Candidate, client::Answered)>, Vec<String>) {
+    let addrs: Vec<String> = candidates.iter().map(|c| c.addr.clone()).collect();
+    let answers: BTreeMap<String, Result<(ServerInfo, f64), String>> =
+        client::ask_all(&addrs, limits).await.into_iter().collect();
     let mut kept = Vec::new();
     let mut left_out = Vec::new();
-    for (c, answer) in candidates.into_iter().zip(answers) {
-        match answer.unwrap_or_else(|| Err("the check failed".into())) {
-            Ok(i)
+    for c in candidates {
+        let answer = answers
+            .get(&c.addr)
+            .cloned()
+            .unwrap_or_else(|| Err("not asked".into()));
+        match answer {
+            Ok((i, ms))
                 if i.model_id == wanted.model
                     && i.family == wanted.family
                     && i.total == wanted.total
                     && i.blocks == c.blocks =>
             {
-                kept.push(c)
+                let addr = c.addr.clone();
+                kept.push((c, (addr, Ok((i, ms)))))
             }
-            Ok(i) => left_out.push(format!(
+            Ok((i, _)) => left_out.push(format!(
                 "{}: announced {} blocks {} of {}, answers for {} {} blocks {} of {}",
                 c.addr,
                 wanted.model,
