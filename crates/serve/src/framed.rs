@@ -4,6 +4,8 @@
 //! allocated, so an oversized or foreign frame costs the receiver 16 bytes. A reader
 //! with a [`FrameDeadline`] also bounds how long a frame may take once its first byte
 //! has arrived, so a peer that trickles bytes (slowloris) cannot hold a connection.
+//! [`read_message_reserving`] also lets the reader reserve a frame's declared size from a
+//! budget before the payload is allocated, and discards the payload of a frame it refuses.
 use std::time::Duration;
 
 use blocktrain_protocol::frame::{parse_header, Message, HEADER_LEN};
@@ -25,6 +27,10 @@ pub enum ReadError {
     /// A frame that had started did not complete within its deadline.
     #[error("{0}")]
     TooSlow(String),
+    /// The reservation for the frame's size was refused (the reason); its payload was
+    /// read and discarded, so the stream is still at a frame boundary.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How long a frame may take once its first byte has arrived: the rest of the header
@@ -61,6 +67,21 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     max_frame: u32,
     deadline: &FrameDeadline,
 ) -> Result<Message, ReadError> {
+    let (m, ()) = read_message_reserving(r, max_frame, deadline, |_| Ok(())).await?;
+    Ok(m)
+}
+
+/// [`read_message_within`], calling `reserve` with the payload's declared length once the
+/// header is checked and before the payload is allocated; what it returns (a permit) comes
+/// back with the message, for the caller to hold while the frame's bytes live. When it
+/// refuses, the payload is read into a small buffer and dropped, within the payload's
+/// deadline, and the error is [`ReadError::Refused`]: the stream stays in step.
+pub async fn read_message_reserving<R: AsyncRead + Unpin, P>(
+    r: &mut R,
+    max_frame: u32,
+    deadline: &FrameDeadline,
+    reserve: impl FnOnce(usize) -> Result<P, String>,
+) -> Result<(Message, P), ReadError> {
     let mut head = [0u8; HEADER_LEN];
     if r.read(&mut head[..1]).await? == 0 {
         return Err(ReadError::Closed);
@@ -75,12 +96,27 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
         .await
         .map_err(|_| slow("header", deadline.header))??;
     let header = parse_header(&head, max_frame)?;
-    let mut payload = vec![0u8; header.payload_len()];
-    let limit = deadline.payload(payload.len());
+    let len = header.payload_len();
+    let limit = deadline.payload(len);
+    let held = match reserve(len) {
+        Ok(p) => p,
+        Err(why) => {
+            let mut rest = (&mut *r).take(len as u64);
+            let drained =
+                tokio::time::timeout(limit, tokio::io::copy(&mut rest, &mut tokio::io::sink()))
+                    .await
+                    .map_err(|_| slow("payload", limit))??;
+            if drained < len as u64 {
+                return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            return Err(ReadError::Refused(why));
+        }
+    };
+    let mut payload = vec![0u8; len];
     tokio::time::timeout(limit, r.read_exact(&mut payload))
         .await
         .map_err(|_| slow("payload", limit))??;
-    Ok(Message::decode(&header, &payload)?)
+    Ok((Message::decode(&header, &payload)?, held))
 }
 
 /// Reads one frame; `max_frame` bounds its metadata + body.

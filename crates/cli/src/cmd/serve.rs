@@ -121,6 +121,12 @@ pub struct GuardArgs {
     /// Compute budget of one diffusion request: tokens x steps per block.
     #[arg(long, default_value_t = 1 << 22)]
     pub max_token_steps: u64,
+    /// MiB of frames all connections may hold at once, from each frame's declared size
+    /// until its request is done (frames of 64 KiB or less are not counted); a frame
+    /// that does not fit is refused as busy (the caller tries another replica), its
+    /// payload discarded. At least --max-frame-mb.
+    #[arg(long, default_value_t = 1024)]
+    pub max_buffered_mb: usize,
     /// Requests per second per client (its key when the key is on --allow-keys, else its
     /// IP address, an IPv6 host per /64); 0: no limit.
     /// An upstream server counts as one client for all the requests it forwards.
@@ -186,6 +192,7 @@ impl GuardArgs {
                 max_token_steps: self.max_token_steps,
                 rate: self.rate,
                 burst: self.burst,
+                max_buffered: self.max_buffered_mb.saturating_mul(1 << 20),
                 ..Caps::default()
             },
             idle_timeout: Duration::from_secs_f64(self.idle_timeout),
@@ -283,6 +290,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 args.max_frame_mb
             );
         }
+    }
+    if args.guard.max_buffered_mb < args.max_frame_mb as usize {
+        bail!(
+            "--max-buffered-mb {} is less than --max-frame-mb {}: the largest frames would always be refused",
+            args.guard.max_buffered_mb,
+            args.max_frame_mb
+        );
     }
     if !(1..=MAX_BATCH_LIMIT).contains(&args.max_batch) {
         bail!("--max-batch must be 1..={MAX_BATCH_LIMIT}");

@@ -14,7 +14,7 @@ use super::ar::{ar_step, ArSession};
 use super::denoise::denoise;
 use super::gate::ConnSlot;
 use super::{Shared, Upstream};
-use crate::framed::{read_message_within, write_message, ReadError};
+use crate::framed::{read_message_reserving, write_message, ReadError};
 /// Writes a frame upstream, giving up on a caller that stops reading (a full socket
 /// buffer would otherwise hold this handler, and its KV cache, forever).
 pub(super) async fn send_up(up: &Upstream, message: &Message, limit: Duration) -> bool {
@@ -101,17 +101,28 @@ pub(super) async fn handle(
     let mut peer = Peer { addr, key: None };
     let mut session: Option<ArSession> = None;
     loop {
+        // A frame's declared size is taken from the server's byte budget before its
+        // payload is allocated, and held (`_buffered`) until its request is done.
         let read = timeout(
             shared.opts.idle_timeout,
-            read_message_within(
+            read_message_reserving(
                 &mut rd,
                 shared.opts.limits.max_frame,
                 &shared.opts.frame_deadline,
+                |len| shared.gate.buffer(len),
             ),
         )
         .await;
-        let msg = match read {
+        let (msg, _buffered) = match read {
             Err(_) | Ok(Err(ReadError::Closed)) | Ok(Err(ReadError::Io(_))) => return,
+            Ok(Err(ReadError::Refused(why))) => {
+                // Its payload was discarded: the connection is still in step.
+                tracing::warn!(%addr, "refused: {why}");
+                if !send_up(&up, &error(0, ErrorCode::Busy, why, &shared), stall).await {
+                    return;
+                }
+                continue;
+            }
             Ok(Err(ReadError::TooSlow(why))) => {
                 tracing::warn!(%addr, "closing a slow connection: {why}");
                 let reply = error(0, ErrorCode::BadRequest, why, &shared);
@@ -124,7 +135,7 @@ pub(super) async fn handle(
                 send_up(&up, &reply, stall).await;
                 return; // the stream may be out of step: close it
             }
-            Ok(Ok(m)) => m,
+            Ok(Ok(read)) => read,
         };
         if let Err((id, code, why)) = admit(&msg, &mut peer, &challenge, &shared) {
             tracing::warn!(%addr, "refused: {why}");

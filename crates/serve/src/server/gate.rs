@@ -1,6 +1,6 @@
 //! What a server admits: connections (in all and per client address), the request rate
-//! of each client, and requests computing or queued with their compute budget. Each
-//! refusal names the limit and the flag that sets it.
+//! of each client, the bytes of the frames it holds, and requests computing or queued
+//! with their compute budget. Each refusal names the limit and the flag that sets it.
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +28,16 @@ pub struct Caps {
     pub burst: f64,
     /// Clients whose rate is tracked at once (more are refused as busy).
     pub max_clients: usize,
+    /// Bytes of frames (over [`UNCOUNTED_FRAME`]) that all connections together may
+    /// hold at once, from the header's declared size until the request is done.
+    pub max_buffered: usize,
 }
+
+/// Frames up to this size are not counted against [`Caps::max_buffered`]: all
+/// `max_connections` of them are at most 64 MiB at the default 1024, and the small
+/// frames most requests are (an `Info`, an AR step, a short prompt) stay admitted while
+/// large ones have taken the budget.
+pub const UNCOUNTED_FRAME: usize = 64 * 1024;
 
 impl Default for Caps {
     fn default() -> Self {
@@ -40,6 +49,7 @@ impl Default for Caps {
             rate: 100.0,
             burst: 200.0,
             max_clients: 10_000,
+            max_buffered: 1 << 30,
         }
     }
 }
@@ -53,6 +63,8 @@ pub(super) struct Gate {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     rates: Mutex<HashMap<String, Bucket>>,
     inflight: Arc<Semaphore>,
+    /// Bytes, one permit each: [`Caps::max_buffered`].
+    buffered: Arc<Semaphore>,
 }
 
 struct Bucket {
@@ -83,6 +95,9 @@ impl Gate {
     pub(super) fn new(caps: Caps) -> Gate {
         Gate {
             inflight: Arc::new(Semaphore::new(caps.max_inflight.max(1))),
+            buffered: Arc::new(Semaphore::new(
+                caps.max_buffered.min(Semaphore::MAX_PERMITS),
+            )),
             caps,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -153,6 +168,38 @@ impl Gate {
         Ok(())
     }
 
+    /// Reserves `len` bytes for a frame about to be read (none for a frame of at most
+    /// [`UNCOUNTED_FRAME`]); dropping the permit gives them back.
+    ///
+    /// Refused at once rather than waited for: a connection waiting for bytes other
+    /// connections hold would itself be held (with its place among the connections) by
+    /// whoever holds them, and a refused caller can try another replica now, as for
+    /// `--max-inflight`. The refused frame's payload is discarded unread into memory.
+    pub(super) fn buffer(&self, len: usize) -> Result<Option<OwnedSemaphorePermit>, String> {
+        if len <= UNCOUNTED_FRAME {
+            return Ok(None);
+        }
+        let limit = self.caps.max_buffered;
+        let refuse = |what: String| {
+            format!(
+                "frame buffer limit: {what} (--max-buffered-mb {})",
+                limit >> 20
+            )
+        };
+        if len > limit {
+            return Err(refuse(format!(
+                "a frame of {len} bytes exceeds the {limit} bytes all connections may hold"
+            )));
+        }
+        let n = u32::try_from(len).map_err(|_| refuse(format!("a frame of {len} bytes")))?;
+        self.buffered.clone().try_acquire_many_owned(n).map(Some).map_err(|_| {
+            refuse(format!(
+                "{} of {limit} bytes are held by frames being read or served; a frame of {len} bytes does not fit",
+                limit - self.buffered.available_permits()
+            ))
+        })
+    }
+
     /// Admits a request for compute: within the budget (`work` = tokens x steps, if a
     /// diffusion request) and with a place among the requests computing or queued.
     pub(super) fn admit(&self, work: Option<u64>) -> Result<OwnedSemaphorePermit, Refusal> {
@@ -191,6 +238,7 @@ mod tests {
             rate: 1.0,
             burst: 2.0,
             max_clients: 2,
+            max_buffered: 3 * UNCOUNTED_FRAME + 1,
         }));
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let a1 = gate.connect(a).unwrap();
@@ -218,5 +266,23 @@ mod tests {
         assert!(e.1.contains("--max-inflight"), "{e:?}");
         drop(held);
         assert!(gate.admit(None).is_ok());
+
+        // Small frames are not counted; large ones share the byte budget until dropped.
+        let big = 2 * UNCOUNTED_FRAME;
+        assert!(gate.buffer(UNCOUNTED_FRAME).unwrap().is_none());
+        let held = gate.buffer(big).unwrap().expect("counted");
+        let e = gate.buffer(big).unwrap_err();
+        assert!(
+            e.contains("--max-buffered-mb") && e.contains("held by frames"),
+            "{e}"
+        );
+        assert!(
+            gate.buffer(UNCOUNTED_FRAME + 1).is_ok(),
+            "what is left still fits"
+        );
+        let e = gate.buffer(4 * UNCOUNTED_FRAME).unwrap_err();
+        assert!(e.contains("exceeds"), "{e}");
+        drop(held);
+        assert!(gate.buffer(big).is_ok());
     }
 }

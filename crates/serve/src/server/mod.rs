@@ -28,8 +28,10 @@
 //!   a route naming `127.0.0.1:22` or another model's server gets a `Refused` error and
 //!   nothing is written there.
 //! - **Caps** ([`Caps`]): connections in all and per client IP (refused before the
-//!   greeting), a request rate per client, requests computing or queued, and a compute
-//!   budget (tokens x steps) per request; each refusal names its limit.
+//!   greeting), a request rate per client, the bytes of frames all connections hold at
+//!   once (taken at a frame's header, before its payload is allocated; a frame that does
+//!   not fit is refused and its payload discarded), requests computing or queued, and a
+//!   compute budget (tokens x steps) per request; each refusal names its limit.
 //! - **Deadlines**: an idle connection is closed after `idle_timeout`, and a frame that
 //!   has started must complete within `frame_deadline` (slowloris).
 //! - **Authentication** (optional, [`ClientAuth`]): a `Hello` per connection signing its

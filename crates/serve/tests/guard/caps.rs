@@ -1,5 +1,5 @@
 //! Each cap refuses with its name; a busy replica is passed over for the next one; a
-//! frame that has started must finish within its deadline.
+//! frame that has started must finish within its deadline; frames share a byte budget.
 use std::time::{Duration, Instant};
 
 use blocktrain_protocol::frame::{ErrorCode, Message};
@@ -145,5 +145,56 @@ fn a_frame_trickled_slowly_is_cut_off_at_its_deadline() {
             _ = trickle => panic!("the whole frame was taken at 10 B/s"),
         }
         assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    });
+}
+
+/// A frame header declaring a `Denoise` of `body` bytes (and no metadata: its payload,
+/// however it arrives, is not a valid request).
+fn big_header(body: u32) -> Vec<u8> {
+    use blocktrain_protocol::frame::{FRAME_VERSION, MAGIC};
+    let mut h = MAGIC.to_vec();
+    h.extend(FRAME_VERSION.to_le_bytes());
+    h.extend([3, 0]);
+    h.extend(0u32.to_le_bytes());
+    h.extend(body.to_le_bytes());
+    h
+}
+
+#[test]
+fn frames_share_a_byte_budget_and_one_that_does_not_fit_is_refused_by_name() {
+    let s = Srv::new(
+        "1..2",
+        0,
+        capped(Caps {
+            max_buffered: 3 << 20,
+            ..Caps::default()
+        }),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let big: usize = 2 << 20;
+        // The first large frame takes 2 of the 3 MiB while its payload is on the way.
+        let (mut a, _) = raw(&s.addr).await;
+        a.write_all(&big_header(big as u32)).await.unwrap();
+        a.write_all(&vec![0u8; 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A second one does not fit: refused by name once its payload was discarded...
+        let (mut b, _) = raw(&s.addr).await;
+        b.write_all(&big_header(big as u32)).await.unwrap();
+        b.write_all(&vec![0u8; big]).await.unwrap();
+        expect_err(&reply(&mut b).await, ErrorCode::Busy, "--max-buffered-mb 3");
+        // ...so its connection is still in step and serves a normal request.
+        let (meta, tokens) = request(&s.model, whole(&s.addr), 4, 2);
+        send(&mut b, &Message::Denoise(meta, tokens)).await;
+        assert!(matches!(reply(&mut b).await, Message::Result(..)));
+        // The first completes (as garbage: a bad frame) and gives its bytes back.
+        a.write_all(&vec![0u8; big - 1024]).await.unwrap();
+        expect_err(&reply(&mut a).await, ErrorCode::BadRequest, "bad frame");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut c, _) = raw(&s.addr).await;
+        c.write_all(&big_header(big as u32)).await.unwrap();
+        c.write_all(&vec![0u8; big]).await.unwrap();
+        expect_err(&reply(&mut c).await, ErrorCode::BadRequest, "bad frame");
+        expect_ok(&call(&s.model, whole(&s.addr), &HopLimits::default()).await);
     });
 }
