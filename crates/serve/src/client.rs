@@ -316,9 +316,15 @@ pub async fn generate(
         model_id: Some(&plan.model_id),
         ..Expect::default()
     };
-    let answer = call_stage(&plan.stages[0], request_id, limits, &expect, |_| {
-        Message::Denoise(meta.clone(), tokens.clone()).encode()
-    })
+    let deadline = limits.deadline(plan.stages.len());
+    let answer = call_stage(
+        &plan.stages[0],
+        request_id,
+        limits,
+        &expect,
+        deadline,
+        |_| Message::Denoise(meta.clone(), tokens.clone()).encode(),
+    )
     .await;
     let seconds = started.elapsed().as_secs_f64();
     match answer.message {

@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// Seconds of silence after which the next stage's replica is given up on.
     #[arg(long, default_value_t = 10.0)]
     pub stall_timeout: f64,
+    /// Seconds the next stage's replica may take for its final answer, keepalives or not,
+    /// per stage from it to the end of the route (a replica that only sends keepalives
+    /// is given up on like a stalled one, and the next replica tried).
+    #[arg(long, default_value_t = 300.0)]
+    pub hop_deadline_s: f64,
     /// Seconds to wait for a TCP connection to the next stage.
     #[arg(long, default_value_t = 5.0)]
     pub connect_timeout: f64,
@@ -278,7 +283,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (None, None) => bail!("give --checkpoint DIR or --logical-shape SHAPE"),
     };
     let hosted = Hosted::load(source, args.blocks, device, args.max_tokens)?;
-    let limits = limits(args.stall_timeout, args.connect_timeout, args.max_frame_mb)?;
+    if !(args.hop_deadline_s > 0.0 && args.hop_deadline_s.is_finite()) {
+        bail!("--hop-deadline-s must be positive");
+    }
+    let limits = HopLimits {
+        call_deadline: Duration::from_secs_f64(args.hop_deadline_s),
+        ..limits(args.stall_timeout, args.connect_timeout, args.max_frame_mb)?
+    };
     if let Some(e) = hosted.latent_width() {
         // The latent of the longest sequence this server takes must fit one frame, or
         // the next stage would refuse it after all the compute.

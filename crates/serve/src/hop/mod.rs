@@ -4,8 +4,10 @@
 //! up on when it refuses the connection, breaks it, sends garbage, says it failed
 //! internally, is busy or does not host what the route says, or stays silent for
 //! `stall_timeout` (servers send keepalives while they work, so silence means stalled,
-//! not slow). Errors that another replica would repeat (a bad request, or a stage
-//! further down that is unavailable) end the call at once.
+//! not slow), or has not given its final answer by the call's deadline (keepalives do
+//! not extend it: a replica that sends only keepalives is as stalled as a silent one).
+//! Errors that another replica would repeat (a bad request, or a stage further down
+//! that is unavailable) end the call at once.
 //!
 //! Before anything is sent, the replica's greeting must show the model and blocks the
 //! call expects ([`Expect`]): a server forwards only to servers of its own model, never
@@ -56,6 +58,11 @@ pub struct HopLimits {
     pub connect_timeout: Duration,
     /// Longest silence from a replica before it is given up on.
     pub stall_timeout: Duration,
+    /// Longest a replica may take to give its final answer, keepalives or not, per
+    /// stage from it to the end of the route: a call through n stages has n times this
+    /// ([`HopLimits::deadline`]), so a server forwarding on gives up on a stalled next
+    /// hop before its own caller gives up on it.
+    pub call_deadline: Duration,
     /// Largest frame accepted.
     pub max_frame: u32,
     /// Connections kept for the next call to the same server; None: a fresh connection
@@ -70,6 +77,7 @@ impl Default for HopLimits {
         HopLimits {
             connect_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
+            call_deadline: Duration::from_secs(300),
             max_frame: blocktrain_protocol::frame::DEFAULT_MAX_FRAME,
             pool: Some(Arc::new(Pool::default())),
             credentials: None,
@@ -81,6 +89,13 @@ impl HopLimits {
     /// The same limits without a pool: every call opens (and closes) its connections.
     pub fn unpooled(self) -> Self {
         HopLimits { pool: None, ..self }
+    }
+
+    /// The deadline of a call through `stages` stages (the one called and those after
+    /// it on the route): [`HopLimits::call_deadline`] for each.
+    pub fn deadline(&self, stages: usize) -> Duration {
+        self.call_deadline
+            .saturating_mul(u32::try_from(stages.max(1)).unwrap_or(u32::MAX))
     }
 }
 
@@ -115,12 +130,14 @@ impl Failed {
 /// Sends the frame `make_frame(failovers)` to each replica of `stage` that greets as
 /// `expect` requires, in turn, and returns the first final answer; with none, an error
 /// naming the stage: `Refused` or `Busy` when every replica was refused or busy,
-/// `Unavailable` otherwise.
+/// `Unavailable` otherwise. Each replica has `deadline` (from the request's write) for
+/// its final answer ([`HopLimits::deadline`] of the stages left on the route).
 pub async fn call_stage(
     stage: &Stage,
     request_id: u64,
     limits: &HopLimits,
     expect: &Expect<'_>,
+    deadline: Duration,
     make_frame: impl Fn(u32) -> Vec<u8>,
 ) -> Answer {
     let expect = Expect {
@@ -130,7 +147,7 @@ pub async fn call_stage(
     let mut failures = Vec::new();
     let mut codes = Vec::new();
     for (i, addr) in stage.replicas.iter().enumerate() {
-        match call_replica(addr, &make_frame(i as u32), limits, &expect).await {
+        match call_replica(addr, &make_frame(i as u32), limits, &expect, deadline).await {
             Ok(message) => {
                 return Answer {
                     message,
@@ -176,18 +193,28 @@ async fn call_replica(
     frame: &[u8],
     limits: &HopLimits,
     expect: &Expect<'_>,
+    deadline: Duration,
 ) -> Result<Message, Failed> {
+    // Dropping an exchange at its deadline closes its connection (never pooled).
+    let within = |conn| async move {
+        timeout(deadline, exchange(conn, frame, limits))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Exchange::Failed(Failed::retry(format!(
+                    "call deadline: no answer within {:.1} s (keepalives do not extend it)",
+                    deadline.as_secs_f64()
+                ))))
+            })
+    };
     let conn = open(addr, limits, expect, true).await?;
     let reused = conn.reused;
-    match exchange(conn, frame, limits).await {
+    match within(conn).await {
         // An idle connection the server closed (its idle timeout, a restart) shows as
         // a dead one before any reply: the request never ran, so it is sent again.
         Err(Exchange::NoReply(why)) if reused => {
             tracing::debug!(%addr, "pooled connection dead ({why}): reconnecting");
             let conn = open(addr, limits, expect, false).await?;
-            exchange(conn, frame, limits)
-                .await
-                .map_err(Exchange::failed)
+            within(conn).await.map_err(Exchange::failed)
         }
         other => other.map_err(Exchange::failed),
     }

@@ -112,11 +112,14 @@ async fn run_denoise(
         meta.hop += 1;
         let next = meta.route[meta.hop as usize].clone();
         let expect = shared.expect();
+        // The next stage and those after it: the deadline of this call.
+        let stages = meta.route.len() - meta.hop as usize;
         let answer = call_stage(
             &next,
             meta.request_id,
             &shared.opts.limits,
             &expect,
+            shared.opts.limits.deadline(stages),
             |failovers| {
                 let mut m = meta.clone();
                 if let Some(me) = m.hops.last_mut() {

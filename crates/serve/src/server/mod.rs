@@ -32,8 +32,10 @@
 //!   once (taken at a frame's header, before its payload is allocated; a frame that does
 //!   not fit is refused and its payload discarded), requests computing or queued, and a
 //!   compute budget (tokens x steps) per request; each refusal names its limit.
-//! - **Deadlines**: an idle connection is closed after `idle_timeout`, and a frame that
-//!   has started must complete within `frame_deadline` (slowloris).
+//! - **Deadlines**: an idle connection is closed after `idle_timeout`, a frame that
+//!   has started must complete within `frame_deadline` (slowloris), and a call to the
+//!   next stage must be answered within [`HopLimits::deadline`] however many keepalives
+//!   its replica sends.
 //! - **Authentication** (optional, [`ClientAuth`]): a `Hello` per connection signing its
 //!   greeting's challenge, checked against an allowlist and/or a join secret. A server
 //!   authenticates downstream with its own key.

@@ -111,9 +111,16 @@ fn a_pooled_connection_dead_before_any_reply_is_retried_once() {
         let limits = HopLimits::default();
         let one = stage("1..2", &[&addr]);
         for _ in 0..3 {
-            let a = call_stage(&one, 1, &limits, &Expect::default(), |_| {
-                Message::Info.encode() // any frame: the fake answers each with a Result
-            })
+            let a = call_stage(
+                &one,
+                1,
+                &limits,
+                &Expect::default(),
+                limits.deadline(1),
+                |_| {
+                    Message::Info.encode() // any frame: the fake answers each with a Result
+                },
+            )
             .await;
             expect_ok(&a);
             assert_eq!(a.failovers, 0);

@@ -151,8 +151,9 @@ pub async fn call_sized(
     steps: u32,
 ) -> Answer {
     let first = route[0].clone();
+    let deadline = limits.deadline(route.len());
     let (meta, tokens) = request(model, route, len, steps);
-    call_stage(&first, 7, limits, &Expect::default(), |_| {
+    call_stage(&first, 7, limits, &Expect::default(), deadline, |_| {
         Message::Denoise(meta.clone(), tokens.clone()).encode()
     })
     .await
