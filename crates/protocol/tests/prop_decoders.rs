@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 use blocktrain_protocol::codec::{self, Array, Arrays, Codec, Shapes};
 use blocktrain_protocol::frame::{
     self, decode_frame, decode_tokens, encode_tokens, parse_header, ArOutput, ArPayload, ArSetup,
-    ArStepMeta, BlockRange, DenoiseMeta, ErrorCode, Header, HopError, HopStat, LatentState,
-    Message, ResultMeta, Sampling, ServerInfo, Stage, DEFAULT_MAX_FRAME, HEADER_LEN, MASK_TOKEN,
-    MAX_BLOCK, MAX_META,
+    ArStepMeta, BlockRange, ByteLogprobs, DenoiseMeta, ErrorCode, Header, HopError, HopStat,
+    LatentState, Message, ResultMeta, Sampling, ServerInfo, Stage, DEFAULT_MAX_FRAME, HEADER_LEN,
+    MASK_TOKEN, MAX_BLOCK, MAX_META, MAX_TOP_LOGPROBS,
 };
 use blocktrain_protocol::identity::Identity;
 use blocktrain_protocol::receipt::{
@@ -183,15 +183,40 @@ fn f16_value() -> impl Strategy<Value = f32> {
 }
 
 fn ar_setup() -> impl Strategy<Value = ArSetup> {
-    (text(), sampling(), any::<u64>(), route()).prop_map(
-        |(model_id, sampling, seed, (route, hop))| ArSetup {
-            model_id,
-            sampling,
-            seed,
-            route,
-            hop,
-        },
+    (
+        text(),
+        sampling(),
+        any::<u64>(),
+        route(),
+        proptest::option::of(0..=MAX_TOP_LOGPROBS),
     )
+        .prop_map(
+            |(model_id, sampling, seed, (route, hop), logprobs)| ArSetup {
+                model_id,
+                sampling,
+                seed,
+                route,
+                hop,
+                logprobs,
+            },
+        )
+}
+
+/// Log-probabilities a well-behaved last stage sends: up to 5 distinct bytes, most
+/// likely first, every value finite and at most 0.
+fn byte_logprobs() -> impl Strategy<Value = ByteLogprobs> {
+    (
+        -80.0f32..=0.0,
+        proptest::sample::subsequence((0..=255u8).collect::<Vec<_>>(), 0..=5),
+        vec(-80.0f32..=0.0, 5),
+    )
+        .prop_map(|(logprob, bytes, mut lps)| {
+            lps.sort_by(|a, b| b.total_cmp(a));
+            ByteLogprobs {
+                logprob,
+                top: bytes.into_iter().zip(lps).collect(),
+            }
+        })
 }
 
 fn ar_step() -> impl Strategy<Value = Message> {
@@ -343,13 +368,20 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             }),
         ar_step(),
-        (any::<u64>(), any::<u8>(), vec(hop_stat(), 0..3)).prop_map(|(session, byte, hops)| {
-            Message::ArOutput(ArOutput {
-                session,
-                byte,
-                hops,
-            })
-        }),
+        (
+            any::<u64>(),
+            any::<u8>(),
+            vec(hop_stat(), 0..3),
+            proptest::option::of(byte_logprobs())
+        )
+            .prop_map(|(session, byte, hops, logprobs)| {
+                Message::ArOutput(ArOutput {
+                    session,
+                    byte,
+                    hops,
+                    logprobs,
+                })
+            }),
     ]
 }
 
@@ -520,6 +552,47 @@ proptest! {
         if let Ok(back) = decode_tokens(&body) {
             prop_assert!(back.iter().all(|&v| v <= MASK_TOKEN));
             prop_assert_eq!(encode_tokens(&back), body);
+        }
+    }
+
+    /// An AR output's log-probabilities are a hostile last stage's: whatever it sends,
+    /// what decodes holds at most 5 distinct alternatives, most likely first, and
+    /// finite values at most 0 (what the gateway renders and never indexes by).
+    #[test]
+    fn ar_output_logprobs_from_the_sender_decode_only_in_shape(
+        logprob in prop_oneof![-100.0f32..1.0, Just(0.0), Just(f32::MIN), Just(1e-30)],
+        top in vec((any::<u8>(), prop_oneof![-100.0f32..1.0, Just(-0.0)]), 0..9),
+        raw in prop_oneof![
+            Just(String::new()),
+            Just(r#","logprobs":{"logprob":-1,"top":[[300,-1]]}"#.to_string()),
+            Just(r#","logprobs":{"logprob":null,"top":[]}"#.to_string()),
+            Just(r#","logprobs":{"logprob":-1,"top":[[1]]}"#.to_string()),
+            Just(r#","logprobs":{"logprob":-1e39,"top":[]}"#.to_string()),
+            Just(r#","logprobs":{"logprob":-1,"top":null}"#.to_string()),
+        ],
+    ) {
+        let lp = ByteLogprobs { logprob, top };
+        let m = Message::ArOutput(ArOutput { session: 1, byte: 7, hops: Vec::new(), logprobs: Some(lp.clone()) });
+        let sorted = lp.top.windows(2).all(|w| w[0].1 >= w[1].1);
+        let distinct = lp.top.iter().enumerate().all(|(i, (b, _))| lp.top[..i].iter().all(|(a, _)| a != b));
+        let in_range = |v: f32| v <= 0.0;
+        let valid = in_range(lp.logprob) && lp.top.len() <= MAX_TOP_LOGPROBS as usize
+            && lp.top.iter().all(|(_, v)| in_range(*v)) && sorted && distinct;
+        match decode_metered(&m.encode())? {
+            Ok(back) => {
+                prop_assert!(valid, "accepted {lp:?}");
+                prop_assert_eq!(back, m);
+            }
+            Err(e) => prop_assert!(!valid, "refused {lp:?}: {e}"),
+        }
+        // Metadata written by hand: wrong types and out-of-range bytes are refused too.
+        if !raw.is_empty() {
+            let meta = format!(r#"{{"session":1,"byte":7,"hops":[]{raw}}}"#);
+            let mut bytes = b"BTIF\x01\x00\x08\x00".to_vec();
+            bytes.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+            bytes.extend_from_slice(meta.as_bytes());
+            prop_assert!(decode_metered(&bytes)?.is_err(), "{meta}");
         }
     }
 

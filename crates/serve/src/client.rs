@@ -15,7 +15,7 @@ use crate::hop::{call_stage, Expect, HopLimits};
 use crate::ServeError;
 
 mod ar;
-pub use ar::{generate_ar, generate_ar_with};
+pub use ar::{generate_ar, generate_ar_scored, generate_ar_with};
 
 /// Servers named by `--route`: a file of `host:port` lines, or a comma-separated list.
 pub fn load_route(arg: &str) -> Result<Vec<String>, ServeError> {
@@ -237,6 +237,9 @@ pub struct Generation {
     /// AR: positions the servers had cached and recomputed after failovers (the failed
     /// session's context, re-prefilled on every stage). 0 for diffusion.
     pub replayed_positions: usize,
+    /// AR with log-probabilities asked for ([`generate_ar_scored`]): one per output
+    /// byte. Empty otherwise.
+    pub logprobs: Vec<blocktrain_protocol::frame::ByteLogprobs>,
 }
 
 fn check_request(plan: &Plan, req: &Request) -> Result<(), ServeError> {
@@ -336,6 +339,7 @@ pub async fn generate(
             entry_failovers: answer.failovers,
             stage_failovers: Vec::new(),
             replayed_positions: 0,
+            logprobs: Vec::new(),
         }),
         Message::Result(_, bytes) => Err(ServeError::Network(format!(
             "the route returned {} bytes for a {}-byte sequence",

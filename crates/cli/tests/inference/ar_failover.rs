@@ -1,6 +1,7 @@
 //! AR pipeline failover: a stage's replica killed or stopped mid-generation costs a new
 //! session over the replicas left and a re-prefill of the context, not the request, and
-//! the bytes are those of a run without the fault (sampling is seeded by output index).
+//! the bytes are those of a run without the fault (sampling is seeded by output index),
+//! and so are their log-probabilities (every generation here asks for them).
 use super::harness::*;
 
 use blocktrain_serve::client::{Generation, Plan};
@@ -16,24 +17,48 @@ fn ar_request() -> Request {
     }
 }
 
-/// Generates over `plan`, calling `at(i)` after byte `i` (0-based) has arrived.
+/// Generates over `plan` with the log-probabilities of 3 alternatives per byte, calling
+/// `at(i)` after byte `i` (0-based) has arrived.
 fn generate_with(
     plan: &Plan,
     limits: &HopLimits,
     at: &mut (dyn FnMut(usize) + Send),
 ) -> Result<Generation, blocktrain_serve::ServeError> {
     let mut n = 0;
-    let mut on_byte = |_| {
+    let mut on_byte = |_, _: Option<&_>| {
         at(n);
         n += 1;
         true
     };
-    rt().block_on(client::generate_ar_with(
+    rt().block_on(client::generate_ar_scored(
         plan,
         &ar_request(),
+        Some(3),
         limits,
         &mut on_byte,
     ))
+}
+
+/// A failover changes no byte, and no log-probability beyond rounding: a re-prefill sums
+/// in another order than steps one at a time, and hidden states cross stages as f16.
+fn same_as(g: &Generation, healthy: &Generation) {
+    assert_eq!(g.output, healthy.output, "a failover changes no byte");
+    assert_eq!(g.logprobs.len(), g.output.len());
+    for (i, (a, b)) in g.logprobs.iter().zip(&healthy.logprobs).enumerate() {
+        let near = |x: f32, y: f32| (x - y).abs() <= 1e-3;
+        assert!(near(a.logprob, b.logprob), "byte {i}: {a:?} vs {b:?}");
+        assert_eq!(a.top.len(), b.top.len());
+        for (&(_, va), &(_, vb)) in a.top.iter().zip(&b.top) {
+            assert!(near(va, vb), "byte {i}: {a:?} vs {b:?}");
+        }
+        // Bytes within rounding of each other may swap places: each byte in both lists
+        // has the same value in both.
+        for &(x, vx) in &a.top {
+            if let Some(&(_, vy)) = b.top.iter().find(|&&(y, _)| y == x) {
+                assert!(near(vx, vy), "byte {i}: {a:?} vs {b:?}");
+            }
+        }
+    }
 }
 
 fn server<'a>(servers: &'a [Server], addr: &str) -> &'a Server {
@@ -84,7 +109,7 @@ fn killed_middle_and_last_replicas_are_replayed_to_and_the_bytes_do_not_change()
         }
     })
     .unwrap();
-    assert_eq!(g.output, healthy.output, "a failover changes no byte");
+    same_as(&g, &healthy);
     assert_eq!(g.stage_failovers, vec![0, 1, 1]);
     assert_eq!(g.entry_failovers, 0);
     // Each failover re-prefilled what the failed session had cached: the 8 context
@@ -117,7 +142,7 @@ fn killed_middle_and_last_replicas_are_replayed_to_and_the_bytes_do_not_change()
     // With the stale plan (both dead replicas still first), the servers pass over the
     // dead ones when the session opens: nothing to re-prefill, the same bytes.
     let g = generate_with(&plan, &limits, &mut |_| {}).unwrap();
-    assert_eq!(g.output, healthy.output);
+    same_as(&g, &healthy);
     assert_eq!(g.stage_failovers, vec![0, 1, 1]);
     assert_eq!(g.replayed_positions, 0);
     // Reported by the servers that passed over them, once per session.
@@ -153,7 +178,7 @@ fn a_stalled_last_stage_fails_over_and_a_stage_with_no_replica_left_is_named() {
         }
     })
     .unwrap();
-    assert_eq!(g.output, healthy.output, "a failover changes no byte");
+    same_as(&g, &healthy);
     assert_eq!(g.stage_failovers, vec![0, 0, 1]);
     assert_eq!(g.replayed_positions, 8 + 4);
     assert_eq!(g.hops[2].server, last[1]);

@@ -156,6 +156,7 @@ fn hostile_frames_get_errors_and_the_server_keeps_serving() {
                 seed: 0,
                 route: m.route,
                 hop: 0,
+                logprobs: None,
             }),
         },
         ArPayload::Hidden(vec![0.5; 16]),

@@ -4,6 +4,7 @@
 //! coordinator's registry.
 
 mod ar_failover;
+mod ar_logprobs;
 mod faults;
 mod gateway;
 mod gateway_api;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::greeting::Hello;
 use super::header::{frame, parse_header, Header, Kind, HEADER_LEN};
 use super::message::{
-    ArPayload, ArStepMeta, DenoiseMeta, LatentMeta, LatentState, Message, MASK_TOKEN,
+    ArOutput, ArPayload, ArStepMeta, DenoiseMeta, LatentMeta, LatentState, Message, MASK_TOKEN,
 };
 use super::route::check_route;
 use crate::{ProtocolError, Result};
@@ -175,7 +175,13 @@ impl Message {
             }
             Kind::ArOutput => {
                 no_body()?;
-                Message::ArOutput(parse(header.kind, meta)?)
+                let o: ArOutput = parse(header.kind, meta)?;
+                if let Some(lp) = &o.logprobs {
+                    lp.check_shape().map_err(|e| {
+                        ProtocolError::Malformed(format!("ArOutput log-probabilities: {e}"))
+                    })?;
+                }
+                Message::ArOutput(o)
             }
             Kind::Denoise => {
                 let m: DenoiseMeta = parse(header.kind, meta)?;

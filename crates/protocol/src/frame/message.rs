@@ -183,6 +183,63 @@ pub struct ArSetup {
     pub route: Vec<Stage>,
     /// Index in `route` of the receiver.
     pub hop: u32,
+    /// Log-probabilities wanted with every byte: None, none (what clients before them
+    /// send, and servers before them ignore); `Some(n)`: the sampled byte's and the `n`
+    /// most likely bytes' ([`ByteLogprobs`]). Servers refuse `n` over
+    /// [`MAX_TOP_LOGPROBS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+}
+
+/// Most alternatives an AR step reports per byte ([`ArSetup::logprobs`]): OpenAI's
+/// legacy completions allow 5.
+pub const MAX_TOP_LOGPROBS: u32 = 5;
+
+/// The model's log-probabilities at one AR step: natural logs of the softmax of the
+/// last stage's logits for the next byte given the context, before the request's
+/// temperature, `top_k` and `top_p` (the model's own distribution, as OpenAI reports
+/// it; the same whatever the sampling settings).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ByteLogprobs {
+    /// The sampled byte's.
+    pub logprob: f32,
+    /// The most likely bytes and theirs, most likely first (ties: the lower byte first),
+    /// as many as the setup asked for.
+    pub top: Vec<(u8, f32)>,
+}
+
+impl ByteLogprobs {
+    /// What a decoder accepts from a peer: finite log-probabilities (at most 0), at most
+    /// [`MAX_TOP_LOGPROBS`] alternatives, distinct and in order.
+    pub fn check_shape(&self) -> std::result::Result<(), String> {
+        let fine = |lp: f32| lp.is_finite() && lp <= 0.0;
+        if !fine(self.logprob) {
+            return Err(format!(
+                "log-probability {} is not a finite value <= 0",
+                self.logprob
+            ));
+        }
+        if self.top.len() > MAX_TOP_LOGPROBS as usize {
+            return Err(format!(
+                "{} alternatives: at most {MAX_TOP_LOGPROBS}",
+                self.top.len()
+            ));
+        }
+        if let Some((b, lp)) = self.top.iter().find(|(_, lp)| !fine(*lp)) {
+            return Err(format!(
+                "byte {b}'s log-probability {lp} is not a finite value <= 0"
+            ));
+        }
+        for (i, (b, lp)) in self.top.iter().enumerate() {
+            if self.top[..i].iter().any(|(a, _)| a == b) {
+                return Err(format!("byte {b} is listed twice among the alternatives"));
+            }
+            if i > 0 && self.top[i - 1].1 < *lp {
+                return Err("the alternatives are not most likely first".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Metadata of a [`Message::ArStep`].
@@ -207,6 +264,10 @@ pub struct ArOutput {
     pub byte: u8,
     /// Every stage's report for this step.
     pub hops: Vec<HopStat>,
+    /// This step's log-probabilities, when the session's setup asked for them (absent
+    /// otherwise, so clients before them read the frame as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ByteLogprobs>,
 }
 
 /// Body of an [`Message::ArStep`].

@@ -17,6 +17,11 @@
 //! ([`Message::Latent`]) also carry the latent z between stages: positions x width
 //! values as f16, at the noise level sigma the previous stage stopped at.
 //!
+//! An AR session's setup may ask for log-probabilities ([`ArSetup::logprobs`]): its
+//! last stage then answers each step with the model's [`ByteLogprobs`] for the sampled
+//! byte and the most likely ones (at most [`MAX_TOP_LOGPROBS`]). Both fields are
+//! optional, so peers from before them read and write the frames as they did.
+//!
 //! Every connection starts with the server's [`Greeting`] (what it hosts, its key, a
 //! fresh challenge), sent before the server reads a byte: a caller checks it is talking
 //! to a server of the right model before it sends anything, and a client authenticates
@@ -37,8 +42,8 @@ pub use header::{
     parse_header, Header, Kind, DEFAULT_MAX_FRAME, FRAME_VERSION, HEADER_LEN, MAGIC, MAX_META,
 };
 pub use message::{
-    ArOutput, ArPayload, ArSetup, ArStepMeta, DenoiseMeta, ErrorCode, HopError, HopStat,
-    LatentState, Message, ResultMeta, Sampling, ServerInfo, MASK_TOKEN,
+    ArOutput, ArPayload, ArSetup, ArStepMeta, ByteLogprobs, DenoiseMeta, ErrorCode, HopError,
+    HopStat, LatentState, Message, ResultMeta, Sampling, ServerInfo, MASK_TOKEN, MAX_TOP_LOGPROBS,
 };
 pub use route::{BlockRange, Stage, MAX_BLOCK, MAX_REPLICAS, MAX_STAGES};
 

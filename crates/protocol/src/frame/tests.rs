@@ -88,6 +88,7 @@ fn samples() -> Vec<Message> {
                     seed: 0,
                     route: route(),
                     hop: 0,
+                    logprobs: Some(3),
                 }),
             },
             ArPayload::Tokens(tokens),
@@ -105,6 +106,13 @@ fn samples() -> Vec<Message> {
             session: 1,
             byte: b'x',
             hops: vec![stat.clone()],
+            logprobs: None,
+        }),
+        Message::ArOutput(ArOutput {
+            session: 1,
+            byte: b'x',
+            hops: vec![stat.clone()],
+            logprobs: Some(logprobs()),
         }),
         Message::Latent(
             DenoiseMeta {
@@ -146,6 +154,55 @@ fn latent_frames_carry_two_bytes_per_value_and_refuse_bad_shapes() {
     let mut neg = z;
     neg.sigma = -1.0;
     assert!(decode_frame(&Message::Latent(m, t, neg).encode(), DEFAULT_MAX_FRAME).is_err());
+}
+
+fn logprobs() -> ByteLogprobs {
+    ByteLogprobs {
+        logprob: -1.25,
+        top: vec![(b'y', -0.5), (b'x', -1.25), (0xC3, -1.25)],
+    }
+}
+
+#[test]
+fn ar_logprobs_are_optional_on_the_wire_and_checked_when_present() {
+    // A frame from a sender before log-probabilities (no field) reads as none, and a
+    // setup or output without them writes no field, so older peers read it as before.
+    let old = br#"{"session":1,"byte":120,"hops":[]}"#;
+    let o: ArOutput = serde_json::from_slice(old).unwrap();
+    assert_eq!(o.logprobs, None);
+    let m = Message::ArOutput(o).encode();
+    assert!(!String::from_utf8_lossy(&m).contains("logprobs"));
+    let setup = br#"{"model_id":"m","sampling":{"steps_per_block":1,"temperature":1.0,"top_k":0},"seed":0,"route":[],"hop":0}"#;
+    assert_eq!(
+        serde_json::from_slice::<ArSetup>(setup).unwrap().logprobs,
+        None
+    );
+    let output = |lp: ByteLogprobs| {
+        let m = Message::ArOutput(ArOutput {
+            session: 1,
+            byte: b'x',
+            hops: Vec::new(),
+            logprobs: Some(lp),
+        });
+        decode_frame(&m.encode(), DEFAULT_MAX_FRAME).map_err(|e| e.to_string())
+    };
+    assert!(output(logprobs()).is_ok());
+    let mut too_many = logprobs();
+    too_many.top = (0..=MAX_TOP_LOGPROBS as u8).map(|b| (b, -6.0)).collect();
+    assert!(output(too_many).unwrap_err().contains("at most 5"));
+    let mut positive = logprobs();
+    positive.logprob = 0.5;
+    assert!(output(positive).unwrap_err().contains("<= 0"));
+    let mut unsorted = logprobs();
+    unsorted.top.swap(0, 1);
+    assert!(output(unsorted).unwrap_err().contains("most likely first"));
+    let mut twice = logprobs();
+    twice.top[2].0 = b'y';
+    assert!(output(twice).unwrap_err().contains("twice"));
+    // Non-finite values cannot even be written as JSON numbers: they arrive as null.
+    let mut inf = logprobs();
+    inf.top[1].1 = f32::NEG_INFINITY;
+    assert!(output(inf).is_err());
 }
 
 #[test]

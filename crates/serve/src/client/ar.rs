@@ -10,10 +10,18 @@
 //! stage, and samples the same output index, so the bytes do not change. Each failover
 //! gives up on at least one replica, so a stage fails over at most (replicas - 1) times
 //! before the generation ends with an error naming it.
+//!
+//! Log-probabilities ([`generate_ar_scored`]) are asked for in the session's setup and
+//! computed by the last stage from the same logits it samples from; after a failover the
+//! re-prefilled context gives the same values (to float rounding: a prefill sums in
+//! another order than steps one by one). A last stage that answers without them (a
+//! server from before them) is failed over like a broken one, so the error names it
+//! when no replica has them.
 use std::time::Instant;
 
 use blocktrain_protocol::frame::{
-    ArOutput, ArPayload, ArSetup, ArStepMeta, ErrorCode, HopStat, Message, Stage, MASK_TOKEN,
+    ArOutput, ArPayload, ArSetup, ArStepMeta, ByteLogprobs, ErrorCode, HopStat, Message, Stage,
+    MASK_TOKEN, MAX_TOP_LOGPROBS,
 };
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -49,7 +57,26 @@ pub async fn generate_ar_with(
     limits: &HopLimits,
     on_byte: &mut (dyn FnMut(u8) -> bool + Send),
 ) -> Result<Generation, ServeError> {
+    generate_ar_scored(plan, req, None, limits, &mut |b, _| on_byte(b)).await
+}
+
+/// [`generate_ar_with`], with the model's log-probabilities of every byte when
+/// `logprobs` is `Some(n)`: the sampled byte's and the `n` most likely bytes' (at most
+/// [`MAX_TOP_LOGPROBS`]), handed to `on_byte` with the byte and kept in
+/// [`Generation::logprobs`].
+pub async fn generate_ar_scored(
+    plan: &Plan,
+    req: &Request,
+    logprobs: Option<u32>,
+    limits: &HopLimits,
+    on_byte: &mut (dyn FnMut(u8, Option<&ByteLogprobs>) -> bool + Send),
+) -> Result<Generation, ServeError> {
     check_request(plan, req)?;
+    if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(ServeError::Config(format!(
+            "logprobs: {n} alternatives asked for, the AR servers report at most {MAX_TOP_LOGPROBS}"
+        )));
+    }
     let window = plan.window as usize;
     // The AR network reads MASK as its start-of-text token, then the prompt.
     let mut ids: Vec<u16> = std::iter::once(MASK_TOKEN)
@@ -59,6 +86,7 @@ pub async fn generate_ar_with(
     let mut replicas = Replicas::new(plan);
     let mut session: Option<Session> = None;
     let mut output = Vec::with_capacity(req.len);
+    let mut scores = Vec::new();
     let mut hops: Vec<HopStat> = Vec::new();
     let (mut traversals, mut replayed) = (0, 0);
     let started = Instant::now();
@@ -73,16 +101,30 @@ pub async fn generate_ar_with(
             None => session.insert(Session::open(plan, &mut replicas, limits).await?),
         };
         let first_step = s.cached == 0;
-        match s.step(plan, req, &ids[start..], i, limits).await {
+        let step = s.step(plan, req, logprobs, &ids[start..], i, limits).await;
+        let step = match step {
             Ok(o) => {
                 if first_step {
                     replicas.learn(&s.route, &o.hops);
                 }
+                // Checked once the replica serving the last stage is known (learned
+                // from a session's first answer), so only that one is given up on.
+                match scored(&o, logprobs) {
+                    Ok(()) => Ok(o),
+                    Err(why) => Err(Failure::Stage(plan.stages.len() - 1, why)),
+                }
+            }
+            Err(f) => Err(f),
+        };
+        match step {
+            Ok(o) => {
                 output.push(o.byte);
                 ids.push(o.byte as u16);
                 traversals += traversals_in(&o.hops, &plan.stages[0]);
                 add_hops(&mut hops, o.hops);
-                if !on_byte(o.byte) {
+                let go_on = on_byte(o.byte, o.logprobs.as_ref());
+                scores.extend(o.logprobs);
+                if !go_on {
                     break;
                 }
             }
@@ -109,7 +151,26 @@ pub async fn generate_ar_with(
         entry_failovers: replicas.failovers()[0],
         stage_failovers: replicas.failovers(),
         replayed_positions: replayed,
+        logprobs: scores,
     })
+}
+
+/// Whether a step's answer carries the log-probabilities asked for (`want`: the
+/// alternatives per byte), or why not. Their shape was checked by the decoder.
+fn scored(o: &ArOutput, want: Option<u32>) -> Result<(), String> {
+    let server = o.hops.last().map_or("?", |h| h.server.as_str());
+    match (want, &o.logprobs) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(format!("{server} sent log-probabilities nobody asked for")),
+        (Some(_), None) => Err(format!(
+            "{server} returned no log-probabilities (a server from before them?)"
+        )),
+        (Some(n), Some(lp)) if lp.top.len() != n as usize => Err(format!(
+            "{server} returned {} alternatives per byte, {n} were asked for",
+            lp.top.len()
+        )),
+        (Some(_), Some(_)) => Ok(()),
+    }
 }
 
 /// Sums each stage's reports over steps (matched by blocks: after a failover another
@@ -267,6 +328,7 @@ impl Session {
         &mut self,
         plan: &Plan,
         req: &Request,
+        logprobs: Option<u32>,
         context: &[u16],
         index: usize,
         limits: &HopLimits,
@@ -282,6 +344,7 @@ impl Session {
                 seed: req.seed,
                 route: self.route.clone(),
                 hop: 0,
+                logprobs,
             }),
         };
         let n = fresh.len();

@@ -93,8 +93,8 @@ pub struct Hosted {
 pub enum ArStepOut {
     /// Hidden states for the next stage: (rows, d) row-major.
     Hidden(Vec<f32>, u32),
-    /// The sampled byte (last stage).
-    Byte(u8),
+    /// The sampled byte (last stage), with its log-probabilities when they were asked for.
+    Byte(u8, Option<blocktrain_protocol::frame::ByteLogprobs>),
 }
 
 fn bad(m: impl Into<String>) -> ServeError {

@@ -18,7 +18,7 @@ use blocktrain_protocol::frame::{
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
 
-use super::check::{check_route, check_sampling};
+use super::check::{check_logprobs, check_route, check_sampling};
 use super::conn::{error, send_up, Keepalive};
 use super::{Shared, Upstream};
 use crate::framed::{read_message, write_bytes};
@@ -101,6 +101,7 @@ async fn run_ar_step(
         }
         check_route(shared, &setup.model_id, &setup.route, setup.hop, false)?;
         check_sampling(&setup.sampling).map_err(|m| (ErrorCode::BadRequest, m))?;
+        check_logprobs(setup.logprobs).map_err(|m| (ErrorCode::BadRequest, m))?;
         session.setup = Some(setup);
     }
     let Some(setup) = session.setup.clone() else {
@@ -117,10 +118,12 @@ async fn run_ar_step(
     let work = {
         let shared = shared.clone();
         let (sampling, seed, index) = (setup.sampling.clone(), setup.seed, meta.output_index);
-        let hidden = meta.hidden;
+        let (hidden, logprobs) = (meta.hidden, setup.logprobs);
         tokio::task::spawn_blocking(move || {
             let hosted = shared.hosted.lock().unwrap_or_else(|p| p.into_inner());
-            let out = hosted.ar_step(&mut cache, &payload, hidden, &sampling, seed, index);
+            let out = hosted.ar_step(
+                &mut cache, &payload, hidden, &sampling, seed, index, logprobs,
+            );
             (out, cache)
         })
     };
@@ -142,11 +145,12 @@ async fn run_ar_step(
         bytes_out: 0,
     };
     let hidden = match out {
-        ArStepOut::Byte(byte) => {
+        ArStepOut::Byte(byte, logprobs) => {
             return Ok(Message::ArOutput(ArOutput {
                 session: meta.session,
                 byte,
                 hops: vec![me],
+                logprobs,
             }))
         }
         ArStepOut::Hidden(values, rows) => {

@@ -1,5 +1,6 @@
-//! The checks every hop makes before it computes: route and sampling settings.
-use blocktrain_protocol::frame::{ErrorCode, Sampling, Stage};
+//! The checks every hop makes before it computes: route, sampling settings and (AR)
+//! the log-probabilities asked for.
+use blocktrain_protocol::frame::{ErrorCode, Sampling, Stage, MAX_TOP_LOGPROBS};
 
 use super::Shared;
 
@@ -72,4 +73,14 @@ pub(super) fn check_sampling(s: &Sampling) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An AR setup's `logprobs`: alternatives per byte, at most [`MAX_TOP_LOGPROBS`].
+pub(super) fn check_logprobs(n: Option<u32>) -> Result<(), String> {
+    match n {
+        Some(n) if n > MAX_TOP_LOGPROBS => Err(format!(
+            "logprobs asks for the {n} most likely bytes per step: this server reports at most {MAX_TOP_LOGPROBS}"
+        )),
+        _ => Ok(()),
+    }
 }
