@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Checks that the official `openai` Python client (>= 1) accepts `blocktrain gateway`.
 
-Usage: openai-client-check.py http://127.0.0.1:8000
+Usage: openai-client-check.py http://127.0.0.1:8000 [AR_URL]
 
 Exercises completions (string and list prompts, n, stop, temperature 0 determinism,
 seed, stream), chat completions (plain and streamed), models.list/retrieve and the
-errors on an unknown model and on logprobs. Exits non-zero on the first failure; run by
+errors on an unknown model and on logprobs (a diffusion model has none). With AR_URL, a
+gateway in front of an AR model: logprobs in completions and chat, plain and streamed,
+read through the client's own types. Exits non-zero on the first failure; run by
 crates/cli/tests/inference/gateway.rs when a python with `openai` is found.
 """
 import sys
@@ -96,11 +98,73 @@ def main(base: str) -> None:
         complete(logprobs=1)
         raise AssertionError("logprobs were accepted")
     except openai.BadRequestError as e:
-        assert "logprobs" in str(e), e
+        assert "logprobs" in str(e) and "diffusion" in str(e), e
     checks += 2
 
     print(f"ok: {checks} checks with openai {openai.__version__}")
 
 
+def check_ar(base: str) -> None:
+    """logprobs from an AR model's gateway, as the client's types read them."""
+    client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    checks = 0
+
+    def complete(**kw):
+        return client.completions.create(model=model, prompt="ROMEO: ", max_tokens=8, **kw)
+
+    # Legacy completions: one token per byte; each top_logprobs entry holds the 2 most
+    # likely and the sampled token; greedy samples the most likely.
+    c = complete(temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8, lp
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and top[token] == value and len(top) == 2, (token, value, top)
+        assert max(top.values()) == value, top
+    assert lp.text_offset[0] == 0 and sorted(lp.text_offset) == lp.text_offset, lp.text_offset
+    pieces = list(complete(temperature=0, logprobs=2, stream=True))
+    streamed = [t for p in pieces if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens, (streamed, lp.tokens)
+    checks += 2
+
+    # Chat: logprobs.content, one entry per byte, top_logprobs most likely first.
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    for t in content:
+        assert len(t.bytes) == 1 and len(t.top_logprobs) == 2, t
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, t
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob, t
+    text = bytes(b for t in content for b in t.bytes).decode("utf-8", "replace")
+    assert text == chat.choices[0].message.content, (text, chat.choices[0].message.content)
+    deltas = list(
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+            stream=True,
+        )
+    )
+    joined = [t for d in deltas if d.choices and d.choices[0].logprobs for t in d.choices[0].logprobs.content]
+    assert joined == content, (joined, content)
+    checks += 2
+
+    try:
+        complete(logprobs=1, echo=True)
+        raise AssertionError("echo with logprobs was accepted")
+    except openai.BadRequestError as e:
+        assert "echo" in str(e), e
+    try:
+        complete(logprobs=6)
+        raise AssertionError("logprobs=6 was accepted")
+    except openai.BadRequestError as e:
+        assert "0..=5" in str(e), e
+    checks += 2
+
+    print(f"ok: {checks} AR logprobs checks with openai {openai.__version__}")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    if len(sys.argv) > 2:
+        check_ar(sys.argv[2])

@@ -1,7 +1,7 @@
 //! `blocktrain gateway` as OpenAI clients see it: a client for the tests (every response
 //! tallied, to check `/metrics` against), the AR pipeline streaming byte by byte, and the
 //! official `openai` Python client when one is installed. The block family's API tests
-//! are in `gateway_api.rs`.
+//! are in `gateway_api.rs`, the AR family's log-probabilities in `gateway_logprobs.rs`.
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
@@ -232,17 +232,11 @@ fn ar_gateway_streams_bytes_as_sampled_and_stops_early() {
         (bytes_to_stop..=bytes_to_stop + 1).contains(&steps),
         "{steps} traversals for a stop after {bytes_to_stop} bytes (of 20)"
     );
-    let e = g.refused(
-        "/v1/completions",
-        &json!({"prompt": "x", "logprobs": 2}),
-        400,
-    );
-    assert!(e["message"].as_str().unwrap().contains("AR"), "{e}");
 }
 
-/// The official `openai` Python client against a real gateway: BLOCKTRAIN_OPENAI_PYTHON,
-/// else `python3` when it can import `openai`; without either the test says so and
-/// passes.
+/// The official `openai` Python client against real gateways (a block model's, and an
+/// AR model's for logprobs): BLOCKTRAIN_OPENAI_PYTHON, else `python3` when it can import
+/// `openai`; without either the test says so and passes.
 #[test]
 fn the_official_openai_python_client_accepts_the_gateway() {
     let python = match std::env::var("BLOCKTRAIN_OPENAI_PYTHON") {
@@ -257,12 +251,17 @@ fn the_official_openai_python_client_accepts_the_gateway() {
         println!("skipped: no python with the `openai` package (set BLOCKTRAIN_OPENAI_PYTHON, or pip install openai)");
         return;
     }
-    let (_dir, _top, _bottom, route) = block_route("gw-python");
+    let (dir, _top, _bottom, route) = block_route("gw-python");
     let g = start_gateway(&route, &[]);
+    // And an AR model's gateway, for logprobs.
+    let ar = train(&dir, "ar");
+    let ar_server = serve(&dir, &ar, "1..3");
+    let ar_gateway = start_gateway(&ar_server.addr, &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/openai-client-check.py");
     let out = Command::new(&python)
         .arg(&script)
         .arg(&g.base)
+        .arg(&ar_gateway.base)
         .output()
         .unwrap();
     let said = format!(
@@ -272,5 +271,6 @@ fn the_official_openai_python_client_accepts_the_gateway() {
     );
     assert!(out.status.success(), "{said}");
     assert!(said.contains("ok: "), "{said}");
+    assert!(said.contains("AR logprobs checks"), "{said}");
     println!("{said}");
 }

@@ -307,6 +307,29 @@ fn streams_chat_health_and_metrics_agree_with_plain_answers() {
         400,
     );
     assert_eq!(e["param"], "messages[0].role");
+    // A diffusion traversal has no per-byte likelihood: chat's logprobs are refused too,
+    // saying why, however they are asked for.
+    for body in [
+        json!({"messages": messages.clone(), "logprobs": true}),
+        json!({"messages": messages.clone(), "logprobs": true, "top_logprobs": 2}),
+        json!({"messages": messages.clone(), "top_logprobs": 0}),
+    ] {
+        let e = g.refused("/v1/chat/completions", &body, 400);
+        assert_eq!(e["param"], "logprobs", "{body}: {e}");
+        let m = e["message"].as_str().unwrap();
+        assert!(
+            m.contains("diffusion") && m.contains("per-byte likelihood"),
+            "{e}"
+        );
+    }
+    // logprobs: false and null ask for nothing.
+    for off in [json!(false), Value::Null] {
+        let body = json!({"messages": messages.clone(), "max_tokens": 2, "logprobs": off});
+        let (s, c) = g.post("/v1/chat/completions", &body);
+        assert_eq!(s, 200, "{c}");
+        assert_eq!(c["choices"][0]["logprobs"], Value::Null);
+        completion_bytes += c["usage"]["completion_tokens"].as_u64().unwrap();
+    }
 
     // CORS as configured: preflights answered for the origin given, not for others.
     let preflight = |origin: &str| {

@@ -8,6 +8,7 @@ mod ar_logprobs;
 mod faults;
 mod gateway;
 mod gateway_api;
+mod gateway_logprobs;
 mod harness;
 mod registry;
 mod traversal;

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::{ApiError, JsonBody};
+use super::output::Output;
 use super::request::{check, Body, Endpoint, Job};
 use super::run::run_choice;
-use super::text::TextStream;
 use super::Gateway;
 
 /// `POST /v1/completions`.
@@ -92,23 +92,24 @@ async fn answer(g: Arc<Gateway>, body: Body, endpoint: Endpoint) -> Result<Respo
     let mut choices = Vec::with_capacity(job.choices());
     let mut completion = 0;
     for index in 0..job.choices() {
-        let mut text = TextStream::new(job.stops.clone());
-        completion += run_choice(&g, job.request(index), &mut text, None).await?;
-        let mut content = text.ready();
-        content.push_str(&text.finish());
-        let finish = text.finish_reason();
+        let mut out = Output::new(job.stops.clone(), job.logprobs.is_some());
+        completion += run_choice(&g, job.request(index), job.logprobs, &mut out, None).await?;
+        let piece = out.finish();
+        let logprobs = piece.scored.map_or(Value::Null, |s| s.render(endpoint));
+        let mut content = piece.text;
+        let finish = out.finish_reason();
         choices.push(match endpoint {
             Endpoint::Completions => {
                 if job.echo {
                     let prompt = &job.prompts[index / job.n as usize];
                     content.insert_str(0, &String::from_utf8_lossy(prompt));
                 }
-                json!({"text": content, "index": index, "logprobs": null, "finish_reason": finish})
+                json!({"text": content, "index": index, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Chat => json!({
                 "index": index,
                 "message": {"role": "assistant", "content": content},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
         });

@@ -3,7 +3,7 @@
 //!
 //! | Endpoint | What |
 //! |---|---|
-//! | `POST /v1/completions` | text completion: string, list or byte-id prompts; `n`, `stop`, `seed`, `temperature`, `max_tokens`, `echo`, `stream` |
+//! | `POST /v1/completions` | text completion: string, list or byte-id prompts; `n`, `stop`, `seed`, `temperature`, `max_tokens`, `echo`, `stream`, `logprobs` (AR) |
 //! | `POST /v1/chat/completions` | the same on a plain chat template ([`chat`]), `chat.completion(.chunk)` objects |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the one model the route serves (404 `model_not_found` otherwise) |
 //! | `GET /health` | JSON: ok, model, stages and how many replicas answer; 503 when a stage has none |
@@ -16,9 +16,13 @@
 //! 0` is greedy and deterministic: without a `seed` it samples with seed 0, since the
 //! diffusion samplers' unmasking order depends on the seed even when every byte is the
 //! argmax. `top_p` is nucleus sampling over the 256 bytes, at every sampling draw of
-//! every family. Fields OpenAI defines but BlockTrain cannot honour (`logprobs`,
-//! penalties, `logit_bias`, `suffix`, `best_of > n`) and unknown fields get a 400
-//! naming them; every error is OpenAI's `{"error": {message, type, param, code}}`.
+//! every family. `logprobs` (completions: 0..=5; chat: `logprobs: true`, `top_logprobs`
+//! 0..=5) are the AR model's own per-byte log-probabilities, in OpenAI's shapes and in
+//! every streamed chunk ([`logprobs`]); the diffusion families refuse them (no per-byte
+//! likelihood in one traversal), as they refuse everything else OpenAI defines but
+//! BlockTrain cannot honour (penalties, `logit_bias`, `suffix`, `best_of > n`): a 400
+//! naming the field, as unknown fields get; every error is OpenAI's
+//! `{"error": {message, type, param, code}}`.
 //! A missing `model` is allowed (the route serves one); another model's name is a 404.
 use std::sync::Arc;
 
@@ -37,7 +41,9 @@ mod chat;
 mod complete;
 mod error;
 mod health;
+mod logprobs;
 mod metrics;
+mod output;
 mod request;
 mod run;
 mod stream;

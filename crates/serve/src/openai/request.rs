@@ -1,6 +1,7 @@
 //! The request bodies of `/v1/completions` and `/v1/chat/completions`, and their check
 //! into a [`Job`]: every field OpenAI defines is either honoured or refused with a 400
-//! naming it, never silently ignored; unknown fields are refused too.
+//! naming it, never silently ignored; unknown fields are refused too. (`logprobs` and
+//! `top_logprobs` are checked in [`super::logprobs`].)
 use blocktrain_protocol::frame::Sampling;
 use serde::Deserialize;
 use serde_json::{Number, Value};
@@ -97,6 +98,9 @@ pub struct Job {
     pub stream: bool,
     /// With `stream`: a last chunk with `usage`.
     pub include_usage: bool,
+    /// Log-probabilities of every output byte, with this many alternatives (AR only;
+    /// see [`super::logprobs`]).
+    pub logprobs: Option<u32>,
 }
 
 impl Job {
@@ -131,7 +135,14 @@ pub fn check(
             return Err(ApiError::model_not_found(m));
         }
     }
-    refuse_unsupported(&body, endpoint, &plan.family)?;
+    refuse_unsupported(&body, endpoint)?;
+    let logprobs = super::logprobs::requested(
+        endpoint,
+        &plan.family,
+        body.logprobs.as_ref(),
+        body.top_logprobs,
+        body.echo == Some(true),
+    )?;
     let (prompts, mut stops) = match endpoint {
         Endpoint::Completions => (completion_prompts(body.prompt.as_ref())?, Vec::new()),
         Endpoint::Chat => {
@@ -226,32 +237,13 @@ pub fn check(
         echo: body.echo.unwrap_or(false),
         stream,
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+        logprobs,
     })
 }
 
 /// Fields BlockTrain cannot honour (or that belong to the other endpoint), refused so a
 /// client never gets silently different behaviour from what it asked.
-fn refuse_unsupported(b: &Body, endpoint: Endpoint, family: &str) -> Result<(), ApiError> {
-    let wants_logprobs = match endpoint {
-        Endpoint::Completions => b.logprobs.as_ref().is_some_and(|v| !v.is_null()),
-        Endpoint::Chat => {
-            b.logprobs
-                .as_ref()
-                .is_some_and(|v| v != &Value::Bool(false))
-                || b.top_logprobs.is_some()
-        }
-    };
-    if wants_logprobs {
-        let why = if family == "ar" {
-            "the AR pipeline's servers return the sampled byte only, not its log-probability (not implemented yet)"
-        } else {
-            "a diffusion traversal unmasks bytes in parallel over many steps, so one pass gives no per-token likelihood"
-        };
-        return Err(ApiError::unsupported(
-            "logprobs",
-            format!("logprobs are not available for this {family} model: {why}"),
-        ));
-    }
+fn refuse_unsupported(b: &Body, endpoint: Endpoint) -> Result<(), ApiError> {
     for (name, v) in [
         ("presence_penalty", b.presence_penalty),
         ("frequency_penalty", b.frequency_penalty),

@@ -12,8 +12,10 @@ use std::time::Instant;
 use axum::response::sse::Event;
 use tokio::sync::mpsc;
 
+use blocktrain_protocol::frame::ByteLogprobs;
+
 use super::error::ApiError;
-use super::text::TextStream;
+use super::output::{Output, Piece};
 use super::Gateway;
 use crate::client::{self, Request};
 
@@ -21,37 +23,41 @@ use crate::client::{self, Request};
 pub struct Live<'a> {
     /// The response's events.
     pub tx: &'a mpsc::Sender<Result<Event, Infallible>>,
-    /// Formats one piece of the choice's text as a chunk.
-    pub event: &'a (dyn Fn(String) -> Event + Sync),
+    /// Formats one piece of the choice's text (and its bytes' scores) as a chunk.
+    pub event: &'a (dyn Fn(Piece) -> Event + Sync),
 }
 
 impl Live<'_> {
-    /// Sends `text` (if any); false when the client has gone.
-    async fn send(&self, text: String) -> bool {
-        text.is_empty() || self.tx.send(Ok((self.event)(text))).await.is_ok()
+    /// Sends `piece` (if it has text); false when the client has gone.
+    async fn send(&self, piece: Piece) -> bool {
+        piece.text.is_empty() || self.tx.send(Ok((self.event)(piece))).await.is_ok()
     }
 }
 
-/// Generates choice `req` into `text`; returns the bytes the route generated.
+/// Generates choice `req` into `text`, with `logprobs` alternatives per byte when
+/// asked for (AR only: the request check refuses them for diffusion); returns the bytes
+/// the route generated.
 pub async fn run_choice(
     g: &Gateway,
     req: Request,
-    text: &mut TextStream,
+    logprobs: Option<u32>,
+    text: &mut Output,
     live: Option<Live<'_>>,
 ) -> Result<usize, ApiError> {
     let started = Instant::now();
     let result = if g.plan().family == "ar" {
-        let (bytes_tx, mut bytes_rx) = mpsc::unbounded_channel::<u8>();
+        let (bytes_tx, mut bytes_rx) = mpsc::unbounded_channel::<(u8, Option<ByteLogprobs>)>();
         let generation = async move {
             // The callback ends the generation once the reader below has stopped.
-            let mut on_byte = move |b| bytes_tx.send(b).is_ok();
-            client::generate_ar_with(&g.plan(), &req, &g.limits, &mut on_byte).await
+            let mut on_byte =
+                move |b, lp: Option<&ByteLogprobs>| bytes_tx.send((b, lp.cloned())).is_ok();
+            client::generate_ar_scored(&g.plan(), &req, logprobs, &g.limits, &mut on_byte).await
         };
         let text = &mut *text;
         let live = live.as_ref();
         let reader = async move {
-            while let Some(b) = bytes_rx.recv().await {
-                let go_on = text.push(b);
+            while let Some((b, lp)) = bytes_rx.recv().await {
+                let go_on = text.push(b, lp.as_ref());
                 if let Some(live) = live {
                     if !live.send(text.ready()).await {
                         break;
@@ -68,7 +74,7 @@ pub async fn run_choice(
         let result = client::generate(&g.plan(), &req, &g.limits).await;
         if let Ok(out) = &result {
             for &b in &out.output {
-                if !text.push(b) {
+                if !text.push(b, None) {
                     break;
                 }
             }

@@ -3,7 +3,8 @@
 //!
 //! Choices run one after another; each one's chunks carry its `index`. Completions send
 //! `text` pieces, then an empty piece with the `finish_reason`; chat sends a first
-//! `delta` with the role, `content` deltas, then an empty delta with the reason. With
+//! `delta` with the role, `content` deltas, then an empty delta with the reason; with
+//! `logprobs`, each piece carries those of its own bytes ([`super::logprobs`]). With
 //! `stream_options.include_usage` a last chunk has no choices and the `usage`. A failure
 //! mid-stream is sent as an `{"error": ...}` event (the OpenAI clients raise it) and the
 //! stream ends without `[DONE]`.
@@ -16,9 +17,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::complete::{usage, Head};
+use super::output::{Output, Piece};
 use super::request::{Endpoint, Job};
 use super::run::{run_choice, Live};
-use super::text::TextStream;
 use super::Gateway;
 
 /// Events buffered towards a slow reader before the generation waits for it.
@@ -36,18 +37,31 @@ impl Head {
         }
     }
 
-    /// A chunk of choice `index`: `text` and, on its last chunk, its finish reason.
-    fn piece(&self, index: usize, text: Option<&str>, finish: Option<&str>) -> Event {
+    /// A chunk of choice `index`: `text` and its bytes' `logprobs` (or null) and, on its
+    /// last chunk, its finish reason.
+    fn piece(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        logprobs: Value,
+        finish: Option<&str>,
+    ) -> Event {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "text": text.unwrap_or(""), "index": index, "logprobs": null, "finish_reason": finish,
+                "text": text.unwrap_or(""), "index": index, "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         data(&self.object(self.chunk_kind(), json!([choice]), None))
+    }
+
+    /// A chunk of choice `index` with a piece of its text.
+    fn chunk(&self, index: usize, p: Piece) -> Event {
+        let logprobs = p.scored.map_or(Value::Null, |s| s.render(self.endpoint));
+        self.piece(index, Some(&p.text), logprobs, None)
     }
 
     /// The chat's first chunk of a choice: the role.
@@ -91,7 +105,8 @@ async fn produce(
             Endpoint::Chat => Some(head.role(index)),
             Endpoint::Completions if job.echo => {
                 let prompt = &job.prompts[index / job.n as usize];
-                Some(head.piece(index, Some(&String::from_utf8_lossy(prompt)), None))
+                let echo = String::from_utf8_lossy(prompt);
+                Some(head.piece(index, Some(&echo), Value::Null, None))
             }
             Endpoint::Completions => None,
         };
@@ -100,10 +115,11 @@ async fn produce(
                 return;
             }
         }
-        let mut text = TextStream::new(job.stops.clone());
-        let event = |t: String| head.piece(index, Some(&t), None);
+        let mut text = Output::new(job.stops.clone(), job.logprobs.is_some());
+        let event = |p: Piece| head.chunk(index, p);
         let live = Live { tx, event: &event };
-        match run_choice(g, job.request(index), &mut text, Some(live)).await {
+        let req = job.request(index);
+        match run_choice(g, req, job.logprobs, &mut text, Some(live)).await {
             Ok(n) => completion += n,
             Err(e) => {
                 send(data(&e.body())).await;
@@ -114,10 +130,11 @@ async fn produce(
             return;
         }
         let rest = text.finish();
-        if !rest.is_empty() && !send(head.piece(index, Some(&rest), None)).await {
+        if !rest.text.is_empty() && !send(head.chunk(index, rest)).await {
             return;
         }
-        if !send(head.piece(index, None, Some(text.finish_reason()))).await {
+        let last = head.piece(index, None, Value::Null, Some(text.finish_reason()));
+        if !send(last).await {
             return;
         }
     }

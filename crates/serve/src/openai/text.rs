@@ -58,6 +58,21 @@ impl TextStream {
         }
     }
 
+    /// Whether a stop sequence has matched (the output takes no more bytes).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The output so far, cut before a matched stop sequence.
+    pub fn kept(&self) -> &[u8] {
+        &self.kept
+    }
+
+    /// Bytes of [`Self::kept`] already handed out as text (by `ready` and `finish`).
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
     /// Text that no later byte can change (may be empty).
     pub fn ready(&mut self) -> String {
         let end = self.kept.len() - self.held_for_stop();
