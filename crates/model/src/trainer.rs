@@ -149,8 +149,9 @@ impl Trainer {
         checkpoint::to_bytes(&self.weights(), &BTreeMap::new())
     }
 
-    /// The optimizer moments by checkpoint name: `exp_avg/NAME`, `exp_avg_sq/NAME`.
-    fn moments(&self) -> NamedTensors {
+    /// The optimizer moments by checkpoint name: `exp_avg/NAME`, `exp_avg_sq/NAME`
+    /// (shallow clones of the live buffers).
+    pub fn moments(&self) -> NamedTensors {
         let mut t = NamedTensors::new();
         for (i, name) in self.names.iter().enumerate() {
             t.insert(
@@ -175,6 +176,20 @@ impl Trainer {
     pub fn load_weights(&mut self, bytes: &[u8]) -> Result<()> {
         let (incoming, _) = checkpoint::from_bytes(bytes)?;
         checkpoint::load_strict(&self.weights(), &incoming)
+    }
+
+    /// Loads moments (safetensors named as [`Trainer::moments`]) strictly and sets the
+    /// step count bias correction uses; on error the live state is unchanged.
+    pub fn load_moments(&mut self, bytes: &[u8], steps: i64) -> Result<()> {
+        if steps < 0 {
+            return Err(ModelError::Config(format!(
+                "negative optimizer step count {steps}"
+            )));
+        }
+        let (incoming, _) = checkpoint::from_bytes(bytes)?;
+        checkpoint::load_strict(&self.moments(), &incoming)?;
+        self.opt.steps = steps;
+        Ok(())
     }
 
     /// Loads optimizer moments and the step count strictly.

@@ -108,6 +108,11 @@ pub struct Lease {
     /// exempts a worker from them.
     #[serde(default)]
     pub public_shard: bool,
+    /// The block's optimizer state is carried: the checkpoint may hold the moments to
+    /// start from (`exp_avg/NAME`, `exp_avg_sq/NAME`; none means zero moments), and the
+    /// update must hold the moments' delta (end - start) beside the weights' delta.
+    #[serde(default)]
+    pub carry_moments: bool,
 }
 
 /// `POST /v1/leases/{id}/heartbeat` reply.

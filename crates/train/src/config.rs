@@ -92,6 +92,21 @@ pub struct Training {
     /// rate x round_seconds (clamped to [H/4, 4H]) so slow and fast workers finish
     /// together. 0 = every worker trains exactly H steps.
     pub round_seconds: f64,
+    /// Where a lease's AdamW moments come from: `carry` (the block's moments, kept by the
+    /// coordinator with its weights and averaged like them; [`crate::moments`]) or
+    /// `fresh` (zero moments every lease). Both keep every lease recomputable.
+    pub optimizer_state: OptimizerState,
+}
+
+/// Where a lease's AdamW moments come from (`[training] optimizer_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerState {
+    /// The block's moments travel with its weights (down in the checkpoint, up as a
+    /// delta with the update) and are averaged like them.
+    Carry,
+    /// Zero moments at the start of every lease.
+    Fresh,
 }
 
 /// Update encoding and limits.
@@ -200,6 +215,7 @@ impl Default for Training {
             workers_per_block: 2,
             min_updates: 0,
             round_seconds: 0.0,
+            optimizer_state: OptimizerState::Carry,
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod keys;
 pub mod ledger;
 pub mod local_train;
 pub mod merge;
+pub mod moments;
 pub mod registry;
 pub mod run_info;
 pub mod server;

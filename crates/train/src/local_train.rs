@@ -30,10 +30,31 @@ pub struct LocalJob<'a> {
     /// The bytes windows are drawn from ([`shard_of`] of the run's train split, or a
     /// worker's own data).
     pub shard: &'a [u8],
+    /// AdamW moments to start from, as they travel ([`crate::moments`]: `adam.m/NAME`,
+    /// `adam.rms/NAME`), exactly as the worker decoded them from the served checkpoint;
+    /// None starts from zero moments.
+    pub moments: Option<&'a Arrays>,
 }
 
-/// Trains `job` from fresh AdamW moments and returns (delta = trained - base, mean
-/// training loss), or None once `keep_going()` turns false (checked before each step).
+/// What a lease's local training produced.
+#[derive(Clone, Debug)]
+pub struct Trained {
+    /// Trained weights minus the base.
+    pub delta: Arrays,
+    /// Mean training loss over the lease's steps.
+    pub loss: f64,
+    /// The AdamW moments after the last step, as they travel ([`crate::moments`]): what
+    /// the block's optimizer state becomes when the run carries it.
+    pub moments: Arrays,
+}
+
+/// Trains `job` from its start moments (zero when it has none) and returns the delta
+/// (trained - base), the mean training loss and the moments after training, or None once
+/// `keep_going()` turns false (checked before each step).
+///
+/// Carried moments resume bias correction at the lease's schedule position (the serial
+/// steps the block has taken), fresh ones at zero: both are public inputs, so a checking
+/// coordinator sets the same count.
 ///
 /// Step i of H' local steps sits at `schedule_step + i * span / H'` of the block's LR
 /// schedule; windows come from a sampler seeded by the lease seed and the masks of step
@@ -45,13 +66,14 @@ pub fn train_delta(
     job: &LocalJob,
     device: Device,
     keep_going: &dyn Fn() -> bool,
-) -> Result<Option<(Arrays, f64)>> {
+) -> Result<Option<Trained>> {
     let LocalJob {
         manifest,
         block,
         base,
         lease,
         shard,
+        moments,
     } = *job;
     let state = manifest.parts.get(block).ok_or_else(|| {
         NodeError::Rejected(format!(
@@ -71,6 +93,10 @@ pub fn train_delta(
         )?
     };
     trainer.load_weights(&codec::encode(base, Codec::Fp32))?;
+    if let Some(m) = moments {
+        let m = crate::moments::to_trainer(m);
+        trainer.load_moments(&codec::encode(&m, Codec::Fp32), lease.schedule_step.max(0))?;
+    }
     let mut sampler = WindowSampler::new(shard, manifest.model.window, lease.seed, device)?;
     let mut loss_sum = tch::Tensor::zeros([], (Kind::Float, device));
     let span = lease.schedule_span.max(1);
@@ -86,7 +112,33 @@ pub fn train_delta(
         loss_sum += trainer.train_step_with(&x, lr, noise_seed);
     }
     let loss = loss_sum.double_value(&[]) / lease.steps.max(1) as f64;
-    Ok(Some((delta(&to_arrays(&trainer.weights())?, base), loss)))
+    Ok(Some(Trained {
+        delta: delta(&to_arrays(&trainer.weights())?, base),
+        loss,
+        moments: crate::moments::to_wire(to_arrays(&trainer.moments())?),
+    }))
+}
+
+impl Trained {
+    /// What the worker uploads for `job`: the weights' delta and, when the lease carries
+    /// optimizer state, the moments' delta (end minus the moments it started from,
+    /// zero when it had none; [`crate::moments`]).
+    pub fn update(self, job: &LocalJob) -> Arrays {
+        if !job.lease.carry_moments {
+            return self.delta;
+        }
+        let start = match job.moments {
+            Some(m) => m.clone(),
+            None => crate::moments::zeros(
+                &self
+                    .delta
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.shape.clone()))
+                    .collect(),
+            ),
+        };
+        crate::moments::join(self.delta, delta(&self.moments, &start))
+    }
 }
 
 /// A served checkpoint's weights (safetensors in the run's checkpoint codec), decoded

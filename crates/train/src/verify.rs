@@ -109,10 +109,31 @@ pub fn spot_check(
     codec: &Codec,
     device: Device,
 ) -> Result<SpotCheck> {
-    let (recomputed, loss) = train_delta(job, device, &|| true)?
+    let trained = train_delta(job, device, &|| true)?
         .expect("training without a stop condition always finishes");
+    let loss = trained.loss;
+    let recomputed = trained.update(job);
+    // Weights, first and second moments each on their own scale: second moments are
+    // orders of magnitude smaller, and a forged one must not hide under the weights' norm.
+    let group = |a: &Arrays, prefix: Option<&str>| -> Arrays {
+        a.iter()
+            .filter(|(n, _)| match prefix {
+                Some(p) => n.starts_with(p),
+                None => !crate::moments::is_moment(n),
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    };
+    let mut groups = vec![None];
+    if job.lease.carry_moments {
+        groups.extend(crate::moments::PREFIXES.map(Some));
+    }
+    let error = groups
+        .into_iter()
+        .map(|p| relative_error(&group(claimed, p), &group(&recomputed, p)))
+        .fold(0.0, f64::max);
     Ok(SpotCheck {
-        error: relative_error(claimed, &recomputed),
+        error,
         tolerance: spot_check_tolerance(codec),
         loss,
     })

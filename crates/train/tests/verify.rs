@@ -68,6 +68,7 @@ fn setup(model: ModelConfig, steps: i64, batch: i64) -> Setup {
         codec: "fp16".into(),
         lease_ms: 60_000,
         public_shard: false,
+        carry_moments: false,
     };
     Setup {
         base: decode_checkpoint(&served).unwrap(),
@@ -90,6 +91,7 @@ impl Setup {
                 lease.shard_count,
                 self.manifest.model.window,
             ),
+            moments: None,
         }
     }
 
@@ -97,7 +99,7 @@ impl Setup {
         train_delta(&self.job(lease), Device::Cpu, &|| true)
             .unwrap()
             .unwrap()
-            .0
+            .delta
     }
 }
 
@@ -308,5 +310,107 @@ fn measure_spot_check_errors() {
             );
         }
         tch::set_num_threads(2);
+    }
+}
+
+/// A run that carries optimizer state (`[training] optimizer_state = "carry"`): a lease
+/// that starts from served moments recomputes bit for bit, its update holds the
+/// moments' delta, and a forged moment delta fails the check even with honest weights.
+#[test]
+fn carried_moments_recompute_exactly_and_forged_moments_fail() {
+    use blocktrain_train::moments;
+    let _t = threads_fixed();
+    let s = setup(ModelConfig::tiny_block(), 6, 8);
+    let first = Lease {
+        carry_moments: true,
+        ..s.lease.clone()
+    };
+    let job = |lease: &'_ Lease, m: Option<&'_ Arrays>| -> Arrays {
+        let j = LocalJob {
+            moments: m,
+            ..s.job(lease)
+        };
+        train_delta(&j, Device::Cpu, &|| true)
+            .unwrap()
+            .unwrap()
+            .update(&j)
+    };
+    // Lease 1 from zero moments: its update's moment part is the end moments themselves.
+    let u1 = job(&first, None);
+    let (w1, m1) = moments::split(u1);
+    assert_eq!(
+        m1.len(),
+        2 * w1.len(),
+        "a first and a root moment per tensor"
+    );
+    assert!(m1.keys().all(|n| moments::is_moment(n)));
+    // The coordinator serves them in the checkpoint codec (fp16 here).
+    let served = decode_checkpoint(&codec::encode(
+        &moments::apply(&Arrays::new(), &m1),
+        Codec::Fp16,
+    ))
+    .unwrap();
+    let second = Lease {
+        seed: 43,
+        schedule_step: first.schedule_step + first.steps,
+        ..first.clone()
+    };
+    let honest = job(&second, Some(&served));
+    assert_eq!(
+        relative_error(&honest, &job(&second, Some(&served))),
+        0.0,
+        "same start moments, same bits"
+    );
+    let j2 = LocalJob {
+        moments: Some(&served),
+        ..s.job(&second)
+    };
+    let check = spot_check(&j2, &honest, &Codec::Fp32, Device::Cpu).unwrap();
+    assert!(check.passed() && check.error == 0.0, "{check:?}");
+    let mut fb = ErrorFeedback::default();
+    let check = spot_check(
+        &j2,
+        &sent(&mut fb, &honest, Codec::Fp16),
+        &Codec::Fp16,
+        Device::Cpu,
+    )
+    .unwrap();
+    assert!(check.passed(), "honest through fp16: {check:?}");
+    // The start moments matter: the same lease from zero moments moves the weights
+    // elsewhere, so a worker cannot skip the served state unseen.
+    let (w_carried, _) = moments::split(honest.clone());
+    let (w_fresh, _) = moments::split(job(&second, None));
+    let tol = spot_check_tolerance(&Codec::Fp16);
+    assert!(relative_error(&w_fresh, &w_carried) > 5.0 * tol);
+    // Honest weights with a forged moment part: tripled roots, or no moment change.
+    let forge = |f: &dyn Fn(&str, f32) -> f32| -> Arrays {
+        honest
+            .iter()
+            .map(|(n, a)| {
+                let data = a.data.iter().map(|&v| f(n, v)).collect();
+                (
+                    n.clone(),
+                    Array {
+                        shape: a.shape.clone(),
+                        data,
+                    },
+                )
+            })
+            .collect()
+    };
+    let tripled = forge(&|n, v| {
+        if n.starts_with("adam.rms/") {
+            3.0 * v
+        } else {
+            v
+        }
+    });
+    let frozen = forge(&|n, v| if moments::is_moment(n) { 0.0 } else { v });
+    for (what, f) in [("tripled roots", tripled), ("frozen moments", frozen)] {
+        let check = spot_check(&j2, &f, &Codec::Fp16, Device::Cpu).unwrap();
+        assert!(
+            !check.passed() && check.error > 10.0 * tol,
+            "{what}: {check:?}"
+        );
     }
 }

@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Latency per output and bytes per traversal: one-traversal diffusion vs an AR
     /// pipeline over three hosts behind emulated WAN links.
     Inference(crate::cmd::bench_inference::BenchInferenceArgs),
+    /// Fresh against carried AdamW moments per lease, in one process: held-out CE on
+    /// valid and test, and the bytes carrying them would add.
+    OptimizerState(crate::cmd::bench_optim::BenchOptimArgs),
     /// Many simulated workers against one coordinator process: requests/s, latency
     /// percentiles, peak memory.
     Load(crate::cmd::bench_load::BenchLoadArgs),
@@ -89,6 +92,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Network(a) => crate::cmd::bench_network::run(a),
         BenchCommand::Inference(a) => crate::cmd::bench_inference::run(a),
+        BenchCommand::OptimizerState(a) => crate::cmd::bench_optim::run(a),
         BenchCommand::Load(a) => crate::cmd::bench_load::run(a),
         BenchCommand::Layers(a) => crate::cmd::bench_layers::run(a),
         BenchCommand::Attacks(a) => crate::cmd::bench_attacks::run(a),

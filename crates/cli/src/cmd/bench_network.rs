@@ -97,7 +97,12 @@ pub struct BenchNetworkArgs {
     pub device: DeviceArgs,
 }
 
-fn ce(model: &Path, split: Split, windows: usize, device: tch::Device) -> Result<(f64, f64)> {
+pub(crate) fn ce(
+    model: &Path,
+    split: Split,
+    windows: usize,
+    device: tch::Device,
+) -> Result<(f64, f64)> {
     let run = RunDir::open(model)?;
     let r = eval::evaluate(&run, split, 1, windows, 64, 1234, device)?;
     // Masked family: the ELBO (its CE over t is the same number); edm: the paper's CE.

@@ -8,6 +8,7 @@ pub mod bench_layers;
 pub mod bench_load;
 mod bench_load_driver;
 pub mod bench_network;
+pub mod bench_optim;
 pub mod boundaries;
 pub mod coordinator;
 pub mod demo;

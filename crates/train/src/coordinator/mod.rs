@@ -212,6 +212,22 @@ fn update_limit(shapes: &Shapes) -> u64 {
     (values as u64) * 6 + (shapes.len() as u64) * 256 + 64 * 1024
 }
 
+impl Coordinator {
+    /// The tensors an update of `block` holds: its weights' deltas, and the moments'
+    /// deltas when the run carries optimizer state ([`crate::moments`]).
+    fn update_shapes(&self, block: usize) -> Shapes {
+        let weights = &self.shapes[block];
+        match self.cfg.training.optimizer_state {
+            crate::config::OptimizerState::Carry => {
+                let mut all = weights.clone();
+                all.extend(crate::moments::shapes_of(weights));
+                all
+            }
+            crate::config::OptimizerState::Fresh => weights.clone(),
+        }
+    }
+}
+
 fn encode_weights(weights: &Arrays) -> Vec<u8> {
     codec::encode(weights, Codec::Fp32)
 }

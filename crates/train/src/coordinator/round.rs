@@ -84,18 +84,38 @@ impl MergeJob {
             return Ok(None);
         }
         let mean = merge::merge_deltas(&deltas, &self.rule);
+        let weight_shapes: Shapes = self
+            .shapes
+            .iter()
+            .filter(|(name, _)| !crate::moments::is_moment(name))
+            .map(|(name, s)| (name.clone(), s.clone()))
+            .collect();
         let momentum = match &self.head.momentum {
-            Some(h) => decode(self.blobs.get(h)?)?,
+            Some(h) => {
+                codec::decode(&self.blobs.get(h)?, &weight_shapes, usize::MAX)
+                    .map_err(|e| NodeError::Config(e.to_string()))?
+                    .0
+            }
             None => Arrays::new(),
         };
         let mut weights = (*self.base).clone();
         let momentum = merge::outer_step(&mut weights, &mean, momentum, &self.outer);
         let bytes = encode_weights(&weights);
+        // The moments served next: the ones this round's leases started from (in the
+        // file they downloaded) plus the round's mean moment delta.
+        let moments = if weight_shapes.len() < self.shapes.len() {
+            let served = crate::local_train::decode_checkpoint(&self.blobs.get(&self.head.wire)?)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+            crate::moments::apply(&crate::moments::split(served).1, &mean)
+        } else {
+            Arrays::new()
+        };
+        let wire = encode_wire(&crate::moments::join(weights.clone(), moments), &self.cfg);
         let head = BlockHead {
             block: self.block,
             version: self.head.version + 1,
             weights: self.blobs.put(&bytes)?,
-            wire: self.blobs.put(&encode_wire(&weights, &self.cfg))?,
+            wire: self.blobs.put(&wire)?,
             momentum: match momentum.is_empty() {
                 true => None,
                 false => Some(self.blobs.put(&codec::encode(&momentum, Codec::Fp32))?),
@@ -141,7 +161,7 @@ impl Coordinator {
                 head: self.store.heads()?[block].clone(),
                 pending,
                 base: self.current[block].clone(),
-                shapes: self.shapes[block].clone(),
+                shapes: self.update_shapes(block),
                 blobs: self.store.blobs(),
                 outer: self.cfg.outer.clone(),
                 rule: self.cfg.outer.merge_rule()?,

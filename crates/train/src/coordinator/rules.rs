@@ -23,6 +23,7 @@ pub(super) fn rules_of(cfg: &RunConfig, manifest: &Manifest, shapes: &[Shapes]) 
         schedule_total: cfg.schedule_total(),
         batch: t.batch,
         codec: cfg.wire.codec.clone(),
+        carry_moments: cfg.training.optimizer_state == crate::config::OptimizerState::Carry,
         spot_check_fraction: cfg.trust.spot_check_fraction,
         run_seed: cfg.seed,
         train_memory: (0..cfg.blocks)

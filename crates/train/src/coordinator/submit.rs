@@ -81,7 +81,7 @@ impl Coordinator {
         match self.admission(&lease, &body, &body_hash, claim) {
             Ok((claim, screen, spot)) => {
                 lock(&self.core).begin_vetting(lease_id);
-                let shapes = self.shapes[lease.block].clone();
+                let shapes = self.update_shapes(lease.block);
                 let lr_steps = self.cfg.optim.lr * lease.steps as f64;
                 let rms_bounds = (
                     self.cfg.wire.max_delta_ratio * lr_steps,
@@ -165,7 +165,7 @@ impl Coordinator {
             }
         };
         let fail = |e: NodeError, claim: (Claim, String)| Err(Box::new((e, Some(claim))));
-        let limit = update_limit(&self.shapes[lease.block]) as usize;
+        let limit = update_limit(&self.update_shapes(lease.block)) as usize;
         if body.len() > limit {
             let msg = format!("update of {} bytes; the limit is {limit}", body.len());
             return fail(NodeError::TooLarge(msg), claim);

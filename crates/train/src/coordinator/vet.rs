@@ -105,7 +105,8 @@ impl VetJob {
             codec::decode(&self.body, &self.shapes, limit).map_err(|e| refused(e.to_string()))?;
         let (most, least) = self.rms_bounds;
         let (mut squares, mut values) = (0.0, 0usize);
-        for (name, a) in &delta {
+        // Weights only: a moment's delta is not bounded by the learning rate.
+        for (name, a) in delta.iter().filter(|(n, _)| !crate::moments::is_moment(n)) {
             let rms = merge::rms(a);
             if rms > most {
                 return Err(refused(format!(
@@ -219,8 +220,11 @@ fn recompute(
     codec: &Codec,
 ) -> Result<crate::verify::SpotCheck> {
     let bytes = std::fs::read(&job.wire_path).map_err(crate::io_err(&job.wire_path))?;
-    let base = crate::local_train::decode_checkpoint(&bytes)
+    let state = crate::local_train::decode_checkpoint(&bytes)
         .map_err(|e| NodeError::Config(e.to_string()))?;
+    // The moments the worker started from ride in the same file (none: zero moments).
+    let (base, moments) = crate::moments::split(state);
+    let moments = (job.reply.carry_moments && !moments.is_empty()).then_some(moments);
     let shard = crate::local_train::shard_of(
         &job.corpus,
         job.reply.shard_index,
@@ -233,6 +237,7 @@ fn recompute(
         base: &base,
         lease: &job.reply,
         shard,
+        moments: moments.as_ref(),
     };
     crate::verify::spot_check(&local, delta, codec, tch::Device::Cpu)
 }

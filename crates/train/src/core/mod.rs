@@ -107,6 +107,8 @@ pub struct Rules {
     pub batch: i64,
     /// Update codec workers use.
     pub codec: String,
+    /// Leases carry the block's AdamW moments (`[training] optimizer_state = "carry"`).
+    pub carry_moments: bool,
     /// Fraction of an own-data worker's leases trained on the run's shard (and checked).
     pub spot_check_fraction: f64,
     /// The run's public seed (lease seeds follow block, version and slot).
@@ -400,6 +402,7 @@ impl Core {
             codec: r.codec.clone(),
             lease_ms: r.lease_ms,
             public_shard: l.public,
+            carry_moments: r.carry_moments,
         }
     }
 

@@ -2,10 +2,11 @@
 //! (cached, resumable, blake3-checked), train H local steps on this worker's shard, and
 //! upload the delta (new - old) through the run's codec with error feedback.
 //!
-//! Every lease trains from fresh AdamW moments ([`train_delta`]): the update is then a
-//! function of public inputs only (checkpoint, shard, lease), so the coordinator can
-//! recompute a sampled one and compare (`verify`). DiLoCo keeps the moments across
-//! rounds; we give that up for checkability. The learning rate follows the block's
+//! A lease starts from the AdamW moments the coordinator serves with the checkpoint
+//! (`[training] optimizer_state = "carry"`, the default: [`crate::moments`]) or from
+//! zero moments (`"fresh"`), never from state only this worker has: the update is then
+//! a function of public inputs only (checkpoint, shard, lease), so the coordinator can
+//! recompute a sampled one and compare (`verify`). The learning rate follows the block's
 //! schedule position given in the lease, not the worker's own step count, so a late
 //! joiner trains at the rate the block is at. The codec's error-feedback residual does
 //! stay with the worker while it keeps the same block.
@@ -53,7 +54,9 @@ pub use malice::Malice;
 // What a worker trains with and its key file, also here (their homes are shared with
 // the coordinator, which must not import the worker).
 pub use crate::keys::load_or_create_key;
-pub use crate::local_train::{decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob};
+pub use crate::local_train::{
+    decode_checkpoint, shard_of, torch_rng, train_delta, LocalJob, Trained,
+};
 pub use record::{key_dir, Record, Upload, KEY_TAG_LEN};
 
 /// How a worker runs.
@@ -333,12 +336,16 @@ impl Session<'_> {
             }
             let cur = current.as_mut().expect("set above");
             // Served in the run's checkpoint codec; the delta is taken against exactly this base.
-            let base = decode_checkpoint(&weights).map_err(|e| {
+            let state = decode_checkpoint(&weights).map_err(|e| {
                 NodeError::Rejected(format!(
                     "checkpoint {}: {e}",
                     content_prefix(&lease.weights_hash, 12)
                 ))
             })?;
+            // A run that carries optimizer state serves the moments to start from in the
+            // same file (none yet at version 0: zero moments).
+            let (base, moments) = crate::moments::split(state);
+            let moments = (lease.carry_moments && !moments.is_empty()).then_some(moments);
             let t0 = Instant::now();
             if opts.data.is_some() && lease.public_shard && public.is_none() {
                 public = Some(manifest.plan.dataset.load(Split::Train)?);
@@ -365,10 +372,11 @@ impl Session<'_> {
                 base: &base,
                 lease: &lease,
                 shard,
+                moments: moments.as_ref(),
             };
             let stop = &self.ctl.stop;
             let keep_going = || beat.wanted() && !stop.load(Ordering::Relaxed);
-            let Some((d, loss)) = train_delta(&job, opts.device, &keep_going)? else {
+            let Some(trained) = train_delta(&job, opts.device, &keep_going)? else {
                 if !self.stopping() {
                     eprintln!(
                         "[worker {me}] block {} moved past version {}; dropping this lease",
@@ -379,6 +387,8 @@ impl Session<'_> {
                 current = None;
                 continue;
             };
+            let loss = trained.loss;
+            let d = trained.update(&job);
             let secs = t0.elapsed().as_secs_f64();
             info.step_rate = Some(lease.steps as f64 / secs.max(1e-6));
             let d = match opts.malice {

@@ -29,6 +29,9 @@ pub fn tiny(blocks: usize, per_block: u32) -> RunConfig {
     // (which would rightly refuse them) have their own tests.
     c.trust.screen_windows = 0;
     c.trust.spot_check_fraction = 0.0;
+    // Synthetic deltas hold weights only; carried moments have their own tests
+    // (`merge.rs`, `verify.rs`, `worker_run.rs`).
+    c.training.optimizer_state = blocktrain_train::config::OptimizerState::Fresh;
     c
 }
 

@@ -22,6 +22,7 @@ pub(super) fn rules(blocks: usize, per_block: u32) -> Rules {
         schedule_total: 24,
         batch: 4,
         codec: "fp16".into(),
+        carry_moments: false,
         spot_check_fraction: 0.0,
         run_seed: 7,
         train_memory: vec![1000; blocks],
