@@ -42,3 +42,15 @@ pub enum ProtocolError {
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, ProtocolError>;
+
+/// One host, as per-address limits count it: an IPv4 address, or an IPv6 /64 (what one
+/// host is usually given); a v4-mapped IPv6 address is its IPv4 one.
+pub fn host_of(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        v4 => v4.to_string(),
+    }
+}

@@ -155,10 +155,12 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         );
     }
 
-    // A hostile key announces the model's blocks 1..2 at block 1's server: the client
-    // asks that address, finds it answering for 1..1, leaves the lie out, and routes on.
+    // A hostile key announces the model's blocks 1..2 at block 1's server. At the
+    // server's own address it is refused (the address is held by the key that announced
+    // it); under another name for it, it is listed, and the client asks that address,
+    // finds it answering for 1..1, leaves the lie out, and routes on.
     let model = list["models"][0]["model_id"].as_str().unwrap().to_string();
-    let lie = blocktrain_protocol::registry::Announcement {
+    let mut lie = blocktrain_protocol::registry::Announcement {
         model_id: model,
         family: "block".into(),
         blocks: blocktrain_protocol::frame::BlockRange { first: 1, last: 2 },
@@ -176,6 +178,13 @@ fn servers_announce_clients_route_from_the_registry_and_the_dead_expire() {
         blocktrain_protocol::identity::Identity::generate(),
     )
     .unwrap();
+    let taken = liar
+        .post_json::<_, serde_json::Value>("/v1/servers/announce", &lie)
+        .unwrap_err();
+    assert!(taken.to_string().contains("another key"), "{taken}");
+    assert_eq!(servers(&co.url)["servers"].as_array().unwrap().len(), 3);
+    let port = low_a.addr.rsplit_once(':').unwrap().1;
+    lie.addr = format!("localhost:{port}");
     let _: serde_json::Value = liar.post_json("/v1/servers/announce", &lie).unwrap();
     assert_eq!(servers(&co.url)["servers"].as_array().unwrap().len(), 4);
 

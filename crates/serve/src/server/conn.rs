@@ -67,13 +67,7 @@ impl Peer {
                 return key.clone();
             }
         }
-        match self.addr.ip().to_canonical() {
-            std::net::IpAddr::V6(v6) => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-            v4 => v4.to_string(),
-        }
+        blocktrain_protocol::host_of(self.addr.ip())
     }
 }
 

@@ -2,15 +2,16 @@
 //! `GET /v1/servers` (public, rate-limited like every read). The registry itself is
 //! [`crate::registry`]; this file authenticates, admits and bounds.
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, Method, Uri};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
 use blocktrain_protocol::registry::{Announcement, ServerList, MAX_MODEL_ID};
 
-use super::auth::authenticate;
+use super::auth::signed_json;
 use super::{AppState, Reply};
 use crate::coordinator::lock;
 use crate::registry::Refused;
@@ -25,24 +26,29 @@ fn registry(s: &AppState) -> std::sync::MutexGuard<'_, crate::registry::Registry
 }
 
 /// `POST /v1/servers/announce`: the signature over the raw body is checked first, then
-/// the key's admission ([`crate::core::Core::may_announce`]), then the body's bounds.
+/// the key's admission ([`crate::core::Core::may_announce`]), then the body's bounds and
+/// the registry's (an address per key, entries per announcing host, servers, models).
+/// A refusal leaves the registry as it was; the server tries again at its next renewal.
 pub(super) async fn announce(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
-    let a: Announcement = serde_json::from_slice(&body)
-        .map_err(|e| NodeError::Rejected(format!("announcement body: {e}")))?;
+    let (key, a): (_, Announcement) = signed_json(&s.gate, &uri, &headers, &body, "announcement")?;
     lock(&s.core).may_announce(&key, a.join_proof.as_deref())?;
     let ttl_ms = u64::from(a.ttl_secs) * 1000;
     let mut reg = registry(&s);
-    match reg.announce(&key, a, now_ms()) {
+    match reg.announce(&key, a, Some(peer.ip()), now_ms()) {
         Ok(()) => Ok(Json(
             serde_json::json!({ "ok": true, "expires_in_ms": ttl_ms }),
         )),
-        Err(Refused::Invalid(m)) => Err(NodeError::Rejected(format!("announcement: {m}"))),
+        // The caller's own bounds are a 4xx, whose message reaches the announcing server
+        // (a 5xx is retried by clients and its message lost); a full registry is Busy.
+        Err(Refused::Invalid(m) | Refused::Taken(m) | Refused::Quota(m)) => {
+            Err(NodeError::Rejected(format!("announcement: {m}")))
+        }
         Err(Refused::Full(m)) => Err(NodeError::Busy(m)),
     }
 }
