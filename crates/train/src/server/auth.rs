@@ -172,3 +172,19 @@ pub(super) fn authenticate(
     gate.fresh(&auth.key, &auth.nonce, now)?;
     Ok(auth.key)
 }
+
+/// A signed POST's key and its JSON body: the signature over the raw bytes is checked
+/// first ([`authenticate`]), and only then is the body parsed; `what` names the body in
+/// the error.
+pub(super) fn signed_json<T: serde::de::DeserializeOwned>(
+    gate: &Gate,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    what: &str,
+) -> Reply<(String, T)> {
+    let key = authenticate(gate, &Method::POST, uri, headers, body)?;
+    let value = serde_json::from_slice(body)
+        .map_err(|e| NodeError::Rejected(format!("{what} body: {e}")))?;
+    Ok((key, value))
+}

@@ -8,7 +8,7 @@ use blocktrain_protocol::receipt::Claim;
 use blocktrain_protocol::wire::{is_hex64, HeartbeatReply, RegisterRequest, WorkReply, WorkerInfo};
 use tower::ServiceExt;
 
-use super::auth::{auth_headers, authenticate, header};
+use super::auth::{auth_headers, authenticate, header, signed_json};
 use super::{with, AppState, Reply, UPLOAD_TIMEOUT};
 use crate::coordinator::{lock, short, Admitted};
 use crate::core::{Beat, Work};
@@ -20,9 +20,7 @@ pub(super) async fn register(
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
-    let req: RegisterRequest = serde_json::from_slice(&body)
-        .map_err(|e| NodeError::Rejected(format!("register body: {e}")))?;
+    let (key, req): (_, RegisterRequest) = signed_json(&s.gate, &uri, &headers, &body, "register")?;
     let info = with(&s.coord, move |co| co.register(&key, &req, now_ms())).await?;
     s.synced().await?;
     Ok(Json(info))
@@ -43,13 +41,11 @@ pub(super) async fn probe(
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
     #[derive(serde::Deserialize)]
     struct ProbeRequest {
         port: u16,
     }
-    let req: ProbeRequest = serde_json::from_slice(&body)
-        .map_err(|e| NodeError::Rejected(format!("probe body: {e}")))?;
+    let (key, req): (_, ProbeRequest) = signed_json(&s.gate, &uri, &headers, &body, "probe")?;
     // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d: look through it.
     let ip = peer.ip().to_canonical();
     let local_only = s.bound.is_some_and(|b| b.ip().is_loopback());
@@ -114,9 +110,7 @@ pub(super) async fn work(
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply<impl IntoResponse> {
-    let key = authenticate(&s.gate, &Method::POST, &uri, &headers, &body)?;
-    let info: WorkerInfo = serde_json::from_slice(&body)
-        .map_err(|e| NodeError::Rejected(format!("work body: {e}")))?;
+    let (key, info): (_, WorkerInfo) = signed_json(&s.gate, &uri, &headers, &body, "work")?;
     // What writes nothing (a wait, the lease already held, done, a refusal) is answered
     // from the core alone: no SQLite, and no wait for the coordinator's lock, which a
     // merge or a decision may hold. Only a new lease goes to the coordinator, which
