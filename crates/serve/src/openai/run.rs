@@ -45,7 +45,15 @@ pub async fn run_choice(
     live: Option<Live<'_>>,
 ) -> Result<usize, ApiError> {
     let started = Instant::now();
-    let result = if g.plan().family == "ar" {
+    let family = g.plan().family.clone();
+    if logprobs.is_some() && family != "ar" {
+        // The route was checked as AR; a registry refresh has since replaced it.
+        return Err(ApiError::unsupported(
+            "logprobs",
+            format!("logprobs are not available: the route now serves a {family} model"),
+        ));
+    }
+    let result = if family == "ar" {
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded_channel::<(u8, Option<ByteLogprobs>)>();
         let generation = async move {
             // The callback ends the generation once the reader below has stopped.
