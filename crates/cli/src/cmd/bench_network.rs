@@ -93,6 +93,18 @@ pub struct BenchNetworkArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Participation: every worker misses this share of rounds (it stays away, training
+    /// nothing, for as long as its last lease took), in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub miss: f64,
+    /// Participation: the last third of the workers (the third of three hosts) run at
+    /// 1/F of their speed (they sleep between steps); 1 = all at full speed.
+    #[arg(long, default_value_t = 1.0)]
+    pub slow_host: f64,
+    /// A round closes this long after its first update without its quorum (seconds;
+    /// default: the run.toml default).
+    #[arg(long)]
+    pub round_timeout: Option<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -161,6 +173,10 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         Some(o) => bail!("--outer is nesterov or average, not {o}"),
     }
     cfg.wire.checkpoint_codec = args.checkpoint_codec.clone();
+    if let Some(t) = args.round_timeout {
+        cfg.faults.round_timeout_secs = t;
+    }
+    let slow_from = args.workers - args.workers / 3; // workers after this are slow
     cfg.outer.lr = args.outer_lr.unwrap_or(cfg.outer.lr);
     cfg.outer.momentum = args.outer_momentum.unwrap_or(cfg.outer.momentum);
     cfg.validate()?;
@@ -204,6 +220,12 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "== bench network: {} workers on {} blocks ({} per block), {} rounds x {} local steps, codec {}, outer {}; link {}",
         args.workers, args.blocks, per_block, rounds, args.local_steps, cfg.wire.codec, outer_name(&cfg), link_desc
     );
+    if args.miss > 0.0 || args.slow_host > 1.0 {
+        println!(
+            "   participation: every worker misses {:.0}% of rounds; workers {}..={} at 1/{} speed; rounds close at quorum or {} s after their first update",
+            100.0 * args.miss, slow_from + 1, args.workers, args.slow_host, cfg.faults.round_timeout_secs
+        );
+    }
     // Version 0 is written when the coordinator opens the state; evaluate it first.
     drop(blocktrain_train::coordinator::Coordinator::open(
         &args.out,
@@ -256,6 +278,10 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
                 }
             };
             let mut cmd = worker_command(&prefix, &worker_url, &logs, k, &args.device, threads)?;
+            cmd.args(["--miss", &args.miss.to_string()]);
+            if k > slow_from {
+                cmd.args(["--slowdown", &args.slow_host.to_string()]);
+            }
             children.push(cmd.spawn().context("starting a worker")?);
         }
         Ok(children)
@@ -305,6 +331,8 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "ce_start": start_ce.0, "ce_start_se": start_ce.1, "ce_end": end_ce.0, "ce_end_se": end_ce.1,
         "bytes_up": status.bytes_up, "bytes_down": status.bytes_down, "bytes_through_links": link_bytes,
         "updates": status.updates, "wall_seconds": wall,
+        "miss": args.miss, "slow_host": args.slow_host, "slow_workers": args.workers - slow_from,
+        "round_timeout_secs": cfg.faults.round_timeout_secs,
         "machine": format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;

@@ -53,6 +53,13 @@ pub struct WorkerArgs {
     /// scale:K, random) as a malicious worker would.
     #[arg(long, hide = true)]
     pub malice: Option<blocktrain_train::worker::Malice>,
+    /// Measuring participation only: miss this share of rounds (stay away, training
+    /// nothing, for as long as the last lease took), in [0, 1).
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub miss: f64,
+    /// Measuring participation only: run at 1/F of this host's speed (sleep between steps).
+    #[arg(long, hide = true, default_value_t = 1.0)]
+    pub slowdown: f64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -68,7 +75,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .map(|p| p.join("cache"))
             .unwrap_or_else(|| PathBuf::from("cache"))
     });
-    let ctl = Control::default();
+    let ctl = Control {
+        participation: blocktrain_train::worker::Participation {
+            miss: args.miss,
+            slowdown: args.slowdown,
+        },
+        ..Control::default()
+    };
     stop_on_signals(ctl.stop.clone());
     let summary = ctl.run(&WorkerOptions {
         coordinator: args.coordinator.clone(),

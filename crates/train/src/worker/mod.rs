@@ -44,6 +44,7 @@ mod backoff;
 mod heartbeat;
 mod host;
 mod malice;
+mod participation;
 mod record;
 
 pub use audit::{audit_receipts, Audit, Seen};
@@ -51,6 +52,8 @@ pub use backoff::{Backoff, WARN_AFTER};
 use heartbeat::Heartbeat;
 pub use host::available_memory;
 pub use malice::Malice;
+use participation::Pacer;
+pub use participation::Participation;
 // What a worker trains with and its key file, also here (their homes are shared with
 // the coordinator, which must not import the worker).
 pub use crate::keys::load_or_create_key;
@@ -107,6 +110,8 @@ pub struct Control {
     pub stop: Arc<AtomicBool>,
     /// The waits after refused updates.
     pub backoff: Backoff,
+    /// Missed rounds and slowdown (measurements only; the default takes part fully).
+    pub participation: Participation,
 }
 
 /// Runs a worker until the run is done (or `max_leases`); see [`Control::run`].
@@ -285,6 +290,9 @@ impl Session<'_> {
             }
         );
 
+        self.ctl.participation.validate()?;
+        let mut pacer = Pacer::new(self.ctl.participation, &self.me);
+        let mut last_lease: Option<Duration> = None;
         let mut current: Option<Current> = None;
         // The run's corpus, for a worker with its own data: loaded for its first check
         // lease (`Lease::public_shard`).
@@ -305,6 +313,13 @@ impl Session<'_> {
                 self.sleep(wait);
                 continue;
             }
+            if let Some(away) = pacer.away(last_lease) {
+                eprintln!(
+                    "[worker {me}] missing a round: away for {:.1} s (participation test)",
+                    away.as_secs_f64()
+                );
+                self.sleep(away);
+            }
             let lease = match self.client.post_json::<_, WorkReply>("/v1/work", &info)? {
                 WorkReply::Done => {
                     eprintln!("[worker {me}] run is done");
@@ -318,6 +333,7 @@ impl Session<'_> {
                 WorkReply::Lease(l) => l,
             };
             leases += 1;
+            let lease_started = Instant::now();
             self.seen.saw(lease.block as u32, lease.version);
             // Heartbeats run for the whole lease: download, training and upload.
             let beat = Heartbeat::start(
@@ -375,7 +391,11 @@ impl Session<'_> {
                 moments: moments.as_ref(),
             };
             let stop = &self.ctl.stop;
-            let keep_going = || beat.wanted() && !stop.load(Ordering::Relaxed);
+            pacer.new_lease();
+            let keep_going = || {
+                pacer.before_step();
+                beat.wanted() && !stop.load(Ordering::Relaxed)
+            };
             let Some(trained) = train_delta(&job, opts.device, &keep_going)? else {
                 if !self.stopping() {
                     eprintln!(
@@ -401,6 +421,7 @@ impl Session<'_> {
                 .client
                 .upload_claimed(&lease, &body, loss, shard.len() as u64);
             drop(beat);
+            last_lease = Some(lease_started.elapsed());
             self.note_upload(&lease, &body, &sent)?;
             match sent {
                 Ok(r) => {

@@ -1,0 +1,147 @@
+//! How a worker takes part, for measuring participation (`bench network --miss
+//! --slow-host`): it may miss a share of rounds and may run slower than its hardware.
+//! Both are real: a missing worker asks for nothing and trains nothing while it is away,
+//! and a slow one sleeps between steps, so the coordinator sees what it would see from a
+//! flaky or a slower host.
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+/// A worker's participation (the default takes part in every round at full speed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Participation {
+    /// Share of rounds missed, in [0, 1): before asking for work, the worker stays away
+    /// for as long as its last lease took, with this probability.
+    pub miss: f64,
+    /// Runs at 1/slowdown of its speed (>= 1): after each local step it sleeps
+    /// (slowdown - 1) times that step's duration.
+    pub slowdown: f64,
+}
+
+impl Default for Participation {
+    fn default() -> Self {
+        Participation {
+            miss: 0.0,
+            slowdown: 1.0,
+        }
+    }
+}
+
+impl Participation {
+    /// Checks the ranges.
+    pub fn validate(&self) -> crate::Result<()> {
+        if !(0.0..1.0).contains(&self.miss) || !(self.slowdown >= 1.0 && self.slowdown <= 100.0) {
+            return Err(crate::NodeError::Config(format!(
+                "participation: miss must be in [0, 1) and slowdown in [1, 100] (got {} and {})",
+                self.miss, self.slowdown
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Draws the missed rounds (seeded by the worker's key, so a rerun misses the same
+/// rounds) and paces the steps.
+pub(super) struct Pacer {
+    p: Participation,
+    rng: rand::rngs::StdRng,
+    last_step: Cell<Option<Instant>>,
+}
+
+impl Pacer {
+    pub(super) fn new(p: Participation, key: &str) -> Self {
+        let seed = blake3::derive_key("blocktrain participation", key.as_bytes());
+        Pacer {
+            p,
+            rng: rand::rngs::StdRng::from_seed(seed),
+            last_step: Cell::new(None),
+        }
+    }
+
+    /// How long to stay away before the next request for work, if this round is missed
+    /// (`last_lease`: how long the previous lease took, None before the first).
+    pub(super) fn away(&mut self, last_lease: Option<Duration>) -> Option<Duration> {
+        if self.p.miss <= 0.0 {
+            return None;
+        }
+        let missed = self.rng.random::<f64>() < self.p.miss;
+        last_lease.filter(|_| missed)
+    }
+
+    /// Called before every local step: sleeps so the last step took `slowdown` times its
+    /// compute.
+    pub(super) fn before_step(&self) {
+        let now = Instant::now();
+        if let Some(prev) = self.last_step.get() {
+            if self.p.slowdown > 1.0 {
+                std::thread::sleep(now.duration_since(prev).mul_f64(self.p.slowdown - 1.0));
+            }
+        }
+        self.last_step.set(Some(Instant::now()));
+    }
+
+    /// A new lease starts: its first step has no predecessor.
+    pub(super) fn new_lease(&self) {
+        self.last_step.set(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misses_about_the_share_asked_and_only_with_a_known_duration() {
+        let mut p = Pacer::new(
+            Participation {
+                miss: 0.25,
+                slowdown: 1.0,
+            },
+            "k",
+        );
+        let d = Some(Duration::from_millis(1));
+        assert_eq!(
+            p.away(None),
+            None,
+            "nothing to pause for before a first lease"
+        );
+        let missed = (0..4000).filter(|_| p.away(d).is_some()).count();
+        assert!((850..1150).contains(&missed), "{missed} of 4000");
+        let mut never = Pacer::new(Participation::default(), "k");
+        assert!((0..100).all(|_| never.away(d).is_none()));
+    }
+
+    #[test]
+    fn slowdown_stretches_steps() {
+        let p = Pacer::new(
+            Participation {
+                miss: 0.0,
+                slowdown: 3.0,
+            },
+            "k",
+        );
+        let t0 = Instant::now();
+        p.new_lease();
+        for _ in 0..3 {
+            p.before_step();
+            std::thread::sleep(Duration::from_millis(20)); // the step's compute
+        }
+        // Three steps of 20 ms compute; the second and third are paced after a 20 ms
+        // step, 40 ms each: 140 ms in all, against 60 ms unpaced.
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(140), "{took:?}");
+        assert!(Participation {
+            miss: 1.0,
+            slowdown: 1.0
+        }
+        .validate()
+        .is_err());
+        assert!(Participation {
+            miss: 0.0,
+            slowdown: 0.5
+        }
+        .validate()
+        .is_err());
+    }
+}
