@@ -177,7 +177,7 @@ fn frames_share_a_byte_budget_and_one_that_does_not_fit_is_refused_by_name() {
         let (mut a, _) = raw(&s.addr).await;
         a.write_all(&big_header(big as u32)).await.unwrap();
         a.write_all(&vec![0u8; 1024]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         // A second one does not fit: refused by name once its payload was discarded...
         let (mut b, _) = raw(&s.addr).await;
         b.write_all(&big_header(big as u32)).await.unwrap();
