@@ -288,6 +288,21 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     })?;
     let wall = t0.elapsed().as_secs_f64();
     let end_ce = ce(&model, split, args.eval_windows, device)?;
+    // The other held-out split too, so one run both selects (valid) and reports (test).
+    let other = match split {
+        Split::Valid => Split::Test,
+        _ => Split::Valid,
+    };
+    let other_ce = ce(&model, other, args.eval_windows, device)?;
+    println!(
+        "CE at the end: {:.4} ± {:.4} on {}, {:.4} ± {:.4} on {} (nats/byte)",
+        end_ce.0,
+        end_ce.1,
+        split.name(),
+        other_ce.0,
+        other_ce.1,
+        other.name()
+    );
     let link_bytes: u64 = links.iter().map(|l| l.bytes_up() + l.bytes_down()).sum();
     drop(links);
     if hosts == Hosts::Netns {
@@ -329,6 +344,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "link_probe": probe.map(|p| json!({"rtt_ms": p.rtt_ms, "mbit_per_s": p.mbit_per_s})),
         "split": split.name(), "eval_windows": args.eval_windows,
         "ce_start": start_ce.0, "ce_start_se": start_ce.1, "ce_end": end_ce.0, "ce_end_se": end_ce.1,
+        "other_split": other.name(), "ce_end_other": other_ce.0, "ce_end_other_se": other_ce.1,
         "bytes_up": status.bytes_up, "bytes_down": status.bytes_down, "bytes_through_links": link_bytes,
         "updates": status.updates, "wall_seconds": wall,
         "miss": args.miss, "slow_host": args.slow_host, "slow_workers": args.workers - slow_from,
