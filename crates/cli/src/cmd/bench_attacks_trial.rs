@@ -10,6 +10,7 @@ use blocktrain_protocol::receipt::{Claim, RECEIPT_VERSION};
 use blocktrain_protocol::wire::{Lease, RegisterRequest, WorkReply, WorkerInfo};
 use blocktrain_train::config::RunConfig;
 use blocktrain_train::coordinator::Coordinator;
+use blocktrain_train::moments;
 use blocktrain_train::verify::{relative_error, spot_check_tolerance, Screen};
 use blocktrain_train::worker::{decode_checkpoint, shard_of, train_delta, LocalJob, Malice};
 use blocktrain_train::NodeError;
@@ -94,10 +95,15 @@ fn upload(
     .map(|_| ())
 }
 
-/// The served checkpoint of `lease`, decoded as a worker decodes it.
-fn served(c: &Coordinator, key: &str, lease: &Lease) -> Result<Arrays> {
+/// The served checkpoint of `lease`, decoded as a worker decodes it: its weights, and
+/// the moments to start from when the run carries optimizer state.
+fn served(c: &Coordinator, key: &str, lease: &Lease) -> Result<(Arrays, Option<Arrays>)> {
     let (path, _) = c.checkpoint_file(key, &lease.weights_hash)?;
-    Ok(decode_checkpoint(&std::fs::read(path)?)?)
+    let (weights, moments) = moments::split(decode_checkpoint(&std::fs::read(path)?)?);
+    Ok((
+        weights,
+        (lease.carry_moments && !moments.is_empty()).then_some(moments),
+    ))
 }
 
 /// Weights plus `delta`, name by name.
@@ -125,17 +131,25 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 impl Bench {
-    fn train(&self, lease: &Lease, base: &Arrays, shard: &[u8]) -> Result<(Arrays, f64)> {
+    /// An honest worker's update (with the moments' delta when the run carries them)
+    /// and its mean loss.
+    fn train(
+        &self,
+        lease: &Lease,
+        (base, moments): &(Arrays, Option<Arrays>),
+        shard: &[u8],
+    ) -> Result<(Arrays, f64)> {
         let job = LocalJob {
             manifest: &self.manifest,
             block: lease.block,
             base,
             lease,
             shard,
-            moments: None,
+            moments: moments.as_ref(),
         };
         let t = train_delta(&job, Device::Cpu, &|| true)?.expect("no stop condition");
-        Ok((t.delta, t.loss))
+        let loss = t.loss;
+        Ok((t.update(&job), loss))
     }
 
     fn shard(&self, lease: &Lease) -> &[u8] {
@@ -282,7 +296,7 @@ impl Bench {
                 (d, loss, self.valid.len())
             }
             Attacker::Tuned => {
-                let (d, s, change) = self.tune(&lease, &base, honest, i)?;
+                let (d, s, change) = self.tune(&lease, &base.0, honest, i)?;
                 (proxy_change, scale) = (Some(change), Some(s));
                 (d, *honest_loss, shard.len())
             }

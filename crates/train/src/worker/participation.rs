@@ -31,7 +31,7 @@ impl Default for Participation {
 impl Participation {
     /// Checks the ranges.
     pub fn validate(&self) -> crate::Result<()> {
-        if !(0.0..1.0).contains(&self.miss) || !(self.slowdown >= 1.0 && self.slowdown <= 100.0) {
+        if !(0.0..1.0).contains(&self.miss) || !(1.0..=100.0).contains(&self.slowdown) {
             return Err(crate::NodeError::Config(format!(
                 "participation: miss must be in [0, 1) and slowdown in [1, 100] (got {} and {})",
                 self.miss, self.slowdown
