@@ -1234,6 +1234,7 @@ fn log() -> &'static Log {
                 heldout_before: Some(3.0),
                 heldout_after: Some(2.9),
                 time_ms: 1_000 + i as u64,
+                staleness: 0,
             };
             let r = Receipt::issue(claim, Some(sig), decision, &coord);
             tree.push(r.leaf_bytes());

@@ -86,7 +86,8 @@ pub struct Training {
     /// Most workers training one block in one round (its shards are this many slices).
     pub workers_per_block: u32,
     /// Quorum: a round closes once this many updates are in (0 = workers_per_block), or
-    /// `faults.round_timeout_secs` after its first update, whichever comes first.
+    /// `faults.round_timeout_secs` after its first update, whichever comes first. Stale
+    /// updates accepted into the round (`max_staleness`) count toward it.
     pub min_updates: u32,
     /// Target seconds per round; with a worker's measured step rate, its H becomes
     /// rate x round_seconds (clamped to [H/4, 4H]) so slow and fast workers finish
@@ -96,6 +97,24 @@ pub struct Training {
     /// coordinator with its weights and averaged like them; [`crate::moments`]) or
     /// `fresh` (zero moments every lease). Both keep every lease recomputable.
     pub optimizer_state: OptimizerState,
+    /// K, how many versions old an update may be and still be merged (asynchronous
+    /// updates). 0 (the default): an update is merged only into the version it was
+    /// computed from, and one for a version the block has left is refused as stale.
+    /// With K > 0, an update computed from version v-k, k <= K, joins the block's
+    /// current round (it counts toward its quorum) and is merged there, its delta added
+    /// to the current weights at weight steps x s(k) (`staleness_exponent`); its lease
+    /// stays open across commits while k <= K and keeps its slot (it counts against
+    /// `workers_per_block`). Needs `faults.keep_versions` 0 or above K, so the file a
+    /// stale lease trained from is still there for its spot check.
+    pub max_staleness: u64,
+    /// a, FedAsync's polynomial staleness function s(k) = (1 + k)^-a (Xie, Koyejo and
+    /// Gupta 2019, arXiv:1903.03934): an update k versions old is merged at s(k) of a
+    /// fresh one's weight (0.5: 1/sqrt(2) one version old), with the round's denominator
+    /// still the sum of its steps, so a round of fresh updates merges as with K = 0 and
+    /// a lone stale update is applied at s(k), not renormalized. Under the `median` and
+    /// `trimmed` merge rules each stale delta is scaled by s(k) before the robust
+    /// combine. Read only with `max_staleness` > 0; a >= 0 (0: no discount).
+    pub staleness_exponent: f64,
 }
 
 /// Where a lease's AdamW moments come from (`[training] optimizer_state`).
@@ -139,7 +158,8 @@ pub struct Faults {
     /// Largest accepted clock difference of a signed request.
     pub max_skew_secs: f64,
     /// Checkpoint files kept per block: the newest N versions (0 = all). Older versions
-    /// stay in the history with their hashes; only their files go.
+    /// stay in the history with their hashes; only their files go. With
+    /// `training.max_staleness` K > 0 it must be 0 or more than K.
     pub keep_versions: u64,
 }
 
@@ -216,6 +236,8 @@ impl Default for Training {
             min_updates: 0,
             round_seconds: 0.0,
             optimizer_state: OptimizerState::Carry,
+            max_staleness: 0,
+            staleness_exponent: 0.5,
         }
     }
 }
@@ -288,6 +310,23 @@ impl RunConfig {
         }
         if t.round_seconds.is_nan() || t.round_seconds < 0.0 {
             return bad("training.round_seconds must be >= 0".into());
+        }
+        if !(t.staleness_exponent.is_finite() && t.staleness_exponent >= 0.0) {
+            return bad(format!(
+                "training.staleness_exponent must be a finite number >= 0 (got {})",
+                t.staleness_exponent
+            ));
+        }
+        let keep = self.faults.keep_versions;
+        if t.max_staleness > 0 && keep != 0 && keep <= t.max_staleness {
+            return bad(format!(
+                "faults.keep_versions = {keep} with training.max_staleness = {}: a stale \
+                 update's spot check recomputes it from the file of the version it was \
+                 trained from, so keep_versions must be 0 (keep all) or more than \
+                 max_staleness (at least {})",
+                t.max_staleness,
+                t.max_staleness + 1
+            ));
         }
         Codec::parse(&self.wire.codec).map_err(|e| NodeError::Config(e.to_string()))?;
         if !matches!(
@@ -411,6 +450,32 @@ mod tests {
         misplaced.model.edm = Some(EdmConfig::default());
         let e = RunConfig::from_toml(&misplaced.to_toml()).unwrap_err();
         assert!(e.to_string().contains("[edm]"), "{e}");
+    }
+
+    #[test]
+    fn staleness_settings_are_checked_against_the_versions_kept() {
+        let cfg = RunConfig::default();
+        assert_eq!(
+            (cfg.training.max_staleness, cfg.training.staleness_exponent),
+            (0, 0.5)
+        );
+        let ok = RunConfig::from_toml("[training]\nmax_staleness = 3\n[faults]\nkeep_versions = 4")
+            .unwrap();
+        assert_eq!(RunConfig::from_toml(&ok.to_toml()).unwrap(), ok);
+        RunConfig::from_toml("[training]\nmax_staleness = 9\n[faults]\nkeep_versions = 0").unwrap();
+        let e = RunConfig::from_toml("[training]\nmax_staleness = 4\n[faults]\nkeep_versions = 4")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keep_versions = 4")
+                && e.contains("max_staleness")
+                && e.contains("at least 5"),
+            "{e}"
+        );
+        let e = RunConfig::from_toml("[training]\nstaleness_exponent = -1.0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("staleness_exponent"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,19 @@
 //! ([`MergeRule`]): a few wrong or hostile deltas then move a weight by at most the
 //! spread of the honest ones, where they move a mean without bound.
 //!
+//! Stale updates (`[training] max_staleness`): an update computed from k versions
+//! before the round's own is merged in the delta form, its delta added to the current
+//! weights as if it were fresh but at weight s(k) = (1 + k)^-a ([`staleness_scale`]),
+//! FedAsync's polynomial staleness function (Xie, Koyejo and Gupta 2019, "Asynchronous
+//! Federated Optimization", arXiv:1903.03934); Zhang et al. 2016 ("Staleness-aware
+//! Async-SGD") scale the learning rate by staleness in the same spirit. The mean's
+//! weights are `steps_i x s(k_i) / sum(steps)`: the denominator is not renormalized, so
+//! a round of fresh updates (s = 1) merges bit for bit as without staleness, and a lone
+//! stale update moves the weights by s(k) of its delta. The robust rules scale each
+//! delta by s(k) before their coordinate-wise combine. Every tensor of an update is
+//! combined alike, so carried AdamW moments' deltas ([`crate::moments`]) get the same
+//! scaled mean as the weights.
+//!
 //! The settings of all this, `run.toml`'s `[outer]` table ([`Outer`]), live here too;
 //! `config` only assembles the file from its tables, so this module needs nothing of it.
 use std::fmt;
@@ -111,12 +124,23 @@ impl fmt::Display for MergeRule {
     }
 }
 
-/// Combines `deltas` (all with the same names and shapes, each with its steps) by `rule`.
-/// Median and trimmed ignore the steps: a weight per delta would let one claimant of
-/// many steps outvote the rest, which is what these rules are there to stop.
-pub fn merge_deltas(deltas: &[(Arrays, i64)], rule: &MergeRule) -> Arrays {
+/// FedAsync's polynomial staleness function `s(k) = (1 + k)^-a`: the weight of an update
+/// computed `k` versions before the one it is merged into (1 for a fresh one, exactly).
+pub fn staleness_scale(k: u64, a: f64) -> f64 {
+    match k {
+        0 => 1.0,
+        k => (1.0 + k as f64).powf(-a),
+    }
+}
+
+/// Combines `deltas` (all with the same names and shapes, each with its steps and its
+/// staleness scale s(k), 1 for a fresh update) by `rule`. Median and trimmed ignore the
+/// steps: a weight per delta would let one claimant of many steps outvote the rest,
+/// which is what these rules are there to stop; they combine the deltas each scaled by
+/// its s(k) (a no-op at s = 1).
+pub fn merge_deltas(deltas: &[(Arrays, i64, f64)], rule: &MergeRule) -> Arrays {
     let n = deltas.len();
-    let Some((first, _)) = deltas.first() else {
+    let Some((first, _, _)) = deltas.first() else {
         return Arrays::new();
     };
     let keep = match *rule {
@@ -131,10 +155,17 @@ pub fn merge_deltas(deltas: &[(Arrays, i64)], rule: &MergeRule) -> Arrays {
     first
         .iter()
         .map(|(name, a)| {
-            let sources: Vec<&[f32]> = deltas.iter().map(|(d, _)| &d[name].data[..]).collect();
+            let sources: Vec<(&[f32], f64)> = deltas
+                .iter()
+                .map(|(d, _, scale)| (&d[name].data[..], *scale))
+                .collect();
             let data = (0..a.data.len())
                 .map(|i| {
-                    column.iter_mut().zip(&sources).for_each(|(c, s)| *c = s[i]);
+                    // f32 -> f64, times 1, -> f32 is exact: fresh values pass unchanged.
+                    column
+                        .iter_mut()
+                        .zip(&sources)
+                        .for_each(|(c, (s, scale))| *c = (s[i] as f64 * scale) as f32);
                     column.sort_unstable_by(f32::total_cmp);
                     let kept = &column[drop..drop + keep];
                     (kept.iter().map(|&v| v as f64).sum::<f64>() / keep as f64) as f32
@@ -151,12 +182,16 @@ pub fn merge_deltas(deltas: &[(Arrays, i64)], rule: &MergeRule) -> Arrays {
         .collect()
 }
 
-/// Step-weighted mean of `deltas` (all with the same names and shapes).
-pub fn weighted_mean(deltas: &[(Arrays, i64)]) -> Arrays {
-    let total: f64 = deltas.iter().map(|(_, s)| (*s).max(1) as f64).sum();
+/// Step-weighted mean of `deltas` (all with the same names and shapes), each delta's
+/// weight scaled by its staleness scale: `sum_i steps_i s_i d_i / sum_i steps_i`. The
+/// denominator has no s_i, so stale updates pull less without the fresh ones pulling
+/// more; with every s_i = 1 it is the plain step-weighted mean, to the bit.
+pub fn weighted_mean(deltas: &[(Arrays, i64, f64)]) -> Arrays {
+    let total: f64 = deltas.iter().map(|(_, s, _)| (*s).max(1) as f64).sum();
     let mut out = Arrays::new();
-    for (delta, steps) in deltas {
-        let w = ((*steps).max(1) as f64 / total) as f32;
+    for (delta, steps, scale) in deltas {
+        // steps x 1.0 is exact, so a fresh update's weight is what it was without staleness.
+        let w = ((*steps).max(1) as f64 * scale / total) as f32;
         for (name, a) in delta {
             let acc = out.entry(name.clone()).or_insert_with(|| Array {
                 shape: a.shape.clone(),
@@ -231,12 +266,66 @@ mod tests {
 
     #[test]
     fn mean_weights_by_steps() {
-        let m = weighted_mean(&[(one(&[1.0, 0.0]), 1), (one(&[4.0, 3.0]), 2)]);
+        let m = weighted_mean(&[(one(&[1.0, 0.0]), 1, 1.0), (one(&[4.0, 3.0]), 2, 1.0)]);
         assert_eq!(m["w"].data, vec![3.0, 2.0]);
     }
 
-    fn many(rows: &[Vec<f32>]) -> Vec<(Arrays, i64)> {
-        rows.iter().map(|r| (one(r), 1)).collect()
+    #[test]
+    fn staleness_scales_a_delta_without_renormalizing_the_round() {
+        assert_eq!(staleness_scale(0, 0.5), 1.0);
+        assert_eq!(staleness_scale(3, 0.5), 0.5);
+        assert_eq!(staleness_scale(1, 1.0), 0.5);
+        assert_eq!(staleness_scale(7, 0.0), 1.0);
+        // A lone stale update moves the weights by s(k) of its delta, not all of it.
+        let s = staleness_scale(3, 0.5);
+        let lone = weighted_mean(&[(one(&[2.0, -4.0]), 5, s)]);
+        assert_eq!(lone["w"].data, vec![1.0, -2.0]);
+        // Fresh 1 step of 4.0 and a stale (s = 0.5) 3 steps of 8.0: (4 + 3 x 0.5 x 8) / 4.
+        let m = weighted_mean(&[(one(&[4.0]), 1, 1.0), (one(&[8.0]), 3, 0.5)]);
+        assert_eq!(m["w"].data, vec![4.0]);
+        // The robust rules scale each delta before combining: median of 1, 2 x 0.5, 6.
+        let rows = [
+            (one(&[1.0]), 1, 1.0),
+            (one(&[2.0]), 1, 0.5),
+            (one(&[6.0]), 1, 1.0),
+        ];
+        assert_eq!(merge_deltas(&rows, &MergeRule::Median)["w"].data, vec![1.0]);
+        let trimmed = merge_deltas(&rows, &MergeRule::Trimmed(0.0))["w"].data[0];
+        assert!((trimmed - 8.0 / 3.0).abs() < 1e-6, "{trimmed}");
+    }
+
+    #[test]
+    fn fresh_updates_merge_bit_for_bit_as_without_staleness() {
+        // The mean as it was computed before stale updates (weight steps / total).
+        let rows: Vec<(Arrays, i64, f64)> = (0..5)
+            .map(|k| {
+                let v: Vec<f32> = (0..32)
+                    .map(|i| ((i * 7 + k * 3) as f32 * 0.31).sin() * 1e-3)
+                    .collect();
+                (one(&v), 3 + k as i64, 1.0)
+            })
+            .collect();
+        let total: f64 = rows.iter().map(|r| r.1 as f64).sum();
+        let mut want = [0f32; 32];
+        for (d, steps, _) in &rows {
+            let w = (*steps as f64 / total) as f32;
+            want.iter_mut()
+                .zip(&d["w"].data)
+                .for_each(|(o, x)| *o += w * x);
+        }
+        let got = weighted_mean(&rows);
+        assert_eq!(
+            got["w"]
+                .data
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    fn many(rows: &[Vec<f32>]) -> Vec<(Arrays, i64, f64)> {
+        rows.iter().map(|r| (one(r), 1, 1.0)).collect()
     }
 
     #[test]

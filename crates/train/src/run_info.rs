@@ -11,4 +11,9 @@ pub struct RunInfo {
     pub manifest: Manifest,
     /// Update codec.
     pub codec: String,
+    /// `[training] max_staleness`: how many versions old an accepted update may be (the
+    /// worker's ledger audit reads it to know which round an upload joined; 0 from
+    /// coordinators that predate it).
+    #[serde(default)]
+    pub max_staleness: u64,
 }

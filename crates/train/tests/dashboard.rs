@@ -274,6 +274,7 @@ fn canned_status(now: u64) -> Status {
             state: "rejected".into(),
             reason: Some(HOSTILE.into()),
             loss: None,
+            staleness: 0,
         }],
         bytes_up: 1536,
         bytes_down: 6 << 20,

@@ -47,6 +47,7 @@ fn decision(accepted: bool, reason: Option<&str>, time_ms: u64) -> Decision {
         heldout_before: Some(3.0),
         heldout_after: accepted.then_some(2.75),
         time_ms,
+        staleness: 0,
     }
 }
 

@@ -52,6 +52,7 @@ fn stored() -> &'static Stored {
                 heldout_before: Some(3.0),
                 heldout_after: accepted.then_some(2.75),
                 time_ms: 100 + i as u64,
+                staleness: 0,
             };
             let r = Receipt::issue(claim, sig, decision, &coord);
             ledger.append(&conn, &r).unwrap();

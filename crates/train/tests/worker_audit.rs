@@ -20,12 +20,15 @@ mod support;
 use support::{error, serve, Served};
 
 /// A coordinator's ledger, served as `/v1/ledger/*` is, with receipts it can leave
-/// out of a worker's listing. Any other GET answers bytes that are no checkpoint.
+/// out of a worker's listing, and the run's `max_staleness` in `/v1/run` (None: that
+/// route answers as before stale updates, 404). Any other GET answers bytes that are
+/// no checkpoint.
 struct Fake {
     _dir: tempfile::TempDir,
     conn: Connection,
     ledger: Ledger,
     hidden: HashSet<u64>,
+    max_staleness: Option<u64>,
 }
 
 impl Fake {
@@ -38,6 +41,7 @@ impl Fake {
             conn,
             ledger,
             hidden: HashSet::new(),
+            max_staleness: None,
         }
     }
 
@@ -111,6 +115,15 @@ fn fake(coordinator: &Identity) -> (Shared, Served) {
                 },
             ),
         )
+        .route(
+            "/v1/run",
+            get(|State(s): State<Shared>| async move {
+                match s.lock().unwrap().max_staleness {
+                    Some(k) => Json(serde_json::json!({ "max_staleness": k })).into_response(),
+                    None => error(StatusCode::NOT_FOUND, "not found"),
+                }
+            }),
+        )
         .fallback(|| async { (StatusCode::OK, "not the checkpoint you asked for") })
         .with_state(shared.clone());
     (shared, serve(app))
@@ -141,6 +154,7 @@ fn receipt(worker: &Identity, coord: &Identity, lease: i64, body: &str, ok: bool
         heldout_before: None,
         heldout_after: None,
         time_ms: 5,
+        staleness: 0,
     };
     Receipt::issue(claim, Some(sig), decision, coord)
 }
@@ -330,4 +344,41 @@ fn a_refusal_the_coordinator_leaves_out_of_my_listing_is_reported() {
     let mut c = client(&served.url, &other);
     let a = audit_receipts(&mut c, &other.public_hex(), &theirs, &Seen::default()).unwrap();
     assert_eq!((a.receipts, a.uploads), (1, 0));
+}
+
+/// An accepted upload whose reply named a later version than its base: with the run's
+/// max_staleness 0 that is a merge it completed (its receipt is due at once), with K > 0
+/// it may be a stale update in that later round (due once the block passes it).
+#[test]
+fn a_stale_upload_is_pending_until_the_round_it_joined_closes() {
+    let (w, k) = (Identity::generate(), Identity::generate());
+    let me = w.public_hex();
+    let root = tempfile::tempdir().unwrap();
+    let record = Record::open(root.path(), &me).unwrap();
+    let mut u = upload(3, "stale", true);
+    u.block_version = Some(2); // trained from v1, the reply said v2
+    record.record(&u).unwrap();
+    let at = |v: u64| {
+        let mut s = Seen::default();
+        s.saw(0, v);
+        s
+    };
+    for (staleness, v, due) in [
+        (None, 2, true),
+        (Some(0), 2, true),
+        (Some(1), 2, false),
+        (Some(1), 3, true),
+        (Some(5), 3, true),
+    ] {
+        let (book, served) = fake(&k);
+        book.lock().unwrap().max_staleness = staleness;
+        let mut c = client(&served.url, &w);
+        match audit_receipts(&mut c, &me, &record, &at(v)) {
+            Ok(a) => assert!(!due && a.pending == 1, "{staleness:?} at v{v}: {a}"),
+            Err(e) => assert!(
+                due && e.to_string().contains("no receipt for 1 of my uploads"),
+                "{staleness:?} at v{v}: {e}"
+            ),
+        }
+    }
 }

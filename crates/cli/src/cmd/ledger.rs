@@ -236,6 +236,7 @@ mod tests {
                 heldout_before: Some(2.0),
                 heldout_after: Some(1.5),
                 time_ms: 5,
+                staleness: 0,
             };
             let sig = claim.sign(&worker);
             ledger

@@ -46,6 +46,16 @@ pub struct Decision {
     pub heldout_after: Option<f64>,
     /// Coordinator's clock at the decision, Unix ms.
     pub time_ms: u64,
+    /// For a merged update, k: how many versions before the round it was merged into
+    /// its base version was (0: a fresh update; more only with the run's
+    /// `max_staleness`). Absent from the signed bytes when 0, so the receipts written
+    /// before this field, and every fresh one, keep their bytes and verify as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub staleness: u64,
+}
+
+fn is_zero(k: &u64) -> bool {
+    *k == 0
 }
 
 /// One ledger entry: a worker's claim and the coordinator's signed decision on it.

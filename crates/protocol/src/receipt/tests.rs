@@ -25,6 +25,7 @@ fn decision(accepted: bool) -> Decision {
         heldout_before: Some(3.0),
         heldout_after: Some(2.9),
         time_ms: 1_000,
+        staleness: 0,
     }
 }
 
@@ -246,4 +247,30 @@ fn consistency_proofs_verify_and_catch_rewrites() {
     };
     verify_consistency(&new, &new, &same).unwrap();
     assert!(verify_consistency(&new, &other, &same).is_err());
+}
+
+#[test]
+fn staleness_is_signed_when_set_and_absent_from_fresh_receipts_bytes() {
+    let (w, c) = (Identity::generate(), Identity::generate());
+    // A fresh receipt's bytes have no staleness key: receipts written before the field
+    // existed parse (k = 0) and re-derive the very bytes that were signed.
+    let fresh = receipt(&w, &c, 2);
+    let json = serde_json::to_string(&fresh).unwrap();
+    assert!(!json.contains("staleness"), "{json}");
+    let back: Receipt = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.decision.staleness, 0);
+    back.verify().unwrap();
+    assert_eq!(back.leaf_bytes(), fresh.leaf_bytes());
+    // A stale update's receipt signs its k: it round-trips, and changing it breaks the
+    // coordinator's signature.
+    let mut d = decision(true);
+    d.staleness = 2;
+    let cl = claim(&w, 4);
+    let stale = Receipt::issue(cl.clone(), Some(cl.sign(&w)), d, &c);
+    let json = serde_json::to_string(&stale).unwrap();
+    assert!(json.contains("\"staleness\":2"), "{json}");
+    let mut back: Receipt = serde_json::from_str(&json).unwrap();
+    back.verify().unwrap();
+    back.decision.staleness = 1;
+    assert!(back.verify().is_err());
 }

@@ -12,13 +12,20 @@
 //! outer step, receipts.
 //!
 //! ## Rules the shell adds
-//! - **Round close**: a ready round's updates are averaged (weighted by steps) and the
-//!   outer optimizer produces v+1; open leases of v are superseded, and their
-//!   heartbeats tell the workers to stop.
-//! - **Stale rule**: an update is merged only into the version it was computed from.
-//!   One for a version the block has left is rejected as stale (recorded), and the
-//!   worker fetches the new version. A late update whose lease lapsed but whose round
-//!   is still open is accepted: nothing merged is older than its base.
+//! - **Round close**: a ready round's updates are averaged (weighted by steps, a stale
+//!   one's weight scaled by s(k), [`crate::merge`]) and the outer optimizer produces
+//!   v+1; open leases more than `max_staleness` versions behind v+1 are superseded, and
+//!   their heartbeats tell the workers to stop.
+//! - **Stale rule** (`[training] max_staleness` K, default 0): an update computed from
+//!   version v-k, k <= K, is accepted into the block's current round v and merged
+//!   there (its receipt records k); one more than K versions old is rejected as stale
+//!   (recorded), and the worker fetches the new version. With K = 0 an update is merged
+//!   only into the version it was computed from. A late update whose lease lapsed but
+//!   whose version is still within K is accepted: nothing merged is older than its
+//!   base. A stale update is vetted as any: its spot check recomputes it from its own
+//!   version's file (kept: `keep_versions` > K), and the held-out screen applies its
+//!   whole delta to the current weights (the ones it is merged into, at s(k) <= 1 of
+//!   that delta, so the screen is no laxer than the merge).
 //! - **Validation** (each rejection recorded with its reason, stored checkpoints
 //!   untouched): lease must exist and belong to the signer; body within the size limit;
 //!   exactly the block's tensor names, shapes and dtypes; every value finite; the RMS of
@@ -294,7 +301,7 @@ impl Coordinator {
                     momentum: None,
                     steps: 0,
                 };
-                store.commit_version(&head, &[], now)?;
+                store.commit_version(&head, &[], cfg.training.max_staleness, now)?;
                 model.save_weights(block, &bytes, 0)?;
             }
         }
@@ -356,7 +363,8 @@ impl Coordinator {
             reseed: blake3::derive_key("blocktrain lease reseed", &identity.secret()),
             check_lease: blake3::derive_key("blocktrain check lease", &identity.secret()),
         };
-        let core = Core::new(rules, secrets, store.rebuild()?, now);
+        let rebuild = store.rebuild(cfg.training.max_staleness)?;
+        let core = Core::new(rules, secrets, rebuild, now);
         let mut c = Coordinator {
             store,
             ledger,
@@ -411,6 +419,7 @@ impl Coordinator {
         RunInfo {
             manifest: self.model.manifest.clone(),
             codec: self.cfg.wire.codec.clone(),
+            max_staleness: self.cfg.training.max_staleness,
         }
     }
 

@@ -75,6 +75,7 @@ impl Coordinator {
             heldout_before: None,
             heldout_after: None,
             time_ms: now,
+            staleness: 0,
         };
         if let Err(e) = self.issue_receipt(Some(id), claim, sig, decision, now) {
             tracing::error!("update {id}: receipt deferred to the next start: {e}");
@@ -105,9 +106,9 @@ impl Coordinator {
     /// authenticated one (its claim is on record), that has no receipt yet.
     pub(super) fn issue_missing_receipts(&mut self, now: u64) -> Result<usize> {
         let missing = self.store.unreceipted()?;
-        for (id, version, state, reason) in &missing {
+        for (id, round, state, reason) in &missing {
             if state == update_state::APPLIED {
-                let merged_into = version.map(|v| v as u64 + 1);
+                let merged_into = round.map(|v| v as u64 + 1);
                 self.merge_receipt(*id, merged_into, None, now)?;
             } else {
                 let reason = reason.clone().unwrap_or_else(|| "refused".into());
@@ -118,7 +119,8 @@ impl Coordinator {
     }
 
     /// The receipt of an update decided at merge time: merged into `version`, or (None)
-    /// rejected there. Its claim and screening numbers were stored when it arrived.
+    /// rejected there. Its claim, screening numbers and staleness were stored when it
+    /// arrived; a merged one's receipt records its staleness k.
     pub(super) fn merge_receipt(
         &mut self,
         update: i64,
@@ -147,6 +149,10 @@ impl Coordinator {
             }
         };
         let screening = self.store.screening(update)?;
+        let staleness = match version {
+            Some(_) => self.store.update_staleness(update)?,
+            None => 0,
+        };
         let decision = Decision {
             accepted: version.is_some(),
             reason: match version {
@@ -157,6 +163,7 @@ impl Coordinator {
             heldout_before: screening.map(|s| s.0),
             heldout_after: screening.map(|s| s.1),
             time_ms: now,
+            staleness,
         };
         self.issue_receipt(Some(update), claim, sig, decision, now)
     }

@@ -5,7 +5,9 @@
 //!    and marks it closing (uploads on it are answered stale from then on, as they would
 //!    be a moment later); the job takes the pending updates, the base weights and paths.
 //! 2. [`MergeJob::run`] (no lock): read and decode the bodies, average them (weighted by
-//!    steps), the outer step, encode and write the new blobs, the held-out loss.
+//!    steps, a stale update's weight scaled by s(k) = (1 + k)^-a, k versions between its
+//!    base and this round's: [`merge::staleness_scale`]), the outer step, encode and
+//!    write the new blobs, the held-out loss.
 //! 3. [`Coordinator::finish_merge`] (lock held, cheap): one transaction commits the
 //!    version, the core opens the next round, receipts are issued.
 
@@ -68,11 +70,15 @@ impl MergeJob {
         };
         let mut deltas = Vec::with_capacity(self.pending.len());
         let mut merged = Vec::with_capacity(self.pending.len());
+        let exponent = self.cfg.training.staleness_exponent;
         for p in &self.pending {
             // A body that cannot be read back (disk trouble) is rejected, not fatal.
             match self.blobs.get(&p.hash).and_then(decode) {
                 Ok(d) => {
-                    deltas.push((d, p.steps));
+                    // Its delta is added to this round's weights (and its moments' delta
+                    // to this round's served moments), weighted by s(k).
+                    let k = self.head.version.saturating_sub(p.base);
+                    deltas.push((d, p.steps, merge::staleness_scale(k, exponent)));
                     merged.push(p);
                 }
                 Err(e) => {
@@ -228,7 +234,9 @@ impl Coordinator {
             }
             Err(e) => return Err(e),
         };
-        self.store.commit_version(&v.head, &v.merged, now)?;
+        let max_staleness = self.cfg.training.max_staleness;
+        self.store
+            .commit_version(&v.head, &v.merged, max_staleness, now)?;
         // The version is committed: memory follows it before any bookkeeping that can
         // fail (receipts, held-out history), so a failure there never forks the state.
         lock(&self.core).committed(block, v.head.version, &v.head.wire, now);

@@ -17,6 +17,7 @@ pub(super) fn rules_of(cfg: &RunConfig, manifest: &Manifest, shapes: &[Shapes]) 
         lease_ms: ms(f.lease_secs),
         max_lease_ms: ms(f.max_lease_secs),
         round_timeout_ms: ms(f.round_timeout_secs),
+        max_staleness: t.max_staleness,
         stall_ms: ms(3.0 * f.round_timeout_secs.max(f.lease_secs)),
         local_steps: t.local_steps,
         round_seconds: t.round_seconds,

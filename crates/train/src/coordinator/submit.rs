@@ -347,6 +347,11 @@ impl Coordinator {
         };
         let hash = self.store.put_blob(&job.body)?;
         let pending_hash = hash.clone();
+        // Versions between its base and the round it joins (0 unless max_staleness > 0;
+        // the lease was just found open, so at most max_staleness).
+        let staleness = lock(&self.core)
+            .version(lease.block)
+            .saturating_sub(lease.version);
         let (c, sig) = job.claim;
         let json = serde_json::to_string(&c).expect("claims serialise");
         // The row, its lease delivered, its bytes, its claim and its screening: one
@@ -363,6 +368,7 @@ impl Coordinator {
                 loss: job.loss,
                 state: update_state::PENDING,
                 reason: None,
+                staleness,
             },
             (&json, &sig),
             verdict.heldout,
@@ -379,6 +385,7 @@ impl Coordinator {
                 hash: pending_hash,
                 steps: lease.steps,
                 received_ms: now,
+                base: lease.version,
             };
             core.accept(lease.block, pending, now);
             core.seen(&job.key, now);

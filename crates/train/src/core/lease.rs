@@ -4,6 +4,8 @@
 //!   current round (active leases + delivered updates), preferring the block it had
 //!   last (its checkpoint is cached), then the block furthest behind. A block takes at
 //!   most `workers_per_block` per round; when all are full the worker is told to wait.
+//!   An open lease of an older version (`max_staleness`) counts, and keeps its slot:
+//!   its update would join this round, so the block is never over-leased.
 //!   A block whose estimated training memory exceeds what the worker reports free is
 //!   never assigned to it; a worker too small for every block is refused, saying so.
 //! - **Local steps**: H, or with `round_seconds` set and a measured step rate,

@@ -95,6 +95,9 @@ pub struct Rules {
     pub max_lease_ms: u64,
     /// A round closes this long after its first update with what it has, ms.
     pub round_timeout_ms: u64,
+    /// K: an update computed from version v-k, k <= K, joins the block's current round
+    /// (`[training] max_staleness`; 0: only from the current version).
+    pub max_staleness: u64,
     /// Unfinished blocks with no progress for this long are stalled, ms.
     pub stall_ms: u64,
     /// H, local steps at the reference rate.
@@ -167,17 +170,23 @@ pub struct Pending {
     pub steps: i64,
     /// When it arrived.
     pub received_ms: u64,
+    /// The version it was computed from (its lease's): the round's own version, or up
+    /// to `max_staleness` before it (a stale update; its staleness k is the difference).
+    pub base: u64,
 }
 
 /// One block: its version and the round open on it.
 #[derive(Clone, Debug)]
 struct BlockState {
     version: u64,
-    /// blake3 of the copy of this version workers download.
-    wire: String,
-    /// This round's leases, by id (older rounds' leases live in the journal only).
+    /// blake3 of the copy workers download of this version and of the `max_staleness`
+    /// versions before it (what a lease of each trains from).
+    wires: BTreeMap<u64, String>,
+    /// This round's leases, by id, and the leases of up to `max_staleness` versions
+    /// before it that may still deliver into it (open, or delivered into this round);
+    /// other rounds' leases live in the journal only.
     leases: BTreeMap<i64, LeaseRow>,
-    /// Leases of this round whose one upload was decided.
+    /// Leases whose one upload was decided in this round.
     decided: HashSet<i64>,
     pending: Vec<Pending>,
     /// Last accepted update or commit.
@@ -188,34 +197,49 @@ struct BlockState {
 }
 
 impl BlockState {
-    /// Active leases and leases issued, this round.
+    /// Active leases (of this version and of older ones still open), and leases issued
+    /// at this version.
     fn counts(&self) -> (u32, u32) {
         let active = self
             .leases
             .values()
             .filter(|l| l.state == lease_state::ACTIVE)
             .count();
-        (active as u32, self.leases.len() as u32)
+        let issued = self
+            .leases
+            .values()
+            .filter(|l| l.version == self.version)
+            .count();
+        (active as u32, issued as u32)
     }
 
-    /// Workers on this round: active leases and delivered updates.
+    /// Workers on this round: active leases (an open lease of an older version
+    /// included: its update would join this round) and delivered updates.
     fn busy(&self) -> u32 {
         self.counts().0 + self.pending.len() as u32
     }
 
-    /// Slots held by active leases or delivered updates.
+    /// The copy of `version` workers download (None: older than the round's window).
+    fn wire_of(&self, version: u64) -> Option<&String> {
+        self.wires.get(&version)
+    }
+
+    /// Slots held by active leases or delivered updates (of any version: an open lease
+    /// of an older version keeps its slot, so no lease of this round trains its shard).
     fn slot_taken(&self, slot: u32) -> bool {
         self.leases.values().any(|l| {
             l.slot == slot && (l.state == lease_state::ACTIVE || l.state == lease_state::DELIVERED)
         })
     }
 
-    /// Leases of `slot` closed by a refusal or a failed spot check, this round.
+    /// Leases of `slot` at this version closed by a refusal or a failed spot check.
     fn refusals(&self, slot: u32) -> u32 {
         self.leases
             .values()
             .filter(|l| {
-                l.slot == slot && (l.state == lease_state::REFUSED || l.state == lease_state::VOID)
+                l.slot == slot
+                    && l.version == self.version
+                    && (l.state == lease_state::REFUSED || l.state == lease_state::VOID)
             })
             .count() as u32
     }
@@ -228,11 +252,15 @@ pub struct Rebuild {
     pub workers: HashMap<String, WorkerState>,
     /// Per block: committed version, its wire hash, last progress (ms).
     pub blocks: Vec<(u64, String, u64)>,
-    /// Leases of each block's current version.
+    /// (block, version, wire hash) of the `max_staleness` versions before each block's
+    /// current one (their files are kept: `faults.keep_versions` > K).
+    pub old_wires: Vec<(usize, u64, String)>,
+    /// Leases of each block's current version and of the `max_staleness` versions
+    /// before it.
     pub leases: Vec<LeaseRow>,
-    /// Leases (of current versions) with a decided upload.
+    /// Those leases with a decided upload.
     pub decided: Vec<i64>,
-    /// Pending updates of current versions, by block.
+    /// Pending updates of each block's current round (stale ones included), by block.
     pub pending: Vec<(usize, Pending)>,
     /// Invite token ids (blake3 of the token) and the key each is bound to.
     pub invites: HashMap<String, String>,
@@ -273,13 +301,19 @@ pub struct Core {
 impl Core {
     /// The core of a run whose journal holds `from`; every active lease gets at least
     /// `lease_ms` from `now` (a restart's downtime is not charged to the workers).
+    ///
+    /// A lease of an older version (k <= `max_staleness` behind) is kept as
+    /// [`Core::committed`] keeps it: open (active or lapsed) with no decided upload, or
+    /// delivered into this round (its update is pending here). Closed ones (refused,
+    /// void, delivered into an earlier round) are left to the journal, which answers
+    /// them the same way.
     pub fn new(rules: Rules, secrets: Secrets, from: Rebuild, now: u64) -> Self {
         let mut blocks: Vec<BlockState> = from
             .blocks
             .iter()
             .map(|(version, wire, progress)| BlockState {
                 version: *version,
-                wire: wire.clone(),
+                wires: BTreeMap::from([(*version, wire.clone())]),
                 leases: BTreeMap::new(),
                 decided: HashSet::new(),
                 pending: Vec::new(),
@@ -302,11 +336,34 @@ impl Core {
             dirty_leases: HashSet::new(),
             dirty_workers: HashSet::new(),
         };
+        let max_staleness = core.rules.max_staleness;
+        for (block, version, wire) in from.old_wires {
+            if let Some(b) = blocks
+                .get_mut(block)
+                .filter(|b| version < b.version && b.version - version <= max_staleness)
+            {
+                b.wires.insert(version, wire);
+            }
+        }
         let decided: HashSet<i64> = from.decided.into_iter().collect();
+        let delivered_here: HashSet<i64> =
+            from.pending.iter().filter_map(|(_, p)| p.lease).collect();
         for mut l in from.leases {
-            let Some(b) = blocks.get_mut(l.block).filter(|b| b.version == l.version) else {
+            let Some(b) = blocks.get_mut(l.block).filter(|b| {
+                l.version <= b.version
+                    && b.version - l.version <= max_staleness
+                    && b.wire_of(l.version).is_some()
+            }) else {
                 continue;
             };
+            if l.version < b.version {
+                let open = (l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED)
+                    && !decided.contains(&l.id);
+                let here = decided.contains(&l.id) && delivered_here.contains(&l.id);
+                if !open && !here {
+                    continue;
+                }
+            }
             if decided.contains(&l.id) {
                 b.decided.insert(l.id);
                 // A decision whose lease was left open (journals from before decisions
@@ -347,7 +404,8 @@ impl Core {
         self.workers.iter()
     }
 
-    /// A lease of a current round (None: unknown, or its round has closed).
+    /// A lease of a current round: of its block's current version, or of an older one
+    /// still open within `max_staleness` (None: unknown, or no longer current).
     pub fn lease(&self, id: i64) -> Option<&LeaseRow> {
         let b = self.lease_block.get(&id)?;
         self.blocks[*b].leases.get(&id)
@@ -386,11 +444,18 @@ impl Core {
     /// What a worker holding `l` is told (`POST /v1/work`).
     pub fn lease_reply(&self, l: &LeaseRow) -> Lease {
         let r = &self.rules;
+        let b = &self.blocks[l.block];
         Lease {
             id: l.id,
             block: l.block,
             version: l.version,
-            weights_hash: self.blocks[l.block].wire.clone(),
+            // The lease's own version's copy (an open lease of an older version trains
+            // from that one); a lease the core holds always has it.
+            weights_hash: b
+                .wire_of(l.version)
+                .or_else(|| b.wire_of(b.version))
+                .cloned()
+                .unwrap_or_default(),
             steps: l.steps,
             batch: r.batch,
             seed: l.seed,

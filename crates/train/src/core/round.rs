@@ -4,9 +4,19 @@
 //! - **One decided upload per lease**: accepted (delivered) or refused; a refusal
 //!   closes the lease and the slot is re-leased with a fresh seed.
 //! - **Round close**: block b's round closes when its quorum of accepted updates is in,
-//!   or `round_timeout_ms` after its first update with whatever has arrived.
-//! - **Stale rule**: an update is merged only into the version it was computed from;
-//!   after a commit the old round's leases are no longer current ([`Core::lease`]).
+//!   or `round_timeout_ms` after its first update with whatever has arrived, whichever
+//!   comes first. Stale updates accepted into the round count toward its quorum, and
+//!   the first of its updates, stale or not, starts its deadline.
+//! - **Stale rule** (`max_staleness` K): an update computed from version v-k joins the
+//!   block's current round v, and is merged there, when k <= K; k > K is refused as
+//!   stale. With K = 0 an update is merged only into the version it was computed from.
+//!   A commit keeps the leases of the versions still within K of the new one that are
+//!   open (active or lapsed, nothing decided): they stay current ([`Core::lease`]),
+//!   heartbeats keep them wanted, and their slots stay taken, so they count against
+//!   `workers_per_block` and no lease of the new round trains their shards. The others
+//!   are no longer current (the journal supersedes the active ones). While a round is
+//!   being merged, uploads of every version it would take wait (busy), since the merge
+//!   has taken its pending updates already.
 //! - **Stalls**: an unfinished block with nothing accepted or committed for
 //!   `stall_ms` is stalled (no workers, or every update refused).
 use super::*;
@@ -49,8 +59,8 @@ impl Core {
     }
 
     /// Whether lease `l` may still deliver: not delivered, refused or void, no upload
-    /// decided on it, and of its block's current round (the shell answers leases that
-    /// are not current as stale).
+    /// decided on it, and of its block's current version or, held open by the core, at
+    /// most `max_staleness` versions before it (else stale).
     pub fn lease_open(&self, l: &LeaseRow) -> crate::Result<()> {
         let l = self.lease(l.id).unwrap_or(l);
         match l.state.as_str() {
@@ -78,19 +88,30 @@ impl Core {
         }
         let b = &self.blocks[l.block];
         let head = b.version;
-        if b.closing && l.version == head {
+        let max = self.rules.max_staleness;
+        let k = head.saturating_sub(l.version);
+        // An older version's lease may deliver only while the core holds it open.
+        let held = k == 0 || self.lease_block.contains_key(&l.id);
+        if l.version > head || k > max || !held || l.state == lease_state::SUPERSEDED {
+            let rule = match max {
+                0 => "max_staleness = 0 merges an update only into its own version".to_string(),
+                _ if k <= max => format!(
+                    "max_staleness = {max}, but its lease was closed when the block moved on"
+                ),
+                _ => format!("max_staleness = {max} merges updates at most {max} versions old"),
+            };
+            return Err(NodeError::Stale(format!(
+                "block {} is at version {head}; this update was computed from version {} ({rule})",
+                l.block + 1,
+                l.version
+            )));
+        }
+        if b.closing {
             // Not the worker's fault and not final: the merge may fail and reopen the
             // round. Nothing is recorded; the upload is retried.
             return Err(NodeError::Busy(format!(
                 "block {}'s round at version {head} is being merged; nothing stored, retry shortly",
                 l.block + 1
-            )));
-        }
-        if l.version != head || l.state == lease_state::SUPERSEDED {
-            return Err(NodeError::Stale(format!(
-                "block {} is at version {head}; this update was computed from version {}",
-                l.block + 1,
-                l.version
             )));
         }
         Ok(())
@@ -130,7 +151,8 @@ impl Core {
         Some(new)
     }
 
-    /// The one upload on lease `p.lease` was accepted: it waits for its round.
+    /// The one upload on lease `p.lease` was accepted: it waits for its round (the
+    /// block's current one, whatever version `p.base` it was computed from).
     pub fn accept(&mut self, block: usize, p: Pending, now: u64) {
         if let Some(id) = p.lease {
             if let Some(b) = self.lease_block.get(&id).copied() {
@@ -152,7 +174,7 @@ impl Core {
     }
 
     /// Whether block `b`'s round is ready to close: its quorum is in, or its deadline
-    /// (from the first update) passed with at least one.
+    /// (from the first update) passed with at least one. Stale updates count as any.
     pub fn round_ready(&self, b: usize, now: u64) -> bool {
         let pending = &self.blocks[b].pending;
         let Some(first) = pending.iter().map(|p| p.received_ms).min() else {
@@ -189,12 +211,22 @@ impl Core {
         self.blocks[b].pending.retain(|p| p.update != update);
     }
 
-    /// Block `b` committed `version` (with `wire` as its download): the round's leases
-    /// are no longer current (the journal supersedes the open ones), its pending
-    /// updates were merged, and a new round opens.
+    /// Block `b` committed `version` (with `wire` as its download): its pending
+    /// updates were merged, and a new round opens. The round's leases are no longer
+    /// current (the journal supersedes the active ones), except the open ones (active
+    /// or lapsed, nothing decided) of versions at most `max_staleness` before the new
+    /// one, which stay, with their slots, and may deliver into the new round.
     pub fn committed(&mut self, b: usize, version: u64, wire: &str, now: u64) {
+        let max = self.rules.max_staleness;
         let s = &mut self.blocks[b];
+        let decided = std::mem::take(&mut s.decided);
+        let mut kept = BTreeMap::new();
         for (id, l) in std::mem::take(&mut s.leases) {
+            let open = l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED;
+            if open && !decided.contains(&id) && version.saturating_sub(l.version) <= max {
+                kept.insert(id, l);
+                continue;
+            }
             self.lease_block.remove(&id);
             self.vetting.remove(&id);
             self.dirty_leases.remove(&id);
@@ -203,11 +235,12 @@ impl Core {
             }
         }
         let s = &mut self.blocks[b];
+        s.leases = kept;
         s.closing = false;
-        s.decided.clear();
         s.pending.clear();
         s.version = version;
-        s.wire = wire.to_string();
+        s.wires.insert(version, wire.to_string());
+        s.wires.retain(|&v, _| version.saturating_sub(v) <= max);
         s.last_progress_ms = s.last_progress_ms.max(now);
     }
 

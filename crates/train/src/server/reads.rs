@@ -132,6 +132,7 @@ pub(super) async fn ledger_receipts(
                 "base_version": r.claim.base_version, "steps": r.claim.steps,
                 "accepted": r.decision.accepted, "reason": r.decision.reason,
                 "resulting_version": r.decision.resulting_version,
+                "staleness": r.decision.staleness,
                 "heldout_before": r.decision.heldout_before,
                 "heldout_after": r.decision.heldout_after,
                 "time_ms": r.decision.time_ms, "worker_signed": r.claim_sig.is_some(),

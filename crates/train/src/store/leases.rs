@@ -60,9 +60,10 @@ impl Store {
     }
 
     /// What the core is rebuilt from: workers (with flags), every block's version, wire
-    /// and last progress, the leases, decisions and pending updates of current
-    /// versions, invites, and the last lease id.
-    pub fn rebuild(&self) -> Result<crate::core::Rebuild> {
+    /// and last progress, the leases and decisions of current versions and of the
+    /// `max_staleness` versions before them (with those versions' wires), the pending
+    /// updates of current rounds (stale ones included), invites, and the last lease id.
+    pub fn rebuild(&self, max_staleness: u64) -> Result<crate::core::Rebuild> {
         use crate::core::WorkerState;
         let mut r = crate::core::Rebuild::default();
         let mut st = self.conn.prepare(
@@ -89,18 +90,36 @@ impl Store {
             let progress = self.last_progress_ms(head.block)?;
             r.blocks.push((head.version, head.wire, progress));
         }
+        // Versions within the window: b.version - K <= version <= b.version.
+        let k = max_staleness as i64;
         let mut st = self.conn.prepare(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases l JOIN blocks b ON b.block = l.block AND b.version = l.version ORDER BY l.id"
+            "SELECT {LEASE_COLUMNS} FROM leases l JOIN blocks b ON b.block = l.block
+             AND l.version <= b.version AND l.version + ?1 >= b.version ORDER BY l.id"
         ))?;
         r.leases = st
-            .query_map([], lease_row)?
+            .query_map([k], lease_row)?
             .collect::<rusqlite::Result<_>>()?;
         let mut st = self.conn.prepare(
             "SELECT DISTINCT u.lease FROM updates u JOIN leases l ON l.id = u.lease
-             JOIN blocks b ON b.block = l.block AND b.version = l.version",
+             JOIN blocks b ON b.block = l.block AND l.version <= b.version
+             AND l.version + ?1 >= b.version",
         )?;
         r.decided = st
-            .query_map([], |r| r.get(0))?
+            .query_map([k], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(
+            "SELECT v.block, v.version, v.wire FROM versions v JOIN blocks b ON b.block = v.block
+             AND v.version < b.version AND v.version + ?1 >= b.version WHERE v.pruned = 0
+             ORDER BY v.block, v.version",
+        )?;
+        r.old_wires = st
+            .query_map([k], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as usize,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get(2)?,
+                ))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         for b in 0..r.blocks.len() {
             let version = r.blocks[b].0;

@@ -7,6 +7,14 @@
 //! and every state change that spans rows (accepting an update, committing a version) is
 //! one transaction, so after `kill -9` the database names only complete blobs and an
 //! update is either wholly accepted or absent. Blobs no row names are removed at startup.
+//!
+//! Stale updates (`[training] max_staleness` K) keep to the same rules: an update row
+//! holds its base `version` and its `staleness` k (the round it joined is version + k,
+//! written in the accepting transaction), a commit supersedes only the active leases
+//! more than K versions behind the new version, and the rebuild reads the leases, the
+//! decisions and the wire copies of the K versions before each block's current one
+//! (their files are kept: `keep_versions` > K), so a restart finds the same open stale
+//! leases and pending stale updates.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +57,8 @@ CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker, state);
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY, lease INTEGER, worker TEXT NOT NULL, block INTEGER,
     version INTEGER, bytes INTEGER NOT NULL, hash TEXT, steps INTEGER, loss REAL,
-    state TEXT NOT NULL, reason TEXT, received_ms INTEGER NOT NULL);
+    state TEXT NOT NULL, reason TEXT, received_ms INTEGER NOT NULL,
+    staleness INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS updates_round ON updates (block, version, state);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_one_per_lease ON updates (lease) WHERE state != 'rejected';
 CREATE INDEX IF NOT EXISTS updates_lease ON updates (lease);
@@ -120,6 +129,9 @@ pub struct UpdateRecord {
     pub reason: Option<String>,
     /// Worker's reported mean loss.
     pub loss: Option<f64>,
+    /// Versions between its base and the round it joined (0: fresh).
+    #[serde(default)]
+    pub staleness: u64,
 }
 
 /// A new update row.
@@ -145,6 +157,8 @@ pub struct NewUpdate<'a> {
     pub state: &'a str,
     /// Reason (rejections).
     pub reason: Option<String>,
+    /// Accepted k versions after its base (it joins round `version + staleness`).
+    pub staleness: u64,
 }
 
 /// Bytes moved, per worker and block.
@@ -241,6 +255,17 @@ impl Store {
                 .conn
                 .execute_batch("ALTER TABLE leases ADD COLUMN public INTEGER NOT NULL DEFAULT 0")?;
         }
+        // Databases from before stale updates: every update joined its own base's round.
+        let has_staleness: bool = store.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('updates') WHERE name = 'staleness'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_staleness {
+            store.conn.execute_batch(
+                "ALTER TABLE updates ADD COLUMN staleness INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(store)
     }
 
@@ -326,8 +351,15 @@ impl Store {
     }
 
     /// Commits a block's new head (version 0 creates it), applying `updates` and
-    /// superseding the old round's open leases, in one transaction.
-    pub fn commit_version(&mut self, head: &BlockHead, updates: &[i64], now: u64) -> Result<()> {
+    /// superseding the active leases more than `max_staleness` versions behind it (the
+    /// old round's, with 0), in one transaction.
+    pub fn commit_version(
+        &mut self,
+        head: &BlockHead,
+        updates: &[i64],
+        max_staleness: u64,
+        now: u64,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO blocks (block, version, weights, wire, momentum, steps) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -352,11 +384,13 @@ impl Store {
         for id in updates {
             tx.execute("UPDATE updates SET state = 'applied' WHERE id = ?1", [id])?;
         }
-        if head.version > 0 {
+        if head.version > max_staleness {
+            // Only the version that just left the window can hold active leases: each
+            // commit supersedes the one before it (with K = 0, the old round's).
             tx.execute(
                 "UPDATE leases SET state = 'superseded'
-                 WHERE block = ?1 AND version = ?2 AND state = 'active'",
-                params![head.block as i64, head.version as i64 - 1],
+                 WHERE block = ?1 AND version <= ?2 AND state = 'active'",
+                params![head.block as i64, (head.version - 1 - max_staleness) as i64],
             )?;
         }
         tx.commit()?;

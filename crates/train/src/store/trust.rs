@@ -76,12 +76,13 @@ impl Store {
     }
 
     /// Decided updates (applied, or refused after authentication: their claim is on
-    /// record) with no receipt yet: (id, base version, state, reason). A crash between a
-    /// decision and its receipt leaves these; the coordinator issues them at start-up.
+    /// record) with no receipt yet: (id, the version of the round it joined (its base
+    /// version plus its staleness), state, reason). A crash between a decision and its
+    /// receipt leaves these; the coordinator issues them at start-up.
     #[allow(clippy::type_complexity)]
     pub fn unreceipted(&self) -> Result<Vec<(i64, Option<i64>, String, Option<String>)>> {
         let mut st = self.conn.prepare(
-            "SELECT u.id, u.version, u.state, u.reason
+            "SELECT u.id, u.version + u.staleness, u.state, u.reason
              FROM updates u LEFT JOIN receipted r ON r.update_id = u.id
              WHERE r.update_id IS NULL AND u.state != 'pending'
                AND (u.state = 'applied' OR u.id IN (SELECT update_id FROM claims))

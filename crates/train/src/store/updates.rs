@@ -48,6 +48,17 @@ impl Store {
             .optional()?)
     }
 
+    /// How many versions after its base an update was accepted (0: fresh, or unknown).
+    pub fn update_staleness(&self, id: i64) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT staleness FROM updates WHERE id = ?1", [id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .unwrap_or(0) as u64)
+    }
+
     /// Marks a pending update rejected (its body could not be read at merge time).
     pub fn reject_pending(&self, id: i64, reason: &str) -> Result<()> {
         self.conn.execute(
@@ -93,11 +104,12 @@ impl Store {
         )?)
     }
 
-    /// Pending updates of a block's round, oldest first.
+    /// Pending updates of a block's round at `version` (stale ones, computed from an
+    /// older version and accepted into this round, included), oldest first.
     pub fn pending(&self, block: usize, version: u64) -> Result<Vec<crate::core::Pending>> {
         let mut st = self.conn.prepare(
-            "SELECT id, hash, steps, received_ms, lease FROM updates
-             WHERE block = ?1 AND version = ?2 AND state = 'pending' ORDER BY id",
+            "SELECT id, hash, steps, received_ms, lease, version FROM updates
+             WHERE block = ?1 AND version + staleness = ?2 AND state = 'pending' ORDER BY id",
         )?;
         let rows = st.query_map(params![block as i64, version as i64], |r| {
             Ok(crate::core::Pending {
@@ -106,6 +118,7 @@ impl Store {
                 steps: r.get(2)?,
                 received_ms: r.get::<_, i64>(3)? as u64,
                 lease: r.get(4)?,
+                base: r.get::<_, i64>(5)? as u64,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -114,7 +127,7 @@ impl Store {
     /// Most recent update records, newest first.
     pub fn recent_updates(&self, limit: usize) -> Result<Vec<UpdateRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT id, worker, block, version, bytes, state, reason, loss FROM updates ORDER BY id DESC LIMIT ?1",
+            "SELECT id, worker, block, version, bytes, state, reason, loss, staleness FROM updates ORDER BY id DESC LIMIT ?1",
         )?;
         let rows = st.query_map([limit as i64], |r| {
             Ok(UpdateRecord {
@@ -126,6 +139,7 @@ impl Store {
                 state: r.get(5)?,
                 reason: r.get(6)?,
                 loss: r.get(7)?,
+                staleness: r.get::<_, i64>(8)? as u64,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -169,8 +183,8 @@ impl Store {
 
 fn insert_update(conn: &Connection, u: &NewUpdate, state: &str, now: u64) -> Result<i64> {
     conn.execute(
-        "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO updates (lease, worker, block, version, bytes, hash, steps, loss, state, reason, received_ms, staleness)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             u.lease,
             u.worker,
@@ -182,7 +196,8 @@ fn insert_update(conn: &Connection, u: &NewUpdate, state: &str, now: u64) -> Res
             u.loss,
             state,
             u.reason,
-            now as i64
+            now as i64,
+            u.staleness as i64
         ],
     )?;
     Ok(conn.last_insert_rowid())

@@ -8,8 +8,15 @@
 //! - every upload this worker made and recorded has a receipt. Refusals are receipted at
 //!   once; an update taken into its round is receipted when the round closes, so one
 //!   without a receipt counts as pending until the worker has seen its block move past
-//!   the version it was trained from (a later lease or reply, a later receipt of its
-//!   own, or the run being done), and as missing after that.
+//!   the round it joined (a later lease or reply, a later receipt of its own, or the run
+//!   being done), and as missing after that. The round it joined is the version it was
+//!   trained from, or with the run's `max_staleness` K > 0 up to K later (a stale
+//!   update): the one its reply named, or the one before when that reply came after a
+//!   merge it completed. The record does not say which, so with K > 0 (read from `GET
+//!   /v1/run`, only when an upload's receipt is absent; 0 from a coordinator that does
+//!   not say) the audit waits for the block to pass the later of the two, and never
+//!   more than K past the upload's base: a missing receipt of a fresh update merged at
+//!   once is then found one version later than it could be.
 use std::collections::BTreeMap;
 
 use blocktrain_protocol::receipt::{
@@ -81,6 +88,23 @@ impl std::fmt::Display for Audit {
         }
         Ok(())
     }
+}
+
+/// The run's `max_staleness`, as the coordinator announces it in `GET /v1/run` (0 when
+/// it does not: a coordinator from before stale updates).
+fn run_staleness(client: &mut Client) -> Result<u64> {
+    match client.get_json::<serde_json::Value>("/v1/run") {
+        Ok(info) => Ok(info["max_staleness"].as_u64().unwrap_or(0)),
+        Err(NodeError::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// The latest round accepted upload `u` may have joined, with `max_staleness` k: its
+/// base version (k = 0), else the version its reply named, at most k past its base.
+fn joined_round(u: &Upload, k: u64) -> u64 {
+    let named = u.block_version.unwrap_or(u.base_version);
+    named.clamp(u.base_version, u.base_version.saturating_add(k))
 }
 
 fn bad(m: String) -> NodeError {
@@ -173,11 +197,27 @@ pub fn audit_receipts(
     let at = reached(seen, &uploads, &receipts);
     let mut missing = Vec::new();
     let mut pending = 0;
+    let mut max_staleness = None;
     for u in &uploads {
         if receipts.iter().any(|r| receipt_of(r, u)) {
             continue;
         }
-        let closed = seen.done || at.get(&u.block).is_some_and(|&v| v > u.base_version);
+        // Only an accepted upload whose reply named a later version than its base may
+        // have joined a later round, and that matters only once the block passed its base.
+        let later = u.accepted
+            && u.block_version.is_some_and(|v| v > u.base_version)
+            && at.get(&u.block).is_some_and(|&v| v > u.base_version);
+        let joined = match later {
+            true => {
+                let k = match max_staleness {
+                    Some(k) => k,
+                    None => *max_staleness.insert(run_staleness(client)?),
+                };
+                joined_round(u, k)
+            }
+            false => u.base_version,
+        };
+        let closed = seen.done || at.get(&u.block).is_some_and(|&v| v > joined);
         if u.accepted && !closed {
             pending += 1;
         } else {

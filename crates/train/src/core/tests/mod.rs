@@ -16,6 +16,7 @@ pub(super) fn rules(blocks: usize, per_block: u32) -> Rules {
         lease_ms: 10_000,
         max_lease_ms: 100_000,
         round_timeout_ms: 30_000,
+        max_staleness: 0,
         stall_ms: 90_000,
         local_steps: 8,
         round_seconds: 0.0,
@@ -69,6 +70,7 @@ pub(super) fn pending(update: i64, lease: &LeaseRow, now: u64) -> Pending {
         hash: format!("h{update}"),
         steps: lease.steps,
         received_ms: now,
+        base: lease.version,
     }
 }
 

@@ -126,10 +126,12 @@ fn a_rebuilt_core_keeps_leases_decisions_and_pending_updates_of_open_rounds() {
                 hash: "h".into(),
                 steps: 8,
                 received_ms: 100,
+                base: 1,
             },
         )],
         invites: HashMap::new(),
         last_lease: 5,
+        ..Default::default()
     };
     let mut core = Core::new(rules(1, 2), secrets(1), from, 50_000);
     assert_eq!(core.lease(3), None);
@@ -161,6 +163,7 @@ fn a_rebuilt_core_keeps_leases_decisions_and_pending_updates_of_open_rounds() {
             hash: "h2".into(),
             steps: 8,
             received_ms: 50_002,
+            base: 1,
         },
         50_002,
     );
