@@ -6,6 +6,7 @@ use super::*;
 use crate::NodeError;
 
 mod round;
+mod stale;
 
 pub(super) fn rules(blocks: usize, per_block: u32) -> Rules {
     Rules {
