@@ -12,6 +12,7 @@
 //! - [`client`]: discovers what servers host, builds the route, sends requests.
 //! - [`openai`]: an OpenAI-compatible HTTP gateway (completions, chat, models, health,
 //!   metrics) in front of a route.
+//! - [`budget`]: a server's byte budget for the frames it holds.
 //! - [`framed`]: frames ([`blocktrain_protocol::frame`]) on async streams.
 #![deny(missing_docs)]
 
@@ -22,6 +23,7 @@ mod error;
 pub(crate) use error::{io_err, now_ms};
 pub use error::{Result, ServeError};
 
+pub mod budget;
 pub mod client;
 pub mod framed;
 pub mod hop;

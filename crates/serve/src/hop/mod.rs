@@ -14,6 +14,11 @@
 //! to whatever address a request names. Connections come from, and go back to, the
 //! [`Pool`] of the [`HopLimits`] (unless it has none); a reused connection that turns
 //! out dead before any reply byte is retried once on a fresh connection.
+//!
+//! A server's calls take each answer's declared size from its byte budget
+//! ([`HopLimits::budget`]) before the payload is read, and hand the bytes held back
+//! with the [`Answer`], to keep until it is relayed upstream; an answer that does not
+//! fit fails that replica as `Busy` (its payload discarded unread into memory).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +26,8 @@ use blocktrain_protocol::frame::{ErrorCode, HopError, Message, Stage};
 use blocktrain_protocol::identity::Identity;
 use tokio::time::timeout;
 
-use crate::framed::{read_message, write_bytes, ReadError};
+use crate::budget::{ByteBudget, Held};
+use crate::framed::{read_message_reserving, write_bytes, FrameDeadline, ReadError};
 
 mod conn;
 mod pool;
@@ -70,6 +76,9 @@ pub struct HopLimits {
     pub pool: Option<Arc<Pool>>,
     /// The caller's key, for servers that require a `Hello`; None: anonymous.
     pub credentials: Option<Arc<Credentials>>,
+    /// The byte budget answers are read into (a block server sets its own,
+    /// `--max-buffered-mb`); None: answers up to `max_frame` are read unbudgeted.
+    pub budget: Option<ByteBudget>,
 }
 
 impl Default for HopLimits {
@@ -81,6 +90,7 @@ impl Default for HopLimits {
             max_frame: blocktrain_protocol::frame::DEFAULT_MAX_FRAME,
             pool: Some(Arc::new(Pool::default())),
             credentials: None,
+            budget: None,
         }
     }
 }
@@ -97,6 +107,37 @@ impl HopLimits {
         self.call_deadline
             .saturating_mul(u32::try_from(stages.max(1)).unwrap_or(u32::MAX))
     }
+
+    /// Reads the next frame of an answer from a replica: its declared size is taken from
+    /// [`HopLimits::budget`] (if any) before its payload is read, and held while the frame
+    /// lives. The caller bounds the wait with the stall timeout, which also bounds the
+    /// frame's transfer.
+    pub(crate) async fn read_answer<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+    ) -> Result<(Message, Option<Held>), ReadError> {
+        let whole_read = FrameDeadline {
+            header: self.stall_timeout,
+            min_bytes_per_s: u64::MAX,
+        };
+        read_message_reserving(r, self.max_frame, &whole_read, |len| {
+            self.budget.as_ref().map_or(Ok(None), |b| b.reserve(len))
+        })
+        .await
+    }
+}
+
+/// Why a replica was given up on at its call's deadline.
+pub(crate) fn past_deadline(deadline: Duration) -> String {
+    format!(
+        "call deadline: no answer within {:.1} s (keepalives do not extend it)",
+        deadline.as_secs_f64()
+    )
+}
+
+/// Why a replica whose answer did not fit the caller's byte budget was given up on.
+pub(crate) fn over_budget(why: &str) -> String {
+    format!("its answer does not fit this server's byte budget: {why}")
 }
 
 /// A stage's answer and how many replicas failed before it.
@@ -105,6 +146,9 @@ pub struct Answer {
     pub message: Message,
     /// Replicas given up on first.
     pub failovers: u32,
+    /// The bytes of [`HopLimits::budget`] the answer holds: keep them until the answer
+    /// has been relayed (None: not counted).
+    pub held: Option<Held>,
 }
 
 /// Why one replica was given up on: the error code it counts as, and why.
@@ -148,10 +192,11 @@ pub async fn call_stage(
     let mut codes = Vec::new();
     for (i, addr) in stage.replicas.iter().enumerate() {
         match call_replica(addr, &make_frame(i as u32), limits, &expect, deadline).await {
-            Ok(message) => {
+            Ok((message, held)) => {
                 return Answer {
                     message,
                     failovers: i as u32,
+                    held,
                 }
             }
             Err(f) => {
@@ -185,6 +230,7 @@ pub async fn call_stage(
             blocks: Some(stage.blocks),
         }),
         failovers: stage.replicas.len() as u32,
+        held: None,
     }
 }
 
@@ -194,17 +240,12 @@ async fn call_replica(
     limits: &HopLimits,
     expect: &Expect<'_>,
     deadline: Duration,
-) -> Result<Message, Failed> {
+) -> Result<(Message, Option<Held>), Failed> {
     // Dropping an exchange at its deadline closes its connection (never pooled).
     let within = |conn| async move {
         timeout(deadline, exchange(conn, frame, limits))
             .await
-            .unwrap_or_else(|_| {
-                Err(Exchange::Failed(Failed::retry(format!(
-                    "call deadline: no answer within {:.1} s (keepalives do not extend it)",
-                    deadline.as_secs_f64()
-                ))))
-            })
+            .unwrap_or_else(|_| Err(Exchange::Failed(Failed::retry(past_deadline(deadline)))))
     };
     let conn = open(addr, limits, expect, true).await?;
     let reused = conn.reused;
@@ -239,7 +280,11 @@ impl Exchange {
 
 /// One request and its answer on `conn`; the connection goes back to the pool after a
 /// complete successful answer (an error reply may be followed by a close).
-async fn exchange(mut conn: Conn, frame: &[u8], limits: &HopLimits) -> Result<Message, Exchange> {
+async fn exchange(
+    mut conn: Conn,
+    frame: &[u8],
+    limits: &HopLimits,
+) -> Result<(Message, Option<Held>), Exchange> {
     let retry = |m: String| Exchange::Failed(Failed::retry(m));
     match timeout(limits.stall_timeout, write_bytes(&mut conn.stream, frame)).await {
         Ok(Ok(())) => {}
@@ -248,24 +293,27 @@ async fn exchange(mut conn: Conn, frame: &[u8], limits: &HopLimits) -> Result<Me
     }
     let mut replied = false;
     loop {
-        let msg = match timeout(
-            limits.stall_timeout,
-            read_message(&mut conn.stream, limits.max_frame),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(retry(format!(
-                    "stalled: nothing for {:.1} s",
-                    limits.stall_timeout.as_secs_f64()
-                )))
-            }
-            Ok(Err(e @ (ReadError::Closed | ReadError::Io(_)))) if !replied => {
-                return Err(Exchange::NoReply(e.to_string()))
-            }
-            Ok(Err(e)) => return Err(retry(e.to_string())),
-            Ok(Ok(m)) => m,
-        };
+        let (msg, held) =
+            match timeout(limits.stall_timeout, limits.read_answer(&mut conn.stream)).await {
+                Err(_) => {
+                    return Err(retry(format!(
+                        "stalled: nothing for {:.1} s",
+                        limits.stall_timeout.as_secs_f64()
+                    )))
+                }
+                Ok(Err(e @ (ReadError::Closed | ReadError::Io(_)))) if !replied => {
+                    return Err(Exchange::NoReply(e.to_string()))
+                }
+                // Its payload was discarded: another replica may answer when bytes are free.
+                Ok(Err(ReadError::Refused(why))) => {
+                    return Err(Exchange::Failed(Failed::new(
+                        ErrorCode::Busy,
+                        over_budget(&why),
+                    )))
+                }
+                Ok(Err(e)) => return Err(retry(e.to_string())),
+                Ok(Ok(m)) => m,
+            };
         replied = true;
         match msg {
             Message::Keepalive => continue,
@@ -282,9 +330,9 @@ async fn exchange(mut conn: Conn, frame: &[u8], limits: &HopLimits) -> Result<Me
             }
             m @ (Message::Result(..) | Message::ArOutput(_)) => {
                 conn.release(limits);
-                return Ok(m);
+                return Ok((m, held));
             }
-            m @ Message::Error(_) => return Ok(m),
+            m @ Message::Error(_) => return Ok((m, held)),
             other => {
                 return Err(retry(format!(
                     "unexpected {} frame",

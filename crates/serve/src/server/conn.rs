@@ -103,7 +103,7 @@ pub(super) async fn handle(
                 &mut rd,
                 shared.opts.limits.max_frame,
                 &shared.opts.frame_deadline,
-                |len| shared.gate.buffer(len),
+                |len| shared.gate.budget().reserve(len),
             ),
         )
         .await;

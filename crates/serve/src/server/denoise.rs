@@ -10,6 +10,7 @@ use blocktrain_protocol::frame::{
 use super::check::{check_route, check_sampling};
 use super::conn::{error, send_up, Keepalive};
 use super::{Shared, Upstream};
+use crate::budget::Held;
 use crate::hop::call_stage;
 use crate::hosted::DenoiseJob;
 
@@ -21,9 +22,10 @@ pub(super) async fn denoise(
     shared: &Arc<Shared>,
 ) -> bool {
     let id = meta.request_id;
-    let reply = match run_denoise(up, meta, tokens, latent, shared).await {
+    // An answer relayed from the next stage holds its bytes of the budget until sent.
+    let (reply, _held) = match run_denoise(up, meta, tokens, latent, shared).await {
         Ok(m) => m,
-        Err((code, message)) => error(id, code, message, shared),
+        Err((code, message)) => (error(id, code, message, shared), None),
     };
     send_up(up, &reply, shared.opts.limits.stall_timeout).await
 }
@@ -34,7 +36,7 @@ async fn run_denoise(
     tokens: Vec<u16>,
     latent: Option<LatentState>,
     shared: &Arc<Shared>,
-) -> Result<Message, (ErrorCode, String)> {
+) -> Result<(Message, Option<Held>), (ErrorCode, String)> {
     check_route(shared, &meta.model_id, &meta.route, meta.hop, true)?;
     check_sampling(&meta.sampling).map_err(|m| (ErrorCode::BadRequest, m))?;
     if tokens.is_empty() || tokens.len() > shared.info.max_tokens as usize {
@@ -101,13 +103,11 @@ async fn run_denoise(
             ));
         }
         let bytes = tokens.iter().map(|&t| t as u8).collect();
-        Message::Result(
-            ResultMeta {
-                request_id: meta.request_id,
-                hops: meta.hops,
-            },
-            bytes,
-        )
+        let result = ResultMeta {
+            request_id: meta.request_id,
+            hops: meta.hops,
+        };
+        (Message::Result(result, bytes), None)
     } else {
         meta.hop += 1;
         let next = meta.route[meta.hop as usize].clone();
@@ -132,7 +132,7 @@ async fn run_denoise(
             },
         )
         .await;
-        answer.message
+        (answer.message, answer.held)
     };
     keepalive.finish().await;
     Ok(reply)

@@ -10,6 +10,8 @@ use std::time::Instant;
 use blocktrain_protocol::frame::ErrorCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::ByteBudget;
+
 /// A server's capacity limits.
 #[derive(Clone, Debug)]
 pub struct Caps {
@@ -28,16 +30,11 @@ pub struct Caps {
     pub burst: f64,
     /// Clients whose rate is tracked at once (more are refused as busy).
     pub max_clients: usize,
-    /// Bytes of frames (over [`UNCOUNTED_FRAME`]) that all connections together may
-    /// hold at once, from the header's declared size until the request is done.
+    /// Bytes of frames (over [`UNCOUNTED_FRAME`](crate::budget::UNCOUNTED_FRAME)) that
+    /// all connections together may hold at once, from the header's declared size until
+    /// the request is done; answers from the next stage count too, until relayed.
     pub max_buffered: usize,
 }
-
-/// Frames up to this size are not counted against [`Caps::max_buffered`]: all
-/// `max_connections` of them are at most 64 MiB at the default 1024, and the small
-/// frames most requests are (an `Info`, an AR step, a short prompt) stay admitted while
-/// large ones have taken the budget.
-pub const UNCOUNTED_FRAME: usize = 64 * 1024;
 
 impl Default for Caps {
     fn default() -> Self {
@@ -63,8 +60,8 @@ pub(super) struct Gate {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     rates: Mutex<HashMap<String, Bucket>>,
     inflight: Arc<Semaphore>,
-    /// Bytes, one permit each: [`Caps::max_buffered`].
-    buffered: Arc<Semaphore>,
+    /// [`Caps::max_buffered`], shared with the server's calls downstream.
+    buffered: ByteBudget,
 }
 
 struct Bucket {
@@ -95,9 +92,7 @@ impl Gate {
     pub(super) fn new(caps: Caps) -> Gate {
         Gate {
             inflight: Arc::new(Semaphore::new(caps.max_inflight.max(1))),
-            buffered: Arc::new(Semaphore::new(
-                caps.max_buffered.min(Semaphore::MAX_PERMITS),
-            )),
+            buffered: ByteBudget::new(caps.max_buffered),
             caps,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -168,36 +163,11 @@ impl Gate {
         Ok(())
     }
 
-    /// Reserves `len` bytes for a frame about to be read (none for a frame of at most
-    /// [`UNCOUNTED_FRAME`]); dropping the permit gives them back.
-    ///
-    /// Refused at once rather than waited for: a connection waiting for bytes other
-    /// connections hold would itself be held (with its place among the connections) by
-    /// whoever holds them, and a refused caller can try another replica now, as for
-    /// `--max-inflight`. The refused frame's payload is discarded unread into memory.
-    pub(super) fn buffer(&self, len: usize) -> Result<Option<OwnedSemaphorePermit>, String> {
-        if len <= UNCOUNTED_FRAME {
-            return Ok(None);
-        }
-        let limit = self.caps.max_buffered;
-        let refuse = |what: String| {
-            format!(
-                "frame buffer limit: {what} (--max-buffered-mb {})",
-                limit >> 20
-            )
-        };
-        if len > limit {
-            return Err(refuse(format!(
-                "a frame of {len} bytes exceeds the {limit} bytes all connections may hold"
-            )));
-        }
-        let n = u32::try_from(len).map_err(|_| refuse(format!("a frame of {len} bytes")))?;
-        self.buffered.clone().try_acquire_many_owned(n).map(Some).map_err(|_| {
-            refuse(format!(
-                "{} of {limit} bytes are held by frames being read or served; a frame of {len} bytes does not fit",
-                limit - self.buffered.available_permits()
-            ))
-        })
+    /// The byte budget ([`Caps::max_buffered`]): frames read from upstream take from it
+    /// ([`ByteBudget::reserve`], refused at once when they do not fit, their payload then
+    /// discarded unread into memory), and so do answers from the next stage.
+    pub(super) fn budget(&self) -> &ByteBudget {
+        &self.buffered
     }
 
     /// Admits a request for compute: within the budget (`work` = tokens x steps, if a
@@ -227,6 +197,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::UNCOUNTED_FRAME;
 
     #[test]
     fn each_cap_refuses_with_its_name_and_frees_its_place() {
@@ -269,20 +240,20 @@ mod tests {
 
         // Small frames are not counted; large ones share the byte budget until dropped.
         let big = 2 * UNCOUNTED_FRAME;
-        assert!(gate.buffer(UNCOUNTED_FRAME).unwrap().is_none());
-        let held = gate.buffer(big).unwrap().expect("counted");
-        let e = gate.buffer(big).unwrap_err();
+        assert!(gate.budget().reserve(UNCOUNTED_FRAME).unwrap().is_none());
+        let held = gate.budget().reserve(big).unwrap().expect("counted");
+        let e = gate.budget().reserve(big).unwrap_err();
         assert!(
             e.contains("--max-buffered-mb") && e.contains("held by frames"),
             "{e}"
         );
         assert!(
-            gate.buffer(UNCOUNTED_FRAME + 1).is_ok(),
+            gate.budget().reserve(UNCOUNTED_FRAME + 1).is_ok(),
             "what is left still fits"
         );
-        let e = gate.buffer(4 * UNCOUNTED_FRAME).unwrap_err();
+        let e = gate.budget().reserve(4 * UNCOUNTED_FRAME).unwrap_err();
         assert!(e.contains("exceeds"), "{e}");
         drop(held);
-        assert!(gate.buffer(big).is_ok());
+        assert!(gate.budget().reserve(big).is_ok());
     }
 }

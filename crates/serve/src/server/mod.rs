@@ -30,7 +30,9 @@
 //! - **Caps** ([`Caps`]): connections in all and per client IP (refused before the
 //!   greeting), a request rate per client, the bytes of frames all connections hold at
 //!   once (taken at a frame's header, before its payload is allocated; a frame that does
-//!   not fit is refused and its payload discarded), requests computing or queued, and a
+//!   not fit is refused and its payload discarded; answers from the next stage count
+//!   until relayed, and one that does not fit fails that replica as busy), requests
+//!   computing or queued, and a
 //!   compute budget (tokens x steps) per request; each refusal names its limit.
 //! - **Deadlines**: an idle connection is closed after `idle_timeout`, a frame that
 //!   has started must complete within `frame_deadline` (slowloris), and a call to the
@@ -169,11 +171,14 @@ pub async fn serve(listener: TcpListener, hosted: Hosted, mut opts: ServeOptions
     }
     let info = hosted.info.clone();
     let hosted = Arc::new(Mutex::new(hosted));
+    let gate = Arc::new(gate::Gate::new(opts.caps.clone()));
+    // Answers from the next stage are held in the same budget as requests.
+    opts.limits.budget = Some(gate.budget().clone());
     let shared = Arc::new(Shared {
         info,
         batcher: batch::Batcher::start(hosted.clone(), opts.batch.clone()),
         hosted,
-        gate: Arc::new(gate::Gate::new(opts.caps.clone())),
+        gate,
         key: opts.identity.public_hex(),
         opts,
         served: AtomicU64::new(0),

@@ -1,12 +1,15 @@
 //! Each cap refuses with its name; a busy replica is passed over for the next one; a
-//! frame that has started must finish within its deadline; frames share a byte budget.
+//! frame that has started must finish within its deadline; frames share a byte budget,
+//! and so do the answers a server reads from the next stage.
 use std::time::{Duration, Instant};
 
-use blocktrain_protocol::frame::{ErrorCode, Message};
-use blocktrain_serve::framed::{read_message, FrameDeadline};
+use blocktrain_protocol::frame::{ErrorCode, Greeting, Message, ResultMeta, ServerInfo};
+use blocktrain_serve::budget::ByteBudget;
+use blocktrain_serve::framed::{read_message, write_message, FrameDeadline};
 use blocktrain_serve::hop::HopLimits;
 use blocktrain_serve::server::{Caps, ServeOptions};
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 
 use super::support::*;
 
@@ -196,5 +199,97 @@ fn frames_share_a_byte_budget_and_one_that_does_not_fit_is_refused_by_name() {
         c.write_all(&vec![0u8; big]).await.unwrap();
         expect_err(&reply(&mut c).await, ErrorCode::BadRequest, "bad frame");
         expect_ok(&call(&s.model, whole(&s.addr), &HopLimits::default()).await);
+    });
+}
+
+/// Greets as a server hosting `info` and answers every frame with a `Result` of `body`
+/// bytes (a next hop whose answers are large).
+async fn answers_with(info: ServerInfo, body: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let info = info.clone();
+            tokio::spawn(async move {
+                let g = Greeting {
+                    info,
+                    key: "00".repeat(32),
+                    challenge: "11".repeat(16),
+                    auth: false,
+                    idle_timeout_ms: 300_000,
+                    connections: 1,
+                };
+                let _ = write_message(&mut s, &Message::Greeting(g)).await;
+                while read_message(&mut s, 1 << 24).await.is_ok() {
+                    let meta = ResultMeta {
+                        request_id: 7,
+                        hops: vec![],
+                    };
+                    let answer = Message::Result(meta, vec![b'x'; body]);
+                    if write_message(&mut s, &answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn answers_from_the_next_hop_take_from_the_byte_budget_and_one_that_does_not_fit_fails_over() {
+    let mib = 1 << 20;
+    // The top stage may hold 1 MiB of frames; one next hop answers with 1.5 MiB.
+    let top = Srv::new(
+        "2..2",
+        0,
+        capped(Caps {
+            max_buffered: mib,
+            ..Caps::default()
+        }),
+    );
+    let bottom = Srv::new("1..1", 0, ServeOptions::default());
+    let rt = rt();
+    rt.block_on(async {
+        let fat = answers_with(hosted("1..1", 0).info, 3 * mib / 2).await;
+        let limits = HopLimits::default();
+        // Alone in its stage: busy, naming the budget (nothing else is held).
+        let a = call(&top.model, route(&[&top.addr], &[&fat]), &limits).await;
+        expect_err(&a.message, ErrorCode::Busy, "byte budget");
+        expect_err(&a.message, ErrorCode::Busy, "--max-buffered-mb 1");
+        // With a live replica after it: failed over, as for a busy one.
+        let a = call(
+            &top.model,
+            route(&[&top.addr], &[&fat, &bottom.addr]),
+            &limits,
+        )
+        .await;
+        expect_ok(&a);
+        match &a.message {
+            Message::Result(meta, _) => assert_eq!(meta.hops[0].failovers, 1, "{meta:?}"),
+            other => panic!("{other:?}"),
+        }
+
+        // A caller with a budget holds each answer's bytes until it drops the answer.
+        let budget = ByteBudget::new(mib);
+        let own = HopLimits {
+            budget: Some(budget.clone()),
+            ..HopLimits::default()
+        };
+        let half = answers_with(hosted("1..1", 0).info, mib / 2).await;
+        let held = call(&top.model, vec![stage("1..1", &[&half])], &own).await;
+        assert!(held.held.is_some(), "a counted answer holds its bytes");
+        assert!(budget.available() < mib / 2, "{}", budget.available());
+        // Meanwhile a second one does not fit: busy, the payload discarded.
+        let a = call(&top.model, vec![stage("1..1", &[&half])], &own).await;
+        expect_err(&a.message, ErrorCode::Busy, "held by frames");
+        drop(held);
+        assert_eq!(
+            budget.available(),
+            mib,
+            "dropping the answer gives them back"
+        );
+        let a = call(&top.model, vec![stage("1..1", &[&half])], &own).await;
+        assert!(matches!(a.message, Message::Result(..)), "{:?}", a.message);
     });
 }
