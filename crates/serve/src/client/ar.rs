@@ -3,13 +3,14 @@
 //! failover by replaying the context to replicas, as Petals does.
 //!
 //! The client holds the whole context (start token, prompt, bytes so far). When a stage
-//! fails mid-session (unreachable, connection broken, stalled, or an `Unavailable`,
-//! `Internal`, `Busy` or `Mismatch` error naming it), the replica serving it is given
-//! up on for the rest of the generation and a new session is opened over the replicas
-//! left: its first step re-prefills the context from the session's `start`, on every
-//! stage, and samples the same output index, so the bytes do not change. Each failover
-//! gives up on at least one replica, so a stage fails over at most (replicas - 1) times
-//! before the generation ends with an error naming it.
+//! fails mid-session (unreachable, connection broken, stalled, past the hop call's
+//! deadline however many keepalives it sent, or an `Unavailable`, `Internal`, `Busy` or
+//! `Mismatch` error naming it), the replica serving it is given up on for the rest of
+//! the generation and a new session is opened over the replicas left: its first step
+//! re-prefills the context from the session's `start`, on every stage, and samples the
+//! same output index, so the bytes do not change. Each failover gives up on at least
+//! one replica, so a stage fails over at most (replicas - 1) times before the
+//! generation ends with an error naming it.
 //!
 //! Log-probabilities ([`generate_ar_scored`]) are asked for in the session's setup and
 //! computed by the last stage from the same logits it samples from; after a failover the
@@ -28,7 +29,7 @@ use tokio::time::timeout;
 
 use super::{check_request, stage_error, traversals_in, Generation, Plan, Request};
 use crate::framed::{read_message, write_message};
-use crate::hop::{Expect, HopLimits};
+use crate::hop::{past_deadline, Expect, HopLimits};
 use crate::ServeError;
 
 /// The AR baseline: one traversal of the layer stack per output byte, over one
@@ -351,20 +352,30 @@ impl Session {
         let step = Message::ArStep(meta, ArPayload::Tokens(fresh));
         let addr = &self.addr;
         let broken = |why: String| Failure::Stage(0, format!("{addr}: {why}"));
-        match timeout(limits.stall_timeout, write_message(&mut self.stream, &step)).await {
-            Err(_) => return Err(broken("stopped reading".into())),
-            Ok(Err(e)) => return Err(broken(e.to_string())),
-            Ok(Ok(_)) => {}
-        }
-        let reply = loop {
-            let read = read_message(&mut self.stream, limits.max_frame);
-            match timeout(limits.stall_timeout, read).await {
-                Err(_) => return Err(broken("stalled".into())),
-                Ok(Err(e)) => return Err(broken(e.to_string())),
-                Ok(Ok(Message::Keepalive)) => continue,
-                Ok(Ok(m)) => break m,
+        // The whole route's deadline, keepalives or not: a stage after the first that
+        // stalls is given up on by the one before it first, and named.
+        let deadline = limits.deadline(self.route.len());
+        let stream = &mut self.stream;
+        let exchange = async {
+            match timeout(limits.stall_timeout, write_message(stream, &step)).await {
+                Err(_) => return Err("stopped reading".to_string()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(_)) => {}
+            }
+            loop {
+                let read = read_message(stream, limits.max_frame);
+                match timeout(limits.stall_timeout, read).await {
+                    Err(_) => return Err("stalled".to_string()),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Ok(Ok(Message::Keepalive)) => continue,
+                    Ok(Ok(m)) => return Ok(m),
+                }
             }
         };
+        let reply = timeout(deadline, exchange)
+            .await
+            .unwrap_or_else(|_| Err(past_deadline(deadline)))
+            .map_err(broken)?;
         match reply {
             Message::ArOutput(o) => {
                 self.cached += n;

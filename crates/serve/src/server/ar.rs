@@ -8,8 +8,14 @@
 //! one costs nothing; it is reported in `HopStat::failovers`), and when the replica
 //! serving a session fails later, the error sent up names that stage (`blocks`) and
 //! replica, so the client knows which one to leave out.
+//!
+//! Each step's exchange with the next stage has the hop call's deadline
+//! ([`HopLimits::deadline`] of the stages after this one), keepalives or not: a next
+//! stage that only sends keepalives fails the step like a dead one (the client then
+//! re-prefills over another replica). Its answer is read into the server's byte budget
+//! and held until relayed upstream, as a diffusion answer is.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blocktrain_model::transformer::KvCache;
 use blocktrain_protocol::frame::{
@@ -21,8 +27,9 @@ use tokio::time::timeout;
 use super::check::{check_logprobs, check_route, check_sampling};
 use super::conn::{error, send_up, Keepalive};
 use super::{Shared, Upstream};
-use crate::framed::{read_message, write_bytes};
-use crate::hop::{Expect, HopLimits};
+use crate::budget::Held;
+use crate::framed::{write_bytes, ReadError};
+use crate::hop::{over_budget, past_deadline, Expect, HopLimits};
 use crate::hosted::ArStepOut;
 
 /// One AR session's state on this server.
@@ -70,14 +77,15 @@ pub(super) async fn ar_step(
     // Keepalives while this stage and those after it work, as for diffusion requests:
     // a long prefill is slow, not stalled.
     let keepalive = Keepalive::start(up, shared.opts.keepalive, shared.opts.limits.stall_timeout);
-    let reply = match run_ar_step(session, meta, payload, shared).await {
+    // An answer relayed from the next stage holds its bytes of the budget until sent.
+    let (reply, _held) = match run_ar_step(session, meta, payload, shared).await {
         Ok(m) => m,
         Err(e) => {
             let mut m = error(id, e.code, e.message, shared);
             if let (Message::Error(h), Some(b)) = (&mut m, e.blocks) {
                 h.blocks = Some(b);
             }
-            m
+            (m, None)
         }
     };
     keepalive.finish().await;
@@ -90,7 +98,7 @@ async fn run_ar_step(
     mut meta: ArStepMeta,
     payload: ArPayload,
     shared: &Arc<Shared>,
-) -> Result<Message, StepError> {
+) -> Result<(Message, Option<Held>), StepError> {
     if let Some(setup) = meta.setup.take() {
         if session.setup.is_some() {
             return Err((
@@ -146,12 +154,13 @@ async fn run_ar_step(
     };
     let hidden = match out {
         ArStepOut::Byte(byte, logprobs) => {
-            return Ok(Message::ArOutput(ArOutput {
+            let out = ArOutput {
                 session: meta.session,
                 byte,
                 hops: vec![me],
                 logprobs,
-            }))
+            };
+            return Ok((Message::ArOutput(out), None));
         }
         ArStepOut::Hidden(values, rows) => {
             meta.hidden = Some((rows, shared.info.d_model));
@@ -166,9 +175,15 @@ async fn run_ar_step(
         )
             .into());
     };
-    let reply = match session.next.take() {
+    // The next stage and those after it: the deadline of each step's exchange.
+    let deadline = shared
+        .opts
+        .limits
+        .deadline(setup.route.len() - setup.hop as usize - 1);
+    let (reply, held) = match session.next.take() {
         Some(mut link) => {
-            let reply = exchange(&mut link, &encode(meta, hidden), &shared.opts.limits).await;
+            let frame = encode(meta, hidden);
+            let reply = exchange(&mut link, &frame, &shared.opts.limits, deadline).await;
             match reply {
                 Ok(reply) => {
                     // Back only once this step's exchange completed: a broken connection
@@ -194,19 +209,21 @@ async fn run_ar_step(
                 hop: setup.hop + 1,
                 ..setup
             });
-            let (link, reply, failovers) = open_next(&next, &encode(meta, hidden), shared).await?;
+            let frame = encode(meta, hidden);
+            let (link, reply, failovers) = open_next(&next, &frame, shared, deadline).await?;
             session.next = Some(link);
             me.failovers = failovers;
             reply
         }
     };
-    Ok(match reply {
+    let reply = match reply {
         Message::ArOutput(mut o) => {
             o.hops.insert(0, me);
             Message::ArOutput(o)
         }
         other => other, // an Error from further down, passed up as it is
-    })
+    };
+    Ok((reply, held))
 }
 
 fn encode(meta: ArStepMeta, hidden: Vec<f32>) -> Vec<u8> {
@@ -215,13 +232,15 @@ fn encode(meta: ArStepMeta, hidden: Vec<f32>) -> Vec<u8> {
 
 /// A session's first step to the next stage: its replicas in the route's order (the
 /// client leaves out those that failed it), each greeted and checked before anything is
-/// sent (no relay to a non-server), until one answers. Returns the link, the answer
-/// and how many replicas were given up on; with none, `Unavailable` naming the stage.
+/// sent (no relay to a non-server), until one answers within `deadline`. Returns the
+/// link, the answer (with the budget it holds) and how many replicas were given up on;
+/// with none, `Unavailable` naming the stage.
 async fn open_next(
     next: &Stage,
     frame: &[u8],
     shared: &Shared,
-) -> Result<(Link, Message, u32), StepError> {
+    deadline: Duration,
+) -> Result<(Link, (Message, Option<Held>), u32), StepError> {
     let limits = &shared.opts.limits;
     let expect = Expect {
         blocks: Some(next.blocks),
@@ -242,10 +261,10 @@ async fn open_next(
             wr,
             addr: addr.clone(),
         };
-        match exchange(&mut link, frame, limits).await {
+        match exchange(&mut link, frame, limits, deadline).await {
             // The replica itself failed, was busy or does not host what the route says:
             // another one may do. Errors from further down would be repeated.
-            Ok(Message::Error(e))
+            Ok((Message::Error(e), _))
                 if e.blocks == Some(next.blocks)
                     && matches!(
                         e.code,
@@ -271,23 +290,36 @@ async fn open_next(
 }
 
 /// Sends one step on `link` and waits for its final answer (`ArOutput` or `Error`),
-/// skipping keepalives; a broken connection, silence for `stall_timeout` or another
-/// frame is the replica's failure.
-async fn exchange(link: &mut Link, frame: &[u8], limits: &HopLimits) -> Result<Message, String> {
+/// skipping keepalives, until `deadline`; a broken connection, silence for
+/// `stall_timeout`, no answer by the deadline, an answer that does not fit the byte
+/// budget or another frame is the replica's failure (its connection is then dropped).
+async fn exchange(
+    link: &mut Link,
+    frame: &[u8],
+    limits: &HopLimits,
+    deadline: Duration,
+) -> Result<(Message, Option<Held>), String> {
+    timeout(deadline, exchange_within(link, frame, limits))
+        .await
+        .unwrap_or_else(|_| Err(past_deadline(deadline)))
+}
+
+async fn exchange_within(
+    link: &mut Link,
+    frame: &[u8],
+    limits: &HopLimits,
+) -> Result<(Message, Option<Held>), String> {
     match timeout(limits.stall_timeout, write_bytes(&mut link.wr, frame)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(format!("sending: {e}")),
         Err(_) => return Err("stopped reading".into()),
     }
     loop {
-        let read = timeout(
-            limits.stall_timeout,
-            read_message(&mut link.rd, limits.max_frame),
-        );
-        match read.await {
-            Ok(Ok(Message::Keepalive)) => continue,
-            Ok(Ok(m @ (Message::ArOutput(_) | Message::Error(_)))) => return Ok(m),
-            Ok(Ok(other)) => return Err(format!("sent a {} frame", crate::kind_name(&other))),
+        match timeout(limits.stall_timeout, limits.read_answer(&mut link.rd)).await {
+            Ok(Ok((Message::Keepalive, _))) => continue,
+            Ok(Ok((m @ (Message::ArOutput(_) | Message::Error(_)), held))) => return Ok((m, held)),
+            Ok(Ok((other, _))) => return Err(format!("sent a {} frame", crate::kind_name(&other))),
+            Ok(Err(ReadError::Refused(why))) => return Err(over_budget(&why)),
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => {
                 return Err(format!(

@@ -18,11 +18,20 @@ use tokio::net::{TcpListener, TcpStream};
 pub const TOTAL: u32 = 2;
 
 pub fn hosted(blocks: &str, seed: i64) -> Hosted {
+    hosted_family(blocks, seed, false)
+}
+
+/// Layers `layers` of a `TOTAL`-layer AR model.
+pub fn hosted_ar(layers: &str, seed: i64) -> Hosted {
+    hosted_family(layers, seed, true)
+}
+
+fn hosted_family(blocks: &str, seed: i64, ar: bool) -> Hosted {
     let shape: LogicalShape = "d=16,layers=1,heads=2,dtype=f32".parse().unwrap();
     Hosted::load(
         Source::Logical {
             shape: &shape,
-            ar: false,
+            ar,
             total: TOTAL,
             seed,
             block_layers: None,
@@ -43,7 +52,11 @@ pub struct Srv {
 
 impl Srv {
     pub fn start(listen: &str, blocks: &str, seed: i64, opts: ServeOptions) -> Srv {
-        let h = hosted(blocks, seed);
+        Srv::hosting(listen, hosted(blocks, seed), opts)
+    }
+
+    /// A server of `h` listening at `listen`.
+    pub fn hosting(listen: &str, h: Hosted, opts: ServeOptions) -> Srv {
         let model = h.info.model_id.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
