@@ -105,6 +105,10 @@ pub struct BenchNetworkArgs {
     /// default: the run.toml default).
     #[arg(long)]
     pub round_timeout: Option<f64>,
+    /// Asynchronous updates: merge an update computed up to K versions back (default:
+    /// the run.toml default; 0 = synchronous rounds).
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -176,6 +180,9 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     if let Some(t) = args.round_timeout {
         cfg.faults.round_timeout_secs = t;
     }
+    if let Some(k) = args.max_staleness {
+        cfg.training.max_staleness = k;
+    }
     let slow_from = args.workers - args.workers / 3; // workers after this are slow
     cfg.outer.lr = args.outer_lr.unwrap_or(cfg.outer.lr);
     cfg.outer.momentum = args.outer_momentum.unwrap_or(cfg.outer.momentum);
@@ -222,8 +229,8 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
     );
     if args.miss > 0.0 || args.slow_host > 1.0 {
         println!(
-            "   participation: every worker misses {:.0}% of rounds; workers {}..={} at 1/{} speed; rounds close at quorum or {} s after their first update",
-            100.0 * args.miss, slow_from + 1, args.workers, args.slow_host, cfg.faults.round_timeout_secs
+            "   participation: every worker misses {:.0}% of rounds; workers {}..={} at 1/{} speed; rounds close at quorum or {} s after their first update; max_staleness {}",
+            100.0 * args.miss, slow_from + 1, args.workers, args.slow_host, cfg.faults.round_timeout_secs, cfg.training.max_staleness
         );
     }
     // Version 0 is written when the coordinator opens the state; evaluate it first.
@@ -349,6 +356,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "updates": status.updates, "wall_seconds": wall,
         "miss": args.miss, "slow_host": args.slow_host, "slow_workers": args.workers - slow_from,
         "round_timeout_secs": cfg.faults.round_timeout_secs,
+        "max_staleness": cfg.training.max_staleness, "staleness_exponent": cfg.training.staleness_exponent,
         "machine": format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;
