@@ -57,7 +57,9 @@ fn bench_inference_splits_a_tied_depth_over_the_hosts_for_both_systems() {
 
 /// `--clients 1,2`: each system is run under 1 and 2 concurrent clients, and the JSON
 /// reports each run's throughput and latency quantiles over exactly the requests made
-/// (clients x requests per client; AR: one token latency per output byte).
+/// (clients x requests per client; AR: one token latency per output byte). With
+/// `--max-batch 1,4` BlockTrain is deployed twice, batching off and on, and its servers
+/// report every timed request computed once per host (alone with batching off).
 #[test]
 fn bench_inference_concurrent_clients_count_every_request() {
     let dir = std::env::temp_dir().join(format!("bt-bench-clients-{}", std::process::id()));
@@ -67,7 +69,14 @@ fn bench_inference_concurrent_clients_count_every_request() {
     let out = Command::new(env!("CARGO_BIN_EXE_blocktrain"))
         .args(["bench", "inference", "--hosts", "loopback", "--link", "1ms"])
         .args(["--shape", "d=32,layers=1,heads=2,dtype=f32,window=32"])
-        .args(["--lens", &len.to_string(), "--clients", "2"])
+        .args([
+            "--lens",
+            &len.to_string(),
+            "--clients",
+            "2",
+            "--max-batch",
+            "1,4",
+        ])
         .args([
             "--reps",
             &reps.to_string(),
@@ -95,11 +104,18 @@ fn bench_inference_concurrent_clients_count_every_request() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     // One client is always measured, before the ones asked for.
     assert_eq!(v["clients"], serde_json::json!([1, 2]), "{v}");
+    assert_eq!(v["max_batch"], serde_json::json!([1, 4]), "{v}");
+    let row = &v["rows"][0];
+    for key in ["blocktrain@max_batch=1", "blocktrain@max_batch=4", "ar"] {
+        assert!(row[key]["seconds"].as_f64().unwrap() > 0.0, "{key}: {row}");
+    }
+    assert_eq!(row["blocktrain@max_batch=4"]["max_batch"], 4, "{row}");
     let load = v["load"].as_array().expect("a load section");
     let mut seen = Vec::new();
     for entry in load {
         let system = entry["system"].as_str().unwrap();
-        seen.push(system.to_string());
+        let max_batch = entry["max_batch"].as_u64();
+        seen.push(format!("{system} {max_batch:?}"));
         let per_client = if system == "ar" { ar_reps } else { reps };
         let runs = entry["runs"].as_array().unwrap();
         let clients: Vec<u64> = runs
@@ -127,8 +143,10 @@ fn bench_inference_concurrent_clients_count_every_request() {
                 );
             }
             let traversals = r["traversals"].as_u64().unwrap();
+            let batched = r["server_batched_requests"].as_u64().unwrap();
             match system {
                 "ar" => {
+                    assert_eq!(r["server_batches"], 0, "AR steps are not batched: {r}");
                     assert_eq!(traversals, made * len, "{r}");
                     let tok = &r["token_latency"];
                     assert_eq!(tok["count"].as_u64(), Some(made * len), "{r}");
@@ -137,6 +155,12 @@ fn bench_inference_concurrent_clients_count_every_request() {
                 _ => {
                     assert_eq!(traversals, made, "one traversal per request: {r}");
                     assert!(r["token_latency"].is_null(), "{r}");
+                    assert_eq!(batched, 3 * made, "each request once per host: {r}");
+                    let mean = r["mean_batch"].as_f64().unwrap();
+                    match max_batch {
+                        Some(1) => assert_eq!(mean, 1.0, "batching off: {r}"),
+                        _ => assert!((1.0..=2.0).contains(&mean), "{r}"),
+                    }
                 }
             }
         }
@@ -148,10 +172,17 @@ fn bench_inference_concurrent_clients_count_every_request() {
         );
     }
     seen.sort();
-    assert_eq!(seen, ["ar", "blocktrain"]);
+    assert_eq!(
+        seen,
+        ["ar None", "blocktrain Some(1)", "blocktrain Some(4)"]
+    );
     assert!(
         text.contains("requests/s"),
         "the load table is printed: {text}"
+    );
+    assert!(
+        text.contains("max batch 4 vs 1: requests/s x"),
+        "batching on and off compared: {text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

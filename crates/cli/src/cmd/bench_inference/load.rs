@@ -8,7 +8,9 @@
 //! the servers' own pools, shared by every request passing through them, as in a real
 //! deployment. Every client first makes one untimed warm-up request (its connections,
 //! first-touch allocations), then all start together; the wall time runs from that start
-//! to the last client's last answer.
+//! to the last client's last answer. The servers' batch counters are read (on direct
+//! connections, off the links) at that start and after the last answer, so each run
+//! reports the mean batch its timed requests were computed in.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +20,7 @@ use blocktrain_serve::hop::{HopLimits, Pool};
 use serde_json::{json, Value};
 use tokio::sync::Barrier;
 
-use super::{Deployment, System};
+use super::{Deployment, Setup, System};
 
 /// One request's measurements.
 pub(super) struct Sample {
@@ -45,6 +47,9 @@ pub(super) struct Load {
     /// (warm-up included).
     pub(super) opened: u64,
     pub(super) reused: u64,
+    /// Diffusion batches the three servers computed during the timed requests, and the
+    /// requests in them (summed over the hosts).
+    pub(super) batches: (u64, u64),
 }
 
 /// The `q` quantile (0..=1) of `sorted` by nearest rank; 0 when empty.
@@ -86,6 +91,12 @@ impl Load {
         by[(by.len() - 1) / 2]
     }
 
+    /// Requests per batch the servers computed (None: no batch, as for the AR pipeline).
+    pub(super) fn mean_batch(&self) -> Option<f64> {
+        let (batches, requests) = self.batches;
+        (batches > 0).then(|| requests as f64 / batches as f64)
+    }
+
     pub(super) fn to_json(&self) -> Value {
         let lat = self.latencies();
         let tok = self.token_latencies();
@@ -104,6 +115,9 @@ impl Load {
             "bytes_per_request": self.bytes as f64 / self.samples.len().max(1) as f64,
             "client_connections_opened": self.opened,
             "client_connections_reused": self.reused,
+            "server_batches": self.batches.0,
+            "server_batched_requests": self.batches.1,
+            "mean_batch": self.mean_batch(),
             "latencies": lat,
         })
     }
@@ -133,8 +147,8 @@ async fn one(plan: &Plan, req: &Request, limits: &HopLimits, system: System) -> 
     })
 }
 
-/// `clients` clients each send `warm` once (untimed), wait for the others, then send
-/// `req` `per_client` times back to back.
+/// `clients` clients each send `warm` once (untimed), wait for the others (and the
+/// servers' batch counters to be read), then send `req` `per_client` times back to back.
 pub(super) fn run_load(
     d: &Deployment,
     system: System,
@@ -145,6 +159,7 @@ pub(super) fn run_load(
 ) -> Result<Load> {
     let rt = tokio::runtime::Runtime::new()?;
     let plan = Arc::new(d.plan.clone());
+    let warmed_up = Arc::new(Barrier::new(clients + 1));
     let start = Arc::new(Barrier::new(clients + 1));
     let pools: Vec<Arc<Pool>> = (0..clients).map(|_| Arc::new(Pool::default())).collect();
     let tasks: Vec<_> = pools
@@ -154,11 +169,12 @@ pub(super) fn run_load(
                 pool: Some(pool.clone()),
                 ..limits.clone()
             };
-            let (plan, start) = (plan.clone(), start.clone());
+            let (plan, warmed_up, start) = (plan.clone(), warmed_up.clone(), start.clone());
             let (warm, req) = (warm.clone(), req.clone());
             rt.spawn(async move {
                 let warmed = one(&plan, &warm, &limits, system).await;
                 // Wait even after a failure, so the others are not left at the barrier.
+                warmed_up.wait().await;
                 start.wait().await;
                 warmed?;
                 let mut samples = Vec::with_capacity(per_client);
@@ -169,14 +185,19 @@ pub(super) fn run_load(
             })
         })
         .collect();
-    let (samples, wall_s, bytes) = rt.block_on(async {
+    let (samples, wall_s, bytes, batches) = rt.block_on(async {
+        warmed_up.wait().await;
+        let counted = d.batch_counts().await?;
         start.wait().await;
         let (before, t0) = (d.link_bytes(), Instant::now());
         let mut samples = Vec::new();
         for t in tasks {
             samples.extend(t.await.map_err(|e| anyhow!("client task: {e}"))??);
         }
-        anyhow::Ok((samples, t0.elapsed().as_secs_f64(), d.link_bytes() - before))
+        let (wall, bytes) = (t0.elapsed().as_secs_f64(), d.link_bytes() - before);
+        let now = d.batch_counts().await?;
+        let batches = (now.0 - counted.0, now.1 - counted.1);
+        anyhow::Ok((samples, wall, bytes, batches))
     })?;
     Ok(Load {
         clients,
@@ -185,6 +206,7 @@ pub(super) fn run_load(
         bytes,
         opened: pools.iter().map(|p| p.opened()).sum(),
         reused: pools.iter().map(|p| p.reused()).sum(),
+        batches,
     })
 }
 
@@ -208,34 +230,37 @@ pub(super) fn goal(loads: &[Load]) -> Value {
     })
 }
 
-/// Prints the load table (when more than one N was measured) and the goal per system
-/// and length; returns them as JSON.
-pub(super) fn report(loads: &[(usize, System, Vec<Load>)]) -> Value {
+/// Prints the load table (when more than one N was measured), the goal per system,
+/// batch setting and length, and with several batch settings each one's throughput and
+/// p99 against the first's at every N; returns them as JSON.
+pub(super) fn report(loads: &[(usize, Setup, Vec<Load>)]) -> Value {
     let shown = loads.iter().any(|(_, _, runs)| runs.len() > 1);
     if shown {
         println!("\nConcurrent clients, each sending its requests back to back (latency per request; AR also per token):\n");
-        println!("| output bytes | system | clients | requests/s | vs 1 client | p50 s | p99 s | requests | AR per token p50 / p99 ms (tokens) |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
+        println!("| output bytes | system | max batch | clients | requests/s | vs 1 client | p50 s | p99 s | requests | mean batch | AR per token p50 / p99 ms (tokens) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     }
     let mut out = Vec::new();
-    for (len, system, runs) in loads {
+    for (len, setup, runs) in loads {
         if shown {
-            print_rows(*len, *system, runs);
+            print_rows(*len, *setup, runs);
         }
         out.push(json!({
             "len": len,
-            "system": system.name(),
+            "system": setup.system.name(),
+            "max_batch": setup.max_batch,
             "runs": runs.iter().map(Load::to_json).collect::<Vec<_>>(),
             "goal": goal(runs),
         }));
     }
     if shown {
         println!();
-        for (len, system, runs) in loads {
+        for (len, setup, runs) in loads {
             let g = goal(runs);
             println!(
-                "goal at {len} bytes, {}: throughput grows with N: {}; p99 at N=4 / N=1: {}",
-                system.name(),
+                "goal at {len} bytes, {} (max batch {}): throughput grows with N: {}; p99 at N=4 / N=1: {}",
+                setup.system.name(),
+                setup.batch_cell(),
                 g["throughput_grows"],
                 g["p99_ratio_n4_vs_n1"]
                     .as_f64()
@@ -245,11 +270,37 @@ pub(super) fn report(loads: &[(usize, System, Vec<Load>)]) -> Value {
                     )),
             );
         }
+        compare_batching(loads);
     }
     Value::Array(out)
 }
 
-fn print_rows(len: usize, system: System, loads: &[Load]) {
+/// Each batch setting of a system against the first one measured, at every N of one
+/// length: requests/s and p99 as ratios (both measured in this run).
+fn compare_batching(loads: &[(usize, Setup, Vec<Load>)]) {
+    for (i, (len, setup, runs)) in loads.iter().enumerate() {
+        let Some((_, base, base_runs)) = loads[..i]
+            .iter()
+            .find(|(l, s, _)| l == len && s.system == setup.system)
+        else {
+            continue;
+        };
+        for (l, b) in runs.iter().zip(base_runs) {
+            let p99 = |l: &Load| quantile(&l.latencies(), 0.99);
+            println!(
+                "{} at {len} bytes, {} clients: max batch {} vs {}: requests/s x{:.2}, p99 x{:.2}",
+                setup.system.name(),
+                l.clients,
+                setup.batch_cell(),
+                base.batch_cell(),
+                l.requests_per_s() / b.requests_per_s(),
+                p99(l) / p99(b),
+            );
+        }
+    }
+}
+
+fn print_rows(len: usize, setup: Setup, loads: &[Load]) {
     let base = loads.first().map(|l| l.requests_per_s());
     for l in loads {
         let lat = l.latencies();
@@ -265,14 +316,16 @@ fn print_rows(len: usize, system: System, loads: &[Load]) {
             )
         };
         println!(
-            "| {len} | {} | {} | {:.2} | {} | {:.3} | {:.3} | {} | {tok_cell} |",
-            system.name(),
+            "| {len} | {} | {} | {} | {:.2} | {} | {:.3} | {:.3} | {} | {} | {tok_cell} |",
+            setup.system.name(),
+            setup.batch_cell(),
             l.clients,
             l.requests_per_s(),
             base.map_or("-".into(), |b| format!("{:.2}x", l.requests_per_s() / b)),
             quantile(&lat, 0.5),
             quantile(&lat, 0.99),
             lat.len(),
+            l.mean_batch().map_or("-".into(), |m| format!("{m:.2}")),
         );
     }
 }

@@ -30,26 +30,33 @@
 //! the AR pipeline), and whether throughput grows with N while p99 at N = 4 stays below 3x
 //! the one-client p99. One client is always measured (the latency table is its run).
 //!
-//! Files: this one (flags, deployment, the report), `sources` (what each host serves),
-//! `load` (the clients and their timing).
-use std::net::SocketAddr;
+//! `--max-batch 1,8` deploys the diffusion systems once per value (`serve --max-batch`,
+//! with `--batch-window-ms`; 1 computes every request alone) and measures each client
+//! count against each, side by side in one run; the AR pipeline is deployed once (its
+//! steps are never batched). Each run reports the mean batch the servers computed.
+//!
+//! Files: this one (flags, the report), `deploy` (servers, links, route), `sources`
+//! (what each host serves), `load` (the clients and their timing).
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use blocktrain_model::logical::LogicalShape;
 use blocktrain_protocol::frame::Sampling;
-use blocktrain_serve::client::{self, Plan, Request};
+use blocktrain_serve::client::Request;
 use blocktrain_serve::hop::HopLimits;
-use blocktrain_wanlink::{spawn_link_thread, LinkSpec, ThreadLink};
+use blocktrain_serve::server::MAX_BATCH_LIMIT;
+use blocktrain_wanlink::LinkSpec;
 use clap::Args;
 use serde_json::json;
 
 use crate::args::DeviceArgs;
 use crate::cmd::bench_network::Hosts;
 
+mod deploy;
 mod load;
 mod sources;
+use deploy::{deploy, Deployment};
 use load::{run_load, Load};
 use sources::sources;
 
@@ -106,6 +113,15 @@ pub struct BenchInferenceArgs {
     /// client is always measured.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub clients: Vec<usize>,
+    /// The block servers' `serve --max-batch`, e.g. `1,8`: the diffusion systems are
+    /// deployed once per value and every client count is measured against each, side by
+    /// side (1: every request computed alone, batching off). The AR pipeline is deployed
+    /// once: its steps are never batched. Each value deploys its own three servers.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub max_batch: Vec<usize>,
+    /// The block servers' `serve --batch-window-ms`.
+    #[arg(long, default_value_t = 1.0)]
+    pub batch_window_ms: f64,
     /// Systems to measure (deploying only these saves memory at large shapes).
     #[arg(
         long,
@@ -148,111 +164,28 @@ impl System {
     }
 }
 
-/// A server process, killed on drop.
-struct ServerProc(Child);
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A system as deployed: the diffusion systems' servers batch up to `max_batch`
+/// requests; None for the AR pipeline (its steps are never batched).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Setup {
+    pub(super) system: System,
+    pub(super) max_batch: Option<usize>,
 }
 
-/// Starts `blocktrain serve` (in namespace `ns` if given); returns it and its address.
-fn start_server(
-    ns: Option<&str>,
-    listen: &str,
-    source: &[String],
-    device: &DeviceArgs,
-) -> Result<(ServerProc, SocketAddr)> {
-    let mut args = source.to_vec();
-    for a in [
-        "--listen",
-        listen,
-        "--device",
-        &device.device,
-        "--max-tokens",
-        "8192",
-        // The bench's clients all reach host 3 through one link address: a rate per
-        // address would count them as one client.
-        "--rate",
-        "0",
-    ] {
-        args.push(a.to_string());
+impl Setup {
+    /// Its key in the JSON rows: the system's name, with its batch setting when the run
+    /// compares several.
+    fn key(self, several: bool) -> String {
+        match self.max_batch {
+            Some(n) if several => format!("{}@max_batch={n}", self.system.name()),
+            _ => self.system.name().to_string(),
+        }
     }
-    if let Some(t) = device.threads {
-        args.extend(["--threads".to_string(), t.to_string()]);
-    }
-    let (child, addr) = crate::cmd::serve::spawn_process(ns, &args, Stdio::inherit())?;
-    Ok((ServerProc(child), addr.parse()?))
-}
 
-/// One system (diffusion or AR) on the three hosts, behind its links.
-struct Deployment {
-    _servers: Vec<ServerProc>,
-    links: Vec<ThreadLink>,
-    plan: Plan,
-}
-
-impl Deployment {
-    fn link_bytes(&self) -> u64 {
-        self.links
-            .iter()
-            .map(|l| l.bytes_up() + l.bytes_down())
-            .sum()
+    /// Its `max batch` table cell.
+    pub(super) fn batch_cell(self) -> String {
+        self.max_batch.map_or("-".into(), |n| n.to_string())
     }
-}
-
-/// Host k (1..=3) serves `sources[k-1]`; hops go client -> host 3 -> host 2 -> host 1.
-fn deploy(
-    hosts: Hosts,
-    link: LinkSpec,
-    sources: &[Vec<String>],
-    device: &DeviceArgs,
-    limits: &HopLimits,
-) -> Result<Deployment> {
-    let mut servers = Vec::new();
-    let mut addrs = Vec::new();
-    for (i, src) in sources.iter().enumerate() {
-        let k = i + 1;
-        let (ns, listen) = match hosts {
-            Hosts::Netns => (Some(format!("bt-h{k}")), format!("10.77.{k}.2:0")),
-            Hosts::Loopback => (None, "127.0.0.1:0".to_string()),
-        };
-        let (p, a) = start_server(ns.as_deref(), &listen, src, device)?;
-        servers.push(p);
-        addrs.push(a);
-    }
-    // The link into host k listens where its caller is: the client (root namespace)
-    // for host 3, host k+1's side of its veth for the others.
-    let spec = match hosts {
-        Hosts::Netns => LinkSpec {
-            delay_ms: link.delay_ms,
-            rate_bits_per_s: None,
-        },
-        Hosts::Loopback => link,
-    };
-    let mut links = Vec::new();
-    let mut route = Vec::new();
-    for k in (1..=HOSTS as usize).rev() {
-        let listen = match (hosts, k) {
-            (Hosts::Netns, k) if k < HOSTS as usize => format!("10.77.{}.1:0", k + 1),
-            _ => "127.0.0.1:0".to_string(),
-        };
-        let l = spawn_link_thread(listen.parse()?, addrs[k - 1], spec)?;
-        route.push(l.local_addr().to_string());
-        links.push(l);
-    }
-    let rt = tokio::runtime::Runtime::new()?;
-    let plan = rt.block_on(client::discover(&route, limits))?;
-    if !plan.unreachable.is_empty() {
-        bail!("servers did not answer: {}", plan.unreachable.join("; "));
-    }
-    Ok(Deployment {
-        _servers: servers,
-        links,
-        plan,
-    })
 }
 
 /// Runs the benchmark.
@@ -300,7 +233,14 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
     if args.systems.contains(&System::Edm) && sources.edm.is_empty() {
         bail!("--systems edm with trained weights needs --edm-checkpoint");
     }
-    let mut deployed: Vec<(System, Deployment)> = Vec::new();
+    let batches = batch_settings(args)?;
+    let several = batches.len() > 1;
+    println!(
+        "   block servers: --max-batch {} --batch-window-ms {} (1: batching off); AR steps are never batched",
+        batches.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+        args.batch_window_ms
+    );
+    let mut deployed: Vec<(Setup, Deployment)> = Vec::new();
     for &system in &args.systems {
         let src = match system {
             System::Blocktrain => &sources.diffusion,
@@ -308,11 +248,25 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
             System::Ar if args.lens.iter().any(|&l| l <= args.ar_max_len) => &sources.ar,
             System::Ar => continue,
         };
-        if !deployed.iter().any(|(s, _)| *s == system) {
-            deployed.push((
-                system,
-                deploy(hosts, args.link, src, &args.device, &limits)?,
-            ));
+        let settings: Vec<Option<usize>> = match system {
+            System::Ar => vec![None],
+            _ => batches.iter().copied().map(Some).collect(),
+        };
+        for max_batch in settings {
+            let setup = Setup { system, max_batch };
+            if deployed.iter().any(|(s, _)| *s == setup) {
+                continue;
+            }
+            let extra: Vec<String> = max_batch.map_or_else(Vec::new, |n| {
+                vec![
+                    "--max-batch".into(),
+                    n.to_string(),
+                    "--batch-window-ms".into(),
+                    args.batch_window_ms.to_string(),
+                ]
+            });
+            let d = deploy(hosts, args.link, src, &extra, &args.device, &limits)?;
+            deployed.push((setup, d));
         }
     }
     let request = |len: usize| Request {
@@ -335,12 +289,13 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         bail!("--clients must list positive counts");
     }
     let mut rows = Vec::new();
-    let mut loads: Vec<(usize, System, Vec<Load>)> = Vec::new();
-    println!("\n| output bytes | system | latency s | vs AR pipeline | bytes/traversal | traversals | compute s |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut loads: Vec<(usize, Setup, Vec<Load>)> = Vec::new();
+    println!("\n| output bytes | system | max batch | latency s | vs AR pipeline | bytes/traversal | traversals | compute s |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for &len in &args.lens {
-        let mut results: Vec<(System, Vec<Load>)> = Vec::new();
-        for (system, d) in &deployed {
+        let mut results: Vec<(Setup, Vec<Load>)> = Vec::new();
+        for (setup, d) in &deployed {
+            let system = &setup.system;
             let (reps, warm) = match system {
                 System::Ar if len > args.ar_max_len => continue,
                 System::Ar => (args.ar_reps, 4),
@@ -359,37 +314,38 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            results.push((*system, runs));
+            results.push((*setup, runs));
         }
         // The latency table: one client's median request.
         let one = |runs: &[Load]| runs[0].median().seconds;
         let ar_s = results
             .iter()
-            .find(|(s, _)| *s == System::Ar)
+            .find(|(s, _)| s.system == System::Ar)
             .map(|(_, r)| one(r));
         let mut row = json!({ "len": len });
-        for (system, runs) in &results {
+        for (setup, runs) in &results {
+            let system = setup.system;
             let (l, m) = (&runs[0], runs[0].median());
             // Mean bytes of one request (all of them the same request).
             let bytes = (l.bytes as f64 / l.samples.len() as f64).round() as u64;
             let per = bytes as f64 / m.traversals as f64;
-            let speedup = ar_s
-                .filter(|_| *system != System::Ar)
-                .map(|a| a / m.seconds);
+            let speedup = ar_s.filter(|_| system != System::Ar).map(|a| a / m.seconds);
             println!(
-                "| {len} | {} | {:.3} | {} | {per:.0} | {} | {:.3} |",
+                "| {len} | {} | {} | {:.3} | {} | {per:.0} | {} | {:.3} |",
                 system.name(),
+                setup.batch_cell(),
                 m.seconds,
                 speedup.map_or("-".into(), |x| format!("{x:.1}x")),
                 m.traversals,
                 m.compute_s
             );
-            row[system.name()] = json!({"seconds": m.seconds, "bytes": bytes, "traversals": m.traversals, "bytes_per_traversal": per, "compute_seconds": m.compute_s, "speedup_vs_ar": speedup});
+            row[setup.key(several)] = json!({"seconds": m.seconds, "bytes": bytes, "traversals": m.traversals, "bytes_per_traversal": per, "compute_seconds": m.compute_s, "speedup_vs_ar": speedup, "max_batch": setup.max_batch});
         }
-        // Kept for the older tables: BlockTrain's speedup over the AR pipeline.
+        // Kept for the older tables: BlockTrain's speedup over the AR pipeline (its first
+        // batch setting's).
         row["speedup"] = json!(results
             .iter()
-            .find(|(s, _)| *s == System::Blocktrain)
+            .find(|(s, _)| s.system == System::Blocktrain)
             .zip(ar_s)
             .map(|((_, r), a)| a / one(r)));
         rows.push(row);
@@ -418,6 +374,8 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         "reps": args.reps,
         "ar_reps": args.ar_reps,
         "clients": clients,
+        "max_batch": batches,
+        "batch_window_ms": args.batch_window_ms,
         "prompt": args.prompt,
         "rows": rows,
         "load": load_json,
@@ -426,6 +384,26 @@ fn bench(args: &BenchInferenceArgs, hosts: Hosts, setup: &str) -> Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     println!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// The `--max-batch` values in the order given, each once, checked as `serve` checks them.
+fn batch_settings(args: &BenchInferenceArgs) -> Result<Vec<usize>> {
+    let mut batches: Vec<usize> = Vec::new();
+    for &n in &args.max_batch {
+        if !(1..=MAX_BATCH_LIMIT).contains(&n) {
+            bail!("--max-batch values must be 1..={MAX_BATCH_LIMIT}");
+        }
+        if !batches.contains(&n) {
+            batches.push(n);
+        }
+    }
+    if batches.is_empty() {
+        bail!("--max-batch needs a value");
+    }
+    if !(0.0..=1000.0).contains(&args.batch_window_ms) {
+        bail!("--batch-window-ms must be 0..=1000");
+    }
+    Ok(batches)
 }
 
 /// Parameters of the AR reference the hosts' layer applications correspond to (untied), or
