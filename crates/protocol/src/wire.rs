@@ -109,8 +109,9 @@ pub struct Lease {
     #[serde(default)]
     pub public_shard: bool,
     /// The block's optimizer state is carried: the checkpoint may hold the moments to
-    /// start from (`exp_avg/NAME`, `exp_avg_sq/NAME`; none means zero moments), and the
-    /// update must hold the moments' delta (end - start) beside the weights' delta.
+    /// start from (`adam.m/NAME`, and `adam.rms/NAME`, the square root of the second
+    /// moment; none means zero moments), and the update must hold the moments' delta
+    /// (end - start) beside the weights' delta.
     #[serde(default)]
     pub carry_moments: bool,
 }

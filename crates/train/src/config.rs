@@ -317,6 +317,21 @@ impl RunConfig {
                 t.staleness_exponent
             ));
         }
+        if t.optimizer_state == OptimizerState::Carry
+            && (self.optim.grad_clip.is_nan() || self.optim.grad_clip <= 0.0)
+        {
+            return bad(
+                "training.optimizer_state = \"carry\" needs optim.grad_clip > 0: the clip bounds \
+                 the moments the coordinator accepts and serves"
+                    .into(),
+            );
+        }
+        if t.max_staleness > t.rounds {
+            return bad(format!(
+                "training.max_staleness = {} exceeds rounds = {}: no update can be that stale",
+                t.max_staleness, t.rounds
+            ));
+        }
         let keep = self.faults.keep_versions;
         if t.max_staleness > 0 && keep != 0 && keep <= t.max_staleness {
             return bad(format!(
@@ -462,7 +477,11 @@ mod tests {
         let ok = RunConfig::from_toml("[training]\nmax_staleness = 3\n[faults]\nkeep_versions = 4")
             .unwrap();
         assert_eq!(RunConfig::from_toml(&ok.to_toml()).unwrap(), ok);
-        RunConfig::from_toml("[training]\nmax_staleness = 9\n[faults]\nkeep_versions = 0").unwrap();
+        RunConfig::from_toml("[training]\nmax_staleness = 5\n[faults]\nkeep_versions = 0").unwrap();
+        let e = RunConfig::from_toml("[training]\nmax_staleness = 9\n[faults]\nkeep_versions = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds rounds"), "{e}");
         let e = RunConfig::from_toml("[training]\nmax_staleness = 4\n[faults]\nkeep_versions = 4")
             .unwrap_err()
             .to_string();

@@ -130,6 +130,75 @@ pub fn apply(start: &Arrays, delta: &Arrays) -> Arrays {
         .collect()
 }
 
+/// The bound honest Adam keeps between a coordinate's first moment and its second
+/// moment's root, |m| <= kappa x rms (Cauchy-Schwarz over the two moving averages of the
+/// same gradients), or None when beta1^2 >= beta2 (no such bound).
+pub fn kappa(beta1: f64, beta2: f64) -> Option<f64> {
+    let ratio = beta1 * beta1 / beta2;
+    (ratio < 1.0 && beta2 < 1.0)
+        .then(|| ((1.0 - beta1).powi(2) / ((1.0 - beta2) * (1.0 - ratio))).sqrt())
+}
+
+fn l2<'a>(arrays: impl Iterator<Item = &'a Array>) -> f64 {
+    arrays
+        .flat_map(|a| &a.data)
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The L2 norms of an update's moment deltas: (first moments, roots).
+pub fn delta_norms(update: &Arrays) -> (f64, f64) {
+    let of = |p: &str| {
+        l2(update
+            .iter()
+            .filter(|(n, _)| n.starts_with(p))
+            .map(|(_, a)| a))
+    };
+    (of(PREFIXES[0]), of(PREFIXES[1]))
+}
+
+/// Projects served moments into the set honest Adam stays in, so no update (checked or
+/// not) can leave the block with moments that stall or blow up its next leases. With
+/// gradients clipped to a global norm `clip`: roots >= 0 with ||rms||_2 <= clip (the sum
+/// of v is an average of squared gradient norms), |m| <= kappa x rms per coordinate,
+/// and ||m||_2 <= clip (an average of clipped gradients). Honest moments are inside
+/// already (up to codec rounding); the projection is deterministic, so a lease starting
+/// from the served copy stays recomputable.
+pub fn project(moments: &mut Arrays, clip: f64, kappa: Option<f64>) {
+    let scale_to = |arrays: &mut Arrays, prefix: &str, limit: f64| {
+        let norm = l2(arrays
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, a)| a));
+        if norm > limit {
+            let f = (limit / norm) as f32;
+            for (_, a) in arrays.iter_mut().filter(|(n, _)| n.starts_with(prefix)) {
+                a.data.iter_mut().for_each(|v| *v *= f);
+            }
+        }
+    };
+    for (_, a) in moments.iter_mut().filter(|(n, _)| is_second_moment(n)) {
+        a.data.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    scale_to(moments, PREFIXES[1], clip);
+    if let Some(k) = kappa {
+        let roots: Vec<(String, Vec<f32>)> = moments
+            .iter()
+            .filter_map(|(n, a)| Some((n.strip_prefix(PREFIXES[1])?.to_string(), a.data.clone())))
+            .collect();
+        for (name, r) in roots {
+            if let Some(m) = moments.get_mut(&format!("{}{name}", PREFIXES[0])) {
+                for (m, r) in m.data.iter_mut().zip(&r) {
+                    let cap = k as f32 * r;
+                    *m = m.clamp(-cap, cap);
+                }
+            }
+        }
+    }
+    scale_to(moments, PREFIXES[0], clip);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +269,40 @@ mod tests {
         assert_eq!(back["exp_avg_sq/a"].data[0], 4.0);
         let negative = Arrays::from([("adam.rms/a".to_string(), arr(&[-1.0]))]);
         assert_eq!(to_trainer(&negative)["exp_avg_sq/a"].data, [0.0]);
+    }
+
+    #[test]
+    fn projection_keeps_honest_moments_and_bounds_forged_ones() {
+        let k = kappa(0.9, 0.95).unwrap();
+        assert!((k - 1.165).abs() < 1e-3, "{k}");
+        assert_eq!(kappa(0.9, 0.8), None);
+        // Inside the set: unchanged.
+        let honest = Arrays::from([
+            ("adam.m/a".to_string(), arr(&[0.1, -0.05])),
+            ("adam.rms/a".to_string(), arr(&[0.2, 0.1])),
+        ]);
+        let mut p = honest.clone();
+        project(&mut p, 1.0, Some(k));
+        assert_eq!(p, honest);
+        // A huge first moment over a zero root (a step of lr x m / eps), huge roots,
+        // negative roots: all brought back.
+        let mut forged = Arrays::from([
+            ("adam.m/a".to_string(), arr(&[100.0, -3.0])),
+            ("adam.rms/a".to_string(), arr(&[0.0, 50.0])),
+            ("adam.m/b".to_string(), arr(&[0.5])),
+            ("adam.rms/b".to_string(), arr(&[-1.0])),
+        ]);
+        project(&mut forged, 1.0, Some(k));
+        let (m, r) = (&forged["adam.m/a"].data, &forged["adam.rms/a"].data);
+        assert_eq!(m[0], 0.0, "no first moment without a second");
+        assert!(
+            (r[1] - 1.0).abs() < 1e-6,
+            "roots scaled to the clip norm: {r:?}"
+        );
+        assert!(m[1].abs() <= k as f32 * r[1] + 1e-6);
+        assert_eq!(forged["adam.rms/b"].data, [0.0]);
+        assert_eq!(forged["adam.m/b"].data, [0.0]);
+        let (dm, dr) = delta_norms(&forged);
+        assert!(dm <= 1.0 + 1e-6 && dr <= 1.0 + 1e-6, "{dm} {dr}");
     }
 }

@@ -442,3 +442,63 @@ fn old_checkpoint_files_are_pruned_but_history_stays() {
     // one file per kept version.
     assert_eq!(blobs, 2);
 }
+
+/// A run that carries optimizer state: an update's moment delta is bounded (refused by
+/// name past 2.2 x grad_clip, the block unchanged), and what a merge serves next is
+/// projected into honest Adam's set, so an in-bound forgery cannot leave the block
+/// with moments that blow up its next leases.
+#[test]
+fn carried_moments_are_bounded_at_upload_and_projected_at_merge() {
+    use blocktrain_train::config::OptimizerState;
+    use blocktrain_train::moments;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(1, 1);
+    cfg.training.optimizer_state = OptimizerState::Carry;
+    let clip = cfg.optim.grad_clip as f32;
+    let mut c = with_two_workers(dir.path(), cfg);
+    let a = lease(&mut c, &key(1), 0);
+    assert!(a.carry_moments);
+    let w0 = weights(&c, &key(1), &a);
+    assert!(
+        w0.keys().all(|n| !moments::is_moment(n)),
+        "version 0 serves no moments"
+    );
+    let shapes = w0
+        .iter()
+        .map(|(n, x)| (n.clone(), x.shape.clone()))
+        .collect();
+    let with = |m: f32, r: f32| -> Vec<u8> {
+        let mut mo = moments::zeros(&shapes);
+        for (n, x) in mo.iter_mut() {
+            let v = if n.starts_with("adam.m/") { m } else { r };
+            x.data.iter_mut().for_each(|d| *d = v);
+        }
+        codec::encode(&moments::join(filled(&w0, 1e-4), mo), Codec::Fp32)
+    };
+    // Roots of 1000 per coordinate: far past any clipped gradient.
+    let before = head_hash(&c, 0);
+    let huge = with(0.0, 1000.0);
+    let e = c
+        .submit_update(&key(1), a.id, &huge, None, claim(&key(1), &a, &huge), 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("optimizer-state delta"), "{e}");
+    assert_eq!(head_hash(&c, 0), before);
+    // In bound in L2 but shaped to blow up: first moments where roots are zero.
+    let n: usize = w0.values().map(|x| x.data.len()).sum();
+    let per = 2.0 * clip / (n as f32).sqrt();
+    let b = lease(&mut c, &key(1), 2);
+    let body = with(per, 0.0);
+    c.submit_update(&key(1), b.id, &body, None, claim(&key(1), &b, &body), 3)
+        .unwrap();
+    assert_eq!(c.status().unwrap().blocks[0].version, 1);
+    let next = lease(&mut c, &key(1), 4);
+    let served = weights(&c, &key(1), &next);
+    let (_, m) = moments::split(served);
+    assert_eq!(m.len(), 2 * w0.len());
+    for (name, x) in &m {
+        assert!(
+            x.data.iter().all(|&v| v == 0.0),
+            "{name}: a first moment without a root is cut to zero"
+        );
+    }
+}

@@ -117,8 +117,12 @@ fn a_lone_stale_update_moves_weights_and_moments_by_s_k_of_its_delta() {
     let mut c = with_two_workers(dir.path(), cfg);
     let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
     let w0 = weights(&c, &key(1), &a);
-    // Weights' delta `w`, first moments' `m`, second moments' roots' `r`, fp32.
+    // Weights' delta `w`, first moments' `m`, second moments' roots' `r`, fp32. The
+    // moments are given per unit of 1/sqrt(values), so they stay inside the set a merge
+    // projects served moments into (L2 within grad_clip; `moments::project`).
+    let per = 1.0 / (w0.values().map(|x| x.data.len()).sum::<usize>() as f32).sqrt();
     let update = |w: f32, m: f32, r: f32| {
+        let (m, r) = (m * per, r * per);
         let mut all = filled(&w0, w);
         for p in [("adam.m/", m), ("adam.rms/", r)] {
             all.extend(
@@ -148,7 +152,7 @@ fn a_lone_stale_update_moves_weights_and_moments_by_s_k_of_its_delta() {
     moved_by(&v2, &v1, s1 * 0.004);
     // The moments served next: round 1's served moments plus the same scaled mean.
     for (n, x) in v2.iter().filter(|(n, _)| n.starts_with("adam.")) {
-        let want = if n.starts_with("adam.m/") { 0.04 } else { 0.08 } * s1;
+        let want = if n.starts_with("adam.m/") { 0.04 } else { 0.08 } * s1 * per as f64;
         for (x, y) in x.data.iter().zip(&v1[n].data) {
             let d = (x - y) as f64;
             assert!((d - want).abs() < 1e-6, "{n}: moved {d}, expected {want}");

@@ -276,9 +276,10 @@ fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &StopAt) {
         let Ok(bytes) = c.checkpoint(&lease.weights_hash, &cache) else {
             continue;
         };
-        let Ok(base) = blocktrain_train::worker::decode_checkpoint(&bytes) else {
+        let Ok(served) = blocktrain_train::worker::decode_checkpoint(&bytes) else {
             continue;
         };
+        let (base, _) = blocktrain_train::moments::split(served);
         // A small, distinct, finite delta: passes the norm checks, is screened, and a
         // spot check's recomputation disagrees with it.
         let delta: blocktrain_protocol::codec::Arrays = base
@@ -296,6 +297,17 @@ fn upload_loop(url: &str, uploads: &Mutex<Vec<f64>>, stop_at: &StopAt) {
                 )
             })
             .collect();
+        // A run that carries optimizer state takes the moments' delta too (zero here).
+        let delta = match lease.carry_moments {
+            true => {
+                let shapes = delta
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.shape.clone()))
+                    .collect();
+                blocktrain_train::moments::join(delta, blocktrain_train::moments::zeros(&shapes))
+            }
+            false => delta,
+        };
         let body =
             blocktrain_protocol::codec::encode(&delta, blocktrain_protocol::codec::Codec::Fp16);
         let t = Instant::now();

@@ -425,7 +425,10 @@ impl Coordinator {
 
     /// Largest update body any block accepts (the HTTP body limit).
     pub fn max_update_bytes(&self) -> u64 {
-        self.shapes.iter().map(update_limit).max().unwrap_or(0)
+        (0..self.shapes.len())
+            .map(|b| update_limit(&self.update_shapes(b)))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The decisions' state, shared (the server's fast path reads and renews from it).

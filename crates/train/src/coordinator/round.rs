@@ -112,7 +112,14 @@ impl MergeJob {
         let moments = if weight_shapes.len() < self.shapes.len() {
             let served = crate::local_train::decode_checkpoint(&self.blobs.get(&self.head.wire)?)
                 .map_err(|e| NodeError::Config(e.to_string()))?;
-            crate::moments::apply(&crate::moments::split(served).1, &mean)
+            let mut next = crate::moments::apply(&crate::moments::split(served).1, &mean);
+            let o = &self.cfg.optim;
+            crate::moments::project(
+                &mut next,
+                o.grad_clip,
+                crate::moments::kappa(o.beta1, o.beta2),
+            );
+            next
         } else {
             Arrays::new()
         };

@@ -98,6 +98,7 @@ impl Coordinator {
                     loss,
                     shapes,
                     rms_bounds,
+                    moment_bound: 2.2 * self.cfg.optim.grad_clip,
                     codec,
                     screen,
                     spot,

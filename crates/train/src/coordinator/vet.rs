@@ -18,6 +18,9 @@ pub struct VetJob {
     pub(super) shapes: Shapes,
     /// Most RMS any tensor of the delta may have, and least RMS the whole delta must.
     pub(super) rms_bounds: (f64, f64),
+    /// Most L2 norm the moments' delta may have, first moments and roots each
+    /// ([`crate::moments`]); unused when the run does not carry them.
+    pub(super) moment_bound: f64,
     pub(super) codec: Codec,
     pub(super) screen: Option<ScreenJob>,
     pub(super) spot: Option<SpotJob>,
@@ -116,6 +119,15 @@ impl VetJob {
             }
             squares += rms * rms * a.data.len() as f64;
             values += a.data.len();
+        }
+        // Honest moments stay within the gradient clip in L2 (first moments and roots
+        // alike; `moments::project`), so a delta between two of them stays within twice it.
+        let (dm, dr) = crate::moments::delta_norms(&delta);
+        if dm.max(dr) > self.moment_bound {
+            return Err(refused(format!(
+                "optimizer-state delta of L2 norm {:.3e} (first moments) and {:.3e} (roots) exceeds {:.3e} (2.2 x grad_clip): honest AdamW moments cannot move that far",
+                dm, dr, self.moment_bound
+            )));
         }
         let overall = (squares / values.max(1) as f64).sqrt();
         if overall < least {

@@ -451,11 +451,9 @@ impl Core {
             version: l.version,
             // The lease's own version's copy (an open lease of an older version trains
             // from that one); a lease the core holds always has it.
-            weights_hash: b
-                .wire_of(l.version)
-                .or_else(|| b.wire_of(b.version))
-                .cloned()
-                .unwrap_or_default(),
+            // No fallback to another version's copy: a delta must be taken against the
+            // copy of its own base (an empty hash fails the worker's download loudly).
+            weights_hash: b.wire_of(l.version).cloned().unwrap_or_default(),
             steps: l.steps,
             batch: r.batch,
             seed: l.seed,

@@ -213,8 +213,8 @@ impl Core {
 
     /// Block `b` committed `version` (with `wire` as its download): its pending
     /// updates were merged, and a new round opens. The round's leases are no longer
-    /// current (the journal supersedes the active ones), except the open ones (active
-    /// or lapsed, nothing decided) of versions at most `max_staleness` before the new
+    /// current (the journal supersedes the active ones), except the active ones (nothing
+    /// decided) of versions at most `max_staleness` before the new
     /// one, which stay, with their slots, and may deliver into the new round.
     pub fn committed(&mut self, b: usize, version: u64, wire: &str, now: u64) {
         let max = self.rules.max_staleness;
@@ -222,7 +222,9 @@ impl Core {
         let decided = std::mem::take(&mut s.decided);
         let mut kept = BTreeMap::new();
         for (id, l) in std::mem::take(&mut s.leases) {
-            let open = l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED;
+            // Active only: a lapsed lease's slot is free for a new lease, so keeping it
+            // could merge the same shard twice into one round.
+            let open = l.state == lease_state::ACTIVE;
             if open && !decided.contains(&id) && version.saturating_sub(l.version) <= max {
                 kept.insert(id, l);
                 continue;

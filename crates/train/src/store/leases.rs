@@ -90,11 +90,14 @@ impl Store {
             let progress = self.last_progress_ms(head.block)?;
             r.blocks.push((head.version, head.wire, progress));
         }
-        // Versions within the window: b.version - K <= version <= b.version.
+        // Versions within the window: b.version - K <= version <= b.version; of older
+        // versions only the active leases, as a commit keeps them (a lapsed one's slot
+        // may have been leased again).
         let k = max_staleness as i64;
         let mut st = self.conn.prepare(&format!(
             "SELECT {LEASE_COLUMNS} FROM leases l JOIN blocks b ON b.block = l.block
-             AND l.version <= b.version AND l.version + ?1 >= b.version ORDER BY l.id"
+             AND l.version <= b.version AND l.version + ?1 >= b.version
+             WHERE l.version = b.version OR l.state = 'active' ORDER BY l.id"
         ))?;
         r.leases = st
             .query_map([k], lease_row)?

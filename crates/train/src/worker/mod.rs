@@ -313,7 +313,8 @@ impl Session<'_> {
                 self.sleep(wait);
                 continue;
             }
-            if let Some(away) = pacer.away(last_lease) {
+            // One draw per lease taken, not per request (waits and back-offs ask again).
+            if let Some(away) = pacer.away(last_lease.take()) {
                 eprintln!(
                     "[worker {me}] missing a round: away for {:.1} s (participation test)",
                     away.as_secs_f64()
