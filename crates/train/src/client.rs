@@ -190,7 +190,10 @@ impl Client {
                     root_cause(&e)
                 ),
             };
-            if start.elapsed() >= self.retry_for {
+            // At least a second attempt: one slow attempt (a busy coordinator's vetting
+            // queue) can outlast retry_for by itself. Uploads are safe to resend (the
+            // same bytes on the same lease get the first reply).
+            if start.elapsed() >= self.retry_for && attempt >= 2 {
                 return Err(NodeError::Network(format!(
                     "{problem}; gave up after {attempt} attempts over {:.0} s",
                     start.elapsed().as_secs_f64()
