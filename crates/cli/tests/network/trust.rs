@@ -139,7 +139,9 @@ fn malicious_workers_are_refused_with_receipts_and_do_not_change_the_model() {
             assert!(
                 reason.contains("spot check")
                     || reason.contains("held-out screening")
-                    || reason.contains("delta RMS"),
+                    || reason.contains("delta RMS")
+                    // x3 of the moments' delta can pass the carried moments' bound
+                    || reason.contains("optimizer-state delta"),
                 "{reason}"
             );
             refused[k] += 1;
