@@ -23,9 +23,8 @@
 //!   only into the version it was computed from. A late update whose lease lapsed but
 //!   whose version is still within K is accepted: nothing merged is older than its
 //!   base. A stale update is vetted as any: its spot check recomputes it from its own
-//!   version's file (kept: `keep_versions` > K), and the held-out screen applies its
-//!   whole delta to the current weights (the ones it is merged into, at s(k) <= 1 of
-//!   that delta, so the screen is no laxer than the merge).
+//!   version's file (kept: `keep_versions` > K), and the held-out screen applies s(k)
+//!   of its delta to the current weights, as a merge of it alone would.
 //! - **Validation** (each rejection recorded with its reason, stored checkpoints
 //!   untouched): lease must exist and belong to the signer; body within the size limit;
 //!   exactly the block's tensor names, shapes and dtypes; every value finite; the RMS of

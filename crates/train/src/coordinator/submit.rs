@@ -182,11 +182,20 @@ impl Coordinator {
             Ok(None) => {}
             Err(e) => return fail(e, claim),
         }
+        // A stale update is screened as a lone one would be merged: s(k) of its delta on
+        // the current weights. Unscaled, a delta computed from an older base often reads
+        // as harmful on newer weights (measured: every stale update of a slow-host run
+        // was refused so), though the merge never applies it whole.
+        let k = lock(&self.core)
+            .version(lease.block)
+            .saturating_sub(lease.version);
+        let scale = crate::merge::staleness_scale(k, self.cfg.training.staleness_exponent);
         let screen = self.screens.get(lease.block).map(|screen| ScreenJob {
             screen: screen.clone(),
             base: self.current[lease.block].clone(),
             before: self.heldout[lease.block],
             threshold: self.screen_threshold(lease.block),
+            scale: scale as f32,
         });
         let spot = match self.spot_job(lease) {
             Ok(spot) => spot,

@@ -44,6 +44,8 @@ pub(super) struct ScreenJob {
     pub(super) base: Arc<Arrays>,
     pub(super) before: f64,
     pub(super) threshold: f64,
+    /// Share of the delta a merge applies (s(k) for an update k versions old; 1 fresh).
+    pub(super) scale: f32,
 }
 
 /// A spot check's inputs: the checkpoint file the worker downloaded, its lease and the
@@ -174,7 +176,7 @@ fn screen(
         w.data
             .iter_mut()
             .zip(&delta[name].data)
-            .for_each(|(w, d)| *w += d);
+            .for_each(|(w, d)| *w += job.scale * d);
     }
     let loss = job
         .screen
