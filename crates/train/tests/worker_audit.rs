@@ -353,11 +353,8 @@ fn a_refusal_the_coordinator_leaves_out_of_my_listing_is_reported() {
 fn a_stale_upload_is_pending_until_the_round_it_joined_closes() {
     let (w, k) = (Identity::generate(), Identity::generate());
     let me = w.public_hex();
-    let root = tempfile::tempdir().unwrap();
-    let record = Record::open(root.path(), &me).unwrap();
     let mut u = upload(3, "stale", true);
     u.block_version = Some(2); // trained from v1, the reply said v2
-    record.record(&u).unwrap();
     let at = |v: u64| {
         let mut s = Seen::default();
         s.saw(0, v);
@@ -370,6 +367,10 @@ fn a_stale_upload_is_pending_until_the_round_it_joined_closes() {
         (Some(1), 3, true),
         (Some(5), 3, true),
     ] {
+        // A record per run: each pins the max_staleness its coordinator announced.
+        let root = tempfile::tempdir().unwrap();
+        let record = Record::open(root.path(), &me).unwrap();
+        record.record(&u).unwrap();
         let (book, served) = fake(&k);
         book.lock().unwrap().max_staleness = staleness;
         let mut c = client(&served.url, &w);
@@ -381,4 +382,71 @@ fn a_stale_upload_is_pending_until_the_round_it_joined_closes() {
             ),
         }
     }
+}
+
+/// A merged receipt of `worker`'s upload trained from v1, merged with staleness `s`
+/// into version `into`.
+fn merged(worker: &Identity, coord: &Identity, lease: i64, s: u64, into: u64) -> Receipt {
+    let mut r = receipt(worker, coord, lease, &format!("stale {lease}"), true);
+    r.decision.staleness = s;
+    r.decision.resulting_version = Some(into);
+    Receipt::issue(r.claim, r.claim_sig, r.decision, coord)
+}
+
+/// The run's max_staleness is pinned on first contact, and every merged receipt must
+/// name a staleness within it and the version that staleness makes from its base.
+#[test]
+fn a_coordinator_cannot_widen_max_staleness_or_misstate_where_an_update_went() {
+    let (w, k) = (Identity::generate(), Identity::generate());
+    let me = w.public_hex();
+    let audit = |staleness: u64, receipts: &[Receipt], record: &Record| {
+        let (book, served) = fake(&k);
+        {
+            let mut b = book.lock().unwrap();
+            b.max_staleness = Some(staleness);
+            for r in receipts {
+                b.append(r);
+            }
+        }
+        let mut c = client(&served.url, &w);
+        audit_receipts(&mut c, &me, record, &Seen::default()).map_err(|e| e.to_string())
+    };
+    let fresh = || {
+        let root = tempfile::tempdir().unwrap();
+        let record = Record::open(root.path(), &me).unwrap();
+        (root, record)
+    };
+    // K = 1: one version stale, into v1 + 1 + 1 = v3, is within the rule.
+    let (_root, record) = fresh();
+    let ok = [merged(&w, &k, 1, 0, 2), merged(&w, &k, 2, 1, 3)];
+    assert_eq!(audit(1, &ok, &record).unwrap().accepted, 2);
+    // The same coordinator announcing another K later is refused, naming both.
+    let e = audit(2, &ok, &record).unwrap_err();
+    assert!(
+        e.contains("announces max_staleness 2") && e.contains("announced 1"),
+        "{e}"
+    );
+    for (bad, why) in [
+        // Two versions stale where the run allows one.
+        (merged(&w, &k, 3, 2, 4), "max_staleness is 1"),
+        // Staleness 0 (its own base) but it made v3: merged into a base it was not
+        // trained from.
+        (merged(&w, &k, 3, 0, 3), "makes version 2"),
+        // Staleness 1 named, but the version made is v4.
+        (merged(&w, &k, 3, 1, 4), "makes version 3"),
+    ] {
+        let (_root, record) = fresh();
+        let e = audit(1, &[ok[0].clone(), bad], &record).unwrap_err();
+        assert!(
+            e.contains("ledger audit failed") && e.contains(why),
+            "{why}: {e}"
+        );
+    }
+    // With K = 0 (also what a coordinator that does not say means) a stale merge fails.
+    let (_root, record) = fresh();
+    let e = audit(0, &ok, &record).unwrap_err();
+    assert!(
+        e.contains("staleness 1") && e.contains("max_staleness is 0"),
+        "{e}"
+    );
 }

@@ -12,11 +12,15 @@
 //!   being done), and as missing after that. The round it joined is the version it was
 //!   trained from, or with the run's `max_staleness` K > 0 up to K later (a stale
 //!   update): the one its reply named, or the one before when that reply came after a
-//!   merge it completed. The record does not say which, so with K > 0 (read from `GET
-//!   /v1/run`, only when an upload's receipt is absent; 0 from a coordinator that does
-//!   not say) the audit waits for the block to pass the later of the two, and never
-//!   more than K past the upload's base: a missing receipt of a fresh update merged at
-//!   once is then found one version later than it could be.
+//!   merge it completed. The record does not say which, so with K > 0 the audit waits
+//!   for the block to pass the later of the two, and never more than K past the
+//!   upload's base: a missing receipt of a fresh update merged at once is then found
+//!   one version later than it could be;
+//! - K itself is pinned: read from `GET /v1/run` (0 from a coordinator that does not
+//!   say) and kept in the record on first contact, so a coordinator cannot widen it
+//!   later. Every merged receipt of this worker's must name staleness s <= K and the
+//!   version it made, base + s + 1: an update merged into another base than its
+//!   receipt says, or further back than the run allows, fails the audit.
 use std::collections::BTreeMap;
 
 use blocktrain_protocol::receipt::{
@@ -107,6 +111,27 @@ fn joined_round(u: &Upload, k: u64) -> u64 {
     named.clamp(u.base_version, u.base_version.saturating_add(k))
 }
 
+/// Checks that merged receipt `r` went into the round its staleness names, within the
+/// run's pinned `max_staleness` `k`: a merged update from base b with staleness s
+/// produced version b + s + 1, and s <= k.
+fn merged_within(r: &Receipt, k: u64) -> Result<()> {
+    let (base, s) = (r.claim.base_version, r.decision.staleness);
+    let Some(v) = r.decision.resulting_version.filter(|_| r.decision.accepted) else {
+        return Ok(());
+    };
+    let expected = base.checked_add(s).and_then(|x| x.checked_add(1));
+    if s > k || expected != Some(v) {
+        return Err(bad(format!(
+            "a receipt says my update of block {} trained from version {base} was merged \
+             into version {v} with staleness {s}, but the run's max_staleness is {k} and \
+             staleness {s} from version {base} makes version {}",
+            u64::from(r.claim.block) + 1,
+            expected.map_or("(overflow)".to_string(), |e| e.to_string())
+        )));
+    }
+    Ok(())
+}
+
 fn bad(m: String) -> NodeError {
     NodeError::Rejected(format!("ledger audit failed: {m}"))
 }
@@ -158,12 +183,18 @@ pub fn audit_receipts(
     };
     let mut receipts = Vec::new();
     let mut head = None;
+    let mut max_staleness = None;
     if let Some(current) = current {
         current
             .verify()
             .map_err(|e| bad(format!("tree head: {e}")))?;
         record.pin(&current.coordinator, client.base())?;
+        let k = record.pin_staleness(run_staleness(client)?, client.base())?;
+        max_staleness = Some(k);
         let (mine, heads) = proven_receipts(client, me, &current.coordinator)?;
+        for r in &mine {
+            merged_within(r, k)?;
+        }
         receipts = mine;
         // The newest head seen; every other head a proof used must be a prefix of it,
         // or the coordinator showed this worker's receipts in different logs.
@@ -197,7 +228,6 @@ pub fn audit_receipts(
     let at = reached(seen, &uploads, &receipts);
     let mut missing = Vec::new();
     let mut pending = 0;
-    let mut max_staleness = None;
     for u in &uploads {
         if receipts.iter().any(|r| receipt_of(r, u)) {
             continue;
@@ -211,7 +241,8 @@ pub fn audit_receipts(
             true => {
                 let k = match max_staleness {
                     Some(k) => k,
-                    None => *max_staleness.insert(run_staleness(client)?),
+                    None => *max_staleness
+                        .insert(record.pin_staleness(run_staleness(client)?, client.base())?),
                 };
                 joined_round(u, k)
             }

@@ -5,6 +5,10 @@
 //! - `coordinator.pub`: the coordinator's public key as first seen. It is pinned: a
 //!   coordinator's key never changes, so another key means another (or a replaced)
 //!   coordinator, and the worker refuses to go on rather than start a new record;
+//! - `max-staleness`: the run's `max_staleness` K as first announced, pinned like the
+//!   key: the audit holds every receipt of this worker's to it, so a coordinator that
+//!   merged an update more than K versions stale, or announces another K later, is
+//!   caught rather than believed;
 //! - `ledger-head.json`: the newest tree head this worker checked; the next audit proves
 //!   the log extends it;
 //! - `uploads.jsonl`: one JSON line per upload the coordinator answered (append-only), so
@@ -111,6 +115,40 @@ impl Record {
                 blocktrain_model::checkpoint::write_atomic(&path, text.as_bytes())?;
                 Ok(())
             }
+        }
+    }
+
+    fn staleness_path(&self) -> PathBuf {
+        self.dir.join("max-staleness")
+    }
+
+    /// Pins the run's `max_staleness` `k` on first contact and returns it; afterwards
+    /// refuses any other value, naming both and the file that holds the pin.
+    pub fn pin_staleness(&self, k: u64, url: &str) -> Result<u64> {
+        let path = self.staleness_path();
+        let old = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|e| {
+                NodeError::Config(format!(
+                    "{}: not a version count ({e}); it is this worker's own file, so \
+                     something else wrote it: move it away to start a new record",
+                    path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                blocktrain_model::checkpoint::write_atomic(&path, format!("{k}\n").as_bytes())?;
+                return Ok(k);
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        match old == k {
+            true => Ok(k),
+            false => Err(NodeError::Rejected(format!(
+                "ledger audit failed: the coordinator at {url} announces max_staleness {k}, \
+                 but announced {old} when this worker first met it (pinned in {}). The rule \
+                 that decides which base an update may be merged into does not change \
+                 within a run; refusing to continue",
+                path.display()
+            ))),
         }
     }
 
