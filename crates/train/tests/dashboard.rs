@@ -248,7 +248,8 @@ fn canned_status(now: u64) -> Status {
         bytes_up: 1024,
         bytes_down: 3 << 20,
         heldout: Some(1.5),
-        stalled: false,
+        // Block 1 (v2 of 3, unfinished) is stalled; block 2 is done.
+        stalled: b == 0,
     };
     let worker = |key: &str| WorkerStatus {
         key: key.repeat(32),
@@ -335,6 +336,12 @@ fn chromium_renders_history_chart_and_receipts() {
     assert_eq!(text_of(&dom, "heldout-total"), "4.300");
     // Blocks table with the latest held-out CE and its change.
     assert_eq!(dom.matches("class=\"block-row\"").count(), 2);
+    // The stalled block says so, in its row; the finished one does not.
+    assert_eq!(dom.matches("class=\"reason stalled\"").count(), 1, "{dom}");
+    assert!(
+        dom.contains("block 1<span class=\"reason stalled\">stalled:"),
+        "{dom}"
+    );
     assert!(dom.contains("2.300<span class=\"down\"> (-0.200)</span>"));
     // Chart: a line per block plus the total, a marker for the single point, legend.
     assert!(!shown(&dom, "ce-empty"));
