@@ -356,7 +356,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "updates": status.updates, "wall_seconds": wall,
         "miss": args.miss, "slow_host": args.slow_host, "slow_workers": args.workers - slow_from,
         "round_timeout_secs": cfg.faults.round_timeout_secs,
-        "max_staleness": cfg.training.max_staleness, "staleness_exponent": cfg.training.staleness_exponent,
+        "seed": args.seed, "max_staleness": cfg.training.max_staleness, "staleness_exponent": cfg.training.staleness_exponent,
         "machine": format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;
