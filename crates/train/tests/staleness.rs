@@ -1,8 +1,10 @@
 //! Asynchronous updates (`[training] max_staleness`): an update computed from an older
 //! version joins the current round and is merged at s(k) = (1 + k)^-a of its delta
 //! (steps-weighted, the denominator still the round's steps), its receipt records k, and
-//! a restart keeps open stale leases and pending stale updates.
+//! a restart keeps open stale leases and pending stale updates; an upload screened
+//! before its block moved on is screened again.
 mod common;
+use blocktrain_train::coordinator::Admitted;
 use blocktrain_train::ledger::Ledger;
 use blocktrain_train::merge::staleness_scale;
 use common::*;
@@ -158,6 +160,49 @@ fn a_lone_stale_update_moves_weights_and_moments_by_s_k_of_its_delta() {
             assert!((d - want).abs() < 1e-6, "{n}: moved {d}, expected {want}");
         }
     }
+    assert_eq!(receipt_of_lease(&c, b.id).decision.staleness, 1);
+}
+
+#[test]
+fn an_upload_screened_before_its_block_moved_on_is_screened_again_not_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stale_run(2);
+    cfg.training.min_updates = 1;
+    // Screening on, passing every update: this test is about which weights the screen
+    // judged, not about its verdict.
+    cfg.trust.screen_windows = 2;
+    cfg.trust.screen_threshold = 1e6;
+    let mut c = with_two_workers(dir.path(), cfg);
+    let (a, b) = (lease(&mut c, &key(1), 0), lease(&mut c, &key(2), 0));
+    let w0 = weights(&c, &key(1), &a);
+    // b's upload is admitted and screened at k = 0, whole, on version 0's weights ...
+    let body = codec::encode(&filled(&w0, 0.004), Codec::Fp32);
+    let vetted = match c
+        .admit_update(
+            &key(2),
+            b.id,
+            body.clone(),
+            None,
+            claim(&key(2), &b, &body),
+            5,
+        )
+        .unwrap()
+    {
+        Admitted::Vet(job) => job.run(),
+        Admitted::Replayed(_) => panic!("a first upload cannot be a replay"),
+    };
+    // ... while a's update commits round 0 (a quorum of one).
+    assert_eq!(submit(&mut c, &key(1), &a, &w0, 0.001, 6).unwrap(), 1);
+    // Now it would join round 1 at s(1) on version 1's weights, which it was not
+    // screened on: not decided, nothing stored, the lease still open.
+    let e = c.decide(vetted, 7).unwrap_err();
+    assert!(
+        matches!(&e, NodeError::Busy(m) if m.contains("from version 0 to 1")),
+        "{e}"
+    );
+    assert_eq!(c.status().unwrap().blocks[0].pending_updates, 0);
+    // The retry is screened at k = 1 and merged into round 1.
+    assert_eq!(submit(&mut c, &key(2), &b, &w0, 0.004, 8).unwrap(), 2);
     assert_eq!(receipt_of_lease(&c, b.id).decision.staleness, 1);
 }
 

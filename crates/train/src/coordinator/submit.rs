@@ -196,6 +196,7 @@ impl Coordinator {
             before: self.heldout[lease.block],
             threshold: self.screen_threshold(lease.block),
             scale: scale as f32,
+            staleness: k,
         });
         let spot = match self.spot_job(lease) {
             Ok(spot) => spot,
@@ -340,6 +341,26 @@ impl Coordinator {
             )?;
             return Err(e);
         }
+        // Versions between its base and the round it joins (0 unless max_staleness > 0;
+        // the lease was just found open, so at most max_staleness).
+        let staleness = lock(&self.core)
+            .version(lease.block)
+            .saturating_sub(lease.version);
+        // A round committed while this upload was vetted: its screen judged s(k) of the
+        // delta on weights it would no longer be merged into, so neither its pass nor its
+        // refusal stands. Nothing is recorded and the lease stays open; the retry is
+        // screened again at the new k (or refused as stale). A failed spot check stands.
+        let spot_failed = matches!(outcome, Err(Refusal::Flagged(_)));
+        let rescreen = job.screen.as_ref().filter(|s| s.staleness != staleness);
+        if let (Some(screened), false) = (rescreen, spot_failed) {
+            return Err(NodeError::Busy(format!(
+                "block {} moved from version {} to {} while this update was screened; \
+                 nothing stored, retry to have it screened against the current weights",
+                lease.block + 1,
+                lease.version + screened.staleness,
+                lease.version + staleness
+            )));
+        }
         let verdict = match outcome {
             Ok(v) => v,
             Err(refusal) => {
@@ -357,11 +378,6 @@ impl Coordinator {
         };
         let hash = self.store.put_blob(&job.body)?;
         let pending_hash = hash.clone();
-        // Versions between its base and the round it joins (0 unless max_staleness > 0;
-        // the lease was just found open, so at most max_staleness).
-        let staleness = lock(&self.core)
-            .version(lease.block)
-            .saturating_sub(lease.version);
         let (c, sig) = job.claim;
         let json = serde_json::to_string(&c).expect("claims serialise");
         // The row, its lease delivered, its bytes, its claim and its screening: one

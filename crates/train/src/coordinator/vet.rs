@@ -46,6 +46,9 @@ pub(super) struct ScreenJob {
     pub(super) threshold: f64,
     /// Share of the delta a merge applies (s(k) for an update k versions old; 1 fresh).
     pub(super) scale: f32,
+    /// k at admission: versions the block had moved past the lease's base. The decision
+    /// takes the screen's verdict only at this k (base and scale describe that merge).
+    pub(super) staleness: u64,
 }
 
 /// A spot check's inputs: the checkpoint file the worker downloaded, its lease and the
