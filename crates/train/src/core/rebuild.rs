@@ -33,7 +33,8 @@ impl Core {
     /// `lease_ms` from `now` (a restart's downtime is not charged to the workers).
     ///
     /// A lease of an older version (k <= `max_staleness` behind) is kept as
-    /// [`Core::committed`] keeps it: open (active or lapsed) with no decided upload, or
+    /// [`Core::committed`] keeps it: active with no decided upload (a lapsed one may not
+    /// deliver, [`Core::lease_open`]), or
     /// delivered into this round (its update is pending here). Closed ones (refused,
     /// void, delivered into an earlier round) are left to the journal, which answers
     /// them the same way.
@@ -87,8 +88,7 @@ impl Core {
                 continue;
             };
             if l.version < b.version {
-                let open = (l.state == lease_state::ACTIVE || l.state == lease_state::EXPIRED)
-                    && !decided.contains(&l.id);
+                let open = l.state == lease_state::ACTIVE && !decided.contains(&l.id);
                 let here = decided.contains(&l.id) && delivered_here.contains(&l.id);
                 if !open && !here {
                     continue;

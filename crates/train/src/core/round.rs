@@ -11,10 +11,12 @@
 //!   block's current round v, and is merged there, when k <= K; k > K is refused as
 //!   stale. With K = 0 an update is merged only into the version it was computed from.
 //!   A commit keeps the leases of the versions still within K of the new one that are
-//!   open (active or lapsed, nothing decided): they stay current ([`Core::lease`]),
+//!   active with nothing decided: they stay current ([`Core::lease`]),
 //!   heartbeats keep them wanted, and their slots stay taken, so they count against
 //!   `workers_per_block` and no lease of the new round trains their shards. The others
-//!   are no longer current (the journal supersedes the active ones). While a round is
+//!   are no longer current (the journal supersedes the active ones). An older version's
+//!   lease that lapses after the commit may not deliver either: its slot is free again,
+//!   and a new lease may be training its shard. While a round is
 //!   being merged, uploads of every version it would take wait (busy), since the merge
 //!   has taken its pending updates already.
 //! - **Stalls**: an unfinished block with nothing accepted or committed for
@@ -91,12 +93,14 @@ impl Core {
         let max = self.rules.max_staleness;
         let k = head.saturating_sub(l.version);
         // An older version's lease may deliver only while the core holds it open.
-        let held = k == 0 || self.lease_block.contains_key(&l.id);
+        // Not once lapsed: its slot is free, so a current lease may train the same shard.
+        let held =
+            k == 0 || (self.lease_block.contains_key(&l.id) && l.state != lease_state::EXPIRED);
         if l.version > head || k > max || !held || l.state == lease_state::SUPERSEDED {
             let rule = match max {
                 0 => "max_staleness = 0 merges an update only into its own version".to_string(),
                 _ if k <= max => format!(
-                    "max_staleness = {max}, but its lease was closed when the block moved on"
+                    "max_staleness = {max}, but its lease was closed when the block moved on, or lapsed since"
                 ),
                 _ => format!("max_staleness = {max} merges updates at most {max} versions old"),
             };

@@ -155,6 +155,25 @@ fn an_open_old_lease_keeps_its_slot_so_the_block_is_not_over_leased() {
 }
 
 #[test]
+fn an_old_lease_that_lapses_after_the_commit_may_not_deliver() {
+    let mut core = fresh(stale_rules(2, 1));
+    for k in ["a", "b", "c"] {
+        join(&mut core, k);
+    }
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    core.accept(0, pending(1, &a, 1), 1);
+    core.committed(0, 1, "wire1", 2);
+    assert!(core.lease_open(&b).is_ok(), "kept: active, one version old");
+    // b's worker goes quiet past its lease: it lapses, and its slot is leased again.
+    assert_eq!(core.lapse(u64::MAX / 2), 1);
+    let c = lease(&mut core, "c", u64::MAX / 2);
+    assert_eq!(c.version, 1);
+    // A late upload on the lapsed lease would train a shard a current lease may hold.
+    let m = stale_message(core.lease_open(&b));
+    assert!(m.contains("lapsed"), "{m}");
+}
+
+#[test]
 fn a_closing_round_holds_stale_uploads_too() {
     let mut core = fresh(stale_rules(3, 1));
     join(&mut core, "a");
