@@ -104,6 +104,22 @@ fn run_staleness(client: &mut Client) -> Result<u64> {
     }
 }
 
+/// The run's `max_staleness`, read from the coordinator and pinned in the record the
+/// first time an audit needs it (with a ledger head, or for an upload that may have joined
+/// a later round), so one audit asks once and both uses check against the same K.
+#[derive(Default)]
+struct PinnedStaleness(Option<u64>);
+
+impl PinnedStaleness {
+    fn get(&mut self, record: &Record, client: &mut Client) -> Result<u64> {
+        if let Some(k) = self.0 {
+            return Ok(k);
+        }
+        let k = record.pin_staleness(run_staleness(client)?, client.base())?;
+        Ok(*self.0.insert(k))
+    }
+}
+
 /// The latest round accepted upload `u` may have joined, with `max_staleness` k: its
 /// base version (k = 0), else the version its reply named, at most k past its base.
 fn joined_round(u: &Upload, k: u64) -> u64 {
@@ -183,14 +199,13 @@ pub fn audit_receipts(
     };
     let mut receipts = Vec::new();
     let mut head = None;
-    let mut max_staleness = None;
+    let mut max_staleness = PinnedStaleness::default();
     if let Some(current) = current {
         current
             .verify()
             .map_err(|e| bad(format!("tree head: {e}")))?;
         record.pin(&current.coordinator, client.base())?;
-        let k = record.pin_staleness(run_staleness(client)?, client.base())?;
-        max_staleness = Some(k);
+        let k = max_staleness.get(record, client)?;
         let (mine, heads) = proven_receipts(client, me, &current.coordinator)?;
         for r in &mine {
             merged_within(r, k)?;
@@ -238,14 +253,7 @@ pub fn audit_receipts(
             && u.block_version.is_some_and(|v| v > u.base_version)
             && at.get(&u.block).is_some_and(|&v| v > u.base_version);
         let joined = match later {
-            true => {
-                let k = match max_staleness {
-                    Some(k) => k,
-                    None => *max_staleness
-                        .insert(record.pin_staleness(run_staleness(client)?, client.base())?),
-                };
-                joined_round(u, k)
-            }
+            true => joined_round(u, max_staleness.get(record, client)?),
             false => u.base_version,
         };
         let closed = seen.done || at.get(&u.block).is_some_and(|&v| v > joined);

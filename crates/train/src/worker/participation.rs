@@ -41,8 +41,9 @@ impl Participation {
     }
 }
 
-/// Draws the missed rounds (seeded by the worker's key, so a rerun misses the same
-/// rounds) and paces the steps.
+/// Draws the missed rounds (seeded by the worker's key: a rerun with the same key file
+/// misses the same rounds only when the requests fall the same way, since a draw is made
+/// per work request) and paces the steps.
 pub(super) struct Pacer {
     p: Participation,
     rng: rand::rngs::StdRng,
