@@ -19,6 +19,19 @@ fn stale_message(e: crate::Result<()>) -> String {
     }
 }
 
+/// Two slots, K = 1, workers a, b and c: a delivers and round 0 commits, b's lease of
+/// version 0 is kept open into round 1.
+fn b_kept_past_one_commit() -> (Core, LeaseRow) {
+    let mut core = fresh(stale_rules(2, 1));
+    for k in ["a", "b", "c"] {
+        join(&mut core, k);
+    }
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    core.accept(0, pending(1, &a, 1), 1);
+    core.committed(0, 1, "wire1", 2);
+    (core, b)
+}
+
 #[test]
 fn an_update_within_max_staleness_joins_the_current_round() {
     let mut core = fresh(stale_rules(2, 1));
@@ -141,13 +154,7 @@ fn an_open_old_lease_keeps_its_slot_so_the_block_is_not_over_leased() {
     );
     // A refused old lease frees its slot, and the seed of slot 1 at version 1 is the
     // plain one: refusals at other versions do not re-seed it.
-    let mut core = fresh(stale_rules(2, 1));
-    for k in ["a", "b", "c"] {
-        join(&mut core, k);
-    }
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
-    core.accept(0, pending(1, &a, 1), 1);
-    core.committed(0, 1, "wire1", 2);
+    let (mut core, b) = b_kept_past_one_commit();
     assert_eq!(core.refuse(b.id, false), Some(lease_state::REFUSED));
     let (c, b2) = (lease(&mut core, "c", 3), lease(&mut core, "b", 3));
     assert_eq!((c.slot, b2.slot), (0, 1));
@@ -156,13 +163,7 @@ fn an_open_old_lease_keeps_its_slot_so_the_block_is_not_over_leased() {
 
 #[test]
 fn an_old_lease_that_lapses_after_the_commit_may_not_deliver() {
-    let mut core = fresh(stale_rules(2, 1));
-    for k in ["a", "b", "c"] {
-        join(&mut core, k);
-    }
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
-    core.accept(0, pending(1, &a, 1), 1);
-    core.committed(0, 1, "wire1", 2);
+    let (mut core, b) = b_kept_past_one_commit();
     assert!(core.lease_open(&b).is_ok(), "kept: active, one version old");
     // b's worker goes quiet past its lease: it lapses, and its slot is leased again.
     assert_eq!(core.lapse(u64::MAX / 2), 1);
