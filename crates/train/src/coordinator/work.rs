@@ -78,10 +78,12 @@ impl Coordinator {
     /// is journaled before the reply.
     pub fn request_work(&mut self, key: &str, info: &WorkerInfo, now: u64) -> Result<WorkReply> {
         // Lapses are soft state: written before a lease that may reuse a lapsed slot, so
-        // a crash cannot bring back two active leases on one slot.
-        lock(&self.core).lapse(now);
-        self.flush_soft()?;
+        // a crash cannot bring back two active leases on one slot. One lock from the lapse
+        // to the new lease's row: a lapse found in between (by the lock-free fast path of
+        // `/v1/work`) would otherwise reach the journal only after the lease reusing it.
         let mut core = lock(&self.core);
+        core.lapse(now);
+        self.store.write_soft(&core.take_soft())?;
         match core.work(key, info, now, true)? {
             Work::Lease(lease, issued) => {
                 if issued {

@@ -349,10 +349,13 @@ impl Core {
         match l.state.as_str() {
             lease_state::ACTIVE => {}
             // A lapsed lease comes back only to a slot nobody else took since, within
-            // the round's cap, and never past its longest life.
+            // the round's cap, and never past its longest life; and only in its own
+            // version's round: one kept past a commit may not deliver once it lapsed
+            // (`lease_open`), and the journal's rebuild keeps it only while active.
             lease_state::EXPIRED => {
                 let b = &self.blocks[l.block];
-                if b.slot_taken(l.slot)
+                if l.version < b.version
+                    || b.slot_taken(l.slot)
                     || b.busy() >= self.rules.workers_per_block
                     || self.active_of.contains_key(key)
                     || now >= l.issued_ms + self.rules.max_lease_ms

@@ -274,6 +274,10 @@ pub struct Core {
     /// No active lease lapses before this (a lower bound: renewals only push it later).
     next_lapse_ms: u64,
     dirty_leases: HashSet<i64>,
+    /// The unwritten soft state of leases a commit dropped from the core: still owed to
+    /// the journal, or a lapse the commit did not supersede there (an older version's
+    /// lease within `max_staleness`) would come back active at the next start.
+    dropped_soft: Vec<(i64, String, u64)>,
     dirty_workers: HashSet<String>,
 }
 
@@ -360,7 +364,10 @@ impl Core {
 
     /// Soft state changed since the last call (the shell writes it at every tick).
     pub fn take_soft(&mut self) -> Soft {
-        let mut soft = Soft::default();
+        let mut soft = Soft {
+            leases: std::mem::take(&mut self.dropped_soft),
+            ..Soft::default()
+        };
         for id in std::mem::take(&mut self.dirty_leases) {
             if let Some(l) = self.lease(id) {
                 soft.leases.push((id, l.state.clone(), l.expires_ms));

@@ -65,6 +65,7 @@ impl Core {
             next_lease: from.last_lease + 1,
             next_lapse_ms: 0,
             dirty_leases: HashSet::new(),
+            dropped_soft: Vec::new(),
             dirty_workers: HashSet::new(),
         };
         let max_staleness = core.rules.max_staleness;

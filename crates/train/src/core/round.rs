@@ -235,7 +235,9 @@ impl Core {
             }
             self.lease_block.remove(&id);
             self.vetting.remove(&id);
-            self.dirty_leases.remove(&id);
+            if self.dirty_leases.remove(&id) {
+                self.dropped_soft.push((id, l.state.clone(), l.expires_ms));
+            }
             if self.active_of.get(&l.worker) == Some(&id) {
                 self.active_of.remove(&l.worker);
             }

@@ -97,8 +97,8 @@ fn an_open_lease_survives_one_commit_with_k_1_and_is_superseded_at_the_second() 
     let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
-    // Still b's: renewed, handed back on a retried work request with its own version's
-    // copy, and it lapses and revives like any lease of the round.
+    // Still b's: renewed and handed back on a retried work request with its own
+    // version's copy. Once it lapses it stays lapsed (it may no longer deliver).
     assert_eq!(core.heartbeat("b", b.id, 3).unwrap(), Beat::Wanted(true));
     match core.work("b", &WorkerInfo::new("cpu"), 4, true).unwrap() {
         Work::Lease(l, false) => {
@@ -111,10 +111,10 @@ fn an_open_lease_survives_one_commit_with_k_1_and_is_superseded_at_the_second() 
     assert_eq!(core.lapse(13_003), 1);
     assert_eq!(
         core.heartbeat("b", b.id, 13_004).unwrap(),
-        Beat::Wanted(true)
+        Beat::Wanted(false)
     );
-    // The second commit leaves it two versions behind: gone from the core (the journal
-    // supersedes it), its worker told to stop and free for new work.
+    // The second commit drops it from the core, its worker told to stop and free for
+    // new work.
     let a2 = lease(&mut core, "a", 13_005);
     assert_eq!(core.lease_reply(&a2).weights_hash, "wire1");
     core.accept(0, pending(2, &a2, 13_006), 13_006);
@@ -164,14 +164,60 @@ fn an_open_old_lease_keeps_its_slot_so_the_block_is_not_over_leased() {
 #[test]
 fn an_old_lease_that_lapses_after_the_commit_may_not_deliver() {
     let (mut core, b) = b_kept_past_one_commit();
+    join(&mut core, "d");
     assert!(core.lease_open(&b).is_ok(), "kept: active, one version old");
     // b's worker goes quiet past its lease: it lapses, and its slot is leased again.
-    assert_eq!(core.lapse(u64::MAX / 2), 1);
-    let c = lease(&mut core, "c", u64::MAX / 2);
-    assert_eq!(c.version, 1);
-    // A late upload on the lapsed lease would train a shard a current lease may hold.
+    let late = u64::MAX / 2;
+    assert_eq!(core.lapse(late), 1);
+    let (c, d) = (lease(&mut core, "c", late), lease(&mut core, "d", late));
+    assert_eq!((c.version, c.slot, d.version, d.slot), (1, 0, 1, b.slot));
+    // A late upload on the lapsed lease would train the shard d now holds, and a late
+    // heartbeat does not bring it back either.
     let m = stale_message(core.lease_open(&b));
     assert!(m.contains("lapsed"), "{m}");
+    assert!(matches!(
+        core.heartbeat("b", b.id, late),
+        Ok(Beat::Wanted(false))
+    ));
+}
+
+/// An older version's lapsed lease stays lapsed even when its slot is free: a heartbeat
+/// does not revive it, as the journal's rebuild would not.
+#[test]
+fn a_heartbeat_does_not_revive_a_lapsed_lease_kept_past_a_commit() {
+    let (mut core, b) = b_kept_past_one_commit();
+    let late = u64::MAX / 2;
+    assert_eq!(core.lapse(late), 1);
+    assert!(matches!(
+        core.heartbeat("b", b.id, late),
+        Ok(Beat::Wanted(false))
+    ));
+    assert_eq!(core.lease(b.id).unwrap().state, lease_state::EXPIRED);
+}
+
+/// A lapse the core holds only as soft state, of a lease the next commit drops, still
+/// reaches the journal: the commit supersedes there only leases outside max_staleness,
+/// so an unwritten lapse would come back active at the next start.
+#[test]
+fn a_lapse_a_commit_drops_is_still_written() {
+    let mut core = fresh(stale_rules(2, 1));
+    join(&mut core, "a");
+    join(&mut core, "b");
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let _ = core.take_soft();
+    let late = b.expires_ms + 1;
+    assert_eq!(core.lapse(late), 2);
+    core.accept(0, pending(1, &a, late), late);
+    core.committed(0, 1, "wire1", late);
+    assert_eq!(core.lease(b.id), None, "lapsed: not kept into round 1");
+    let soft = core.take_soft();
+    assert!(
+        soft.leases
+            .iter()
+            .any(|(id, state, _)| *id == b.id && state == lease_state::EXPIRED),
+        "{soft:?}"
+    );
+    assert!(core.take_soft().leases.is_empty(), "written once");
 }
 
 #[test]
@@ -229,6 +275,7 @@ fn a_rebuild_restores_open_stale_leases_and_pending_stale_updates() {
             lease_at(3, 2, 2, lease_state::DELIVERED, "c"), // delivered into round 2: dropped
             lease_at(4, 2, 2, lease_state::REFUSED, "d"), // closed: left to the journal
             lease_at(5, 3, 2, lease_state::EXPIRED, "e"), // this round's, lapsed: kept
+            lease_at(0, 2, 0, lease_state::EXPIRED, "d"), // older, lapsed: dropped
         ],
         decided: vec![2, 3, 4],
         pending: vec![(0, stale(10, 2, 2))],
@@ -252,6 +299,11 @@ fn a_rebuild_restores_open_stale_leases_and_pending_stale_updates() {
     assert!(core.is_decided(2));
     assert_eq!(core.lease(3), None);
     assert_eq!(core.lease(4), None);
+    assert_eq!(
+        core.lease(0),
+        None,
+        "an older lapsed lease may not deliver: not restored"
+    );
     assert_eq!(core.lease(5).unwrap().state, lease_state::EXPIRED);
     assert_eq!(core.pending(0), &[stale(10, 2, 2)][..]);
     // Slots 0 (a, active) and 1 (b's pending update) are taken, 2 is free (e lapsed).
