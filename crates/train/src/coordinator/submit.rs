@@ -62,8 +62,11 @@ impl Coordinator {
     ) -> Result<Admitted> {
         lock(&self.core).may_upload(key)?;
         let lease = self.owned_lease(key, lease_id).map_err(nothing_stored)?;
+        // Busy (503, which clients retry), not a refusal: this is often the same upload
+        // re-sent after a client timeout during a long spot check, and a worker drops a
+        // delta that was refused.
         if lock(&self.core).is_vetting(lease_id) {
-            return Err(NodeError::Rejected(format!(
+            return Err(NodeError::Busy(format!(
                 "an upload on lease {lease_id} is being vetted; wait for its reply (nothing stored)"
             )));
         }
