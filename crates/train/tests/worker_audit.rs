@@ -450,3 +450,34 @@ fn a_coordinator_cannot_widen_max_staleness_or_misstate_where_an_update_went() {
         "{e}"
     );
 }
+
+/// A merged receipt may not place an update in a later round than the version the
+/// coordinator's reply to it named: the update joined the round open when it was taken.
+#[test]
+fn a_receipt_may_not_merge_an_update_into_a_round_after_the_one_its_reply_named() {
+    let (w, k) = (Identity::generate(), Identity::generate());
+    let me = w.public_hex();
+    // K = 2, trained from v1, and the reply said the block was at v2.
+    for (s, into, ok) in [(1, 3, true), (2, 4, false)] {
+        let root = tempfile::tempdir().unwrap();
+        let record = Record::open(root.path(), &me).unwrap();
+        let mut u = upload(7, "stale 7", true);
+        u.block_version = Some(2);
+        record.record(&u).unwrap();
+        let (book, served) = fake(&k);
+        {
+            let mut b = book.lock().unwrap();
+            b.max_staleness = Some(2);
+            b.append(&merged(&w, &k, 7, s, into));
+        }
+        let mut c = client(&served.url, &w);
+        match audit_receipts(&mut c, &me, &record, &Seen::default()) {
+            Ok(a) => assert!(ok && a.pending == 0 && a.accepted == 1, "s {s}: {a}"),
+            Err(e) => assert!(
+                !ok && e.to_string().contains("joined round 3")
+                    && e.to_string().contains("block was at version 2"),
+                "s {s}: {e}"
+            ),
+        }
+    }
+}

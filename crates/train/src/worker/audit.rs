@@ -20,7 +20,12 @@
 //!   say) and kept in the record on first contact, so a coordinator cannot widen it
 //!   later. Every merged receipt of this worker's must name staleness s <= K and the
 //!   version it made, base + s + 1: an update merged into another base than its
-//!   receipt says, or further back than the run allows, fails the audit.
+//!   receipt says, or further back than the run allows, fails the audit;
+//! - the round a merged receipt names, base + s, is no later than the version the reply
+//!   to that upload named (the round open when it was taken, or a later version). That
+//!   bounds s from above only: a receipt naming an earlier round than the update joined,
+//!   within K, cannot be told here from an honest one, since a reply may come after its
+//!   round closed, or (re-sent) versions later.
 use std::collections::BTreeMap;
 
 use blocktrain_protocol::receipt::{
@@ -148,6 +153,29 @@ fn merged_within(r: &Receipt, k: u64) -> Result<()> {
     Ok(())
 }
 
+/// Checks that merged receipt `r` of upload `u` names a round no later than the version
+/// the coordinator's reply to `u` named. An update joins the round open when it is taken
+/// and a block's version only grows, so an honest reply, first or replayed, names that
+/// round or a later version: a receipt placing the update in a later round than the
+/// reply allowed says it was merged into another base than the one it joined.
+fn joined_by_named(r: &Receipt, u: &Upload) -> Result<()> {
+    let (Some(named), true) = (u.block_version, r.decision.accepted) else {
+        return Ok(());
+    };
+    let joined = r.claim.base_version.saturating_add(r.decision.staleness);
+    if joined > named {
+        return Err(bad(format!(
+            "a receipt says my update of block {} trained from version {} joined round \
+             {joined} (staleness {}), but the reply to it said the block was at version \
+             {named}",
+            u64::from(r.claim.block) + 1,
+            r.claim.base_version,
+            r.decision.staleness
+        )));
+    }
+    Ok(())
+}
+
 fn bad(m: String) -> NodeError {
     NodeError::Rejected(format!("ledger audit failed: {m}"))
 }
@@ -244,7 +272,9 @@ pub fn audit_receipts(
     let mut missing = Vec::new();
     let mut pending = 0;
     for u in &uploads {
-        if receipts.iter().any(|r| receipt_of(r, u)) {
+        let mut matched = receipts.iter().filter(|r| receipt_of(r, u)).peekable();
+        if matched.peek().is_some() {
+            matched.try_for_each(|r| joined_by_named(r, u))?;
             continue;
         }
         // Only an accepted upload whose reply named a later version than its base may
