@@ -266,6 +266,7 @@ fn canned_status(now: u64) -> Status {
         blocks: vec![block(0, 2), block(1, 3)],
         workers: vec![worker("ab"), worker("cd")],
         updates: HashMap::from([("applied".into(), 5), ("rejected".into(), 1)]),
+        stale_applied: 0,
         recent: vec![UpdateRecord {
             id: 6,
             worker: "cd".repeat(32),

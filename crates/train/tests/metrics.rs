@@ -97,6 +97,7 @@ fn status(workers: usize, now: u64) -> Status {
         blocks: vec![block(0, Some(1.25)), block(1, None)],
         workers: (0..workers).map(worker).collect(),
         updates: HashMap::from([("applied".into(), 5)]),
+        stale_applied: 0,
         recent: vec![],
         bytes_up: 1536,
         bytes_down: 6 << 20,

@@ -161,6 +161,12 @@ fn a_lone_stale_update_moves_weights_and_moments_by_s_k_of_its_delta() {
         }
     }
     assert_eq!(receipt_of_lease(&c, b.id).decision.staleness, 1);
+    let s = c.status().unwrap();
+    assert_eq!(
+        (s.updates["applied"], s.stale_applied),
+        (2, 1),
+        "one of two merged stale"
+    );
 }
 
 #[test]

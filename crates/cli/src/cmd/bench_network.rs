@@ -286,6 +286,10 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
             };
             let mut cmd = worker_command(&prefix, &worker_url, &logs, k, &args.device, threads)?;
             cmd.args(["--miss", &args.miss.to_string()]);
+            // Worker slot k misses the same leases in every run with this seed, whatever
+            // its fresh key, so sync and async runs compare paired.
+            let slot_seed = args.seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
+            cmd.args(["--participation-seed", &slot_seed.to_string()]);
             if k > slow_from {
                 cmd.args(["--slowdown", &args.slow_host.to_string()]);
             }
@@ -353,7 +357,7 @@ pub fn run(args: BenchNetworkArgs) -> Result<()> {
         "ce_start": start_ce.0, "ce_start_se": start_ce.1, "ce_end": end_ce.0, "ce_end_se": end_ce.1,
         "other_split": other.name(), "ce_end_other": other_ce.0, "ce_end_other_se": other_ce.1,
         "bytes_up": status.bytes_up, "bytes_down": status.bytes_down, "bytes_through_links": link_bytes,
-        "updates": status.updates, "wall_seconds": wall,
+        "updates": status.updates, "stale_applied": status.stale_applied, "wall_seconds": wall,
         "miss": args.miss, "slow_host": args.slow_host, "slow_workers": args.workers - slow_from,
         "round_timeout_secs": cfg.faults.round_timeout_secs,
         "seed": args.seed, "max_staleness": cfg.training.max_staleness, "staleness_exponent": cfg.training.staleness_exponent,

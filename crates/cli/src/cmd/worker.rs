@@ -60,6 +60,10 @@ pub struct WorkerArgs {
     /// Measuring participation only: run at 1/F of this host's speed (sleep between steps).
     #[arg(long, hide = true, default_value_t = 1.0)]
     pub slowdown: f64,
+    /// Measuring participation only: seed the missed-round draws with this instead of the
+    /// worker's key, so runs compared side by side miss the same leases.
+    #[arg(long, hide = true)]
+    pub participation_seed: Option<u64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -79,6 +83,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         participation: blocktrain_train::worker::Participation {
             miss: args.miss,
             slowdown: args.slowdown,
+            seed: args.participation_seed,
         },
         ..Control::default()
     };

@@ -130,6 +130,9 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
     /// Updates by state (pending / applied / rejected).
     pub updates: HashMap<String, u64>,
+    /// Of the applied updates, those merged stale (computed from an older version).
+    #[serde(default)]
+    pub stale_applied: u64,
     /// The most recent updates, newest first (rejections carry their reason).
     pub recent: Vec<UpdateRecord>,
     /// Total bytes uploaded by workers.

@@ -90,6 +90,7 @@ impl Coordinator {
             blocks,
             workers,
             updates: self.store.update_counts()?.into_iter().collect(),
+            stale_applied: self.store.stale_applied_count()?,
             recent: self.store.recent_updates(20)?,
             bytes_up: traffic.iter().map(|t| t.up).sum(),
             bytes_down: traffic.iter().map(|t| t.down).sum(),

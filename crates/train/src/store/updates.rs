@@ -154,6 +154,16 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Applied updates that were merged stale (staleness > 0, `[training] max_staleness`).
+    pub fn stale_applied_count(&self) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM updates WHERE state = 'applied' AND staleness > 0",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// Adds bytes moved for a worker on a block.
     pub fn add_traffic(&self, worker: &str, block: usize, up: u64, down: u64) -> Result<()> {
         self.conn.execute(

@@ -380,10 +380,14 @@ impl Session<'_> {
             let stop = &self.ctl.stop;
             pacer.new_lease();
             let keep_going = || {
-                pacer.before_step();
+                pacer.step_boundary();
                 beat.wanted() && !stop.load(Ordering::Relaxed)
             };
-            let Some(trained) = train_delta(&job, opts.device, &keep_going)? else {
+            let trained = train_delta(&job, opts.device, &keep_going)?;
+            if trained.is_some() {
+                pacer.step_boundary(); // the last step is paced like the others
+            }
+            let Some(trained) = trained else {
                 if !self.stopping() {
                     eprintln!(
                         "[worker {me}] block {} moved past version {}; dropping this lease",

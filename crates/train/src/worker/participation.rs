@@ -14,9 +14,13 @@ pub struct Participation {
     /// Share of rounds missed, in [0, 1): before asking for work, the worker stays away
     /// for as long as its last lease took, with this probability.
     pub miss: f64,
-    /// Runs at 1/slowdown of its speed (>= 1): after each local step it sleeps
-    /// (slowdown - 1) times that step's duration.
+    /// Runs at 1/slowdown of its speed (>= 1): after each local step, the last one of a
+    /// lease included, it sleeps (slowdown - 1) times that step's duration.
     pub slowdown: f64,
+    /// Seeds the missed-round draws (None: the worker's key). A benchmark gives each
+    /// worker slot the same seed in every run it compares, so that slot misses the
+    /// same leases (its n-th lease, counted from its start) in each of them.
+    pub seed: Option<u64>,
 }
 
 impl Default for Participation {
@@ -24,6 +28,7 @@ impl Default for Participation {
         Participation {
             miss: 0.0,
             slowdown: 1.0,
+            seed: None,
         }
     }
 }
@@ -41,9 +46,8 @@ impl Participation {
     }
 }
 
-/// Draws the missed rounds (seeded by the worker's key: a rerun with the same key file
-/// misses the same rounds only when the requests fall the same way, since a draw is made
-/// per work request) and paces the steps.
+/// Draws the missed rounds, one draw per lease taken (seeded by [`Participation::seed`],
+/// else the worker's key), and paces the steps.
 pub(super) struct Pacer {
     p: Participation,
     rng: rand::rngs::StdRng,
@@ -52,7 +56,10 @@ pub(super) struct Pacer {
 
 impl Pacer {
     pub(super) fn new(p: Participation, key: &str) -> Self {
-        let seed = blake3::derive_key("blocktrain participation", key.as_bytes());
+        let seed = match p.seed {
+            Some(s) => blake3::derive_key("blocktrain participation seed", &s.to_le_bytes()),
+            None => blake3::derive_key("blocktrain participation", key.as_bytes()),
+        };
         Pacer {
             p,
             rng: rand::rngs::StdRng::from_seed(seed),
@@ -70,9 +77,9 @@ impl Pacer {
         last_lease.filter(|_| missed)
     }
 
-    /// Called before every local step: sleeps so the last step took `slowdown` times its
-    /// compute.
-    pub(super) fn before_step(&self) {
+    /// Called before every local step and once after a lease's last: sleeps so the step
+    /// just finished took `slowdown` times its compute.
+    pub(super) fn step_boundary(&self) {
         let now = Instant::now();
         if let Some(prev) = self.last_step.get() {
             if self.p.slowdown > 1.0 {
@@ -97,7 +104,7 @@ mod tests {
         let mut p = Pacer::new(
             Participation {
                 miss: 0.25,
-                slowdown: 1.0,
+                ..Participation::default()
             },
             "k",
         );
@@ -114,33 +121,53 @@ mod tests {
     }
 
     #[test]
+    fn a_participation_seed_draws_the_same_misses_for_any_key() {
+        let d = Some(Duration::from_millis(1));
+        let draws = |seed: Option<u64>, key: &str| {
+            let mut p = Pacer::new(
+                Participation {
+                    miss: 0.5,
+                    seed,
+                    ..Participation::default()
+                },
+                key,
+            );
+            (0..64).map(|_| p.away(d).is_some()).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(Some(7), "key a"), draws(Some(7), "key b"));
+        assert_ne!(draws(Some(7), "key a"), draws(Some(8), "key a"));
+        assert_ne!(draws(None, "key a"), draws(None, "key b"));
+    }
+
+    #[test]
     fn slowdown_stretches_steps() {
         let p = Pacer::new(
             Participation {
-                miss: 0.0,
                 slowdown: 3.0,
+                ..Participation::default()
             },
             "k",
         );
         let t0 = Instant::now();
         p.new_lease();
         for _ in 0..3 {
-            p.before_step();
+            p.step_boundary();
             std::thread::sleep(Duration::from_millis(20)); // the step's compute
         }
-        // Three steps of 20 ms compute; the second and third are paced after a 20 ms
-        // step, 40 ms each: 140 ms in all, against 60 ms unpaced.
+        p.step_boundary(); // the lease's end paces its last step
+                           // Three steps of 20 ms compute, each followed by 40 ms of pacing: 180 ms in all,
+                           // against 60 ms unpaced (and 140 ms if the last step went unpaced).
         let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(140), "{took:?}");
+        assert!(took >= Duration::from_millis(180), "{took:?}");
         assert!(Participation {
             miss: 1.0,
-            slowdown: 1.0
+            ..Participation::default()
         }
         .validate()
         .is_err());
         assert!(Participation {
-            miss: 0.0,
-            slowdown: 0.5
+            slowdown: 0.5,
+            ..Participation::default()
         }
         .validate()
         .is_err());
