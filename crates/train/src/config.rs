@@ -274,6 +274,20 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// A run's settings as its state directory stored them (the file form, every field
+    /// written out). A field whose default changed since a store was written takes the
+    /// value it had then when the stored text lacks it, so an old run resumes as it ran:
+    /// `training.optimizer_state`, "fresh" before it existed (now "carry").
+    pub fn from_stored_toml(text: &str) -> Result<Self> {
+        let mut raw: toml::Table =
+            toml::from_str(text).map_err(|e| NodeError::Config(format!("stored run: {e}")))?;
+        if let Some(toml::Value::Table(t)) = raw.get_mut("training") {
+            t.entry("optimizer_state")
+                .or_insert_with(|| toml::Value::String("fresh".into()));
+        }
+        Self::from_toml(&toml::to_string(&raw).expect("a parsed table serialises"))
+    }
+
     /// The file form (every field, defaults included).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("run config serialises")
@@ -329,6 +343,29 @@ mod tests {
         let cfg = RunConfig::from_toml("").unwrap();
         assert_eq!(cfg, RunConfig::default());
         assert_eq!(RunConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+    }
+
+    /// A store written before `optimizer_state` existed resumes with fresh moments, as
+    /// it ran; one that names it keeps what it names.
+    #[test]
+    fn a_stored_run_without_optimizer_state_resumes_fresh() {
+        let stored = RunConfig::default().to_toml();
+        assert!(stored.contains("optimizer_state = \"carry\""), "{stored}");
+        let old: String = stored
+            .lines()
+            .filter(|l| !l.starts_with("optimizer_state"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let resumed = RunConfig::from_stored_toml(&old).unwrap();
+        assert_eq!(resumed.training.optimizer_state, OptimizerState::Fresh);
+        assert_eq!(
+            RunConfig::from_toml(&old).unwrap().training.optimizer_state,
+            OptimizerState::Carry
+        );
+        assert_eq!(
+            RunConfig::from_stored_toml(&stored).unwrap(),
+            RunConfig::default()
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ impl Coordinator {
         let mut store = Store::open(state_dir)?;
         let cfg = match (store.meta("config")?, cfg) {
             (Some(stored), given) => {
-                let stored = RunConfig::from_toml(&stored)?;
+                let stored = RunConfig::from_stored_toml(&stored)?;
                 if let Some(given) = given {
                     if given != stored {
                         return Err(NodeError::Config(format!(
