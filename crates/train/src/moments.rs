@@ -12,7 +12,8 @@
 //!
 //! Deltas rather than end values, so that the codec's error feedback means the same
 //! thing for every tensor it carries, and so that averaging K replicas from one start
-//! averages their end moments exactly.
+//! averages what travels of their end moments: m exactly, and v's roots, so the merged
+//! v is (mean of the roots)^2, at most the mean of the v (equal when the replicas agree).
 //!
 //! The second moment travels as its square root (`adam.rms`), not as itself: v spans
 //! the square of the gradients' range, and fp16 flushes values below 6e-8 to zero (int8's
