@@ -299,7 +299,7 @@ impl Session<'_> {
                 self.sleep(wait);
                 continue;
             }
-            // One draw per lease taken, not per request (waits and back-offs ask again).
+            // One draw per lease delivered, none per wait or back-off (Pacer::away).
             if let Some(away) = pacer.away(last_lease.take()) {
                 eprintln!(
                     "[worker {me}] missing a round: away for {:.1} s (participation test)",

@@ -68,13 +68,16 @@ impl Pacer {
     }
 
     /// How long to stay away before the next request for work, if this round is missed
-    /// (`last_lease`: how long the previous lease took, None before the first).
+    /// (`last_lease`: how long the lease just delivered took; None before the first and
+    /// on every request after a wait or a back-off). One draw per lease delivered, and
+    /// none otherwise: the n-th draw decides the round after the n-th lease, however
+    /// many waits a run's timing put between them, so runs with one seed stay paired.
     pub(super) fn away(&mut self, last_lease: Option<Duration>) -> Option<Duration> {
+        let took = last_lease?;
         if self.p.miss <= 0.0 {
             return None;
         }
-        let missed = self.rng.random::<f64>() < self.p.miss;
-        last_lease.filter(|_| missed)
+        (self.rng.random::<f64>() < self.p.miss).then_some(took)
     }
 
     /// Called before every local step and once after a lease's last: sleeps so the step
@@ -135,6 +138,22 @@ mod tests {
             (0..64).map(|_| p.away(d).is_some()).collect::<Vec<_>>()
         };
         assert_eq!(draws(Some(7), "key a"), draws(Some(7), "key b"));
+        // Requests without a delivered lease before them (waits, back-offs) draw nothing.
+        let mut p = Pacer::new(
+            Participation {
+                miss: 0.5,
+                seed: Some(7),
+                ..Participation::default()
+            },
+            "key c",
+        );
+        let with_waits: Vec<bool> = (0..64)
+            .map(|i| {
+                (0..i % 3).for_each(|_| assert_eq!(p.away(None), None));
+                p.away(d).is_some()
+            })
+            .collect();
+        assert_eq!(with_waits, draws(Some(7), "key a"));
         assert_ne!(draws(Some(7), "key a"), draws(Some(8), "key a"));
         assert_ne!(draws(None, "key a"), draws(None, "key b"));
     }
