@@ -343,7 +343,11 @@ impl Coordinator {
     /// Writes the core's soft state (renewals, lapses, last contact) to the journal.
     pub(super) fn flush_soft(&mut self) -> Result<()> {
         let soft = lock(&self.core).take_soft();
-        self.store.write_soft(&soft)
+        if let Err(e) = self.store.write_soft(&soft) {
+            lock(&self.core).restore_soft(soft);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The ledger (receipts, tree heads, proofs).

@@ -83,7 +83,11 @@ impl Coordinator {
         // `/v1/work`) would otherwise reach the journal only after the lease reusing it.
         let mut core = lock(&self.core);
         core.lapse(now);
-        self.store.write_soft(&core.take_soft())?;
+        let soft = core.take_soft();
+        if let Err(e) = self.store.write_soft(&soft) {
+            core.restore_soft(soft);
+            return Err(e);
+        }
         match core.work(key, info, now, true)? {
             Work::Lease(lease, issued) => {
                 if issued {

@@ -383,6 +383,22 @@ impl Core {
         soft
     }
 
+    /// Takes back soft state [`Core::take_soft`] gave out that did not reach the journal,
+    /// so the next write tries it again (a lapse left unwritten could let a new lease's
+    /// row and the lapsed one both be active in the journal).
+    pub fn restore_soft(&mut self, soft: Soft) {
+        for (id, state, expires) in soft.leases {
+            match self.lease(id) {
+                Some(_) => {
+                    self.dirty_leases.insert(id);
+                }
+                None => self.dropped_soft.push((id, state, expires)),
+            }
+        }
+        self.dirty_workers
+            .extend(soft.workers.into_iter().map(|(key, _, _)| key));
+    }
+
     /// Records a worker's contact (soft state).
     fn touch(&mut self, key: &str, step_rate: Option<f64>, now: u64) {
         if let Some(w) = self.workers.get_mut(key) {

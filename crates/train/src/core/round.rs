@@ -235,7 +235,10 @@ impl Core {
             }
             self.lease_block.remove(&id);
             self.vetting.remove(&id);
-            if self.dirty_leases.remove(&id) {
+            // Only a lapse is owed: an active lease dropped here is one the journal's
+            // commit supersedes, or one a heartbeat revived from a lapse the journal
+            // already holds, which writing it back active would undo.
+            if self.dirty_leases.remove(&id) && l.state == lease_state::EXPIRED {
                 self.dropped_soft.push((id, l.state.clone(), l.expires_ms));
             }
             if self.active_of.get(&l.worker) == Some(&id) {

@@ -19,14 +19,21 @@ fn stale_message(e: crate::Result<()>) -> String {
     }
 }
 
+/// One block with `per_block` slots and max_staleness `k`, `workers` joined (a, b, ...),
+/// and a and b each holding a lease of version 0.
+fn a_and_b_leased(per_block: u32, k: u64, workers: &[&str]) -> (Core, LeaseRow, LeaseRow) {
+    let mut core = fresh(stale_rules(per_block, k));
+    for w in workers {
+        join(&mut core, w);
+    }
+    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    (core, a, b)
+}
+
 /// Two slots, K = 1, workers a, b and c: a delivers and round 0 commits, b's lease of
 /// version 0 is kept open into round 1.
 fn b_kept_past_one_commit() -> (Core, LeaseRow) {
-    let mut core = fresh(stale_rules(2, 1));
-    for k in ["a", "b", "c"] {
-        join(&mut core, k);
-    }
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(2, 1, &["a", "b", "c"]);
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
     (core, b)
@@ -34,10 +41,7 @@ fn b_kept_past_one_commit() -> (Core, LeaseRow) {
 
 #[test]
 fn an_update_within_max_staleness_joins_the_current_round() {
-    let mut core = fresh(stale_rules(2, 1));
-    join(&mut core, "a");
-    join(&mut core, "b");
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(2, 1, &["a", "b"]);
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
     // b's lease (version 0) is one version behind, within K = 1: still current.
@@ -57,10 +61,7 @@ fn an_update_within_max_staleness_joins_the_current_round() {
 #[test]
 fn an_update_more_than_max_staleness_old_is_stale_and_names_the_setting() {
     for k in [0, 1] {
-        let mut core = fresh(stale_rules(2, k));
-        join(&mut core, "a");
-        join(&mut core, "b");
-        let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+        let (mut core, a, b) = a_and_b_leased(2, k, &["a", "b"]);
         core.accept(0, pending(1, &a, 1), 1);
         core.committed(0, 1, "wire1", 2);
         if k == 0 {
@@ -91,10 +92,7 @@ fn an_update_more_than_max_staleness_old_is_stale_and_names_the_setting() {
 
 #[test]
 fn an_open_lease_survives_one_commit_with_k_1_and_is_superseded_at_the_second() {
-    let mut core = fresh(stale_rules(2, 1));
-    join(&mut core, "a");
-    join(&mut core, "b");
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(2, 1, &["a", "b"]);
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
     // Still b's: renewed and handed back on a retried work request with its own
@@ -130,11 +128,7 @@ fn an_open_lease_survives_one_commit_with_k_1_and_is_superseded_at_the_second() 
 
 #[test]
 fn an_open_old_lease_keeps_its_slot_so_the_block_is_not_over_leased() {
-    let mut core = fresh(stale_rules(2, 1));
-    for k in ["a", "b", "c", "d"] {
-        join(&mut core, k);
-    }
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(2, 1, &["a", "b", "c", "d"]);
     assert_eq!((a.slot, b.slot), (0, 1));
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
@@ -200,10 +194,7 @@ fn a_heartbeat_does_not_revive_a_lapsed_lease_kept_past_a_commit() {
 /// so an unwritten lapse would come back active at the next start.
 #[test]
 fn a_lapse_a_commit_drops_is_still_written() {
-    let mut core = fresh(stale_rules(2, 1));
-    join(&mut core, "a");
-    join(&mut core, "b");
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(2, 1, &["a", "b"]);
     let _ = core.take_soft();
     let late = b.expires_ms + 1;
     assert_eq!(core.lapse(late), 2);
@@ -218,15 +209,14 @@ fn a_lapse_a_commit_drops_is_still_written() {
         "{soft:?}"
     );
     assert!(core.take_soft().leases.is_empty(), "written once");
+    // A write that failed gives it back, to be written at the next try.
+    core.restore_soft(soft.clone());
+    assert_eq!(core.take_soft(), soft);
 }
 
 #[test]
 fn a_closing_round_holds_stale_uploads_too() {
-    let mut core = fresh(stale_rules(3, 1));
-    join(&mut core, "a");
-    join(&mut core, "b");
-    join(&mut core, "c");
-    let (a, b) = (lease(&mut core, "a", 0), lease(&mut core, "b", 0));
+    let (mut core, a, b) = a_and_b_leased(3, 1, &["a", "b", "c"]);
     core.accept(0, pending(1, &a, 1), 1);
     core.committed(0, 1, "wire1", 2);
     let c = lease(&mut core, "c", 3);
