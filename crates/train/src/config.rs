@@ -277,11 +277,16 @@ impl RunConfig {
     /// A run's settings as its state directory stored them (the file form, every field
     /// written out). A field whose default changed since a store was written takes the
     /// value it had then when the stored text lacks it, so an old run resumes as it ran:
-    /// `training.optimizer_state`, "fresh" before it existed (now "carry").
+    /// `training.optimizer_state`, "fresh" before it existed (now "carry"). Such a run
+    /// resumed with its original run.toml (which now parses to "carry") is refused as
+    /// "other settings"; resume it without --run.
     pub fn from_stored_toml(text: &str) -> Result<Self> {
         let mut raw: toml::Table =
             toml::from_str(text).map_err(|e| NodeError::Config(format!("stored run: {e}")))?;
-        if let Some(toml::Value::Table(t)) = raw.get_mut("training") {
+        let training = raw
+            .entry("training")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = training {
             t.entry("optimizer_state")
                 .or_insert_with(|| toml::Value::String("fresh".into()));
         }
