@@ -371,6 +371,9 @@ mod tests {
             RunConfig::from_stored_toml(&stored).unwrap(),
             RunConfig::default()
         );
+        // A store with no [training] table at all is as old, and resumes fresh too.
+        let bare = RunConfig::from_stored_toml("blocks = 3").unwrap();
+        assert_eq!(bare.training.optimizer_state, OptimizerState::Fresh);
     }
 
     #[test]

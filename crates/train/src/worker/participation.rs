@@ -11,8 +11,9 @@ use rand::{Rng, SeedableRng};
 /// A worker's participation (the default takes part in every round at full speed).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Participation {
-    /// Share of rounds missed, in [0, 1): before asking for work, the worker stays away
-    /// for as long as its last lease took, with this probability.
+    /// Share of rounds missed, in [0, 1): after each lease it delivers (and any back-off
+    /// that earned), before asking for work again, the worker stays away for as long as
+    /// that lease took, with this probability.
     pub miss: f64,
     /// Runs at 1/slowdown of its speed (>= 1): after each local step, the last one of a
     /// lease included, it sleeps (slowdown - 1) times that step's duration.
@@ -68,10 +69,11 @@ impl Pacer {
     }
 
     /// How long to stay away before the next request for work, if this round is missed
-    /// (`last_lease`: how long the lease just delivered took; None before the first and
-    /// on every request after a wait or a back-off). One draw per lease delivered, and
-    /// none otherwise: the n-th draw decides the round after the n-th lease, however
-    /// many waits a run's timing put between them, so runs with one seed stay paired.
+    /// (`last_lease`: how long the lease just delivered took; None before the first lease
+    /// and on every request after a wait). One draw per lease delivered, after any
+    /// back-off its refusal earned, and none otherwise: the n-th draw decides the round
+    /// after the n-th lease, however many waits a run's timing put between them, so runs
+    /// with one seed stay paired.
     pub(super) fn away(&mut self, last_lease: Option<Duration>) -> Option<Duration> {
         let took = last_lease?;
         if self.p.miss <= 0.0 {
