@@ -272,9 +272,12 @@ pub fn audit_receipts(
     let mut missing = Vec::new();
     let mut pending = 0;
     for u in &uploads {
-        let mut matched = receipts.iter().filter(|r| receipt_of(r, u)).peekable();
-        if matched.peek().is_some() {
-            matched.try_for_each(|r| joined_by_named(r, u))?;
+        let mut matched = false;
+        for r in receipts.iter().filter(|r| receipt_of(r, u)) {
+            joined_by_named(r, u)?;
+            matched = true;
+        }
+        if matched {
             continue;
         }
         // Only an accepted upload whose reply named a later version than its base may

@@ -47,7 +47,7 @@ impl Participation {
     }
 }
 
-/// Draws the missed rounds, one draw per lease taken (seeded by [`Participation::seed`],
+/// Draws the missed rounds, one draw per lease delivered (seeded by [`Participation::seed`],
 /// else the worker's key), and paces the steps.
 pub(super) struct Pacer {
     p: Participation,
@@ -175,9 +175,10 @@ mod tests {
             p.step_boundary();
             std::thread::sleep(Duration::from_millis(20)); // the step's compute
         }
-        p.step_boundary(); // the lease's end paces its last step
-                           // Three steps of 20 ms compute, each followed by 40 ms of pacing: 180 ms in all,
-                           // against 60 ms unpaced (and 140 ms if the last step went unpaced).
+        // The lease's end paces its last step. Three steps of 20 ms compute, each
+        // followed by 40 ms of pacing: 180 ms in all, against 60 ms unpaced (and 140 ms
+        // if the last step went unpaced).
+        p.step_boundary();
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(180), "{took:?}");
         assert!(Participation {
